@@ -1,0 +1,14 @@
+"""exllamav2: EXL2/GPTQ/FP16 LLM inference on every NVIDIA GPU from Turing up, and on the CPU."""
+
+from .version import __version__
+from .cache import ExLlamaV2Cache, ExLlamaV2CacheBase
+from .config import ExLlamaV2Config
+from .model import ExLlamaV2
+
+__all__ = [
+    "__version__",
+    "ExLlamaV2",
+    "ExLlamaV2Cache",
+    "ExLlamaV2CacheBase",
+    "ExLlamaV2Config",
+]

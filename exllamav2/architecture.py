@@ -1,0 +1,77 @@
+"""Architecture table: how each HuggingFace architecture differs from Llama, as data rows.
+
+A row names the checkpoint keys and the few switches the model builder reads; there is no
+per-architecture code path. An unknown architecture loads as Llama with a warning, as upstream.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from enum import Enum
+
+log = logging.getLogger(__name__)
+
+
+class RopeStyle(Enum):
+    NONE = 0
+    GPTJ = 1   # rotate interleaved pairs (x0, x1), (x2, x3), ...
+    NEOX = 2   # rotate halves (x[:d/2], x[d/2:])
+
+
+@dataclass(frozen=True)
+class ArchParams:
+    name: str = "LlamaForCausalLM"
+    norm: str = "rmsnorm"                 # or "layernorm"
+    norm_weight_offset: float = 0.0       # Gemma stores (weight - 1)
+    activation: str = "silu"              # gated MLP activation
+    rope_style: RopeStyle = RopeStyle.NEOX
+    fused_qkv: str | None = None          # checkpoint key of a fused q/k/v projection
+    fused_gate_up: str | None = None      # checkpoint key of a fused gate/up projection
+    embed_scale_sqrt_hidden: bool = False
+    # Norm keys inside a decoder layer; post_* are None where the architecture has none
+    attn_norm: str = "input_layernorm"
+    mlp_norm: str = "post_attention_layernorm"
+    post_attn_norm: str | None = None
+    post_mlp_norm: str | None = None
+    alternating_swa: bool = False         # even layers sliding, odd global (when layer_types absent)
+    default_tie_word_embeddings: bool = False
+    keys: dict = field(default_factory=lambda: {
+        "embed": "model.embed_tokens",
+        "layers": "model.layers",
+        "norm": "model.norm",
+        "head": "lm_head",
+    })
+
+
+ARCHITECTURES: dict[str, ArchParams] = {
+    "LlamaForCausalLM": ArchParams(),
+    "MistralForCausalLM": ArchParams(name="MistralForCausalLM"),
+    "Qwen2ForCausalLM": ArchParams(name="Qwen2ForCausalLM"),
+    "Gemma2ForCausalLM": ArchParams(
+        name="Gemma2ForCausalLM",
+        norm_weight_offset=1.0,
+        activation="gelu_tanh",
+        embed_scale_sqrt_hidden=True,
+        mlp_norm="pre_feedforward_layernorm",
+        post_attn_norm="post_attention_layernorm",
+        post_mlp_norm="post_feedforward_layernorm",
+        alternating_swa=True,
+        default_tie_word_embeddings=True,
+    ),
+    "Phi3ForCausalLM": ArchParams(
+        name="Phi3ForCausalLM", fused_qkv="qkv_proj", fused_gate_up="gate_up_proj"
+    ),
+}
+
+
+def arch_params_for(arch: str) -> ArchParams:
+    if arch in ARCHITECTURES:
+        return ARCHITECTURES[arch]
+    log.warning(
+        "unknown architecture %r: loading it as Llama (supported: %s); "
+        "output may be wrong if its layout differs",
+        arch,
+        ", ".join(ARCHITECTURES),
+    )
+    return replace(ARCHITECTURES["LlamaForCausalLM"], name=arch)

@@ -1,0 +1,125 @@
+"""The one interface every attention backend implements.
+
+Shapes (B batch, Hq query heads, Hkv key/value heads, D head dim):
+    q (B, q_len, Hq, D), k and v (B, k_len, Hkv, D)  ->  out (B, q_len, Hq, D)
+GQA (Hq a multiple of Hkv) is handled by the backend. Masking follows `AttnMetadata`.
+
+Paged attention (the dynamic generator's batching) stores keys and values in pages of
+``page_size`` tokens: k_pages and v_pages are (num_pages, page_size, Hkv, D), ``block_table``
+(B, pages_per_seq) int32 lists each sequence's pages in order, ``cache_seqlens`` (B,) int32 is the
+number of tokens each sequence already holds. `attend_paged` appends the new keys/values and
+attends over the whole sequence. The default here gathers pages into a dense tensor, which lets
+every backend batch; flash-attn overrides it with its native block-table kernel.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from .metadata import AttnMetadata
+
+if TYPE_CHECKING:
+    from .devices import DeviceInfo
+    from .installed import InstalledBackends
+    from .selector import ModelNeeds
+
+
+class AttentionBackend:
+    name: ClassVar[str] = "base"
+
+    def __init__(self, device: torch.device | str = "cpu", **options) -> None:
+        self.device = torch.device(device)
+        self.options = options
+
+    @classmethod
+    def validate(cls, device: "DeviceInfo", needs: "ModelNeeds", installed: "InstalledBackends") -> list[str]:
+        """Why this backend cannot serve `needs` on `device`; empty when it can. Stateless, never raises."""
+        return []
+
+    @classmethod
+    def paged_mode(cls, installed: "InstalledBackends") -> str:
+        """How `attend_paged` runs: 'gather' (the default below) or the name of a native kernel."""
+        return "gather"
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        meta: AttnMetadata,
+        *,
+        scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def attend_paged(
+        self,
+        q: torch.Tensor,
+        k_new: torch.Tensor,
+        v_new: torch.Tensor,
+        k_pages: torch.Tensor,
+        v_pages: torch.Tensor,
+        block_table: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        *,
+        scale: float,
+        window: int = 0,
+        softcap: float = 0.0,
+    ) -> torch.Tensor:
+        write_pages(k_pages, v_pages, k_new, v_new, block_table, cache_seqlens)
+        seqlens = cache_seqlens.long() + q.shape[1]
+        k, v = gather_pages(k_pages, v_pages, block_table, int(seqlens.max()))
+        meta = AttnMetadata(
+            batch_size=q.shape[0],
+            q_len=q.shape[1],
+            k_len=k.shape[1],
+            past_len=cache_seqlens.long(),
+            key_lengths=seqlens,
+        )
+        return self.attend(q, k, v, meta, scale=scale, window=window, softcap=softcap)
+
+
+def _slots(block_table: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Flat slot index (page * page_size + offset) of each absolute position, (B, n)."""
+    pages = torch.gather(block_table.long(), 1, positions // page_size)
+    return pages * page_size + positions % page_size
+
+
+def write_pages(
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    block_table: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+) -> None:
+    """Store k_new/v_new (B, n, Hkv, D) at positions cache_seqlens[b] + i of each sequence."""
+    bsz, n = k_new.shape[:2]
+    page_size = k_pages.shape[1]
+    pos = cache_seqlens.long().view(-1, 1).to(k_new.device) + torch.arange(n, device=k_new.device)
+    slots = _slots(block_table.to(k_new.device), pos, page_size).view(-1)
+    k_pages.view(-1, *k_pages.shape[2:])[slots] = k_new.reshape(bsz * n, *k_new.shape[2:])
+    v_pages.view(-1, *v_pages.shape[2:])[slots] = v_new.reshape(bsz * n, *v_new.shape[2:])
+
+
+def gather_pages(
+    k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor, length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense (B, length, Hkv, D) keys and values of each sequence's first `length` positions."""
+    page_size = k_pages.shape[1]
+    pos = torch.arange(length, device=k_pages.device).unsqueeze(0).expand(block_table.shape[0], -1)
+    slots = _slots(block_table.to(k_pages.device), pos, page_size)
+    k = k_pages.view(-1, *k_pages.shape[2:])[slots]
+    v = v_pages.view(-1, *v_pages.shape[2:])[slots]
+    return k, v
+
+
+def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, L, Hkv, D) -> (B, L, Hkv * groups, D), each kv head repeated for its query heads."""
+    if groups == 1:
+        return x
+    return x.repeat_interleave(groups, dim=2)

@@ -1,0 +1,99 @@
+"""The attention layer: norm, q/k/v projections, RoPE, cache update, backend call, output projection.
+
+It never branches on which backend runs: the model's attention plan hands it the backend for
+its device, and the backend receives the same tensors and metadata whatever it is.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..linear import ExLlamaV2Linear
+from ..module import ExLlamaV2Module
+from ..norm import make_norm
+from ..rope import apply_rope
+from .params import PagedParams, Params
+
+
+class ExLlamaV2Attention(ExLlamaV2Module):
+    name = "Attention"
+    Params = Params
+    PagedParams = PagedParams
+
+    def __init__(self, model, key: str, layer_idx: int) -> None:
+        super().__init__(model, key)
+        cfg, arch = model.config, model.config.arch
+        self.layer_idx = layer_idx
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        h, qd, kd = cfg.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        fused = f"{key}.self_attn.{arch.fused_qkv}" if arch.fused_qkv else None
+
+        def proj(name: str, out: int, start: int) -> ExLlamaV2Linear:
+            return ExLlamaV2Linear(model, f"{key}.self_attn.{name}", h, out, fused=fused and (fused, start, start + out))
+
+        self.pre_norm = make_norm(model, f"{key}.{arch.attn_norm}")
+        self.post_norm = make_norm(model, f"{key}.{arch.post_attn_norm}") if arch.post_attn_norm else None
+        self.q_proj = proj("q_proj", qd, 0)
+        self.k_proj = proj("k_proj", kd, qd)
+        self.v_proj = proj("v_proj", kd, qd + kd)
+        self.o_proj = ExLlamaV2Linear(model, f"{key}.self_attn.o_proj", qd, h)
+        self.scale = cfg.attn_scale
+        self.softcap = float(cfg.attn_logit_softcapping or 0.0)
+        self.window = cfg.sliding_window if cfg.swa_layers[layer_idx] else 0
+        self.backend = None
+
+    def submodules(self) -> list[ExLlamaV2Module]:
+        return [m for m in (self.pre_norm, self.post_norm, self.q_proj, self.k_proj, self.v_proj, self.o_proj) if m]
+
+    def set_device(self, device: torch.device) -> None:
+        super().set_device(device)
+        for m in self.submodules():
+            m.set_device(device)
+
+    def load(self) -> None:
+        for m in self.submodules():
+            m.load()
+        self.backend = self.model.attn_plan.backend_for(self.device)
+
+    def unload(self) -> None:
+        for m in self.submodules():
+            m.unload()
+        self.backend = None
+
+    def weight_footprint(self) -> int:
+        return sum(m.weight_footprint() for m in self.submodules())
+
+    def forward(self, hidden_states: torch.Tensor, cache=None, attn_params=None, **kwargs) -> torch.Tensor:
+        bsz, q_len, _ = hidden_states.shape
+        h = self.pre_norm.forward(hidden_states)
+        q = self.q_proj.forward(h).view(bsz, q_len, self.num_heads, self.head_dim)
+        k = self.k_proj.forward(h).view(bsz, q_len, self.num_kv_heads, self.head_dim)
+        v = self.v_proj.forward(h).view(bsz, q_len, self.num_kv_heads, self.head_dim)
+        cos, sin = attn_params.rope(self.model.rope_tables(self.device))
+        style = self.model.config.arch.rope_style
+        q, k = apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
+        opts = dict(scale=self.scale, window=self.window, softcap=self.softcap)
+
+        if attn_params.paged:
+            block_table, seqlens = attn_params.on(self.device)
+            page = attn_params.page_size
+            kc, vc = cache.get_kv_state(self.layer_idx, 1, 0, q_len, page, seqlens, block_table)
+            k_pages = kc.view(-1, page, self.num_kv_heads, self.head_dim)
+            v_pages = vc.view(-1, page, self.num_kv_heads, self.head_dim)
+            out = self.backend.attend_paged(q, k, v, k_pages, v_pages, block_table, seqlens, **opts)
+            cache.store_kv_state(self.layer_idx, 1, 0, q_len, page, seqlens, block_table)
+        elif cache is not None:
+            past = attn_params.past_len
+            kc, vc = cache.get_kv_state(self.layer_idx, bsz, 0, past + q_len)
+            kc[:bsz, past : past + q_len] = k
+            vc[:bsz, past : past + q_len] = v
+            meta = attn_params.metadata(self.device)
+            out = self.backend.attend(q, kc[:bsz, : past + q_len], vc[:bsz, : past + q_len], meta, **opts)
+            cache.store_kv_state(self.layer_idx, bsz, past, q_len)
+        else:
+            out = self.backend.attend(q, k, v, attn_params.metadata(self.device), **opts)
+
+        o = self.o_proj.forward(out.reshape(bsz, q_len, self.num_heads * self.head_dim))
+        if self.post_norm is not None:
+            o = self.post_norm.forward(o)
+        return hidden_states + o

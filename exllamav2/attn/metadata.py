@@ -1,0 +1,60 @@
+"""What every attention backend is told about one forward pass: which keys each query may see.
+
+Built once per forward by the model and shared by all layers. Backends never look at the cache
+object or the config; they get tensors plus this description.
+
+Visibility rule (the contract every backend implements, `matmul.py` is its reference):
+query i of sequence b sits at absolute position ``p = past_len[b] + i`` and may see key j iff
+    j <= p                                   (causal, aligned bottom-right when q_len < k_len)
+    and j < key_lengths[b]                   (ragged / paged batches)
+    and key_mask[b, j]                       (left padding from ``input_mask``)
+    and p - j < window                       (sliding window, when the layer has one)
+A query row that sees no key at all (a pad position) outputs zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttnMetadata:
+    batch_size: int
+    q_len: int
+    k_len: int                                  # keys handed to the backend (dim 1 of k and v)
+    past_len: int | torch.Tensor = 0            # int (same for all) or LongTensor (B,)
+    key_lengths: torch.Tensor | None = None     # LongTensor (B,) valid keys per sequence; None: all k_len
+    key_mask: torch.Tensor | None = None        # BoolTensor (B, k_len), True = may attend
+
+    @property
+    def is_uniform(self) -> bool:
+        """Plain causal attention: one past length, all keys valid, keys end where queries end."""
+        return (
+            isinstance(self.past_len, int)
+            and self.key_lengths is None
+            and self.key_mask is None
+            and self.past_len + self.q_len == self.k_len
+        )
+
+    def positions(self, device: torch.device) -> torch.Tensor:
+        """Absolute query positions, LongTensor (B, q_len)."""
+        base = torch.arange(self.q_len, device=device).unsqueeze(0)
+        past = self.past_len
+        if isinstance(past, torch.Tensor):
+            return base + past.to(device).long().view(-1, 1)
+        return (base + past).expand(self.batch_size, -1)
+
+    def visibility(self, device: torch.device, window: int = 0) -> torch.Tensor:
+        """BoolTensor (B, 1, q_len, k_len): True where query may attend to key."""
+        qpos = self.positions(device).unsqueeze(-1)                   # (B, q, 1)
+        kpos = torch.arange(self.k_len, device=device).view(1, 1, -1)  # (1, 1, k)
+        vis = kpos <= qpos
+        if window:
+            vis = vis & (qpos - kpos < window)
+        if self.key_lengths is not None:
+            vis = vis & (kpos < self.key_lengths.to(device).view(-1, 1, 1))
+        if self.key_mask is not None:
+            vis = vis & self.key_mask.to(device).bool().unsqueeze(1)
+        return vis.unsqueeze(1)

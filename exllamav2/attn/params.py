@@ -1,0 +1,113 @@
+"""Per-forward attention parameters, as upstream's ExLlamaV2Attention.Params / PagedParams.
+
+`Params` describes a contiguous batch (one past length for all sequences, optional left padding
+through `input_mask` and RoPE `position_offsets`); `PagedParams` a paged batch from the dynamic
+generator (per-sequence lengths and block tables over a cache viewed as pages).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .metadata import AttnMetadata
+
+
+def _key_mask(input_mask: torch.Tensor | None, k_len: int, q_len: int) -> torch.Tensor | None:
+    """Bool (B, k_len) key mask from upstream's input_mask: bool (True = keep) or additive (0 / -inf)."""
+    if input_mask is None:
+        return None
+    mask = input_mask if input_mask.dtype == torch.bool else input_mask > -1.0
+    if mask.dim() != 2:
+        raise ValueError(f"input_mask must be (batch, length), got shape {tuple(input_mask.shape)}")
+    width = mask.shape[1]
+    if width >= k_len:
+        return mask[:, :k_len]
+    if width == q_len:   # mask covers only the new tokens: earlier (cached) keys are all valid
+        return torch.cat((mask.new_ones(mask.shape[0], k_len - q_len), mask), dim=1)
+    raise ValueError(
+        f"input_mask has {width} columns but attention spans {k_len} keys ({k_len - q_len} cached + "
+        f"{q_len} new); pass a mask covering the whole sequence or only the new tokens"
+    )
+
+
+class Params:
+    paged = False
+
+    def __init__(
+        self,
+        batch_size: int,
+        seq_len: int,
+        past_len: int,
+        input_mask: torch.Tensor | None = None,
+        position_offsets: torch.Tensor | None = None,
+    ) -> None:
+        self.batch_size = batch_size
+        self.seq_len = seq_len
+        self.past_len = past_len
+        self.input_mask = input_mask
+        self.position_offsets = position_offsets
+        self._rope: dict = {}
+        self._meta: dict = {}
+
+    def positions(self) -> torch.Tensor:
+        pos = torch.arange(self.past_len, self.past_len + self.seq_len).unsqueeze(0).expand(self.batch_size, -1)
+        if self.position_offsets is not None:
+            pos = pos + self.position_offsets.view(-1, 1).cpu().long()
+        return pos
+
+    def rope(self, tables) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for this batch from one device's RopeTables, computed once per device."""
+        key = id(tables)
+        if key not in self._rope:
+            self._rope[key] = tables.lookup(self.positions())
+        return self._rope[key]
+
+    def metadata(self, device: torch.device) -> AttnMetadata:
+        if device not in self._meta:
+            k_len = self.past_len + self.seq_len
+            mask = _key_mask(self.input_mask, k_len, self.seq_len)
+            self._meta[device] = AttnMetadata(
+                batch_size=self.batch_size,
+                q_len=self.seq_len,
+                k_len=k_len,
+                past_len=self.past_len,
+                key_mask=None if mask is None else mask.to(device),
+            )
+        return self._meta[device]
+
+
+class PagedParams:
+    paged = True
+
+    def __init__(
+        self,
+        batch_size: int,
+        block_index: torch.Tensor,
+        cache_seqlens: torch.Tensor,
+        max_cache_seqlen: int = 0,
+        page_size: int = 256,
+        q_len: int = 1,
+    ) -> None:
+        self.batch_size = batch_size
+        self.block_index = block_index.int()
+        self.cache_seqlens = cache_seqlens.int()
+        self.max_cache_seqlen = max_cache_seqlen
+        self.page_size = page_size
+        self.seq_len = q_len
+        self._rope: dict = {}
+        self._dev: dict = {}
+
+    def positions(self) -> torch.Tensor:
+        return self.cache_seqlens.cpu().long().view(-1, 1) + torch.arange(self.seq_len)
+
+    def rope(self, tables) -> tuple[torch.Tensor, torch.Tensor]:
+        key = id(tables)
+        if key not in self._rope:
+            self._rope[key] = tables.lookup(self.positions())
+        return self._rope[key]
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """block table and cache lengths on a device, moved once."""
+        if device not in self._dev:
+            self._dev[device] = (self.block_index.to(device), self.cache_seqlens.to(device))
+        return self._dev[device]

@@ -1,0 +1,242 @@
+"""ExLlamaV2Config: reads a HuggingFace model directory into the sizes and switches the model needs.
+
+Attention switches (no_flash_attn, no_xformers, no_sdpa) are only recorded here; the attention
+selector (exllamav2/attn/) combines them with the environment when the model is built.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .architecture import ArchParams, arch_params_for
+from .stloader import SafetensorsIndex
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+class ConfigError(ValueError):
+    """config.json is missing, malformed or describes something we cannot run."""
+
+
+def _read_json(path: Path, required: bool = True) -> dict:
+    if not path.exists():
+        if required:
+            raise FileNotFoundError(
+                f"{path} not found: a model directory needs config.json (HuggingFace format)"
+            )
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
+class ExLlamaV2Config:
+    def __init__(self, model_dir: str | None = None) -> None:
+        self.model_dir = model_dir
+        self.max_batch_size = 1
+        self.max_input_len = 2048
+        self.max_attention_size = 2048**2
+        self.max_output_len: int | None = None
+        self.scale_pos_emb = 1.0
+        self.scale_alpha_value = 1.0
+        self.no_flash_attn = False
+        self.no_xformers = False
+        self.no_sdpa = False
+        self.no_graphs = False
+        self.fasttensors = False          # accepted for compatibility; no effect (as upstream since 0.2.3)
+        self.load_in_q4 = False
+        self.max_dq_size = 512 * 1024**2
+        self.num_experts_per_token: int | None = None
+        self.arch: ArchParams | None = None
+        self.tensor_files: list[str] = []
+        self.tensor_file_map: dict[str, str] = {}
+        self.index: SafetensorsIndex | None = None
+        self.checkpoint_offset_qzeros = 0
+        self.quantization_config: dict = {}
+        if model_dir is not None:
+            self.prepare()
+
+    # upstream and client spellings of the same switches
+    @property
+    def no_flash_attention(self) -> bool:
+        return self.no_flash_attn
+
+    @no_flash_attention.setter
+    def no_flash_attention(self, value: bool) -> None:
+        self.no_flash_attn = bool(value)
+
+    @property
+    def max_attn_size(self) -> int:
+        return self.max_attention_size
+
+    @max_attn_size.setter
+    def max_attn_size(self, value: int) -> None:
+        self.max_attention_size = value
+
+    def set_low_mem(self) -> None:
+        self.max_input_len = 1024
+        self.max_attention_size = 1024**2
+        self.max_output_len = 1024 if self.max_output_len is None else min(self.max_output_len, 1024)
+
+    # reading -------------------------------------------------------------------------------
+
+    def prepare(self, no_tensors: bool = False) -> None:
+        if self.model_dir is None:
+            raise ConfigError("ExLlamaV2Config.prepare(): set model_dir first")
+        mdir = Path(self.model_dir)
+        if not mdir.is_dir():
+            raise FileNotFoundError(f"model directory {mdir} does not exist or is not a directory")
+        cfg_path = mdir / "config.json"
+        raw = _read_json(cfg_path)
+        gen = _read_json(mdir / "generation_config.json", required=False)
+        text = raw.get("text_config") or {}
+
+        def read(*names: str, default: Any = None, required: bool = False) -> Any:
+            for name in names:
+                for src in (raw, text):
+                    if name in src and src[name] is not None:
+                        return src[name]
+            if required:
+                raise ConfigError(f"{cfg_path}: missing required key {names[0]!r}")
+            return default
+
+        archs = raw.get("architectures")
+        if not archs:
+            raise ConfigError(
+                f"{cfg_path}: no 'architectures' entry; add e.g. \"architectures\": [\"LlamaForCausalLM\"]"
+            )
+        if len(archs) != 1:
+            raise ConfigError(f"{cfg_path}: expected exactly one architecture, found {archs}")
+        self.architecture = archs[0]
+        self.arch = arch_params_for(self.architecture)
+
+        self.hidden_size = int(read("hidden_size", "d_model", required=True))
+        self.num_hidden_layers = int(read("num_hidden_layers", "n_layer", required=True))
+        self.num_attention_heads = int(read("num_attention_heads", "n_head", required=True))
+        self.num_key_value_heads = int(read("num_key_value_heads", default=self.num_attention_heads))
+        self.num_key_value_groups = self.num_attention_heads // self.num_key_value_heads
+        self.head_dim = int(read("head_dim", default=self.hidden_size // self.num_attention_heads))
+        self.intermediate_size = int(read("intermediate_size", required=True))
+        self.vocab_size = int(read("vocab_size", required=True))
+        self.norm_eps = float(read("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", default=1e-5))
+        self.tie_word_embeddings = bool(read("tie_word_embeddings", default=self.arch.default_tie_word_embeddings))
+        self.torch_dtype = read("torch_dtype", "dtype", default="float16")
+        self.partial_rotary_factor = float(read("partial_rotary_factor", default=1.0))
+        self.attn_logit_softcapping = read("attn_logit_softcapping", default=None)
+        self.final_logit_softcapping = read("final_logit_softcapping", default=None)
+        self.query_pre_attn_scalar = read("query_pre_attn_scalar", default=None)
+
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"{cfg_path}: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+
+        self.bos_token_id = read("bos_token_id", default=gen.get("bos_token_id", 1))
+        eos = read("eos_token_id", default=gen.get("eos_token_id", 2))
+        gen_eos = gen.get("eos_token_id")
+        self.eos_token_id_list = [eos] if isinstance(eos, int) else list(eos)
+        if isinstance(gen_eos, list):
+            self.eos_token_id_list += [e for e in gen_eos if e not in self.eos_token_id_list]
+        self.eos_token_id = self.eos_token_id_list[0]
+        self.pad_token_id = read("pad_token_id", default=None)
+
+        self.max_seq_len = int(read("max_position_embeddings", "max_sequence_length", "n_positions", default=2048))
+        self.original_max_seq_len = self.max_seq_len
+        self._read_sliding_window(read)
+        self._read_rope(raw, read, cfg_path)
+
+        self.quantization_config = raw.get("quantization_config") or {}
+        if self.quantization_config.get("checkpoint_format") == "gptq_v2":
+            self.checkpoint_offset_qzeros = 1
+
+        if not no_tensors:
+            self._index_tensors(mdir)
+
+    def _read_sliding_window(self, read) -> None:
+        window = read("sliding_window", default=0) or 0
+        if read("use_sliding_window", default=True) is False:
+            window = 0
+        self.sliding_window = int(window)
+        layer_types = read("layer_types", default=None)
+        if not self.sliding_window:
+            self.swa_layers = [False] * self.num_hidden_layers
+        elif layer_types:
+            self.swa_layers = [t == "sliding_attention" for t in layer_types]
+        elif self.arch.alternating_swa:
+            self.swa_layers = [i % 2 == 0 for i in range(self.num_hidden_layers)]
+        else:
+            self.swa_layers = [True] * self.num_hidden_layers
+
+    def _read_rope(self, raw: dict, read, cfg_path: Path) -> None:
+        # transformers >= 5 writes rope_parameters; older checkpoints rope_theta + rope_scaling
+        params = dict(read("rope_parameters", default=None) or {})
+        scaling = read("rope_scaling", default=None)
+        if scaling:
+            params.update(scaling)
+        self.rotary_embedding_base = float(params.get("rope_theta", read("rope_theta", default=10000.0)))
+        rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"{cfg_path}: unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        self.rope_type = rope_type
+        self.rope_scaling = params if rope_type != "default" else None
+        if rope_type == "linear":
+            self.scale_pos_emb = float(params["factor"])
+        elif rope_type in ("llama3", "yarn"):
+            self.original_max_seq_len = int(
+                params.get("original_max_position_embeddings") or self.original_max_seq_len
+            )
+        elif rope_type == "dynamic":
+            # Dynamic NTK equals plain RoPE within the trained context; beyond it, set
+            # scale_alpha_value (static NTK alpha) as upstream users do.
+            log.info("rope type 'dynamic': using plain RoPE; set scale_alpha_value to extend the context")
+
+    def _index_tensors(self, mdir: Path) -> None:
+        files = sorted(glob.glob(str(mdir / "*.safetensors")))
+        if not files:
+            raise FileNotFoundError(
+                f"no *.safetensors files in {mdir}: weights must be in safetensors format "
+                f"(convert .bin/.pt checkpoints first; pickle files are never loaded)"
+            )
+        self.tensor_files = files
+        self.index = SafetensorsIndex(files)
+        self.tensor_file_map = {name: self.index.file_of(name) for name in self.index.keys()}
+
+    # compatibility ---------------------------------------------------------------------------
+
+    def arch_compat_overrides(self, quiet: bool = False, warn_only: bool = False) -> None:
+        """Upstream switched backends off here for models needing softcap or sliding windows.
+
+        The attention selector now checks every backend against the model's needs per device and
+        records why it rejects one, so nothing needs overriding; this stays callable for clients.
+        """
+        if not quiet:
+            log.debug("arch_compat_overrides: backend compatibility is decided by the attention selector")
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor) // 2 * 2
+
+    @property
+    def attn_scale(self) -> float:
+        if self.query_pre_attn_scalar:
+            return float(self.query_pre_attn_scalar) ** -0.5
+        return 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Weight dtype on a GPU. EXL2 kernels and Turing are fp16-only, so bf16 checkpoints run in fp16."""
+        return torch.float16

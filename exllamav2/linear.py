@@ -1,0 +1,115 @@
+"""Linear layer: FP16/BF16/FP32 `.weight`, or a quantized format detected from the tensors present.
+
+Formats by tensor name, as upstream: `<key>.q_weight` EXL2, `<key>.qweight` GPTQ, `<key>.weight`
+unquantized (stored in the model's dtype). A bias is loaded when the checkpoint has one. Fused checkpoints (Phi-3 qkv_proj / gate_up_proj) are
+split by rows when the layer's own key is absent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .module import ExLlamaV2Module
+
+
+_TENSOR_SUFFIXES = (
+    "weight", "bias", "q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm", "q_perm",
+    "qweight", "qzeros", "scales", "g_idx",
+)
+
+
+class ExLlamaV2Linear(ExLlamaV2Module):
+    name = "Linear"
+
+    def __init__(
+        self,
+        model,
+        key: str,
+        in_features: int,
+        out_features: int,
+        prescale: float = 1.0,
+        fused: tuple[str, int, int] | None = None,
+        alt_key: str | None = None,
+    ) -> None:
+        super().__init__(model, key)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.prescale = prescale
+        self.fused = fused            # (fused key, first row, end row) when the checkpoint fuses projections
+        self.alt_key = alt_key        # e.g. the embedding for a tied head
+        self.weight: torch.Tensor | None = None
+        self.bias: torch.Tensor | None = None
+        self.q: object | None = None  # quantized weight object (exllamav2.quant)
+
+    def _source_key(self) -> str:
+        for key in (self.key, self.alt_key):
+            if key and any(self.has(f"{key}.{s}") for s in ("weight", "q_weight", "qweight")):
+                return key
+        if self.fused and self.has(f"{self.fused[0]}.weight"):
+            return self.fused[0]
+        raise KeyError(
+            f"no weights for linear layer {self.key!r} (looked for .weight, .q_weight, .qweight) in "
+            f"{', '.join(self.index.files)}"
+        )
+
+    def load(self) -> None:
+        key = self._source_key()
+        if self.has(f"{key}.q_weight") or self.has(f"{key}.qweight"):
+            from .quant import load_quantized
+
+            self.q = load_quantized(
+                key, self.index, self.in_features, self.out_features, prescale=self.prescale,
+                device=self.device, gptq_v2=bool(self.model.config.checkpoint_offset_qzeros),
+            )
+            return
+        dtype = self.model.dtype
+        if key == (self.fused[0] if self.fused else None):
+            _, start, end = self.fused
+            w = self.load_tensor(f"{key}.weight")
+            if w.shape[1] != self.in_features or w.shape[0] < end:
+                raise self._shape_error(f"{key}.weight", tuple(w.shape), (f">={end}", self.in_features))
+            self.weight = w[start:end].to(self.device, dtype).contiguous()
+            bias_key = f"{key}.bias"
+            if self.has(bias_key):
+                self.bias = self.load_tensor(bias_key)[start:end].to(self.device, dtype)
+        else:
+            self.weight = self.load_tensor(f"{key}.weight", (self.out_features, self.in_features)).to(self.device, dtype)
+            bias_key = f"{key}.bias"
+            if self.has(bias_key):
+                self.bias = self.load_tensor(bias_key, (self.out_features,)).to(self.device, dtype)
+        if self.prescale != 1.0:
+            self.weight.mul_(self.prescale)
+
+    def _shape_error(self, name, found, expected):
+        from .module import TensorShapeError
+
+        return TensorShapeError(
+            f"tensor {name!r} in {self.index.file_of(name)} has shape {found}, expected {expected}: "
+            f"config.json and the weights disagree"
+        )
+
+    def unload(self) -> None:
+        self.weight = self.bias = self.q = None
+
+    def weight_footprint(self) -> int:
+        key = self._source_key()
+        total = sum(self.tensor_bytes(f"{key}.{s}") for s in _TENSOR_SUFFIXES)
+        if self.fused and key == self.fused[0]:
+            total = total * (self.fused[2] - self.fused[1]) // max(1, self.index.shape(f"{key}.weight")[0])
+        return total * (2 if self.model.dtype == torch.float32 and not self.is_quant() else 1)
+
+    def is_quant(self) -> bool:
+        key = self._source_key()
+        return self.has(f"{key}.q_weight") or self.has(f"{key}.qweight")
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        if self.q is not None:
+            return self.q.forward(x)
+        return F.linear(x, self.weight, self.bias)
+
+    def get_weight_tensor_dq(self) -> torch.Tensor:
+        """The weight as (in_features, out_features), dequantized if needed (upstream's layout)."""
+        if self.q is not None:
+            return self.q.dequantize()
+        return self.weight.T

@@ -1,0 +1,59 @@
+"""Gated MLP: down(act(gate(x)) * up(x)), with the pre-norm and optional post-norm of the layer."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .linear import ExLlamaV2Linear
+from .module import ExLlamaV2Module
+from .norm import make_norm
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+}
+
+
+class ExLlamaV2MLP(ExLlamaV2Module):
+    name = "MLP"
+
+    def __init__(self, model, key: str, layer_idx: int) -> None:
+        super().__init__(model, key)
+        cfg, arch = model.config, model.config.arch
+        self.layer_idx = layer_idx
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        fused = f"{key}.mlp.{arch.fused_gate_up}" if arch.fused_gate_up else None
+        self.pre_norm = make_norm(model, f"{key}.{arch.mlp_norm}")
+        self.post_norm = make_norm(model, f"{key}.{arch.post_mlp_norm}") if arch.post_mlp_norm else None
+        self.gate_proj = ExLlamaV2Linear(model, f"{key}.mlp.gate_proj", h, i, fused=fused and (fused, 0, i))
+        self.up_proj = ExLlamaV2Linear(model, f"{key}.mlp.up_proj", h, i, fused=fused and (fused, i, 2 * i))
+        self.down_proj = ExLlamaV2Linear(model, f"{key}.mlp.down_proj", i, h)
+        self.act = _ACTIVATIONS[arch.activation]
+
+    def submodules(self) -> list[ExLlamaV2Module]:
+        return [m for m in (self.pre_norm, self.post_norm, self.gate_proj, self.up_proj, self.down_proj) if m]
+
+    def set_device(self, device: torch.device) -> None:
+        super().set_device(device)
+        for m in self.submodules():
+            m.set_device(device)
+
+    def load(self) -> None:
+        for m in self.submodules():
+            m.load()
+
+    def unload(self) -> None:
+        for m in self.submodules():
+            m.unload()
+
+    def weight_footprint(self) -> int:
+        return sum(m.weight_footprint() for m in self.submodules())
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+        h = self.pre_norm.forward(hidden_states)
+        h = self.down_proj.forward(self.act(self.gate_proj.forward(h)) * self.up_proj.forward(h))
+        if self.post_norm is not None:
+            h = self.post_norm.forward(h)
+        return hidden_states + h

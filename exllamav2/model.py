@@ -1,0 +1,262 @@
+"""ExLlamaV2: builds the module list from the config and attention plan, places it, loads it, runs it.
+
+Data flows one way: config -> attention plan (made once, before any module exists) -> modules ->
+device placement -> load -> forward. Modules are upstream's: embedding, then attention and MLP per
+layer, final norm, head.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Generator
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .attn import resolve_attention
+from .attn.layer import ExLlamaV2Attention
+from .attn.params import PagedParams, Params
+from .cache import ExLlamaV2CacheBase
+from .config import ExLlamaV2Config
+from .embedding import ExLlamaV2Embedding
+from .linear import ExLlamaV2Linear
+from .mlp import ExLlamaV2MLP
+from .module import ExLlamaV2Module
+from .norm import make_norm
+from .rope import RopeTables
+
+log = logging.getLogger(__name__)
+
+_GB = 1024**3
+_PAD_LOGIT = -65504.0   # logits of the vocabulary padding, as upstream
+
+
+def _visible_devices() -> list[torch.device]:
+    if torch.cuda.is_available():
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [torch.device("cpu")]
+
+
+class ExLlamaV2:
+    def __init__(self, config: ExLlamaV2Config, lazy_load: bool = False, archparams=None) -> None:
+        if config.arch is None:
+            raise ValueError("ExLlamaV2Config was not prepared: pass model_dir or call config.prepare()")
+        self.config = config
+        self.archparams = archparams or config.arch
+        self.devices = _visible_devices()
+        # EXL2 kernels and Turing are fp16-only; on the CPU fp32 is both faster and exact
+        self.dtype = torch.float16 if self.devices[0].type == "cuda" else torch.float32
+        self.attn_plan = resolve_attention(config, self.devices)
+        self.modules: list[ExLlamaV2Module] = self._build()
+        self.modules_dict = {m.key: m for m in self.modules}
+        self.head_layer_idx = len(self.modules) - 1
+        self.last_kv_layer_idx = max(i for i, m in enumerate(self.modules) if isinstance(m, ExLlamaV2Attention))
+        self.loaded = False
+        self.tp_context = None
+        self._rope: dict[torch.device, RopeTables] = {}
+
+    def _build(self) -> list[ExLlamaV2Module]:
+        cfg, keys = self.config, self.config.arch.keys
+        mods: list[ExLlamaV2Module] = [ExLlamaV2Embedding(self, keys["embed"])]
+        for i in range(cfg.num_hidden_layers):
+            prefix = f"{keys['layers']}.{i}"
+            mods.append(ExLlamaV2Attention(self, prefix, i))
+            mods.append(ExLlamaV2MLP(self, prefix, i))
+        mods.append(make_norm(self, keys["norm"]))
+        mods.append(ExLlamaV2Linear(self, keys["head"], cfg.hidden_size, cfg.vocab_size,
+                                    alt_key=keys["embed"] if cfg.tie_word_embeddings else None))
+        return mods
+
+    # placement -----------------------------------------------------------------------------
+
+    def _place(self, budgets: list[int] | None, cache_bytes_per_layer: int = 0) -> None:
+        """Assign devices: embedding on the CPU, the rest filling GPUs in order within their budgets."""
+        self.modules[0].set_device(torch.device("cpu"))
+        if self.devices[0].type == "cpu" or budgets is None:
+            for m in self.modules[1:]:
+                m.set_device(self.devices[0])
+            return
+        gpu, left = 0, budgets[0]
+        for m in self.modules[1:]:
+            need = m.weight_footprint() + (cache_bytes_per_layer if isinstance(m, ExLlamaV2Attention) else 0)
+            while need > left and gpu + 1 < len(budgets):
+                gpu += 1
+                left = budgets[gpu]
+            if need > left:
+                raise RuntimeError(
+                    f"model does not fit: module {m.key} needs {need / _GB:.2f} GB but only "
+                    f"{left / _GB:.2f} GB is left on cuda:{gpu}; give a larger gpu_split, a shorter "
+                    f"max_seq_len or a smaller cache"
+                )
+            left -= need
+            m.set_device(torch.device("cuda", gpu))
+
+    def load(self, gpu_split: list[float] | None = None, lazy: bool = False, stats: bool = False,
+             callback: Callable | None = None, callback_gen: Callable | None = None,
+             progress: bool = False) -> None:
+        for _ in self.load_gen(gpu_split, lazy, stats, callback, callback_gen, progress):
+            pass
+
+    def load_gen(self, gpu_split: list[float] | None = None, lazy: bool = False, stats: bool = False,
+                 callback: Callable | None = None, callback_gen: Callable | None = None,
+                 progress: bool = False) -> Generator:
+        if gpu_split is not None and self.devices[0].type == "cpu":
+            log.info("gpu_split given but no CUDA device is present: loading on the CPU")
+        budgets = None if gpu_split is None else [int(g * _GB) for g in gpu_split]
+        if budgets is None and self.devices[0].type == "cuda":
+            budgets = [torch.cuda.mem_get_info(0)[0]]
+        self._place(budgets)
+        yield from self._load_modules(callback, callback_gen, progress)
+
+    def load_autosplit(self, cache: ExLlamaV2CacheBase, reserve_vram: list[int] | int | None = None,
+                       last_id_only: bool = False, callback: Callable | None = None,
+                       callback_gen: Callable | None = None, progress: bool = False) -> None:
+        for _ in self.load_autosplit_gen(cache, reserve_vram, last_id_only, callback, callback_gen, progress):
+            pass
+
+    def load_autosplit_gen(self, cache: ExLlamaV2CacheBase, reserve_vram: list[int] | int | None = None,
+                           last_id_only: bool = False, callback: Callable | None = None,
+                           callback_gen: Callable | None = None, progress: bool = False) -> Generator:
+        if not cache.lazy:
+            raise ValueError("load_autosplit needs a cache created with lazy=True, so it can be placed with the model")
+        self.config.max_input_len = min(self.config.max_input_len, cache.max_seq_len)
+        if self.devices[0].type == "cpu":
+            log.info("autosplit: no CUDA device, loading the model and cache on the CPU")
+            budgets = None
+        else:
+            n = len(self.devices)
+            reserve = reserve_vram if isinstance(reserve_vram, list) else [reserve_vram or 96 * 1024**2] * n
+            budgets = [max(0, torch.cuda.mem_get_info(i)[0] - reserve[i]) for i in range(n)]
+        per_layer = cache.footprint_per_layer() if hasattr(cache, "footprint_per_layer") else (
+            2 * cache.batch_size * cache.max_seq_len * cache.num_key_value_heads * cache.head_dim * 2
+        )
+        self._place(budgets, per_layer)
+        yield from self._load_modules(callback, callback_gen, progress)
+        cache.create_state_tensors()
+
+    def _load_modules(self, callback, callback_gen, progress) -> Generator:
+        total = len(self.modules)
+        # the bar appears only when loading takes more than a moment (or when asked for)
+        bar = tqdm(total=total, desc="Loading", unit="module", delay=0 if progress else 2.0,
+                   disable=callback is not None or callback_gen is not None, leave=False)
+        try:
+            for i, m in enumerate(self.modules):
+                m.load()
+                bar.update(1)
+                if callback is not None:
+                    callback(i + 1, total)
+                if callback_gen is not None:
+                    yield from callback_gen(i + 1, total)
+                yield i
+        except BaseException:
+            self.unload()
+            raise
+        finally:
+            bar.close()
+        self.loaded = True
+        log.info("loaded %s: %d layers on %s", self.config.architecture, self.config.num_hidden_layers,
+                 ", ".join(sorted({str(m.device) for m in self.modules[1:]})))
+
+    def unload(self) -> None:
+        for m in self.modules:
+            m.unload()
+        self.loaded = False
+
+    # queries -------------------------------------------------------------------------------
+
+    def layer_device(self, layer_idx: int) -> torch.device:
+        attn = self.modules[1 + 2 * layer_idx]
+        return attn.device if attn.device is not None else self.devices[0]
+
+    def get_cache_devices(self) -> list[torch.device]:
+        return sorted({self.layer_device(i) for i in range(self.config.num_hidden_layers)}, key=str)
+
+    def rope_tables(self, device: torch.device) -> RopeTables:
+        if device not in self._rope:
+            self._rope[device] = RopeTables(self.config, device)
+        return self._rope[device]
+
+    def is_quant(self) -> bool:
+        return self.modules[-1].is_quant() or any(
+            isinstance(m, ExLlamaV2Attention) and m.q_proj.is_quant() for m in self.modules
+        )
+
+    # forward -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache: ExLlamaV2CacheBase | None = None,
+                input_mask: torch.Tensor | None = None, preprocess_only: bool = False,
+                last_id_only: bool = False, loras: list | None = None, return_last_state: bool = False,
+                position_offsets: torch.Tensor | None = None, abort_event: threading.Event | None = None,
+                cpu_logits: bool = False, **kwargs):
+        if not self.loaded:
+            raise RuntimeError("model is not loaded: call model.load() (or load_autosplit) before forward()")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        attn_params = kwargs.pop("attn_params", None)
+        if isinstance(attn_params, PagedParams):
+            return self._forward_chunk(input_ids, cache, attn_params, preprocess_only, last_id_only,
+                                       loras, return_last_state, cpu_logits, **kwargs)
+        bsz, length = input_ids.shape
+        if cache is None:
+            params = Params(bsz, length, 0, input_mask, position_offsets)
+            return self._forward_chunk(input_ids, None, params, preprocess_only, last_id_only,
+                                       loras, return_last_state, cpu_logits, **kwargs)
+        if bsz > cache.batch_size:
+            raise ValueError(f"batch of {bsz} sequences but the cache holds {cache.batch_size}; "
+                             f"create the cache with batch_size={bsz}")
+        cache.check_room(length)
+        past0 = cache.current_seq_len
+        if input_mask is not None and input_mask.shape[-1] == length and past0:
+            input_mask = torch.cat((input_mask.new_ones(bsz, past0) if input_mask.dtype == torch.bool
+                                    else input_mask.new_zeros(bsz, past0), input_mask), dim=1)
+        chunk = max(1, self.config.max_input_len * self.config.max_batch_size // bsz)
+        results, last_state = [], None
+        for start in range(0, length, chunk):
+            if abort_event is not None and abort_event.is_set():
+                return None
+            end = min(start + chunk, length)
+            past = cache.current_seq_len
+            mask = None if input_mask is None else input_mask[:, : past + end - start]
+            params = Params(bsz, end - start, past, mask, position_offsets)
+            final = end == length
+            r = self._forward_chunk(input_ids[:, start:end], cache, params,
+                                    preprocess_only or (last_id_only and not final), last_id_only,
+                                    loras, return_last_state, cpu_logits, **kwargs)
+            cache.current_seq_len = past + end - start
+            if return_last_state and r is not None:
+                r, last_state = r
+            if r is not None:
+                results.append(r)
+        if preprocess_only:
+            return None
+        logits = results[0] if len(results) == 1 else torch.cat(results, dim=1)
+        return (logits, last_state) if return_last_state else logits
+
+    def _forward_chunk(self, input_ids, cache, params, preprocess_only, last_id_only, loras,
+                       return_last_state, cpu_logits, **kwargs):
+        x = self.modules[0].forward(input_ids, indexed_embeddings=kwargs.get("indexed_embeddings"))
+        for idx, m in enumerate(self.modules[1:-1], start=1):
+            x = x.to(m.device)
+            if isinstance(m, (ExLlamaV2Attention, ExLlamaV2MLP)):
+                x = m.forward(x, cache=cache, attn_params=params, loras=loras)
+            else:
+                last_state = m.forward(x)
+                x = last_state
+            if preprocess_only and idx == self.last_kv_layer_idx:
+                return None
+        if last_id_only:
+            x = x[:, -1:]
+        head = self.modules[-1]
+        logits = head.forward(x.to(head.device)).float()
+        if self.config.final_logit_softcapping:
+            cap = float(self.config.final_logit_softcapping)
+            logits = torch.tanh(logits / cap) * cap
+        pad = -self.config.vocab_size % 32
+        if pad:
+            logits = F.pad(logits, (0, pad), value=_PAD_LOGIT)
+        if cpu_logits:
+            logits = logits.cpu()
+        return (logits, x) if return_last_state else logits

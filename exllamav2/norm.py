@@ -1,0 +1,63 @@
+"""RMSNorm and LayerNorm modules; the functions here are also the twins of the CUDA norm kernels."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .module import ExLlamaV2Module
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) * weight, accumulated in fp32, returned in x's dtype."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * weight.float()).to(x.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    return F.layer_norm(
+        x.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps
+    ).to(x.dtype)
+
+
+class ExLlamaV2RMSNorm(ExLlamaV2Module):
+    name = "RMSNorm"
+
+    def load(self) -> None:
+        w = self.load_tensor(f"{self.key}.weight", shape=(self.model.config.hidden_size,))
+        # Gemma stores weight - 1; fold the offset in once, in fp32
+        self.weight = (w.float() + self.model.config.arch.norm_weight_offset).to(self.device)
+
+    def unload(self) -> None:
+        self.weight = None
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.model.config.norm_eps)
+
+    def weight_footprint(self) -> int:
+        return self.tensor_bytes(f"{self.key}.weight") * 2
+
+
+class ExLlamaV2LayerNorm(ExLlamaV2Module):
+    name = "LayerNorm"
+
+    def load(self) -> None:
+        size = (self.model.config.hidden_size,)
+        self.weight = self.load_tensor(f"{self.key}.weight", shape=size).float().to(self.device)
+        bias_key = f"{self.key}.bias"
+        self.bias = self.load_tensor(bias_key, shape=size).float().to(self.device) if self.has(bias_key) else None
+
+    def unload(self) -> None:
+        self.weight = self.bias = None
+
+    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        return layer_norm(x, self.weight, self.bias, self.model.config.norm_eps)
+
+    def weight_footprint(self) -> int:
+        return self.tensor_bytes(f"{self.key}.weight") * 4
+
+
+def make_norm(model, key: str) -> ExLlamaV2Module:
+    cls = ExLlamaV2LayerNorm if model.config.arch.norm == "layernorm" else ExLlamaV2RMSNorm
+    return cls(model, key)

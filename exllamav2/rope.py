@@ -1,0 +1,121 @@
+"""Rotary position embedding: frequency tables for each scaling scheme, and their application.
+
+Frequencies follow the published recipes (linear, NTK alpha, llama3, YaRN) so results match the
+HuggingFace reference implementations; tables are computed in fp32 once per device.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+
+from .architecture import RopeStyle
+
+if TYPE_CHECKING:
+    from .config import ExLlamaV2Config
+
+
+def inv_freq_and_scale(config: "ExLlamaV2Config") -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (rotary_dim/2,) fp32 and the attention factor applied to cos/sin."""
+    dim = config.rotary_dim
+    base = config.rotary_embedding_base
+    if config.scale_alpha_value != 1.0:                    # static NTK-aware scaling
+        base *= config.scale_alpha_value ** (dim / (dim - 2))
+    inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    params = config.rope_scaling or {}
+    attention_factor = 1.0
+    if config.rope_type == "llama3":
+        inv = _llama3(inv, params, config.original_max_seq_len)
+    elif config.rope_type == "yarn":
+        inv, attention_factor = _yarn(dim, base, params, config.original_max_seq_len)
+    return inv.float(), attention_factor
+
+
+def _llama3(inv: torch.Tensor, p: dict, orig_len: int) -> torch.Tensor:
+    factor, lo, hi = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    lo_wavelen, hi_wavelen = orig_len / lo, orig_len / hi
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > lo_wavelen, inv / factor, inv)
+    smooth = (orig_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= hi_wavelen) & (wavelen <= lo_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def _yarn(dim: int, base: float, p: dict, orig_len: int) -> tuple[torch.Tensor, float]:
+    factor = p["factor"]
+    beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = p.get("attention_factor")
+    if attention_factor is None:
+        if p.get("mscale") and p.get("mscale_all_dim"):
+            attention_factor = mscale(factor, p["mscale"]) / mscale(factor, p["mscale_all_dim"])
+        else:
+            attention_factor = mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(orig_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if p.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    extrapolation = 1.0 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv, float(attention_factor)
+
+
+class RopeTables:
+    """cos/sin tables (length, rotary_dim) for one device, grown on demand."""
+
+    def __init__(self, config: "ExLlamaV2Config", device: torch.device) -> None:
+        self.inv_freq, self.attention_factor = inv_freq_and_scale(config)
+        self.scale_pos_emb = config.scale_pos_emb
+        self.device = device
+        self.cos = self.sin = None
+        self._build(max(config.max_seq_len, 1))
+
+    def _build(self, length: int) -> None:
+        t = torch.arange(length, dtype=torch.float32) / self.scale_pos_emb
+        freqs = torch.outer(t, self.inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.cos = (emb.cos() * self.attention_factor).to(self.device)
+        self.sin = (emb.sin() * self.attention_factor).to(self.device)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, L) -> cos, sin (B, L, 1, rotary_dim)."""
+        needed = int(positions.max()) + 1 if positions.numel() else 0
+        if needed > self.cos.shape[0]:
+            self._build(max(needed, 2 * self.cos.shape[0]))
+        positions = positions.clamp(min=0).to(self.device)
+        return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: RopeStyle) -> torch.Tensor:
+    """Rotate x (B, L, H, D) by cos/sin (B, L, 1, R), R <= D (partial rotary leaves the rest)."""
+    if style == RopeStyle.NONE:
+        return x
+    rot = cos.shape[-1]
+    xr, rest = x[..., :rot].float(), x[..., rot:]
+    if style == RopeStyle.NEOX:
+        x1, x2 = xr.chunk(2, dim=-1)
+        rotated = torch.cat((-x2, x1), dim=-1)
+        out = xr * cos + rotated * sin
+    else:  # GPT-J: pairs (x0, x1) share frequency i; tables are laid out as halves, so interleave them
+        half = rot // 2
+        c = cos[..., :half].repeat_interleave(2, dim=-1)
+        s = sin[..., :half].repeat_interleave(2, dim=-1)
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
+        out = xr * c + rotated * s
+    out = out.to(x.dtype)
+    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random HuggingFace models saved as safetensors directories.
+
+The reference for every model-level test is transformers itself (fp32, eager attention) running the
+same weights. Weights are rounded to fp16 before saving, so both sides see identical values.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.tiny_models import ARCH_SPECS, build_tiny_model
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_factory(tmp_path_factory):
+    """tiny_model_factory(arch) -> (model_dir, hf_model); built once per architecture per session."""
+    built: dict[str, tuple] = {}
+
+    def make(arch: str):
+        if arch not in built:
+            built[arch] = build_tiny_model(arch, tmp_path_factory.mktemp(arch))
+        return built[arch]
+
+    return make
+
+
+@pytest.fixture(params=sorted(ARCH_SPECS))
+def arch(request) -> str:
+    return request.param

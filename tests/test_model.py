@@ -1,0 +1,135 @@
+"""Model logits against transformers (fp32, eager) on tiny random models of every architecture."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+
+VOCAB = 250
+PROMPT = 24          # longer than the sliding windows (8) of the Mistral and Gemma 2 fixtures
+
+
+def load(model_dir) -> ExLlamaV2:
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    model.load()
+    return model
+
+
+def assert_matches(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    ours = ours[..., :VOCAB].float()
+    # within fp16 tolerance of the logit scale, and (nearly) the same argmax everywhere
+    tol = 1e-2 * ref.abs().max().item()
+    assert (ours - ref).abs().max().item() < tol
+    agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert agree >= 0.98
+
+
+def test_full_prompt(arch, tiny_model_factory):
+    model_dir, hf = tiny_model_factory(arch)
+    model = load(model_dir)
+    ids = torch.randint(3, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    logits = model.forward(ids)
+    assert logits.shape == (1, PROMPT, 256)              # vocabulary padded to a multiple of 32
+    assert (logits[..., VOCAB:] == -65504.0).all()
+    with torch.no_grad():
+        assert_matches(logits, hf(ids).logits)
+
+
+def test_prefill_then_decode(arch, tiny_model_factory):
+    model_dir, hf = tiny_model_factory(arch)
+    model = load(model_dir)
+    ids = torch.randint(3, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    cache = ExLlamaV2Cache(model, max_seq_len=64)
+    parts = [model.forward(ids[:, :10], cache)]
+    for i in range(10, PROMPT):
+        parts.append(model.forward(ids[:, i : i + 1], cache))
+    assert cache.current_seq_len == PROMPT
+    with torch.no_grad():
+        assert_matches(torch.cat(parts, dim=1), hf(ids).logits)
+
+
+def test_chunked_prefill_matches(tiny_model_factory):
+    model_dir, hf = tiny_model_factory("mistral")
+    model = load(model_dir)
+    model.config.max_input_len = 5                       # forces 5 chunks through the cache
+    ids = torch.randint(3, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(3))
+    cache = ExLlamaV2Cache(model, max_seq_len=64)
+    with torch.no_grad():
+        assert_matches(model.forward(ids, cache), hf(ids).logits)
+    assert cache.current_seq_len == PROMPT
+
+
+def test_left_padded_batch(arch, tiny_model_factory):
+    model_dir, hf = tiny_model_factory(arch)
+    model = load(model_dir)
+    gen = torch.Generator().manual_seed(4)
+    long = torch.randint(3, VOCAB, (PROMPT,), generator=gen)
+    short = torch.randint(3, VOCAB, (PROMPT - 7,), generator=gen)
+    ids = torch.stack([long, torch.cat([torch.zeros(7, dtype=torch.long), short])])
+    mask = torch.ones(2, PROMPT, dtype=torch.bool)
+    mask[1, :7] = False
+    offsets = torch.tensor([0, -7])                      # RoPE positions restart at each sequence's start
+    cache = ExLlamaV2Cache(model, batch_size=2, max_seq_len=64)
+    logits = model.forward(ids, cache, input_mask=mask, position_offsets=offsets)
+    with torch.no_grad():
+        assert_matches(logits[0], hf(long[None]).logits[0])
+        assert_matches(logits[1, 7:], hf(short[None]).logits[0])
+    # one decode step for both sequences continues each correctly
+    nxt = torch.randint(3, VOCAB, (2, 1), generator=gen)
+    step = model.forward(nxt, cache, input_mask=torch.cat([mask, torch.ones(2, 1, dtype=torch.bool)], 1),
+                         position_offsets=offsets)
+    with torch.no_grad():
+        assert_matches(step[0], hf(torch.cat([long, nxt[0]])[None]).logits[0, -1:])
+        assert_matches(step[1], hf(torch.cat([short, nxt[1]])[None]).logits[0, -1:])
+
+
+def test_last_id_only_and_preprocess(tiny_model_factory):
+    model_dir, hf = tiny_model_factory("llama")
+    model = load(model_dir)
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    cache = ExLlamaV2Cache(model, max_seq_len=32)
+    assert model.forward(ids[:, :-1], cache, preprocess_only=True) is None
+    last = model.forward(ids[:, -1:], cache, last_id_only=True)
+    with torch.no_grad():
+        assert_matches(last, hf(ids).logits[:, -1:])
+
+
+def test_cache_overflow_is_clear(tiny_model_factory):
+    model_dir, _ = tiny_model_factory("llama")
+    model = load(model_dir)
+    cache = ExLlamaV2Cache(model, max_seq_len=8)
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.forward(torch.ones(1, 9, dtype=torch.long), cache)
+
+
+def test_forward_before_load_is_clear(tiny_model_factory):
+    model_dir, _ = tiny_model_factory("llama")
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    with pytest.raises(RuntimeError, match="load"):
+        model.forward(torch.ones(1, 4, dtype=torch.long))
+
+
+def test_autosplit_falls_back_to_cpu(tiny_model_factory, caplog):
+    model_dir, hf = tiny_model_factory("qwen2")
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    cache = ExLlamaV2Cache(model, max_seq_len=32, lazy=True)
+    with caplog.at_level("INFO"):
+        model.load_autosplit(cache, progress=True)
+    if not torch.cuda.is_available():
+        assert "CPU" in caplog.text
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        assert_matches(model.forward(ids, cache), hf(ids).logits)
+
+
+def test_load_gen_reports_progress(tiny_model_factory):
+    model_dir, _ = tiny_model_factory("llama")
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    seen = []
+    model.load(callback=lambda done, total: seen.append((done, total)))
+    assert seen[-1] == (len(model.modules), len(model.modules))
+    assert [d for d, _ in seen] == list(range(1, len(model.modules) + 1))
+    model.unload()
+    assert not model.loaded

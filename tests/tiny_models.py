@@ -1,0 +1,57 @@
+"""Tiny random models of each supported architecture, made with transformers.
+
+Each spec is small enough to build and run in well under a second on a CPU, yet exercises the
+architecture's distinct parts (GQA, biases, fused projections, softcaps, sliding windows, rope scaling).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import torch
+import transformers
+
+_COMMON = dict(
+    vocab_size=250, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+
+ARCH_SPECS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", {}),
+    "llama_mha": ("LlamaConfig", {"num_key_value_heads": 4, "attention_bias": True}),
+    "llama3_rope": ("LlamaConfig", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
+    "llama_linear_rope": ("LlamaConfig", {"rope_parameters": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}}),
+    "llama_yarn": ("LlamaConfig", {"rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}}),
+    "mistral": ("MistralConfig", {"sliding_window": 8}),
+    "qwen2": ("Qwen2Config", {}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
+                                "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0}),
+    "phi3": ("Phi3Config", {}),
+}
+
+
+def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> tuple[Path, torch.nn.Module]:
+    cls_name, overrides = ARCH_SPECS[arch]
+    config = getattr(transformers, cls_name)(**{**_COMMON, **overrides})
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    # norms start at exactly 1 (or 0 for Gemma's offset form); randomise them so they matter
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+        for p in model.parameters():                 # fp16-representable weights, fp32 reference math
+            p.copy_(p.half().float())
+    model.eval()
+    # save an fp16 copy; the reference keeps fp32 buffers (RoPE inverse frequencies)
+    copy.deepcopy(model).half().save_pretrained(out_dir, safe_serialization=True)
+    cfg = json.loads((out_dir / "config.json").read_text())
+    assert cfg["architectures"], "transformers did not record the architecture"
+    return out_dir, model
