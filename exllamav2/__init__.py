@@ -4,6 +4,7 @@ from .version import __version__
 from .cache import ExLlamaV2Cache, ExLlamaV2CacheBase
 from .config import ExLlamaV2Config
 from .model import ExLlamaV2
+from .lora import ExLlamaV2Lora
 
 __all__ = [
     "__version__",
@@ -11,4 +12,5 @@ __all__ = [
     "ExLlamaV2Cache",
     "ExLlamaV2CacheBase",
     "ExLlamaV2Config",
+    "ExLlamaV2Lora",
 ]

@@ -103,10 +103,11 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         key = self._source_key()
         return self.has(f"{key}.q_weight") or self.has(f"{key}.qweight")
 
-    def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        if self.q is not None:
-            return self.q.forward(x)
-        return F.linear(x, self.weight, self.bias)
+    def forward(self, x: torch.Tensor, loras: list | None = None, **kwargs) -> torch.Tensor:
+        y = self.q.forward(x) if self.q is not None else F.linear(x, self.weight, self.bias)
+        for lora in loras or ():
+            y = lora.apply(self.key, x, y)
+        return y
 
     def get_weight_tensor_dq(self) -> torch.Tensor:
         """The weight as (in_features, out_features), dequantized if needed (upstream's layout)."""

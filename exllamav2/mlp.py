@@ -51,9 +51,10 @@ class ExLlamaV2MLP(ExLlamaV2Module):
     def weight_footprint(self) -> int:
         return sum(m.weight_footprint() for m in self.submodules())
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, loras: list | None = None, **kwargs) -> torch.Tensor:
         h = self.pre_norm.forward(hidden_states)
-        h = self.down_proj.forward(self.act(self.gate_proj.forward(h)) * self.up_proj.forward(h))
+        gate, up = self.gate_proj.forward(h, loras), self.up_proj.forward(h, loras)
+        h = self.down_proj.forward(self.act(gate) * up, loras)
         if self.post_norm is not None:
             h = self.post_norm.forward(h)
         return hidden_states + h

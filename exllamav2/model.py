@@ -250,7 +250,7 @@ class ExLlamaV2:
         if last_id_only:
             x = x[:, -1:]
         head = self.modules[-1]
-        logits = head.forward(x.to(head.device)).float()
+        logits = head.forward(x.to(head.device), loras).float()
         if self.config.final_logit_softcapping:
             cap = float(self.config.final_logit_softcapping)
             logits = torch.tanh(logits / cap) * cap

@@ -63,12 +63,13 @@ class ExLlamaV2Attention(ExLlamaV2Module):
     def weight_footprint(self) -> int:
         return sum(m.weight_footprint() for m in self.submodules())
 
-    def forward(self, hidden_states: torch.Tensor, cache=None, attn_params=None, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, cache=None, attn_params=None, loras: list | None = None,
+                **kwargs) -> torch.Tensor:
         bsz, q_len, _ = hidden_states.shape
         h = self.pre_norm.forward(hidden_states)
-        q = self.q_proj.forward(h).view(bsz, q_len, self.num_heads, self.head_dim)
-        k = self.k_proj.forward(h).view(bsz, q_len, self.num_kv_heads, self.head_dim)
-        v = self.v_proj.forward(h).view(bsz, q_len, self.num_kv_heads, self.head_dim)
+        q = self.q_proj.forward(h, loras).view(bsz, q_len, self.num_heads, self.head_dim)
+        k = self.k_proj.forward(h, loras).view(bsz, q_len, self.num_kv_heads, self.head_dim)
+        v = self.v_proj.forward(h, loras).view(bsz, q_len, self.num_kv_heads, self.head_dim)
         cos, sin = attn_params.rope(self.model.rope_tables(self.device))
         style = self.model.config.arch.rope_style
         q, k = apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
@@ -93,7 +94,7 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         else:
             out = self.backend.attend(q, k, v, attn_params.metadata(self.device), **opts)
 
-        o = self.o_proj.forward(out.reshape(bsz, q_len, self.num_heads * self.head_dim))
+        o = self.o_proj.forward(out.reshape(bsz, q_len, self.num_heads * self.head_dim), loras)
         if self.post_norm is not None:
             o = self.post_norm.forward(o)
         return hidden_states + o

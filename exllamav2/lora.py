@@ -1,0 +1,75 @@
+"""LoRA adapters (PEFT format), applied at forward time on top of any linear layer's output.
+
+y = base(x) + scaling * (x @ A^T) @ B^T, with scaling = alpha / r (alpha / sqrt(r) for rsLoRA) times the
+user's lora_scaling. Adapters are read from safetensors only; a pickle `.bin` is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file
+
+from .linear import ExLlamaV2Linear
+
+if TYPE_CHECKING:
+    from .model import ExLlamaV2
+
+
+class ExLlamaV2Lora:
+    @staticmethod
+    def from_directory(model: "ExLlamaV2", directory: str, lora_scaling: float = 1.0) -> "ExLlamaV2Lora":
+        d = Path(directory)
+        weights = d / "adapter_model.safetensors"
+        if not weights.exists() and (d / "adapter_model.bin").exists():
+            raise ValueError(
+                f"{d / 'adapter_model.bin'} is a pickle file, which is never loaded; convert it to "
+                f"adapter_model.safetensors (e.g. with safetensors.torch.save_file)"
+            )
+        return ExLlamaV2Lora(model, str(d / "adapter_config.json"), str(weights), lora_scaling)
+
+    def __init__(self, model: "ExLlamaV2", lora_config_path: str, lora_path: str, lora_scaling: float = 1.0) -> None:
+        self.model = model
+        self.lora_config_path, self.lora_path = lora_config_path, lora_path
+        cfg = json.loads(Path(lora_config_path).read_text())
+        if cfg.get("fan_in_fan_out"):
+            raise ValueError(f"{lora_config_path}: fan_in_fan_out adapters are not supported")
+        r = int(cfg["r"])
+        alpha = float(cfg.get("lora_alpha", r))
+        self.lora_r = r
+        self.lora_scaling = lora_scaling * (alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r)
+        linears = self._linears()
+        tensors = load_file(lora_path)
+        self.weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name, a in tensors.items():
+            if ".lora_A." not in name:
+                continue
+            key = name.split(".lora_A.")[0].removeprefix("base_model.model.")
+            if key not in linears:
+                raise ValueError(f"{lora_path}: adapter tensor {name!r} targets {key!r}, which the model does not have")
+            b = tensors[name.replace(".lora_A.", ".lora_B.")]
+            lin = linears[key]
+            dev = lin.device or torch.device("cpu")
+            self.weights[key] = (a.T.to(dev, model.dtype).contiguous(),
+                                 (b.T.float() * self.lora_scaling).to(dev, model.dtype).contiguous())
+
+    def _linears(self) -> dict[str, ExLlamaV2Linear]:
+        found = {}
+        for m in self.model.modules:
+            for sub in getattr(m, "submodules", lambda: [m])():
+                if isinstance(sub, ExLlamaV2Linear):
+                    found[sub.key] = sub
+        return found
+
+    def apply(self, key: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if key not in self.weights:
+            return y
+        a, b = self.weights[key]
+        return y + (x.to(a.dtype) @ a) @ b
+
+    def unload(self) -> None:
+        self.weights = {}
