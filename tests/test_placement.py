@@ -1,0 +1,60 @@
+"""Device placement for gpu_split, computed without a GPU (placement is bookkeeping, not CUDA calls)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+from exllamav2.attn.layer import ExLlamaV2Attention
+
+
+def test_split_fills_gpus_in_order(tiny_model_factory):
+    model_dir, _ = tiny_model_factory("llama")
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    model.devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    sizes = [m.weight_footprint() for m in model.modules[1:]]
+    first = sum(sizes[:2])                      # room for exactly the first attention + MLP
+    model._place([first, sum(sizes)])
+    devices = [m.device for m in model.modules[1:]]
+    assert devices[:2] == [torch.device("cuda", 0)] * 2
+    assert set(devices[2:]) == {torch.device("cuda", 1)}
+    assert model.modules[0].device == torch.device("cpu")          # embedding stays in system memory
+
+
+def test_split_too_small_names_module_and_fix(tiny_model_factory):
+    model_dir, _ = tiny_model_factory("llama")
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    model.devices = [torch.device("cuda", 0)]
+    with pytest.raises(RuntimeError, match=r"model does not fit.*model\.layers\.\d.*gpu_split"):
+        model._place([1000])
+
+
+def test_autosplit_counts_cache_per_layer(tiny_model_factory):
+    model_dir, _ = tiny_model_factory("llama")
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    model.devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    sizes = [m.weight_footprint() for m in model.modules[1:]]
+    cache_per_layer = 10_000
+    # room for three modules' weights and one layer's cache: the second attention layer's cache
+    # does not fit, so that layer (and everything after it) moves to GPU 1
+    model._place([sum(sizes[:3]) + cache_per_layer, 10**9], cache_per_layer)
+    attn_devs = [m.device for m in model.modules if isinstance(m, ExLlamaV2Attention)]
+    assert attn_devs == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+@pytest.mark.cuda
+def test_fp16_on_gpu_matches_transformers(arch, tiny_model_factory):
+    model_dir, hf = tiny_model_factory(arch)
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    cache = ExLlamaV2Cache(model, max_seq_len=64, lazy=True)
+    model.load_autosplit(cache)
+    ids = torch.randint(3, 250, (1, 24), generator=torch.Generator().manual_seed(7))
+    parts = [model.forward(ids[:, :12], cache)]
+    for i in range(12, 24):
+        parts.append(model.forward(ids[:, i : i + 1], cache))
+    ours = torch.cat(parts, 1)[..., :250].cpu()
+    with torch.no_grad():
+        ref = hf(ids).logits
+    assert (ours - ref).abs().max() < 2e-2 * ref.abs().max()
+    assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.98
