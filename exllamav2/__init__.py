@@ -5,6 +5,7 @@ from .cache import ExLlamaV2Cache, ExLlamaV2CacheBase
 from .config import ExLlamaV2Config
 from .model import ExLlamaV2
 from .lora import ExLlamaV2Lora
+from .tokenizer import ExLlamaV2Tokenizer
 
 __all__ = [
     "__version__",
@@ -13,4 +14,5 @@ __all__ = [
     "ExLlamaV2CacheBase",
     "ExLlamaV2Config",
     "ExLlamaV2Lora",
+    "ExLlamaV2Tokenizer",
 ]

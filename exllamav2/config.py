@@ -143,13 +143,14 @@ class ExLlamaV2Config:
                 f"num_key_value_heads {self.num_key_value_heads}"
             )
 
-        self.bos_token_id = read("bos_token_id", default=gen.get("bos_token_id", 1))
-        eos = read("eos_token_id", default=gen.get("eos_token_id", 2))
+        # None when the checkpoint does not say: the tokenizer then reads tokenizer_config.json
+        self.bos_token_id = read("bos_token_id", default=gen.get("bos_token_id"))
+        eos = read("eos_token_id", default=gen.get("eos_token_id"))
         gen_eos = gen.get("eos_token_id")
-        self.eos_token_id_list = [eos] if isinstance(eos, int) else list(eos)
+        self.eos_token_id_list = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         if isinstance(gen_eos, list):
             self.eos_token_id_list += [e for e in gen_eos if e not in self.eos_token_id_list]
-        self.eos_token_id = self.eos_token_id_list[0]
+        self.eos_token_id = self.eos_token_id_list[0] if self.eos_token_id_list else None
         self.pad_token_id = read("pad_token_id", default=None)
 
         self.max_seq_len = int(read("max_position_embeddings", "max_sequence_length", "n_positions", default=2048))
