@@ -133,3 +133,18 @@ def test_load_gen_reports_progress(tiny_model_factory):
     assert [d for d, _ in seen] == list(range(1, len(model.modules) + 1))
     model.unload()
     assert not model.loaded
+
+
+def test_rewinding_current_seq_len(tiny_model_factory):
+    """Clients rewind the cache by assigning current_seq_len; later tokens overwrite the old ones."""
+    model_dir, hf = tiny_model_factory("llama")
+    model = load(model_dir)
+    gen = torch.Generator().manual_seed(8)
+    prefix, a, b = (torch.randint(3, VOCAB, (1, n), generator=gen) for n in (10, 5, 5))
+    cache = ExLlamaV2Cache(model, max_seq_len=32)
+    model.forward(prefix, cache, preprocess_only=True)
+    model.forward(a, cache)
+    cache.current_seq_len = 10
+    logits = model.forward(b, cache)
+    with torch.no_grad():
+        assert_matches(logits, hf(torch.cat([prefix, b], 1)).logits[:, 10:])
