@@ -48,7 +48,9 @@ class ExLlamaV2:
         self.devices = _visible_devices()
         # EXL2 kernels and Turing are fp16-only; on the CPU fp32 is both faster and exact
         self.dtype = torch.float16 if self.devices[0].type == "cuda" else torch.float32
-        self.attn_plan = resolve_attention(config, self.devices)
+        # Planned for every visible device so the plan exists before any module is built; once
+        # placement knows which devices the model really uses, it is made again for just those.
+        self.attn_plan = resolve_attention(config, self.devices, dtype=self.dtype)
         self.modules: list[ExLlamaV2Module] = self._build()
         self.modules_dict = {m.key: m for m in self.modules}
         self.head_layer_idx = len(self.modules) - 1
@@ -72,7 +74,15 @@ class ExLlamaV2:
     # placement -----------------------------------------------------------------------------
 
     def _place(self, budgets: list[int] | None, cache_bytes_per_layer: int = 0) -> None:
-        """Assign devices: embedding on the CPU, the rest filling GPUs in order within their budgets."""
+        """Assign devices (embedding on the CPU, the rest filling GPUs in order within their budgets),
+        then plan attention for exactly the devices used, before any weight is read."""
+        self._assign_devices(budgets, cache_bytes_per_layer)
+        used = sorted({m.device for m in self.modules[1:]}, key=str)
+        planned = sorted(p.device.label for p in self.attn_plan.devices)
+        if [str(d) for d in used] != planned:
+            self.attn_plan = resolve_attention(self.config, used, dtype=self.dtype)
+
+    def _assign_devices(self, budgets: list[int] | None, cache_bytes_per_layer: int) -> None:
         self.modules[0].set_device(torch.device("cpu"))
         if self.devices[0].type == "cpu" or budgets is None:
             for m in self.modules[1:]:

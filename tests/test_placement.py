@@ -15,7 +15,7 @@ def test_split_fills_gpus_in_order(tiny_model_factory):
     model.devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
     sizes = [m.weight_footprint() for m in model.modules[1:]]
     first = sum(sizes[:2])                      # room for exactly the first attention + MLP
-    model._place([first, sum(sizes)])
+    model._assign_devices([first, sum(sizes)], 0)
     devices = [m.device for m in model.modules[1:]]
     assert devices[:2] == [torch.device("cuda", 0)] * 2
     assert set(devices[2:]) == {torch.device("cuda", 1)}
@@ -27,7 +27,7 @@ def test_split_too_small_names_module_and_fix(tiny_model_factory):
     model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
     model.devices = [torch.device("cuda", 0)]
     with pytest.raises(RuntimeError, match=r"model does not fit.*model\.layers\.\d.*gpu_split"):
-        model._place([1000])
+        model._assign_devices([1000], 0)
 
 
 def test_autosplit_counts_cache_per_layer(tiny_model_factory):
@@ -38,7 +38,7 @@ def test_autosplit_counts_cache_per_layer(tiny_model_factory):
     cache_per_layer = 10_000
     # room for three modules' weights and one layer's cache: the second attention layer's cache
     # does not fit, so that layer (and everything after it) moves to GPU 1
-    model._place([sum(sizes[:3]) + cache_per_layer, 10**9], cache_per_layer)
+    model._assign_devices([sum(sizes[:3]) + cache_per_layer, 10**9], cache_per_layer)
     attn_devs = [m.device for m in model.modules if isinstance(m, ExLlamaV2Attention)]
     assert attn_devs == [torch.device("cuda", 0), torch.device("cuda", 1)]
 

@@ -1,0 +1,94 @@
+"""PyTorch scaled_dot_product_attention, restricted to the kernels the plan allows on each device.
+
+Below sm_80 only the mem-efficient and math kernels are allowed: SDPA's flash and cuDNN kernels
+need sm_80+ and raise "FlashAttention only supports Ampere GPUs or newer" otherwise (tabbyAPI#135).
+PyTorch checks the *current* CUDA device, not the tensor's, so every call also makes the tensor's
+device current; on a mixed rig a tensor on a Turing card can then never pass an Ampere check.
+
+Masks: plain `is_causal=True` is upper-left aligned, which is wrong whenever q_len != k_len (a
+cache), so it is used only for q_len == k_len; uniform batches with a cache use
+`causal_lower_right`; everything else (padding, ragged pages, sliding window) gets the boolean
+visibility mask of `AttnMetadata`. Rows that see no key output zeros, as in matmul.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+import torch.nn.functional as F
+
+from .backend import AttentionBackend, repeat_kv
+from .devices import DeviceInfo
+from .installed import at_least
+from .metadata import AttnMetadata
+
+MIN_TORCH = (2, 3)  # torch.nn.attention.sdpa_kernel with a kernel list, and causal_lower_right
+
+_KERNEL_ENUM = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "cudnn": "CUDNN_ATTENTION",
+    "math": "MATH",
+}
+
+
+def allowed_kernels(device: DeviceInfo) -> tuple[str, ...]:
+    """SDPA kernels safe on `device`. cuDNN is left out everywhere: its masked paths have changed
+    behaviour between cuDNN releases, and flash/efficient already cover sm_80+."""
+    if not device.is_cuda:
+        return ("flash", "math")            # the CPU's fused kernel is registered as FLASH_ATTENTION
+    if device.capability >= (8, 0) and not device.rocm:
+        return ("flash", "efficient", "math")
+    return ("efficient", "math")
+
+
+class SdpaBackend(AttentionBackend):
+    name = "sdpa"
+
+    def __init__(self, device: torch.device | str = "cpu", kernels: tuple[str, ...] | None = None, **options) -> None:
+        super().__init__(device, **options)
+        from torch.nn.attention import SDPBackend
+        from torch.nn.attention.bias import causal_lower_right
+
+        if kernels is None:
+            kernels = ("flash", "math") if self.device.type == "cpu" else ("efficient", "math")
+        self.kernels = tuple(kernels)
+        self._backends = [getattr(SDPBackend, _KERNEL_ENUM[k]) for k in self.kernels]
+        self._lower_right = causal_lower_right
+
+    @classmethod
+    def validate(cls, device, needs, installed) -> list[str]:
+        reasons = []
+        if not at_least(installed.torch, MIN_TORCH):
+            reasons.append(f"needs torch 2.3+ for sdpa_kernel and causal_lower_right (installed {installed.torch})")
+        if needs.softcap:
+            reasons.append("cannot apply attention logit softcapping")
+        return reasons
+
+    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0):
+        if softcap:
+            raise ValueError(
+                "sdpa cannot apply logit softcapping; plan attention with the model's softcap "
+                "(resolve_attention) so that a backend that can is chosen"
+            )
+        groups = q.shape[2] // k.shape[2]
+        qt = q.transpose(1, 2)                                      # (B, Hq, q, D)
+        kt = repeat_kv(k, groups).transpose(1, 2)                   # (B, Hq, k, D)
+        vt = repeat_kv(v, groups).transpose(1, 2)
+        vis = None
+        if meta.is_uniform and not window:
+            causal = meta.q_len == meta.k_len
+            mask = None if causal else self._lower_right(meta.q_len, meta.k_len)
+        else:
+            causal = False
+            vis = meta.visibility(q.device, window)                 # (B, 1, q, k)
+            mask = vis
+        with ExitStack() as stack:
+            stack.enter_context(torch.nn.attention.sdpa_kernel(self._backends))
+            if q.device.type == "cuda":
+                stack.enter_context(torch.cuda.device(q.device))
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal, scale=scale)
+        if vis is not None:
+            out = out.masked_fill(~vis.any(-1, keepdim=True), 0.0)  # rows that see no key
+        return out.transpose(1, 2)

@@ -1,0 +1,1 @@
+from .fmha import memory_efficient_attention  # noqa: F401
