@@ -1,0 +1,102 @@
+"""Running the model's modules one at a time on calibration states, and watching their linears.
+
+The converter walks `model.modules` (embedding, attention and MLP per layer, norm, head) like the
+model's forward does, but module by module over all calibration rows, so that only one module's
+weights and the hidden states need to be resident.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from ..attn.layer import ExLlamaV2Attention
+from ..attn.params import Params
+from ..embedding import ExLlamaV2Embedding
+from ..linear import ExLlamaV2Linear
+from ..mlp import ExLlamaV2MLP
+from ..module import ExLlamaV2Module
+from .quantizer import Hessian
+
+TOKENS_PER_BATCH = 4096
+
+
+def is_layer(module: ExLlamaV2Module) -> bool:
+    """Modules whose linears the measurement pass chooses parameters for."""
+    return isinstance(module, (ExLlamaV2Attention, ExLlamaV2MLP))
+
+
+def module_name(module: ExLlamaV2Module) -> str:
+    """The module's key in measurement.json (upstream's: <layer>.self_attn, <layer>.mlp)."""
+    suffix = ".self_attn" if isinstance(module, ExLlamaV2Attention) else ".mlp" if isinstance(module, ExLlamaV2MLP) else ""
+    return module.key if not suffix or module.key.endswith(suffix) else module.key + suffix
+
+
+def linears_of(module: ExLlamaV2Module) -> list[ExLlamaV2Linear]:
+    if isinstance(module, ExLlamaV2Linear):
+        return [module]
+    return [m for m in getattr(module, "submodules", list)() if isinstance(m, ExLlamaV2Linear)]
+
+
+def role(linear: ExLlamaV2Linear) -> str:
+    """q_proj, down_proj, lm_head, ...: the name measurement.json uses for a linear."""
+    return linear.key.rsplit(".", 1)[-1]
+
+
+def forward_rows(module: ExLlamaV2Module, states: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The module's output for every row of `states` ([rows, length, ...]), returned on the CPU
+    (calibration states stay in system memory; one batch at a time visits the device)."""
+    rows, length = states.shape[:2]
+    per_batch = max(1, TOKENS_PER_BATCH // length)
+    params = None
+    out = []
+    for r in range(0, rows, per_batch):
+        x = states[r : r + per_batch].to(device)
+        if isinstance(module, ExLlamaV2Embedding):
+            y = module.forward(x)
+        elif is_layer(module):
+            if params is None or params.batch_size != x.shape[0]:
+                params = Params(x.shape[0], length, 0)
+            y = module.forward(x, cache=None, attn_params=params)
+        else:
+            y = module.forward(x)
+        out.append(y.cpu())
+    return torch.cat(out)
+
+
+@contextmanager
+def record_hessians(module: ExLlamaV2Module, device: torch.device) -> Iterator[dict[str, Hessian]]:
+    """While active, every call of one of the module's linears adds its input to a Hessian, keyed by
+    the linear's role. Linears fed the same tensor (q/k/v, gate/up) share one Hessian, hence one
+    activation order, as upstream does."""
+    hessians: dict[str, Hessian] = {}
+    last: list = [None, None]                       # (last input tensor, its Hessian)
+    linears = linears_of(module)
+
+    def wrap(lin: ExLlamaV2Linear):
+        inner = type(lin).forward.__get__(lin)
+
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            name = role(lin)
+            if last[0] is x:
+                hessians.setdefault(name, last[1])
+            else:
+                h = hessians.get(name)
+                if h is None:
+                    h = hessians[name] = Hessian(x.shape[-1], device)
+                h.add(x)
+                last[0], last[1] = x, h
+            return inner(x, *args, **kwargs)
+
+        return forward
+
+    for lin in linears:
+        lin.forward = wrap(lin)
+    try:
+        yield hessians
+    finally:
+        for lin in linears:
+            del lin.forward
+        last[0] = last[1] = None

@@ -1,0 +1,16 @@
+"""Quantized weight formats: EXL2 and GPTQ (issue 4)."""
+
+from .exl2 import group_layout, pack_exl2, quantize_rtn
+from .qlinear import Exl2Weight, GptqWeight, QuantWeight, TensorSource, load_quantized, release_scratch
+
+__all__ = [
+    "Exl2Weight",
+    "GptqWeight",
+    "QuantWeight",
+    "TensorSource",
+    "group_layout",
+    "load_quantized",
+    "pack_exl2",
+    "quantize_rtn",
+    "release_scratch",
+]
