@@ -15,7 +15,8 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
     def load(self) -> None:
         cfg = self.model.config
         w = self.load_tensor(f"{self.key}.weight", (cfg.vocab_size, cfg.hidden_size))
-        self.weight = w.to(self.device, self.model.dtype)
+        # kept at 16 bits even when the model computes in fp32 on the CPU: rows are cast on lookup
+        self.weight = w.to(self.device, torch.float16 if w.dtype == torch.float32 else w.dtype)
 
     def unload(self) -> None:
         self.weight = None
@@ -32,12 +33,13 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
                     f"token id {int(ids.max())} is outside the vocabulary (size {vocab}); check the tokenizer "
                     f"matches the model"
                 )
+        dtype = self.model.dtype
         if indexed_embeddings is not None and ids.numel() and int(ids.max()) >= EMBEDDING_INDEX:
             extra = ids >= EMBEDDING_INDEX
-            x = self.weight[ids.masked_fill(extra, 0)]
-            x[extra] = indexed_embeddings.to(x.device, x.dtype).view(-1, x.shape[-1])[ids[extra] - EMBEDDING_INDEX]
+            x = self.weight[ids.masked_fill(extra, 0)].to(dtype)
+            x[extra] = indexed_embeddings.to(x.device, dtype).view(-1, x.shape[-1])[ids[extra] - EMBEDDING_INDEX]
         else:
-            x = self.weight[ids]
+            x = self.weight[ids].to(dtype)
         if self.model.config.arch.embed_scale_sqrt_hidden:
             # the normaliser is rounded to the activation dtype, as the reference implementation does
             x = x * torch.tensor(self.model.config.hidden_size**0.5, dtype=x.dtype)

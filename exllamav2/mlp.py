@@ -19,8 +19,9 @@ _ACTIVATIONS = {
 class ExLlamaV2MLP(ExLlamaV2Module):
     name = "MLP"
 
-    def __init__(self, model, key: str, layer_idx: int) -> None:
-        super().__init__(model, key)
+    def __init__(self, model, layer_key: str, layer_idx: int) -> None:
+        super().__init__(model, f"{layer_key}.mlp")            # upstream's module key
+        key = layer_key
         cfg, arch = model.config, model.config.arch
         self.layer_idx = layer_idx
         h, i = cfg.hidden_size, cfg.intermediate_size

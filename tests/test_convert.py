@@ -352,3 +352,34 @@ def test_refused_input_leaves_the_work_dir_reusable(converted, fp16_model, tmp_p
     work = tmp_path / "work"
     assert run("-i", converted[4], "-o", work, "-cf", tmp_path / "out") == 1
     assert not work.exists() or not any(work.iterdir())
+
+
+def _resident_bytes(model: ExLlamaV2) -> int:
+    """Every tensor the loaded model holds for its weights (quantized linears by their packed size)."""
+    total, seen = 0, set()
+
+    def visit(obj):
+        nonlocal total
+        for value in vars(obj).values():
+            if isinstance(value, torch.Tensor) and id(value) not in seen:
+                seen.add(id(value))
+                total += value.numel() * value.element_size()
+        q = getattr(obj, "q", None)
+        if q is not None:
+            total += q.nbytes()
+
+    for m in model.modules:
+        visit(m)
+        for sub in getattr(m, "submodules", list)():
+            visit(sub)
+    return total
+
+
+def test_whole_quantized_model_is_resident_within_1_3x_file_size(converted):
+    model_dir = converted[4]
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    model.load()
+    file_bytes = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+    resident = _resident_bytes(model)
+    assert resident <= 1.3 * file_bytes, (resident, file_bytes)
+    model.unload()

@@ -20,8 +20,9 @@ class ExLlamaV2Attention(ExLlamaV2Module):
     Params = Params
     PagedParams = PagedParams
 
-    def __init__(self, model, key: str, layer_idx: int) -> None:
-        super().__init__(model, key)
+    def __init__(self, model, layer_key: str, layer_idx: int) -> None:
+        super().__init__(model, f"{layer_key}.self_attn")      # upstream's module key
+        key = layer_key
         cfg, arch = model.config, model.config.arch
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
