@@ -49,13 +49,11 @@ class SdpaBackend(AttentionBackend):
     def __init__(self, device: torch.device | str = "cpu", kernels: tuple[str, ...] | None = None, **options) -> None:
         super().__init__(device, **options)
         from torch.nn.attention import SDPBackend
-        from torch.nn.attention.bias import causal_lower_right
 
         if kernels is None:
             kernels = ("flash", "math") if self.device.type == "cpu" else ("efficient", "math")
         self.kernels = tuple(kernels)
         self._backends = [getattr(SDPBackend, _KERNEL_ENUM[k]) for k in self.kernels]
-        self._lower_right = causal_lower_right
 
     @classmethod
     def validate(cls, device, needs, installed) -> list[str]:
@@ -79,7 +77,8 @@ class SdpaBackend(AttentionBackend):
         vis = None
         if meta.is_uniform and not window:
             causal = meta.q_len == meta.k_len
-            mask = None if causal else self._lower_right(meta.q_len, meta.k_len)
+            # one query at the end of the sequence sees every key: no mask at all
+            mask = None if causal or meta.q_len == 1 else _lower_right(meta.q_len, meta.k_len)
         else:
             causal = False
             vis = meta.visibility(q.device, window)                 # (B, 1, q, k)
@@ -92,3 +91,10 @@ class SdpaBackend(AttentionBackend):
         if vis is not None:
             out = out.masked_fill(~vis.any(-1, keepdim=True), 0.0)  # rows that see no key
         return out.transpose(1, 2)
+
+
+def _lower_right(q_len: int, k_len: int):
+    # imported on first use: torch.nn.attention.bias pulls in torch._dynamo (~1.5 s)
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(q_len, k_len)
