@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .tensor_p import tensor_parallel_missing
+
 if TYPE_CHECKING:
     from .model import ExLlamaV2
 
@@ -97,6 +99,16 @@ class ExLlamaV2CacheBase:
     def reset(self) -> None:
         self.current_seq_len = 0
 
+    def roll_left(self) -> None:
+        """Drop the oldest position of every sequence: positions shift down by one and
+        current_seq_len shrinks by one (a sliding context without re-encoding the prompt)."""
+        if self.current_seq_len < 1:
+            raise ValueError("roll_left on an empty cache: there is no position to drop")
+        n = self.current_seq_len
+        for t in self.all_tensors():    # every storage tensor is (batch, max_seq_len, ...)
+            t[:, : n - 1] = t[:, 1:n].clone()
+        self.current_seq_len = n - 1
+
     def check_room(self, new_tokens: int) -> None:
         if self.current_seq_len + new_tokens > self.max_seq_len:
             raise ValueError(
@@ -158,3 +170,22 @@ class ExLlamaV2Cache(ExLlamaV2CacheBase):
 
     def store_kv_state(self, layer_idx, batch_size, offset, width, page_size=0, cache_seqlens=None, block_table=None):
         pass
+
+
+class ExLlamaV2Cache_TP(ExLlamaV2CacheBase):
+    """Upstream's tensor-parallel cache. Tensor parallelism is not implemented here (see tensor_p.py)."""
+
+    def __init__(self, model: "ExLlamaV2", base: type | None = None, batch_size: int = 1, max_seq_len: int = -1) -> None:
+        raise tensor_parallel_missing("ExLlamaV2Cache_TP")
+
+
+_QUANTIZED = ("ExLlamaV2Cache_8bit", "ExLlamaV2Cache_Q4", "ExLlamaV2Cache_Q6", "ExLlamaV2Cache_Q8")
+
+
+def __getattr__(name: str):
+    # Upstream defines the quantized caches in this module; they live in cache_quant.py, which imports this one.
+    if name in _QUANTIZED:
+        from . import cache_quant
+
+        return getattr(cache_quant, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

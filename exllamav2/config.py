@@ -64,6 +64,7 @@ class ExLlamaV2Config:
         self.index: SafetensorsIndex | None = None
         self.checkpoint_offset_qzeros = 0
         self.quantization_config: dict = {}
+        self.vision_model_type: str | None = None   # vision is not implemented (exllamav2/vlm); clients test this
         if model_dir is not None:
             self.prepare()
 

@@ -52,10 +52,17 @@ class ExLlamaV2Lora:
             if key not in linears:
                 raise ValueError(f"{lora_path}: adapter tensor {name!r} targets {key!r}, which the model does not have")
             b = tensors[name.replace(".lora_A.", ".lora_B.")]
-            lin = linears[key]
-            dev = lin.device or torch.device("cpu")
-            self.weights[key] = (a.T.to(dev, model.dtype).contiguous(),
-                                 (b.T.float() * self.lora_scaling).to(dev, model.dtype).contiguous())
+            self.weights[key] = (a.T.to(model.dtype).contiguous(),
+                                 (b.T.float() * self.lora_scaling).to(model.dtype).contiguous())
+        self.update_devices(linears)
+        model.loras.add(self)
+
+    def update_devices(self, linears: dict[str, ExLlamaV2Linear] | None = None) -> None:
+        """Put each adapter pair on its layer's current device (the CPU while the layer is unplaced)."""
+        linears = linears or self._linears()
+        for key, (a, b) in self.weights.items():
+            dev = linears[key].device or torch.device("cpu")
+            self.weights[key] = (a.to(dev), b.to(dev))
 
     def _linears(self) -> dict[str, ExLlamaV2Linear]:
         found = {}
@@ -73,3 +80,4 @@ class ExLlamaV2Lora:
 
     def unload(self) -> None:
         self.weights = {}
+        self.model.loras.discard(self)

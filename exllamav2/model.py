@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Generator
 
 import torch
@@ -20,12 +21,14 @@ from .attn.layer import ExLlamaV2Attention
 from .attn.params import PagedParams, Params
 from .cache import ExLlamaV2CacheBase
 from .config import ExLlamaV2Config
+from .device import ExLlamaV2DeviceContext
 from .embedding import ExLlamaV2Embedding
 from .linear import ExLlamaV2Linear
 from .mlp import ExLlamaV2MLP
 from .module import ExLlamaV2Module
 from .norm import make_norm
 from .rope import RopeTables
+from .tensor_p import tensor_parallel_missing
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +55,16 @@ class ExLlamaV2:
         # placement knows which devices the model really uses, it is made again for just those.
         self.attn_plan = resolve_attention(config, self.devices, dtype=self.dtype)
         self.modules: list[ExLlamaV2Module] = self._build()
-        self.modules_dict = {m.key: m for m in self.modules}
+        # by checkpoint key, as upstream: the layers and every linear and norm inside them
+        self.modules_dict = {s.key: s for m in self.modules for s in (m, *getattr(m, "submodules", list)())}
         self.head_layer_idx = len(self.modules) - 1
         self.last_kv_layer_idx = max(i for i, m in enumerate(self.modules) if isinstance(m, ExLlamaV2Attention))
         self.loaded = False
         self.tp_context = None
+        self.cache_map: dict[int, str] = {}      # layer index -> device of its attention (and cache), as upstream
+        self.loras: weakref.WeakSet = weakref.WeakSet()   # adapters made for this model; see update_loras()
         self._rope: dict[torch.device, RopeTables] = {}
+        self._device_contexts: dict[int, ExLlamaV2DeviceContext] = {}
 
     def _build(self) -> list[ExLlamaV2Module]:
         cfg, keys = self.config, self.config.arch.keys
@@ -73,25 +80,31 @@ class ExLlamaV2:
 
     # placement -----------------------------------------------------------------------------
 
-    def _place(self, budgets: list[int] | None, cache_bytes_per_layer: int = 0) -> None:
+    def _place(self, budgets: list[int] | None, cache_bytes_per_layer: int = 0) -> list[int] | None:
         """Assign devices (embedding on the CPU, the rest filling GPUs in order within their budgets),
-        then plan attention for exactly the devices used, before any weight is read."""
-        self._assign_devices(budgets, cache_bytes_per_layer)
+        then plan attention for exactly the devices used, before any weight is read. Returns the bytes
+        left of each budget (None without budgets)."""
+        left = self._assign_devices(budgets, cache_bytes_per_layer)
+        self.cache_map = {i: str(self.layer_device(i)) for i in range(self.config.num_hidden_layers)}
+        self._device_contexts = {}
         used = sorted({m.device for m in self.modules[1:]}, key=str)
         planned = sorted(p.device.label for p in self.attn_plan.devices)
         if [str(d) for d in used] != planned:
             self.attn_plan = resolve_attention(self.config, used, dtype=self.dtype)
+        return left
 
-    def _assign_devices(self, budgets: list[int] | None, cache_bytes_per_layer: int) -> None:
+    def _assign_devices(self, budgets: list[int] | None, cache_bytes_per_layer: int) -> list[int] | None:
         self.modules[0].set_device(torch.device("cpu"))
         if self.devices[0].type == "cpu" or budgets is None:
             for m in self.modules[1:]:
                 m.set_device(self.devices[0])
-            return
+            return None if budgets is None else list(budgets)
+        remaining = list(budgets)
         gpu, left = 0, budgets[0]
         for m in self.modules[1:]:
             need = m.weight_footprint() + (cache_bytes_per_layer if isinstance(m, ExLlamaV2Attention) else 0)
             while need > left and gpu + 1 < len(budgets):
+                remaining[gpu] = left
                 gpu += 1
                 left = budgets[gpu]
             if need > left:
@@ -102,6 +115,36 @@ class ExLlamaV2:
                 )
             left -= need
             m.set_device(torch.device("cuda", gpu))
+        remaining[gpu] = left
+        return remaining
+
+    def set_device_map(self, allocation: list[float], embed_cpu: bool = True) -> list[float]:
+        """Assign every module a device within `allocation` (GB per GPU) without loading anything; returns
+        the GB left unassigned per GPU. With embed_cpu=False the embedding joins the first layer's device."""
+        left = self._place([int(a * _GB) for a in allocation])
+        if not embed_cpu:
+            emb, dev = self.modules[0], self.modules[1].device
+            emb.set_device(dev)
+            if dev.type == "cuda":
+                left[dev.index] -= emb.tensor_bytes(f"{emb.key}.weight")
+        return [b / _GB for b in left]
+
+    def get_device_context(self, device_idx: int, scratch: bool = True) -> ExLlamaV2DeviceContext | None:
+        """The context of GPU `device_idx` (RoPE tables, attention backend), prepared on first use;
+        None for -1, the CPU, as upstream."""
+        if device_idx == -1:
+            return None
+        if not any(d.type == "cuda" and d.index == device_idx for d in self.devices):
+            raise ValueError(
+                f"no CUDA device {device_idx} (this model runs on {', '.join(map(str, self.devices))}); "
+                f"pass -1 for the CPU"
+            )
+        if device_idx not in self._device_contexts:
+            self._device_contexts[device_idx] = ExLlamaV2DeviceContext(self, device_idx)
+        ctx = self._device_contexts[device_idx]
+        if not ctx.ready:
+            ctx.prepare(scratch)
+        return ctx
 
     def load(self, gpu_split: list[float] | None = None, lazy: bool = False, stats: bool = False,
              callback: Callable | None = None, callback_gen: Callable | None = None,
@@ -112,13 +155,27 @@ class ExLlamaV2:
     def load_gen(self, gpu_split: list[float] | None = None, lazy: bool = False, stats: bool = False,
                  callback: Callable | None = None, callback_gen: Callable | None = None,
                  progress: bool = False) -> Generator:
-        if gpu_split is not None and self.devices[0].type == "cpu":
+        """Generator form of load(): yields what `callback_gen` yields. With lazy=True modules are only
+        placed (for loading one by one); an empty gpu_split means None (GPU 0 only), as upstream."""
+        if gpu_split and self.devices[0].type == "cpu":
             log.info("gpu_split given but no CUDA device is present: loading on the CPU")
-        budgets = None if gpu_split is None else [int(g * _GB) for g in gpu_split]
+        budgets = [int(g * _GB) for g in gpu_split] if gpu_split else None
         if budgets is None and self.devices[0].type == "cuda":
             budgets = [torch.cuda.mem_get_info(0)[0]]
         self._place(budgets)
+        if lazy:
+            return
         yield from self._load_modules(callback, callback_gen, progress)
+
+    def load_tp(self, gpu_split: list[float] | None = None, callback: Callable | None = None,
+                callback_gen: Callable | None = None, progress: bool = False, expect_cache_tokens: int = 0,
+                expect_cache_base: type | None = None) -> None:
+        raise tensor_parallel_missing("ExLlamaV2.load_tp")
+
+    def load_tp_gen(self, gpu_split: list[float] | None = None, callback: Callable | None = None,
+                    callback_gen: Callable | None = None, expect_cache_tokens: int = 0,
+                    expect_cache_base: type | None = None) -> Generator:
+        raise tensor_parallel_missing("ExLlamaV2.load_tp_gen")
 
     def load_autosplit(self, cache: ExLlamaV2CacheBase, reserve_vram: list[int] | int | None = None,
                        last_id_only: bool = False, callback: Callable | None = None,
@@ -143,35 +200,42 @@ class ExLlamaV2:
             2 * cache.batch_size * cache.max_seq_len * cache.num_key_value_heads * cache.head_dim * 2
         )
         self._place(budgets, per_layer)
+        cache.create_state_tensors()      # placed with the layers; allocated before the last progress report
         yield from self._load_modules(callback, callback_gen, progress)
-        cache.create_state_tensors()
 
     def _load_modules(self, callback, callback_gen, progress) -> Generator:
         total = len(self.modules)
         # the bar appears only when loading takes more than a moment (or when asked for)
         bar = tqdm(total=total, desc="Loading", unit="module", delay=0 if progress else 2.0,
                    disable=callback is not None or callback_gen is not None, leave=False)
+        # Progress is reported as upstream does, and clients rely on: (i, total) before module i loads, then
+        # (total, total) once all are loaded, so (0, total) comes first.
         try:
             for i, m in enumerate(self.modules):
+                if callback is not None:
+                    callback(i, total)
+                if callback_gen is not None:
+                    yield from callback_gen(i, total)
                 m.load()
                 bar.update(1)
-                if callback is not None:
-                    callback(i + 1, total)
-                if callback_gen is not None:
-                    yield from callback_gen(i + 1, total)
-                yield i
         except BaseException:
             self.unload()
             raise
         finally:
             bar.close()
+        self.update_loras()
         self.loaded = True
         log.info("loaded %s: %d layers on %s", self.config.architecture, self.config.num_hidden_layers,
                  ", ".join(sorted({str(m.device) for m in self.modules[1:]})))
+        if callback is not None:
+            callback(total, total)
+        if callback_gen is not None:
+            yield from callback_gen(total, total)
 
     def unload(self) -> None:
         for m in self.modules:
             m.unload()
+        self._device_contexts = {}
         self.loaded = False
 
     # queries -------------------------------------------------------------------------------
@@ -187,6 +251,12 @@ class ExLlamaV2:
         if device not in self._rope:
             self._rope[device] = RopeTables(self.config, device)
         return self._rope[device]
+
+    def update_loras(self) -> None:
+        """Move every adapter made for this model onto the devices its layers occupy now (runs after each
+        load; call it after moving layers by hand)."""
+        for lora in list(self.loras):
+            lora.update_devices()
 
     def is_quant(self) -> bool:
         return self.modules[-1].is_quant() or any(
@@ -249,12 +319,7 @@ class ExLlamaV2:
                        return_last_state, cpu_logits, **kwargs):
         x = self.modules[0].forward(input_ids, indexed_embeddings=kwargs.get("indexed_embeddings"))
         for idx, m in enumerate(self.modules[1:-1], start=1):
-            x = x.to(m.device)
-            if isinstance(m, (ExLlamaV2Attention, ExLlamaV2MLP)):
-                x = m.forward(x, cache=cache, attn_params=params, loras=loras)
-            else:
-                last_state = m.forward(x)
-                x = last_state
+            x = m.forward(x.to(m.device), cache=cache, attn_params=params, loras=loras)
             if preprocess_only and idx == self.last_kv_layer_idx:
                 return None
         if last_id_only:

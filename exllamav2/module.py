@@ -65,3 +65,54 @@ class ExLlamaV2Module:
 
     def forward(self, hidden_states: torch.Tensor, **kwargs) -> torch.Tensor:
         raise NotImplementedError
+
+
+class Intervention(ExLlamaV2Module):
+    """Wraps a module of `model.modules` with hooks around its forward, e.g. to read or steer activations:
+    `model.modules[i] = Intervention(model.modules[i], post_forward=fn)`.
+
+    Each hook is called as `hook(hidden_states, *args, **kwargs)` with the arguments the wrapped module
+    receives and returns the hidden states to use instead; its result is moved back to the input's device.
+    Everything else (device, loading, attributes such as `layer_idx`) is the wrapped module's.
+    """
+
+    def __init__(self, inner: ExLlamaV2Module, pre_forward=None, post_forward=None) -> None:
+        # no super().__init__: `device` and the other state belong to the wrapped module
+        self.inner = inner
+        self.model = inner.model
+        self.key = inner.key
+        self.name = inner.name
+        self.pre_forward = pre_forward
+        self.post_forward = post_forward
+
+    def __getattr__(self, name: str):
+        # only called for names not found on the wrapper itself
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def device(self) -> torch.device | None:
+        return self.inner.device
+
+    def set_device(self, device: torch.device) -> None:
+        self.inner.set_device(device)
+
+    def load(self) -> None:
+        self.inner.load()
+
+    def unload(self) -> None:
+        self.inner.unload()
+
+    def weight_footprint(self) -> int:
+        return self.inner.weight_footprint()
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.pre_forward is not None:
+            dev = hidden_states.device
+            hidden_states = self.pre_forward(hidden_states, *args, **kwargs).to(dev)
+        hidden_states = self.inner.forward(hidden_states, *args, **kwargs)
+        if self.post_forward is not None:
+            dev = hidden_states.device
+            hidden_states = self.post_forward(hidden_states, *args, **kwargs).to(dev)
+        return hidden_states

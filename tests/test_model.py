@@ -142,8 +142,9 @@ def test_load_gen_reports_progress(tiny_model_factory):
     model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
     seen = []
     model.load(callback=lambda done, total: seen.append((done, total)))
+    # as upstream: (i, n) before module i loads, then (n, n); clients key on 0 (start) and n (done)
     assert seen[-1] == (len(model.modules), len(model.modules))
-    assert [d for d, _ in seen] == list(range(1, len(model.modules) + 1))
+    assert [d for d, _ in seen] == list(range(0, len(model.modules) + 1))
     model.unload()
     assert not model.loaded
 

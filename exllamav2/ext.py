@@ -1,0 +1,157 @@
+"""Finds the compiled CUDA extension: the prebuilt `exllamav2_ext` module, else (on a CUDA machine) a
+just-in-time build with ninja, else none, in which case every op runs its PyTorch twin.
+
+Importing this module does no work and never raises. The first call of `load_extension()` (or the first
+access of upstream's `exllamav2.ext.exllamav2_ext` / `ext_c`) decides once per process and logs one line
+saying which path is in use; a JIT build logs its progress and is cached by torch across processes.
+A failed import or build is recorded as a reason (`unavailable_reason()`), never raised.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+import torch
+
+from .exllamav2_ext import build
+
+log = logging.getLogger(__name__)
+
+# Upstream's stand-in for "no tensor" in extension calls.
+none_tensor = torch.empty((1, 1), device="meta")
+
+PROGRESS_INTERVAL_S = 30.0
+
+_lock = threading.Lock()
+_resolved = False
+_module: ModuleType | None = None
+_reason: str | None = None
+
+
+class _Unavailable(Exception):
+    """The extension cannot be used here; the message says why and what would fix it."""
+
+
+def load_extension() -> ModuleType | None:
+    """The extension module, or None (then `unavailable_reason()` says why). Decided once per process."""
+    global _resolved, _module, _reason
+    with _lock:
+        if not _resolved:
+            try:
+                _module, how = _resolve()
+                log.info("exllamav2_ext: %s", how)
+            except _Unavailable as exc:
+                _reason = str(exc)
+                log.info("exllamav2_ext not in use, running the PyTorch kernels: %s", _reason)
+            except Exception as exc:  # a broken build or import must never break exllamav2
+                _reason = f"{type(exc).__name__}: {exc}"
+                log.warning("exllamav2_ext failed to load, running the PyTorch kernels: %s", _reason)
+            _resolved = True
+    return _module
+
+
+def unavailable_reason() -> str | None:
+    """Why `load_extension()` returned None (None while undecided or when the extension is loaded)."""
+    return _reason
+
+
+def kernels_for(device: torch.device | str) -> ModuleType | None:
+    """The extension when `device` is a CUDA device and the extension loads, else None."""
+    return load_extension() if torch.device(device).type == "cuda" else None
+
+
+def __getattr__(name: str):
+    # upstream code does `from exllamav2.ext import exllamav2_ext as ext_c`
+    if name in ("exllamav2_ext", "ext_c"):
+        return load_extension()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _resolve() -> tuple[ModuleType, str]:
+    prebuilt_problem = ""
+    try:
+        module = importlib.import_module(build.EXT_NAME)
+        return module, f"prebuilt module loaded from {module.__file__}"
+    except ModuleNotFoundError as exc:
+        if exc.name != build.EXT_NAME:
+            prebuilt_problem = f"the prebuilt module needs {exc.name}, which is missing; "
+    except ImportError as exc:
+        hint = " (built against another torch: reinstall exllamav2 for this torch)" if "undefined symbol" in str(exc) else ""
+        prebuilt_problem = f"the prebuilt module does not import: {exc}{hint}; "
+
+    if build.nocompile(os.environ):
+        raise _Unavailable(f"{prebuilt_problem}{build.NOCOMPILE_VAR} is set, so no just-in-time build")
+    if not torch.cuda.is_available():
+        raise _Unavailable(f"{prebuilt_problem}no CUDA device (torch {torch.__version__})")
+    if torch.version.hip:
+        raise _Unavailable(f"{prebuilt_problem}ROCm is not supported by these kernels")
+    return _jit_build(), f"{prebuilt_problem}built just in time"
+
+
+def _jit_build() -> ModuleType:
+    cuda_home = build.find_cuda_home(os.environ)
+    if cuda_home is None:
+        raise _Unavailable(
+            f"nvcc not found: install the CUDA {torch.version.cuda} toolkit and set CUDA_HOME, or install a "
+            f"prebuilt exllamav2 wheel"
+        )
+    os.environ.setdefault("CUDA_HOME", cuda_home)   # read by torch.utils.cpp_extension at import
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise _Unavailable("ninja is not installed (pip install ninja)")
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or build.arch_list_for(
+        [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())],
+        torch.cuda.get_arch_list(),
+    )
+    with _env("TORCH_CUDA_ARCH_LIST", arch), _progress(f"building exllamav2_ext for {arch} with {cuda_home}"):
+        return cpp_extension.load(
+            name=build.EXT_NAME,
+            sources=build.sources(),
+            extra_include_paths=[str(build.SOURCE_DIR)],
+            extra_cflags=build.CXX_FLAGS,
+            extra_cuda_cflags=build.NVCC_FLAGS,
+            verbose=log.isEnabledFor(logging.DEBUG),
+        )
+
+
+@contextmanager
+def _env(name: str, value: str) -> Iterator[None]:
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextmanager
+def _progress(what: str) -> Iterator[None]:
+    """Log the start, a heartbeat every PROGRESS_INTERVAL_S while it runs, and the time it took. Start and
+    heartbeat are warnings so that a minutes-long first model load is explained even without logging set up."""
+    log.warning("%s (first use; cached afterwards, typically 1-3 minutes)", what)
+    start = time.monotonic()
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(PROGRESS_INTERVAL_S):
+            log.warning("still building exllamav2_ext: %.0f s", time.monotonic() - start)
+
+    thread = threading.Thread(target=beat, name="exllamav2-ext-build", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        log.info("exllamav2_ext build finished after %.0f s", time.monotonic() - start)

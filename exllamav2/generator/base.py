@@ -1,0 +1,135 @@
+"""ExLlamaV2BaseGenerator: prompt in, completion out, on a contiguous cache (batched by left padding)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from typing import TYPE_CHECKING
+
+import torch
+
+from .dynamic_embeddings import remap_embeddings
+from .filters.base import ExLlamaV2Filter  # re-exported: filter libraries import it from here
+from .sampler import ExLlamaV2Sampler
+from .stop import decode_ids
+
+if TYPE_CHECKING:
+    from ..cache import ExLlamaV2CacheBase
+    from ..model import ExLlamaV2
+    from ..tokenizer import ExLlamaV2Tokenizer
+
+__all__ = ["ExLlamaV2BaseGenerator", "ExLlamaV2Filter"]
+
+
+def check_room(cache: "ExLlamaV2CacheBase", prompt_len: int, new_tokens: int) -> None:
+    """A clear error before any work when a generation cannot fit the cache."""
+    if prompt_len + new_tokens > cache.max_seq_len:
+        raise ValueError(
+            f"prompt of {prompt_len} tokens plus {new_tokens} new tokens exceeds the cache's max_seq_len "
+            f"of {cache.max_seq_len}; shorten the prompt, ask for fewer tokens or create the cache with a "
+            f"larger max_seq_len"
+        )
+
+
+class ExLlamaV2BaseGenerator:
+    def __init__(self, model: "ExLlamaV2", cache: "ExLlamaV2CacheBase", tokenizer: "ExLlamaV2Tokenizer") -> None:
+        self.model = model
+        self.cache = cache
+        self.tokenizer = tokenizer
+        self.sequence_ids: torch.Tensor | None = None
+        self.abort_event: threading.Event | None = None
+
+    def warmup(self) -> None:
+        """One short forward pass, so kernels are loaded before the first real request."""
+        self.cache.current_seq_len = 0
+        self.model.forward(torch.tensor([[self.tokenizer.bos_token_id or 0] * 2]), self.cache, preprocess_only=True)
+        self.cache.current_seq_len = 0
+
+    def full(self) -> bool:
+        return self.sequence_ids is not None and self.sequence_ids.shape[-1] >= self.cache.max_seq_len
+
+    def generate_simple(
+        self,
+        prompt: str | list[str],
+        gen_settings: ExLlamaV2Sampler.Settings,
+        num_tokens: int,
+        seed: int | None = None,
+        token_healing: bool = False,
+        encode_special_tokens: bool = False,
+        decode_special_tokens: bool = False,
+        loras: list | None = None,
+        stop_token: int | None = -1,
+        add_bos: bool = False,
+        abort_event: threading.Event | None = None,
+        input_embeddings: list | None = None,
+        completion_only: bool = False,
+        filters: list[ExLlamaV2Filter] | None = None,
+        filter_prefer_eos: bool = False,
+    ) -> str | list[str] | None:
+        """Generate up to `num_tokens` tokens after `prompt` (a list makes a left-padded batch).
+        Stops a row at `stop_token` (-1: the tokenizer's EOS; None: never). Returns the decoded
+        prompt plus completion (or the completion alone), or None if `abort_event` was set."""
+        batched = isinstance(prompt, list)
+        if batched and filters:
+            raise ValueError("filters constrain one sequence; generate batched prompts without filters")
+        if stop_token == -1:
+            stop_token = self.tokenizer.eos_token_id
+        rng = random.Random(seed)
+        self.abort_event = abort_event
+
+        ids, offsets = self.tokenizer.encode(
+            prompt, encode_special_tokens=encode_special_tokens, return_offsets=True, add_bos=add_bos,
+            embeddings=input_embeddings,
+        )
+        bsz = ids.shape[0]
+        if bsz > self.cache.batch_size:
+            raise ValueError(f"{bsz} prompts but the cache holds {self.cache.batch_size} sequences; "
+                             f"create the cache with batch_size={bsz}")
+        heal = None
+        if token_healing and ids.shape[-1] > 1:
+            heal, ids = ids[:, -1:], ids[:, :-1]
+        check_room(self.cache, ids.shape[-1], num_tokens)
+        mask = self.tokenizer.padding_mask(ids) if bsz > 1 else None
+        positions = offsets if bsz > 1 else None
+        ids, embeds = remap_embeddings(ids, input_embeddings)
+
+        self.cache.current_seq_len = 0
+        if ids.shape[-1] > 1:
+            self.model.forward(ids[:, :-1], self.cache, input_mask=mask, preprocess_only=True, loras=loras,
+                               position_offsets=positions, abort_event=abort_event, indexed_embeddings=embeds)
+            if abort_event is not None and abort_event.is_set():
+                return None
+        for f in filters or []:
+            f.background_drop()
+            f.begin("")
+
+        prompt_len = ids.shape[-1]
+        stopped_at = [None] * bsz
+        self.sequence_ids = ids
+        for step in range(num_tokens):
+            if abort_event is not None and abort_event.is_set():
+                return None
+            logits = self.model.forward(self.sequence_ids[:, -1:], self.cache, input_mask=mask, loras=loras,
+                                        position_offsets=positions, indexed_embeddings=embeds)
+            token, _, _, _, end_filter = ExLlamaV2Sampler.sample(
+                logits[:, -1:].float().cpu(), gen_settings, self.sequence_ids, [rng.random() for _ in range(bsz)],
+                self.tokenizer, prefix_token=heal if step == 0 else None, filters=filters,
+                filter_prefer_eos=filter_prefer_eos,
+            )
+            for f in filters or []:
+                f.feed(int(token[0, 0]))
+            self.sequence_ids = torch.cat((self.sequence_ids, token), dim=1)
+            if mask is not None:
+                mask = torch.cat((mask, mask.new_zeros(bsz, 1)), dim=1)
+            for row in range(bsz):
+                if stopped_at[row] is None and (int(token[row, 0]) == stop_token or end_filter):
+                    stopped_at[row] = prompt_len + step + (0 if int(token[row, 0]) == stop_token else 1)
+            if all(s is not None for s in stopped_at):
+                break
+
+        texts = []
+        for row in range(bsz):
+            end = stopped_at[row] if stopped_at[row] is not None else self.sequence_ids.shape[-1]
+            start = prompt_len if completion_only else int(-offsets[row]) if bsz > 1 else 0
+            texts.append(decode_ids(self.tokenizer, self.sequence_ids[row, start:end].tolist(), decode_special_tokens))
+        return texts if batched else texts[0]

@@ -1,0 +1,680 @@
+"""ExLlamaV2DynamicGenerator: many jobs batched over one cache, with prefix reuse between jobs.
+
+The cache (batch size 1) is a pool of pages. Each `iterate()` admits queued jobs that fit, spends
+up to `max_chunk_size` tokens on prompt prefill, then runs one decode step for every job that is
+ready: one forward pass over all their sequences, each with its own block table and length. The
+model's attention backend does the paged attention (flash-attn's block-table kernel, or gathering
+pages for every other backend), so batching works wherever the model runs. With `paged=False`
+the whole cache is one page and one job runs at a time with plain contiguous attention.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..attn.params import PagedParams
+from ..cache import PAGE_SIZE
+from ..embedding import EMBEDDING_INDEX
+from .dynamic_embeddings import ExLlamaV2MMEmbedding, remap_embeddings
+from .filters.base import ExLlamaV2Filter
+from .hooks import run_post_sampling_hooks
+from .pages import Page, PageTable, chain_hash
+from .sampler import ExLlamaV2Sampler
+from .stop import StreamStep, TextStream, split_stop_conditions
+
+if TYPE_CHECKING:
+    from ..cache import ExLlamaV2CacheBase
+    from ..model import ExLlamaV2
+    from ..tokenizer import ExLlamaV2Tokenizer
+
+log = logging.getLogger(__name__)
+
+PAGED_PAGE_SIZE = PAGE_SIZE
+
+
+class _Sequence:
+    """One token sequence of a job (a CFG job has two) and the cache pages it holds."""
+
+    def __init__(self, ids: list[int]) -> None:
+        self.ids = ids                      # prompt (less a healed token) + generated tokens
+        self.prompt_len = len(ids)
+        self.kv_position = 0                # tokens whose keys/values are in the cache
+        self.pages: list[Page] = []
+        self.total_pages = 0                # pages reserved for prompt + max_new_tokens
+        self.hashes: list[bytes] = []       # chain hashes of the full pages written so far
+        self.prompt_hashes: list[bytes] = []  # chain hashes of the prompt's full pages (reuse candidates)
+
+    def block_table(self) -> list[int]:
+        return [p.index for p in self.pages]
+
+
+class ExLlamaV2DynamicJob:
+    def __init__(
+        self,
+        input_ids: torch.Tensor | list[torch.Tensor],
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+        max_skips: int | None = 4,
+        gen_settings: ExLlamaV2Sampler.Settings | None = None,
+        seed: int | None = None,
+        stop_conditions: list[int | str] | tuple | set | None = None,
+        decode_special_tokens: bool = False,
+        return_top_tokens: int = 0,
+        return_logits: bool = False,
+        return_probs: bool = False,
+        filters: list[ExLlamaV2Filter] | None = None,
+        filter_prefer_eos: bool = False,
+        token_healing: bool = False,
+        identifier: Any = None,
+        banned_strings: list[str] | None = None,
+        embeddings: list[ExLlamaV2MMEmbedding] | None = None,
+    ) -> None:
+        """input_ids: (1, n) on the CPU, or a list of two for CFG (sampled together with the
+        settings' cfg_scale). Stop conditions are token ids or strings; like upstream, EOS only
+        stops a job when it is listed. Until `min_new_tokens` are out, stop tokens are blocked."""
+        rows = input_ids if isinstance(input_ids, list) else [input_ids]
+        for ids in rows:
+            if ids.dim() != 2 or ids.shape[0] != 1:
+                raise ValueError(f"input_ids must be (1, n) tensors, got shape {tuple(ids.shape)}")
+            if ids.shape[-1] == 0:
+                raise ValueError("input_ids is empty; give at least one token (e.g. BOS)")
+        self.settings = (gen_settings or ExLlamaV2Sampler.Settings()).clone()
+        if len(rows) != (2 if self.settings.cfg_scale is not None else 1):
+            raise ValueError("give one input_ids tensor, or a list of two with gen_settings.cfg_scale set for CFG")
+        if banned_strings and filters:
+            raise ValueError("banned strings rewind the sequence, which filters cannot follow; use one or the other")
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+
+        self.input_ids = [ids.cpu().long() for ids in rows]
+        self.heal = None
+        if token_healing and all(ids.shape[-1] > 1 for ids in rows):
+            self.heal = torch.cat([ids[:, -1:] for ids in self.input_ids], dim=0)
+            rows = [ids[:, :-1] for ids in self.input_ids]
+        else:
+            rows = self.input_ids
+        self.embeddings = list(embeddings or [])
+        self.embedding_table = None
+        remapped = []
+        for ids in rows:
+            ids, table = remap_embeddings(ids, self.embeddings)
+            remapped.append(ids[0].tolist())
+            self.embedding_table = table if table is not None else self.embedding_table
+        self.sequences = [_Sequence(ids) for ids in remapped]
+
+        self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
+        self.max_skips = max_skips
+        self.rng = random.Random(seed)
+        self.stop_tokens, self.stop_strings = split_stop_conditions(stop_conditions)
+        self.banned_strings = list(banned_strings or [])
+        self.decode_special_tokens = decode_special_tokens
+        self.return_top_tokens = return_top_tokens
+        self.return_logits = return_logits
+        self.return_probs = return_probs
+        self.filters = list(filters or [])
+        self.filter_prefer_eos = filter_prefer_eos
+        self.identifier = identifier
+
+        self.generator: ExLlamaV2DynamicGenerator | None = None
+        self.serial_number: int | None = None
+        self.skips = 0
+        self.new_tokens = -1 if self.heal is not None else 0
+        self.full_completion = ""
+        self.text: TextStream | None = None
+        self.held: list[dict] = []
+        self.bans: dict[int, set[int]] = {}
+        self.cached_pages = 0
+        self.cached_tokens = 0
+        self.time_enqueue: float | None = None
+        self.time_first_prefill: float | None = None
+        self.time_first_token: float | None = None
+        self.time_last_token: float | None = None
+        self.finished = False
+
+    def __repr__(self) -> str:
+        return f"ExLlamaV2DynamicJob #{self.serial_number}" if self.serial_number is not None else "ExLlamaV2DynamicJob (new)"
+
+    def cancel(self) -> None:
+        if self.generator is not None:
+            self.generator.cancel(self)
+
+    # queueing --------------------------------------------------------------------------------
+
+    def _prepare(self, generator: "ExLlamaV2DynamicGenerator", serial: int) -> None:
+        ps = generator.page_size
+        extra = 1 if self.heal is not None else 0
+        for seq in self.sequences:
+            total = seq.prompt_len + self.max_new_tokens + extra
+            if total > generator.max_seq_len:
+                raise ValueError(
+                    f"job needs {total} tokens (prompt {seq.prompt_len + extra} + max_new_tokens "
+                    f"{self.max_new_tokens}) but the generator's max_seq_len is {generator.max_seq_len}; "
+                    f"shorten the prompt or lower max_new_tokens"
+                )
+            if seq.prompt_len and seq.ids[-1] >= EMBEDDING_INDEX:
+                raise ValueError("the prompt ends inside an embedding; put at least one text token after it")
+            seq.total_pages = -(-total // ps)
+            seq.prompt_hashes = []
+            h = None
+            for i in range((seq.prompt_len - 1) // ps):
+                h = chain_hash(h, seq.ids[i * ps : (i + 1) * ps])
+                seq.prompt_hashes.append(h)
+        pages = sum(s.total_pages for s in self.sequences)
+        if pages > generator.table.num_pages:
+            raise ValueError(
+                f"job needs {pages} cache pages of {ps} tokens but the cache has {generator.table.num_pages} "
+                f"({generator.cache.max_seq_len} tokens); create the cache with a larger max_seq_len or "
+                f"lower max_new_tokens"
+            )
+        if len(self.sequences) > generator.max_batch_size:
+            raise ValueError(f"a CFG job needs batch size 2 but the generator's max_batch_size is {generator.max_batch_size}")
+        self.generator = generator
+        self.serial_number = serial
+        self.time_enqueue = time.time()
+
+    def _pages_needed(self, table: PageTable) -> int:
+        """Free pages this job would take now (cached prefix pages others hold cost nothing)."""
+        needed = 0
+        for seq in self.sequences:
+            shared = 0
+            for h in seq.prompt_hashes:
+                page = table.lookup(h)
+                if page is None:
+                    break
+                shared += page.ref_count > 0
+            needed += seq.total_pages - shared
+        return needed
+
+    # activation ------------------------------------------------------------------------------
+
+    def _activate(self, results: list[dict]) -> None:
+        gen = self.generator
+        table, ps = gen.table, gen.page_size
+        self.time_first_prefill = time.time()
+        for seq in self.sequences:
+            for h in seq.prompt_hashes:
+                page = table.lookup(h)
+                if page is None:
+                    break
+                seq.pages.append(table.acquire(page))
+                seq.hashes.append(h)
+            kv = len(seq.pages) * ps
+            self.cached_pages += len(seq.pages)
+            prev = seq.hashes[-1] if seq.hashes else None
+            src, n = table.best_partial(prev, seq.ids[kv : seq.prompt_len - 1])
+            if src is not None and src.ref_count == 0:
+                table.acquire(src)                       # nobody holds it: continue in place
+                table.unregister(src)
+                src.tokens = src.tokens[:n]
+                seq.pages.append(src)
+            elif src is not None:
+                dst = table.allocate()
+                gen.cache.copy_states(gen.cache, src.index * ps, n, dst.index * ps, n, 0, 1, 0, 1)
+                dst.tokens = src.tokens[:n]
+                dst.prev_hash = src.prev_hash
+                seq.pages.append(dst)
+            while len(seq.pages) < seq.total_pages:
+                seq.pages.append(table.allocate())
+            seq.kv_position = kv + n
+            self.cached_tokens += kv + n
+
+        context = self.sequences[0].ids[: self.sequences[0].prompt_len]
+        healed = None if self.heal is None else int(self.heal[0, 0])
+        self.text = TextStream(gen.tokenizer, self.stop_strings, self.banned_strings, self.decode_special_tokens,
+                               context=context[-8:], healed_token=healed)
+        for f in self.filters:
+            f.background_drop()
+            f.begin("")
+        results.append(self._result("started"))
+
+    # prefill ---------------------------------------------------------------------------------
+
+    def is_prefill_done(self) -> bool:
+        return all(seq.kv_position >= len(seq.ids) - 1 for seq in self.sequences)
+
+    def _prefill(self, budget: int, results: list[dict]) -> int:
+        gen = self.generator
+        used = 0
+        for seq in self.sequences:
+            target = len(seq.ids) - 1
+            while seq.kv_position < target and used < budget:
+                n = min(target - seq.kv_position, budget - used)
+                chunk = seq.ids[seq.kv_position : seq.kv_position + n]
+                gen._forward([seq], torch.tensor([chunk], dtype=torch.long), preprocess_only=True,
+                             indexed_embeddings=self.embedding_table)
+                gen._written(seq, chunk, final=True)
+                used += n
+        if used:
+            results.append(self._result(
+                "prefill",
+                curr_progress=sum(s.kv_position for s in self.sequences),
+                max_progress=sum(len(s.ids) - 1 for s in self.sequences),
+            ))
+        return used
+
+    # sampling --------------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor) -> tuple[int, dict, bool]:
+        """Sample the next token from this job's rows of logits (n, 1, vocab)."""
+        if self.time_first_token is None:
+            self.time_first_token = time.time()
+        healing = self.new_tokens == -1
+        seq = self.sequences[0]
+        blocked = set(self.bans.get(len(seq.ids), ()))
+        if 0 <= self.new_tokens < self.min_new_tokens:
+            blocked |= self.stop_tokens
+        token, k_tokens, k_probs, prob, end_filter = ExLlamaV2Sampler.sample(
+            logits, self.settings, torch.tensor([seq.ids], dtype=torch.long), self.rng.random(),
+            self.generator.tokenizer, prefix_token=self.heal if healing else None,
+            return_top_tokens=self.return_top_tokens, blocked_tokens=sorted(blocked),
+            filters=None if healing else self.filters, filter_prefer_eos=self.filter_prefer_eos,
+        )
+        r = run_post_sampling_hooks(self.settings.post_sampling_hooks, token, prob, k_tokens, k_probs, logits[:1])
+        t = int(r.sampled_token[0, 0])
+        if r.feed_filters and not healing:
+            for f in self.filters:
+                f.feed(t)
+        extras = {"token_probs": r.sampled_prob, "top_k_tokens": r.candidate_tokens,
+                  "top_k_probs": r.candidate_probs, "logits": logits[:1]}
+        return t, extras, end_filter
+
+    def _receive(self, logits: torch.Tensor, results: list[dict]) -> bool:
+        """Take this decode step's logits; True when the job has ended."""
+        t, extras, end_filter = self._sample(logits)
+        self.new_tokens += 1
+
+        if t in self.stop_tokens:
+            return self._end(results, self.text.flush(), "stop_token",
+                             eos_triggering_token_id=t,
+                             eos_triggering_token_str=self.generator.tokenizer.get_id_to_piece_list(True)[t])
+        for seq in self.sequences:
+            seq.ids.append(t)
+        self.held.append(extras)
+        step = self.text.push(t)
+        if step.rewind:
+            self._rewind(step)
+            results.append(self._result("streaming", suppressed_text=step.suppressed_text))
+            return False
+        if step.stop_string is not None:
+            return self._end(results, step, "stop_string", eos_triggering_string=step.stop_string)
+        if self.new_tokens >= self.max_new_tokens:
+            return self._end(results, self._merge(step, self.text.flush()), "max_new_tokens")
+        if end_filter:
+            return self._end(results, self._merge(step, self.text.flush()), "end_filter")
+        results.append(self._result("streaming", step))
+        return False
+
+    def _rewind(self, step: StreamStep) -> None:
+        """Drop the newest tokens that formed a banned string and ban the first at its position."""
+        ps = self.generator.page_size
+        self.new_tokens -= step.rewind
+        del self.held[len(self.held) - step.rewind:]
+        for seq in self.sequences:
+            del seq.ids[len(seq.ids) - step.rewind:]
+            seq.kv_position = len(seq.ids) - 1
+            for i in range(seq.kv_position // ps, len(seq.pages)):
+                page = seq.pages[i]
+                del page.tokens[max(0, seq.kv_position - i * ps):]
+            del seq.hashes[seq.kv_position // ps:]
+        position = len(self.sequences[0].ids)
+        self.bans = {p: b for p, b in self.bans.items() if p <= position}
+        self.bans.setdefault(position, set()).add(step.ban_token)
+
+    @staticmethod
+    def _merge(a: StreamStep, b: StreamStep) -> StreamStep:
+        return StreamStep(text=a.text + b.text, released=a.released + b.released)
+
+    # results ---------------------------------------------------------------------------------
+
+    def _result(self, stage: str, step: StreamStep | None = None, **extra: Any) -> dict:
+        r: dict[str, Any] = {"job": self, "stage": stage, "eos": False, "serial": self.serial_number}
+        if self.identifier is not None:
+            r["identifier"] = self.identifier
+        if stage == "streaming":
+            step = step or StreamStep()
+            count = len(step.released)
+            held, self.held = self.held[:count], self.held[count:]
+            self.full_completion += step.text
+            r["text"] = step.text
+            r["token_ids"] = torch.tensor([step.released], dtype=torch.long).view(1, -1)
+            if self.return_probs:
+                r["token_probs"] = torch.cat([h["token_probs"] for h in held], dim=-1) if held else torch.zeros((1, 0))
+            if self.return_top_tokens:
+                k = self.return_top_tokens
+                r["top_k_tokens"] = torch.cat([h["top_k_tokens"] for h in held], dim=1) if held else torch.zeros((1, 0, k), dtype=torch.long)
+                r["top_k_probs"] = torch.cat([h["top_k_probs"] for h in held], dim=1) if held else torch.zeros((1, 0, k))
+            if self.return_logits:
+                r["logits"] = torch.cat([h["logits"] for h in held], dim=1) if held else torch.zeros((1, 0, 0))
+        r.update(extra)
+        return r
+
+    def _end(self, results: list[dict], step: StreamStep, reason: str, **extra: Any) -> bool:
+        self.finished = True
+        self.time_last_token = time.time()
+        r = self._result("streaming", step, eos_reason=reason, **extra)
+        r["eos"] = True
+        n = len(self.sequences)
+        r.update(
+            full_completion=self.full_completion,
+            new_tokens=self.new_tokens,
+            prompt_tokens=self.input_ids[0].shape[-1],
+            cached_pages=self.cached_pages // n,
+            cached_tokens=self.cached_tokens // n,
+            time_enqueued=self.time_first_prefill - self.time_enqueue,
+            time_prefill=self.time_first_token - self.time_first_prefill,
+            time_generate=self.time_last_token - self.time_first_token,
+        )
+        results.append(r)
+        return True
+
+    def _release_pages(self) -> None:
+        table = self.generator.table
+        for seq in self.sequences:
+            for page in seq.pages:
+                if page.ref_count == 1:
+                    table.register(page)        # final now; later prompts may reuse it
+                table.release(page)
+            seq.pages = []
+        for f in self.filters:
+            f.background_drop()
+
+
+class ExLlamaV2DynamicGenerator:
+    def __init__(
+        self,
+        model: "ExLlamaV2",
+        cache: "ExLlamaV2CacheBase",
+        tokenizer: "ExLlamaV2Tokenizer",
+        max_batch_size: int | None = None,
+        max_seq_len: int | None = None,
+        max_chunk_size: int | None = None,
+        max_q_size: int = 8,
+        draft_model: "ExLlamaV2 | None" = None,
+        draft_cache: "ExLlamaV2CacheBase | None" = None,
+        num_draft_tokens: int = 4,
+        use_ngram_draft: bool = False,
+        max_ngram: int = 4,
+        max_sampling_threads: int = 16,
+        min_sampling_threads: int = 3,
+        paged: bool = True,
+        filter_background_eval: bool = True,
+    ) -> None:
+        cfg = model.config
+        self.model = model
+        self.cache = cache
+        self.tokenizer = tokenizer
+        if cache.batch_size != 1:
+            raise ValueError(f"the dynamic generator needs a cache with batch_size=1 (it pages it), got {cache.batch_size}")
+        self.paged = paged
+        if paged:
+            if cache.max_seq_len % PAGE_SIZE:
+                raise ValueError(f"paged generation needs cache.max_seq_len to be a multiple of {PAGE_SIZE}, "
+                                 f"got {cache.max_seq_len}; round it up or use paged=False")
+            self.page_size = PAGE_SIZE
+        else:
+            self.page_size = cache.max_seq_len
+        self.max_seq_len = max_seq_len if max_seq_len is not None else cfg.max_seq_len
+        if self.max_seq_len > cfg.max_seq_len:
+            raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+        self.max_chunk_size = max_chunk_size if max_chunk_size is not None else cfg.max_input_len
+        if self.max_chunk_size > cfg.max_input_len:
+            raise ValueError(f"max_chunk_size {self.max_chunk_size} exceeds the model's max_input_len {cfg.max_input_len}")
+        if not paged:
+            self.max_batch_size = 1
+        elif max_batch_size:
+            if max_batch_size * max_q_size > cfg.max_batch_size * cfg.max_input_len:
+                raise ValueError(
+                    f"max_batch_size * max_q_size = {max_batch_size} * {max_q_size} exceeds the model's "
+                    f"max_batch_size * max_input_len = {cfg.max_batch_size} * {cfg.max_input_len}"
+                )
+            self.max_batch_size = max_batch_size
+        else:
+            self.max_batch_size = max(1, cfg.max_input_len // max_q_size)
+        if draft_model is not None or use_ngram_draft:
+            log.warning("speculative decoding is not implemented in the dynamic generator; generating without "
+                        "the draft (use ExLlamaV2StreamingGenerator for draft-model or n-gram decoding)")
+        self.draft_model = draft_model
+        self.draft_cache = draft_cache
+        self.num_draft_tokens = 0
+        self.use_ngram_draft = False
+
+        self.table = PageTable(max(cache.max_seq_len // self.page_size, 1), self.page_size)
+        self.current_loras: list | None = None
+        self.job_serial = 0
+        self.pending_jobs: list[ExLlamaV2DynamicJob] = []
+        self.active_jobs: list[ExLlamaV2DynamicJob] = []
+        self.filter_pool = ThreadPoolExecutor(max_workers=4) if filter_background_eval else None
+        log.info("dynamic generator: %s", self._describe_path())
+
+    def _describe_path(self) -> str:
+        plans = [self.model.attn_plan.device_plan(d) for d in self.model.get_cache_devices()]
+        where = ", ".join(f"{p.device.label} {p.backend}" + (f" ({p.paged_impl})" if self.paged else "") for p in plans)
+        if not self.paged:
+            return f"unpaged, one job at a time, contiguous attention via {where}"
+        missing = [p.device.label for p in plans if not p.paged]
+        if missing:
+            raise ValueError(f"paged attention is not available on {', '.join(missing)}; create the generator "
+                             f"with paged=False")
+        return (f"paged batching via {where}, {self.table.num_pages} pages of {self.page_size} tokens, "
+                f"up to {self.max_batch_size} sequences")
+
+    # queue -------------------------------------------------------------------------------------
+
+    def num_remaining_jobs(self) -> int:
+        return len(self.pending_jobs) + len(self.active_jobs)
+
+    def enqueue(self, job: ExLlamaV2DynamicJob | list[ExLlamaV2DynamicJob]) -> int | list[int]:
+        if isinstance(job, list):
+            return [self.enqueue(j) for j in job]
+        job._prepare(self, self.job_serial)
+        self.job_serial += 1
+        self.pending_jobs.append(job)
+        return job.serial_number
+
+    def cancel(self, job: ExLlamaV2DynamicJob) -> None:
+        if job in self.pending_jobs:
+            self.pending_jobs.remove(job)
+        elif job in self.active_jobs:
+            job._release_pages()
+            self.active_jobs.remove(job)
+
+    def clear_queue(self) -> None:
+        for job in list(self.active_jobs):
+            job._release_pages()
+        self.active_jobs.clear()
+        self.pending_jobs.clear()
+
+    def reset_page_table(self) -> None:
+        if self.active_jobs:
+            raise RuntimeError("cannot reset the page table while jobs are running; cancel them or clear_queue() first")
+        self.table.reset()
+
+    def set_loras(self, loras: list | Any | None) -> None:
+        if self.num_remaining_jobs():
+            raise RuntimeError("LoRAs cannot change while jobs are queued or running")
+        self.current_loras = [] if loras is None else loras if isinstance(loras, list) else [loras]
+
+    def warmup(self) -> None:
+        ids = torch.tensor([[self.tokenizer.bos_token_id or 0] * 2], dtype=torch.long)
+        self.enqueue(ExLlamaV2DynamicJob(ids, max_new_tokens=4, gen_settings=ExLlamaV2Sampler.Settings.greedy()))
+        while self.num_remaining_jobs():
+            self.iterate()
+        self.reset_page_table()
+
+    # iteration ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def iterate(self) -> list[dict]:
+        """Advance every job by one step. Returns the result dicts of this step (stages
+        'started', 'prefill' and 'streaming'; the last result of a job has eos=True)."""
+        results: list[dict] = []
+        self._admit(results)
+        budget = self.max_chunk_size
+        for job in self.active_jobs:
+            if budget <= 0:
+                break
+            if not job.is_prefill_done():
+                budget -= job._prefill(budget, results)
+        ready = [j for j in self.active_jobs if j.is_prefill_done()]
+        if ready:
+            self._decode(ready, results)
+        return results
+
+    def _admit(self, results: list[dict]) -> None:
+        """Start queued jobs in order while they fit. A job that does not fit may be overtaken by
+        later ones, but only `max_skips` times; after that the queue waits for it."""
+        rows = sum(len(j.sequences) for j in self.active_jobs)
+        waiting: list[ExLlamaV2DynamicJob] = []
+        for job in list(self.pending_jobs):
+            fits = rows + len(job.sequences) <= self.max_batch_size and job._pages_needed(self.table) <= self.table.free_count()
+            if not fits:
+                waiting.append(job)
+                continue
+            if any(w.max_skips is not None and w.skips >= w.max_skips for w in waiting):
+                return
+            for w in waiting:
+                w.skips += 1
+            self.pending_jobs.remove(job)
+            self.active_jobs.append(job)
+            job._activate(results)
+            rows += len(job.sequences)
+
+    def _decode(self, ready: list[ExLlamaV2DynamicJob], results: list[dict]) -> None:
+        seqs = [s for j in ready for s in j.sequences]
+        ids = torch.tensor([[s.ids[s.kv_position]] for s in seqs], dtype=torch.long)
+        if self.filter_pool is not None:
+            for job in ready:
+                self._schedule_filters(job)
+        logits = self._forward(seqs, ids).float().cpu()
+        for s in seqs:
+            self._written(s, [s.ids[s.kv_position]], final=False)
+        row = 0
+        for job in ready:
+            n = len(job.sequences)
+            if job._receive(logits[row : row + n], results):
+                job._release_pages()
+                self.active_jobs.remove(job)
+            row += n
+
+    def _schedule_filters(self, job: ExLlamaV2DynamicJob) -> None:
+        """Let CPU-heavy filters compute their next step while the model runs."""
+        if job.new_tokens < 0 or not job.filters:
+            return
+        masking = all(f.can_mask_logits() for f in job.filters)
+        for f in job.filters:
+            if f.use_background_worker() and f.background_result is None:
+                if masking:
+                    f.background_prepare_logit_mask(self.filter_pool)
+                else:
+                    f.background_next(self.filter_pool)
+
+    def _forward(self, seqs: list[_Sequence], ids: torch.Tensor, preprocess_only: bool = False,
+                 indexed_embeddings: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One forward pass of `ids` (len(seqs), q) appended to each sequence's cached tokens."""
+        if not self.paged:
+            self.cache.current_seq_len = seqs[0].kv_position
+            return self.model.forward(ids, self.cache, preprocess_only=preprocess_only, loras=self.current_loras,
+                                      indexed_embeddings=indexed_embeddings)
+        width = max(len(s.pages) for s in seqs)
+        block_table = torch.tensor([s.block_table() + [0] * (width - len(s.pages)) for s in seqs], dtype=torch.int32)
+        seqlens = torch.tensor([s.kv_position for s in seqs], dtype=torch.int32)
+        params = PagedParams(len(seqs), block_table, seqlens, max_cache_seqlen=int(seqlens.max()),
+                             page_size=self.page_size, q_len=ids.shape[-1])
+        return self.model.forward(ids, self.cache, preprocess_only=preprocess_only, loras=self.current_loras,
+                                  attn_params=params, indexed_embeddings=indexed_embeddings)
+
+    def _written(self, seq: _Sequence, tokens: list[int], final: bool) -> None:
+        """Record that the keys/values of `tokens` now sit after the sequence's cached tokens.
+        Pages filled with final (prompt) tokens are offered for reuse at once."""
+        ps = self.page_size
+        for t in tokens:
+            i, offset = divmod(seq.kv_position, ps)
+            page = seq.pages[i]
+            if offset == 0:
+                page.prev_hash = seq.hashes[i - 1] if i else None
+            page.tokens.append(t)
+            seq.kv_position += 1
+            if len(page.tokens) == ps:
+                seq.hashes.append(chain_hash(page.prev_hash, page.tokens))
+                if final:
+                    self.table.register(page)
+
+    # one-call generation -----------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | tuple | list,
+        max_new_tokens: int,
+        min_new_tokens: int = 0,
+        seed: int | None = None,
+        gen_settings: ExLlamaV2Sampler.Settings | list[ExLlamaV2Sampler.Settings] | None = None,
+        token_healing: bool = False,
+        encode_special_tokens: bool = False,
+        decode_special_tokens: bool = False,
+        stop_conditions: list[int | str] | None = None,
+        add_bos: bool = False,
+        abort_event: threading.Event | None = None,
+        completion_only: bool = False,
+        filters: list | None = None,
+        filter_prefer_eos: bool = False,
+        return_last_results: bool = False,
+        embeddings: list | None = None,
+        banned_strings: list[str] | None = None,
+    ) -> Any:
+        """Generate completions for a prompt (str, or a (positive, negative) tuple for CFG) or a
+        list of them, run as concurrent jobs. Returns str or list[str] (with the prompt unless
+        `completion_only`), plus the last result dict(s) with `return_last_results`."""
+        batched = isinstance(prompt, list)
+        prompts = prompt if batched else [prompt]
+        filters = filters if batched else [filters]
+        embeddings = embeddings if batched else [embeddings]
+        filters = filters or [None] * len(prompts)
+        embeddings = embeddings or [None] * len(prompts)
+        if len(filters) != len(prompts) or len(embeddings) != len(prompts):
+            raise ValueError("with a list of prompts, give one filter list and one embedding list (or None) per prompt")
+        if isinstance(gen_settings, list) and len(gen_settings) != len(prompts):
+            raise ValueError(f"{len(gen_settings)} gen_settings for {len(prompts)} prompts")
+
+        order: dict[int, int] = {}
+        for idx, p in enumerate(prompts):
+            texts = list(p) if isinstance(p, tuple) else [p]
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError(f"a prompt is a string or a tuple of two strings (CFG), got {type(p).__name__}")
+            ids = [self.tokenizer.encode(t, encode_special_tokens=encode_special_tokens, add_bos=add_bos,
+                                         embeddings=embeddings[idx]) for t in texts]
+            settings = gen_settings[idx] if isinstance(gen_settings, list) else gen_settings
+            job = ExLlamaV2DynamicJob(
+                ids if isinstance(p, tuple) else ids[0], max_new_tokens, min_new_tokens, seed=seed,
+                gen_settings=settings, stop_conditions=stop_conditions, decode_special_tokens=decode_special_tokens,
+                filters=filters[idx], filter_prefer_eos=filter_prefer_eos, token_healing=token_healing,
+                banned_strings=banned_strings, embeddings=embeddings[idx],
+            )
+            if seed is not None:
+                seed += 1
+            order[self.enqueue(job)] = idx
+
+        completions = [""] * len(prompts)
+        last: list[dict | None] = [None] * len(prompts)
+        while self.num_remaining_jobs():
+            for r in self.iterate():
+                idx = order[r["serial"]]
+                if r["stage"] == "streaming":
+                    completions[idx] += r.get("text", "")
+                if r["eos"]:
+                    last[idx] = r
+            if abort_event is not None and abort_event.is_set():
+                self.clear_queue()
+                return None
+        if not completion_only:
+            completions = [(p[0] if isinstance(p, tuple) else p) + c for p, c in zip(prompts, completions)]
+        if not batched:
+            completions, last = completions[0], last[0]
+        return (completions, last) if return_last_results else completions
