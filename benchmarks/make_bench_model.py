@@ -281,7 +281,7 @@ def read_marker(model_dir: Path) -> dict | None:
 
 def make_model(out_dir: Path, spec: ModelSpec, device: torch.device | str = "cpu") -> dict:
     """Write the model into out_dir (which must not hold weights yet); returns the marker's content."""
-    from exllamav2.conversion.compile import _write_shards
+    from exllamav2.conversion.compile import write_shards
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -291,7 +291,7 @@ def make_model(out_dir: Path, spec: ModelSpec, device: torch.device | str = "cpu
     start = time.perf_counter()
     layouts, bpw = choose_layouts(spec)
     with torch.inference_mode():
-        files = _write_shards(model_tensors(spec, layouts, device), out_dir, SHARD_BYTES)
+        files = write_shards(model_tensors(spec, layouts, device), out_dir, SHARD_BYTES)
     (out_dir / "config.json").write_text(json.dumps(config_json(spec), indent=2), encoding="utf-8")
     write_tokenizer(out_dir, spec)
     marker = {

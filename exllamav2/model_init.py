@@ -206,8 +206,6 @@ def post_init_load(
     split = parse_gpu_split(args.gpu_split)
     start = time.perf_counter()
     if args.tensor_parallel:
-        if not hasattr(model, "load_tp"):
-            raise NotImplementedError("tensor-parallel loading (-tp) is not available in this build; drop -tp")
         model.load_tp(None if split == "auto" else split, progress=progress)
     elif split == "auto":
         if not allow_auto_split:

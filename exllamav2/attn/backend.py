@@ -123,3 +123,11 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     if groups == 1:
         return x
     return x.repeat_interleave(groups, dim=2)
+
+
+def refuse_softcap(backend: str) -> ValueError:
+    """The error for a softcap reaching a backend that cannot apply it (the selector rejects such plans)."""
+    return ValueError(
+        f"{backend} cannot apply logit softcapping; plan attention with the model's softcap "
+        f"(resolve_attention) so that a backend that can is chosen"
+    )

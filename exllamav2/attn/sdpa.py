@@ -18,7 +18,7 @@ from contextlib import ExitStack
 import torch
 import torch.nn.functional as F
 
-from .backend import AttentionBackend, repeat_kv
+from .backend import AttentionBackend, refuse_softcap, repeat_kv
 from .devices import DeviceInfo
 from .installed import at_least
 from .metadata import AttnMetadata
@@ -66,10 +66,7 @@ class SdpaBackend(AttentionBackend):
 
     def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0):
         if softcap:
-            raise ValueError(
-                "sdpa cannot apply logit softcapping; plan attention with the model's softcap "
-                "(resolve_attention) so that a backend that can is chosen"
-            )
+            raise refuse_softcap("sdpa")
         groups = q.shape[2] // k.shape[2]
         qt = q.transpose(1, 2)                                      # (B, Hq, q, D)
         kt = repeat_kv(k, groups).transpose(1, 2)                   # (B, Hq, k, D)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import AttentionBackend, repeat_kv
+from .backend import AttentionBackend, refuse_softcap, repeat_kv
 from .installed import at_least
 from .metadata import AttnMetadata
 
@@ -65,10 +65,7 @@ class XformersBackend(AttentionBackend):
 
     def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0):
         if softcap:
-            raise ValueError(
-                "xformers cannot apply logit softcapping; plan attention with the model's softcap "
-                "(resolve_attention) so that a backend that can is chosen"
-            )
+            raise refuse_softcap("xformers")
         groups = q.shape[2] // k.shape[2]
         k = repeat_kv(k, groups)                                    # (B, k, Hq, D)
         v = repeat_kv(v, groups)

@@ -49,7 +49,7 @@ def _output_tensors(model, tensor_dir: Path) -> Iterator[tuple[str, torch.Tensor
             yield name, t.half() if t.is_floating_point() else t
 
 
-def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, shard_bytes: int) -> list[Path]:
+def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, shard_bytes: int) -> list[Path]:
     """Write shards of at most shard_bytes (one tensor may exceed it), named as upstream names them:
     output.safetensors, or output-0000i-of-0000n.safetensors."""
     paths: list[Path] = []
@@ -76,7 +76,7 @@ def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, sh
 def compile_model(job: dict, model, tensor_dir: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     shard_bytes = int(job["shard_size"] * 1024**2)
-    paths = _write_shards(tqdm(_output_tensors(model, tensor_dir), desc="Writing", unit="tensor", leave=False),
+    paths = write_shards(tqdm(_output_tensors(model, tensor_dir), desc="Writing", unit="tensor", leave=False),
                           out_dir, shard_bytes)
     in_dir = Path(job["in_dir"])
     config = json.loads((in_dir / "config.json").read_text(encoding="utf-8"))
