@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     if args.mode is None and not args.modes:
-        if Path(args.model_dir).resolve() == DEMO_MODEL_DIR.resolve():
+        if Path(args.model_dir).resolve().parent == DEMO_MODEL_DIR.parent.resolve():   # fp16/ or exl2/
             args.mode = "raw"
         else:
             parser.error("-mode is required for a model other than the demo model; -modes lists the formats")
