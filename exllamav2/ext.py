@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # Upstream's stand-in for "no tensor" in extension calls.
 none_tensor = torch.empty((1, 1), device="meta")
 
+ANNOUNCE_AFTER_S = 5.0
 PROGRESS_INTERVAL_S = 30.0
 
 _lock = threading.Lock()
@@ -137,13 +138,18 @@ def _env(name: str, value: str) -> Iterator[None]:
 
 @contextmanager
 def _progress(what: str) -> Iterator[None]:
-    """Log the start, a heartbeat every PROGRESS_INTERVAL_S while it runs, and the time it took. Start and
-    heartbeat are warnings so that a minutes-long first model load is explained even without logging set up."""
-    log.warning("%s (first use; cached afterwards, typically 1-3 minutes)", what)
+    """Explain a slow build: after ANNOUNCE_AFTER_S (a cached build loads faster) say what is happening, then
+    log a heartbeat every PROGRESS_INTERVAL_S and the total time. Warnings, so that a minutes-long first model
+    load is explained even where logging is not configured."""
     start = time.monotonic()
     done = threading.Event()
+    announced = threading.Event()
 
     def beat() -> None:
+        if done.wait(ANNOUNCE_AFTER_S):
+            return
+        announced.set()
+        log.warning("%s (first use; cached afterwards, typically 1-3 minutes)", what)
         while not done.wait(PROGRESS_INTERVAL_S):
             log.warning("still building exllamav2_ext: %.0f s", time.monotonic() - start)
 
@@ -154,4 +160,5 @@ def _progress(what: str) -> Iterator[None]:
     finally:
         done.set()
         thread.join()
-        log.info("exllamav2_ext build finished after %.0f s", time.monotonic() - start)
+        if announced.is_set():
+            log.warning("exllamav2_ext build finished after %.0f s", time.monotonic() - start)

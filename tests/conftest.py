@@ -6,6 +6,8 @@ same weights. Weights are rounded to fp16 before saving, so both sides see ident
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -14,6 +16,10 @@ from tests.tiny_models import ARCH_SPECS, build_tiny_model
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU; skipped without one")
+    # The test tensors are tiny: extra threads only add synchronisation, which on a loaded machine
+    # made small ops ~200x slower. Subprocesses (chat.py tests) inherit the variable.
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -24,6 +24,13 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_new, const a
                 " must be a multiple of key/value heads ", kv_heads);
     TORCH_CHECK(head_dim % 8 == 0 && head_dim <= PAGED_ATTN_MAX_HEAD_DIM, "head_dim ", head_dim,
                 " must be a multiple of 8 and at most ", PAGED_ATTN_MAX_HEAD_DIM, " for the paged kernel");
+    ext::check_aligned(k_pages, 16, "k_pages");
+    ext::check_aligned(v_pages, 16, "v_pages");
+    // new keys/values are copied 16 bytes at a time; realign a view that starts at an odd offset
+    const auto aligned = [](const at::Tensor& t) {
+        return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 ? t : t.clone();
+    };
+    const at::Tensor k_in = aligned(k_new), v_in = aligned(v_new);
     const at::Tensor table = block_table.to(q.device(), at::kInt).contiguous();
     const at::Tensor seqlens = cache_seqlens.to(q.device(), at::kInt).contiguous();
     TORCH_CHECK(table.dim() == 2 && table.size(0) == batch && seqlens.numel() == batch,
@@ -51,7 +58,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_new, const a
     a.softcap = (float) softcap;
     a.window = (int) window;
 
-    ext::check_launch(paged_write_cuda(ext::ptr<const half>(k_new), ext::ptr<const half>(v_new), ext::ptr<half>(k_pages),
+    ext::check_launch(paged_write_cuda(ext::ptr<const half>(k_in), ext::ptr<const half>(v_in), ext::ptr<half>(k_pages),
                                        ext::ptr<half>(v_pages), a.block_table, a.cache_seqlens, a.batch, a.q_len,
                                        a.kv_heads, a.head_dim, a.page_size, a.pages_per_seq, stream),
                       "paged_write");

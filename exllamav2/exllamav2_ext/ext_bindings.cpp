@@ -18,15 +18,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m)
 
     m.def("rope_", &rope_, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("positions"), py::arg("neox"));
 
-    const auto window = [](py::module_& mod, const char* name, auto fn, auto... leading) {
+    // cache conversions share the token-window arguments (see ext_cache.h)
+    const auto def_window_op = [](py::module_& mod, const char* name, auto fn, auto... leading) {
         mod.def(name, fn, leading..., py::arg("batch"), py::arg("offset"), py::arg("width"),
                 py::arg("seqlens") = py::none(), py::arg("block_table") = py::none(), py::arg("page_size") = 0,
                 py::arg("start_at_seqlen") = false, py::arg("end_at_seqlen") = false);
     };
-    window(m, "fp16_to_fp8", &fp16_to_fp8, py::arg("src"), py::arg("dst"));
-    window(m, "fp8_to_fp16", &fp8_to_fp16, py::arg("src"), py::arg("dst"));
-    window(m, "fp16_to_q", &fp16_to_q, py::arg("src"), py::arg("q"), py::arg("scales"), py::arg("bits"));
-    window(m, "q_to_fp16", &q_to_fp16, py::arg("q"), py::arg("scales"), py::arg("dst"), py::arg("bits"));
+    def_window_op(m, "fp16_to_fp8", &fp16_to_fp8, py::arg("src"), py::arg("dst"));
+    def_window_op(m, "fp8_to_fp16", &fp8_to_fp16, py::arg("src"), py::arg("dst"));
+    def_window_op(m, "fp16_to_q", &fp16_to_q, py::arg("src"), py::arg("q"), py::arg("scales"), py::arg("bits"));
+    def_window_op(m, "q_to_fp16", &q_to_fp16, py::arg("q"), py::arg("scales"), py::arg("dst"), py::arg("bits"));
 
     m.attr("QFORMAT_EXL2") = QFORMAT_EXL2;
     m.attr("QFORMAT_GPTQ") = QFORMAT_GPTQ;

@@ -60,6 +60,7 @@ void check_q_storage(const at::Tensor& fp16, const at::Tensor& q, const at::Tens
 void check_fp16(const at::Tensor& t)
 {
     ext::check_tensor(t, at::kHalf, t, "fp16 tensor");
+    ext::check_aligned(t, 4, "fp16 tensor");
     TORCH_CHECK(token_features(t) % 2 == 0, "kv_heads * head_dim must be even, got ", token_features(t));
 }
 

@@ -33,6 +33,13 @@ inline void check_tensor(const at::Tensor& t, at::ScalarType dtype, const at::Te
     TORCH_CHECK(t.is_contiguous(), name, " must be contiguous; call .contiguous() first");
 }
 
+// Kernels load 4- or 16-byte vectors; a view that starts mid-allocation may break that.
+inline void check_aligned(const at::Tensor& t, int bytes, const char* name)
+{
+    TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0, name, " must start on a ", bytes,
+                "-byte boundary (it is a view at an odd offset); pass a fresh tensor");
+}
+
 inline void check_launch(cudaError_t err, const char* op)
 {
     TORCH_CHECK(err == cudaSuccess, op, " failed: ", cudaGetErrorString(err));

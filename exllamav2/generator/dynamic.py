@@ -6,10 +6,17 @@ ready: one forward pass over all their sequences, each with its own block table 
 model's attention backend does the paged attention (flash-attn's block-table kernel, or gathering
 pages for every other backend), so batching works wherever the model runs. With `paged=False`
 the whole cache is one page and one job runs at a time with plain contiguous attention.
+
+Speculative decoding (a draft model with its own cache over the same pages, or n-grams of each
+job's context) proposes `num_draft_tokens` tokens per job before the decode step, which then feeds
+each sequence's last token and its job's proposals in one pass. Every fed position is sampled in
+turn with the job's settings, and proposals are kept only while they equal what was sampled, so the
+output is token for token what plain decoding gives (with the same seed).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -22,10 +29,11 @@ import torch
 from ..attn.params import PagedParams
 from ..cache import PAGE_SIZE
 from ..embedding import EMBEDDING_INDEX
+from .drafting import ngram_draft
 from .dynamic_embeddings import ExLlamaV2MMEmbedding, remap_embeddings
 from .filters.base import ExLlamaV2Filter
 from .hooks import run_post_sampling_hooks
-from .pages import Page, PageTable, chain_hash
+from .pages import Page, PageTable, chain_hash, common_prefix
 from .sampler import ExLlamaV2Sampler
 from .stop import StreamStep, TextStream, split_stop_conditions
 
@@ -46,6 +54,8 @@ class _Sequence:
         self.ids = ids                      # prompt (less a healed token) + generated tokens
         self.prompt_len = len(ids)
         self.kv_position = 0                # tokens whose keys/values are in the cache
+        self.draft_kv = 0                   # tokens whose keys/values are in the draft cache (<= kv_position)
+        self.draft_pending: list[int] = []  # tokens written to the draft cache after those, not yet verified
         self.pages: list[Page] = []
         self.total_pages = 0                # pages reserved for prompt + max_new_tokens
         self.hashes: list[bytes] = []       # chain hashes of the full pages written so far
@@ -53,6 +63,12 @@ class _Sequence:
 
     def block_table(self) -> list[int]:
         return [p.index for p in self.pages]
+
+    def confirm_draft(self) -> None:
+        """Keep the draft cache's pending keys/values as far as their tokens became the sequence's."""
+        kept = common_prefix(self.ids[self.draft_kv :], self.draft_pending)
+        self.draft_kv = min(self.draft_kv + kept, self.kv_position)
+        self.draft_pending = []
 
 
 class ExLlamaV2DynamicJob:
@@ -133,6 +149,8 @@ class ExLlamaV2DynamicJob:
         self.bans: dict[int, set[int]] = {}
         self.cached_pages = 0
         self.cached_tokens = 0
+        self.accepted_draft_tokens = 0
+        self.rejected_draft_tokens = 0
         self.time_enqueue: float | None = None
         self.time_first_prefill: float | None = None
         self.time_first_token: float | None = None
@@ -151,6 +169,10 @@ class ExLlamaV2DynamicJob:
     def _prepare(self, generator: "ExLlamaV2DynamicGenerator", serial: int) -> None:
         ps = generator.page_size
         extra = 1 if self.heal is not None else 0
+        room = generator.num_draft_tokens       # a verification pass writes this far past the last token
+        if self.embedding_table is not None and generator.draft_model is not None:
+            raise ValueError("a job with embeddings cannot run with a draft model (it cannot take them); use a "
+                             "generator without draft_model, or use_ngram_draft")
         for seq in self.sequences:
             total = seq.prompt_len + self.max_new_tokens + extra
             if total > generator.max_seq_len:
@@ -161,7 +183,7 @@ class ExLlamaV2DynamicJob:
                 )
             if seq.prompt_len and seq.ids[-1] >= EMBEDDING_INDEX:
                 raise ValueError("the prompt ends inside an embedding; put at least one text token after it")
-            seq.total_pages = -(-total // ps)
+            seq.total_pages = -(-(total + room) // ps)
             seq.prompt_hashes = []
             h = None
             for i in range((seq.prompt_len - 1) // ps):
@@ -169,10 +191,11 @@ class ExLlamaV2DynamicJob:
                 seq.prompt_hashes.append(h)
         pages = sum(s.total_pages for s in self.sequences)
         if pages > generator.table.num_pages:
+            drafts = f" (with room for {room} draft tokens)" if room else ""
             raise ValueError(
-                f"job needs {pages} cache pages of {ps} tokens but the cache has {generator.table.num_pages} "
-                f"({generator.cache.max_seq_len} tokens); create the cache with a larger max_seq_len or "
-                f"lower max_new_tokens"
+                f"job needs {pages} cache pages of {ps} tokens{drafts} but the cache has "
+                f"{generator.table.num_pages} ({generator.cache.max_seq_len} tokens); create the cache with a "
+                f"larger max_seq_len or lower max_new_tokens"
             )
         if len(self.sequences) > generator.max_batch_size:
             raise ValueError(f"a CFG job needs batch size 2 but the generator's max_batch_size is {generator.max_batch_size}")
@@ -217,13 +240,14 @@ class ExLlamaV2DynamicJob:
                 seq.pages.append(src)
             elif src is not None:
                 dst = table.allocate()
-                gen.cache.copy_states(gen.cache, src.index * ps, n, dst.index * ps, n, 0, 1, 0, 1)
+                for cache in gen.caches():
+                    cache.copy_states(cache, src.index * ps, n, dst.index * ps, n, 0, 1, 0, 1)
                 dst.tokens = src.tokens[:n]
                 dst.prev_hash = src.prev_hash
                 seq.pages.append(dst)
             while len(seq.pages) < seq.total_pages:
                 seq.pages.append(table.allocate())
-            seq.kv_position = kv + n
+            seq.kv_position = seq.draft_kv = kv + n   # a page's recorded tokens are in both caches
             self.cached_tokens += kv + n
 
         context = self.sequences[0].ids[: self.sequences[0].prompt_len]
@@ -247,10 +271,7 @@ class ExLlamaV2DynamicJob:
             target = len(seq.ids) - 1
             while seq.kv_position < target and used < budget:
                 n = min(target - seq.kv_position, budget - used)
-                chunk = seq.ids[seq.kv_position : seq.kv_position + n]
-                gen._forward([seq], torch.tensor([chunk], dtype=torch.long), preprocess_only=True,
-                             indexed_embeddings=self.embedding_table)
-                gen._written(seq, chunk, final=True)
+                gen._ingest(seq, seq.ids[seq.kv_position : seq.kv_position + n], self.embedding_table)
                 used += n
         if used:
             results.append(self._result(
@@ -310,6 +331,25 @@ class ExLlamaV2DynamicJob:
         if end_filter:
             return self._end(results, self._merge(step, self.text.flush()), "end_filter")
         results.append(self._result("streaming", step))
+        return False
+
+    def _verify(self, drafts: list[int], fed: list[list[int]], logits: torch.Tensor, results: list[dict]) -> bool:
+        """Sample the fed positions in turn from logits (n, q, vocab): the last token's, then one more
+        per draft token while the drafts equal what was sampled. True when the job has ended."""
+        gen = self.generator
+        first = self.sequences[0]
+        for i in range(len(drafts) + 1):
+            for seq, row in zip(self.sequences, fed):
+                gen._written(seq, [row[i]], final=False)
+            length = len(first.ids)
+            if self._receive(logits[:, i : i + 1], results):
+                return True
+            if i == len(drafts):
+                break
+            if len(first.ids) != length + 1 or first.ids[-1] != drafts[i]:   # rejected, or rewound
+                self.rejected_draft_tokens += len(drafts) - i
+                break
+            self.accepted_draft_tokens += 1
         return False
 
     def _rewind(self, step: StreamStep) -> None:
@@ -372,14 +412,20 @@ class ExLlamaV2DynamicJob:
             time_prefill=self.time_first_token - self.time_first_prefill,
             time_generate=self.time_last_token - self.time_first_token,
         )
+        if self.generator.num_draft_tokens:
+            r.update(accepted_draft_tokens=self.accepted_draft_tokens, rejected_draft_tokens=self.rejected_draft_tokens)
         results.append(r)
         return True
 
     def _release_pages(self) -> None:
-        table = self.generator.table
+        gen = self.generator
+        table, ps = gen.table, gen.page_size
         for seq in self.sequences:
-            for page in seq.pages:
+            # pages keep only tokens whose keys/values every cache holds, so a reuser needs no check
+            valid = seq.kv_position if gen.draft_model is None else seq.draft_kv
+            for i, page in enumerate(seq.pages):
                 if page.ref_count == 1:
+                    del page.tokens[max(0, valid - i * ps):]
                     table.register(page)        # final now; later prompts may reuse it
                 table.release(page)
             seq.pages = []
@@ -438,13 +484,14 @@ class ExLlamaV2DynamicGenerator:
             self.max_batch_size = max_batch_size
         else:
             self.max_batch_size = max(1, cfg.max_input_len // max_q_size)
-        if draft_model is not None or use_ngram_draft:
-            log.warning("speculative decoding is not implemented in the dynamic generator; generating without "
-                        "the draft (use ExLlamaV2StreamingGenerator for draft-model or n-gram decoding)")
         self.draft_model = draft_model
         self.draft_cache = draft_cache
-        self.num_draft_tokens = 0
-        self.use_ngram_draft = False
+        self.use_ngram_draft = use_ngram_draft
+        self.max_ngram = max_ngram
+        speculative = draft_model is not None or use_ngram_draft
+        self.num_draft_tokens = num_draft_tokens if speculative else 0
+        if speculative:
+            self._check_speculative(max_q_size)
 
         self.table = PageTable(max(cache.max_seq_len // self.page_size, 1), self.page_size)
         self.current_loras: list | None = None
@@ -454,17 +501,57 @@ class ExLlamaV2DynamicGenerator:
         self.filter_pool = ThreadPoolExecutor(max_workers=4) if filter_background_eval else None
         log.info("dynamic generator: %s", self._describe_path())
 
+    def _check_speculative(self, max_q_size: int) -> None:
+        if self.draft_model is not None and self.use_ngram_draft:
+            raise ValueError("give either a draft model or use_ngram_draft=True, not both")
+        if (self.draft_model is None) != (self.draft_cache is None):
+            raise ValueError("speculative decoding with a draft model needs both draft_model and draft_cache")
+        if not 1 <= self.num_draft_tokens <= max_q_size:
+            raise ValueError(f"num_draft_tokens must be between 1 and max_q_size ({max_q_size}), "
+                             f"got {self.num_draft_tokens}")
+        if self.use_ngram_draft and self.max_ngram < 1:
+            raise ValueError(f"max_ngram must be at least 1, got {self.max_ngram}")
+        if self.draft_model is None:
+            return
+        dc = self.draft_cache
+        if dc.batch_size != 1 or dc.max_seq_len != self.cache.max_seq_len:
+            raise ValueError(
+                f"the draft cache shares the main cache's pages, so it needs batch_size=1 and max_seq_len="
+                f"{self.cache.max_seq_len}; got batch_size={dc.batch_size}, max_seq_len={dc.max_seq_len}"
+            )
+        draft_vocab, vocab = self.draft_model.config.vocab_size, self.tokenizer.get_vocab_size()
+        if draft_vocab < vocab:
+            raise ValueError(
+                f"the draft model's vocabulary has {draft_vocab} tokens but the tokenizer's has {vocab}; the "
+                f"draft model must use the same tokenizer as the main model"
+            )
+        if draft_vocab != self.model.config.vocab_size:
+            log.warning("the draft model's vocab_size (%d) differs from the model's (%d); drafts are only useful "
+                        "if both use the same tokenizer", draft_vocab, self.model.config.vocab_size)
+
+    def caches(self) -> list["ExLlamaV2CacheBase"]:
+        """The caches that share the page table: the model's, and the draft model's if there is one."""
+        return [self.cache] if self.draft_cache is None else [self.cache, self.draft_cache]
+
     def _describe_path(self) -> str:
-        plans = [self.model.attn_plan.device_plan(d) for d in self.model.get_cache_devices()]
-        where = ", ".join(f"{p.device.label} {p.backend}" + (f" ({p.paged_impl})" if self.paged else "") for p in plans)
+        where = self._attention_path(self.model)
+        if self.draft_model is not None:
+            where += f"; draft model via {self._attention_path(self.draft_model)}"
+        if self.num_draft_tokens:
+            source = "a draft model" if self.draft_model is not None else f"n-grams of up to {self.max_ngram} tokens"
+            where += f"; speculative decoding of {self.num_draft_tokens} tokens from {source}"
         if not self.paged:
             return f"unpaged, one job at a time, contiguous attention via {where}"
-        missing = [p.device.label for p in plans if not p.paged]
-        if missing:
-            raise ValueError(f"paged attention is not available on {', '.join(missing)}; create the generator "
-                             f"with paged=False")
         return (f"paged batching via {where}, {self.table.num_pages} pages of {self.page_size} tokens, "
                 f"up to {self.max_batch_size} sequences")
+
+    def _attention_path(self, model: "ExLlamaV2") -> str:
+        plans = [model.attn_plan.device_plan(d) for d in model.get_cache_devices()]
+        missing = [p.device.label for p in plans if not p.paged]
+        if self.paged and missing:
+            raise ValueError(f"paged attention is not available on {', '.join(missing)}; create the generator "
+                             f"with paged=False")
+        return ", ".join(f"{p.device.label} {p.backend}" + (f" ({p.paged_impl})" if self.paged else "") for p in plans)
 
     # queue -------------------------------------------------------------------------------------
 
@@ -548,21 +635,77 @@ class ExLlamaV2DynamicGenerator:
             rows += len(job.sequences)
 
     def _decode(self, ready: list[ExLlamaV2DynamicJob], results: list[dict]) -> None:
-        seqs = [s for j in ready for s in j.sequences]
-        ids = torch.tensor([[s.ids[s.kv_position]] for s in seqs], dtype=torch.long)
+        """One step for every job past prefill: one forward pass over each sequence's last token and
+        its job's draft tokens, then sampling each job's positions in turn."""
+        drafts = self._propose(ready)
+        width = 1 + max(len(d) for d in drafts)
+        seqs, fed = [], []
+        for job, d in zip(ready, drafts):
+            for s in job.sequences:
+                row = [s.ids[s.kv_position]] + d
+                fed.append(row + row[-1:] * (width - len(row)))   # padding to one width is never sampled
+                seqs.append(s)
         if self.filter_pool is not None:
             for job in ready:
                 self._schedule_filters(job)
-        logits = self._forward(seqs, ids).float().cpu()
-        for s in seqs:
-            self._written(s, [s.ids[s.kv_position]], final=False)
-        row = 0
-        for job in ready:
+        logits = self._forward(seqs, torch.tensor(fed, dtype=torch.long), [s.kv_position for s in seqs]).float().cpu()
+        ended, row = [], 0
+        for job, d in zip(ready, drafts):
             n = len(job.sequences)
-            if job._receive(logits[row : row + n], results):
-                job._release_pages()
-                self.active_jobs.remove(job)
+            if job._verify(d, fed[row : row + n], logits[row : row + n], results):
+                ended.append(job)
             row += n
+        if self.draft_model is not None:
+            self._settle_draft(ready, ended)
+        for job in ended:
+            job._release_pages()
+            self.active_jobs.remove(job)
+
+    # speculative decoding ----------------------------------------------------------------------
+
+    def _propose(self, ready: list[ExLlamaV2DynamicJob]) -> list[list[int]]:
+        """Draft tokens per job ([] each without speculative decoding)."""
+        if self.draft_model is not None:
+            return self._draft_with_model(ready)
+        if self.use_ngram_draft:
+            return [list(itertools.takewhile(lambda t: t < EMBEDDING_INDEX,   # never an embedding's ids
+                                             ngram_draft(j.sequences[0].ids, self.num_draft_tokens, self.max_ngram)))
+                    for j in ready]
+        return [[] for _ in ready]
+
+    def _draft_with_model(self, ready: list[ExLlamaV2DynamicJob]) -> list[list[int]]:
+        """The draft model's greedy continuation of every sequence, one batched pass per token; a job
+        takes its first sequence's. The draft cache is left holding the last token and all draft
+        tokens but the final one, pending until the main model has judged them."""
+        seqs = [s for j in ready for s in j.sequences]
+        vocab = self.tokenizer.get_vocab_size()       # propose only tokens the sampler can pick
+        tokens = torch.tensor([[s.ids[s.kv_position]] for s in seqs], dtype=torch.long)
+        drafted: list[list[int]] = [[] for _ in seqs]
+        for j in range(self.num_draft_tokens):
+            for s, t in zip(seqs, tokens[:, 0].tolist()):
+                s.draft_pending.append(t)
+            logits = self._forward(seqs, tokens, [s.draft_kv + j for s in seqs], draft=True)
+            tokens = logits[:, -1:, :vocab].argmax(-1).cpu()
+            for d, t in zip(drafted, tokens[:, 0].tolist()):
+                d.append(t)
+        firsts = itertools.accumulate((len(j.sequences) for j in ready[:-1]), initial=0)   # row of each job
+        return [drafted[i] for i in firsts]
+
+    def _settle_draft(self, ready: list[ExLlamaV2DynamicJob], ended: list[ExLlamaV2DynamicJob]) -> None:
+        """Keep the draft cache's keys/values of accepted draft tokens, then write those of the
+        tokens the draft cache still lacks (the last draft token, when all were accepted) for every
+        running sequence, so both caches again hold the same tokens."""
+        lagging: dict[int, list[_Sequence]] = {}
+        for job in ready:
+            for s in job.sequences:
+                s.confirm_draft()
+                if job not in ended and s.draft_kv < s.kv_position:
+                    lagging.setdefault(s.kv_position - s.draft_kv, []).append(s)
+        for group in lagging.values():          # one pass per number of missing tokens
+            ids = torch.tensor([s.ids[s.draft_kv : s.kv_position] for s in group], dtype=torch.long)
+            self._forward(group, ids, [s.draft_kv for s in group], draft=True, preprocess_only=True)
+            for s in group:
+                s.draft_kv = s.kv_position
 
     def _schedule_filters(self, job: ExLlamaV2DynamicJob) -> None:
         """Let CPU-heavy filters compute their next step while the model runs."""
@@ -576,20 +719,34 @@ class ExLlamaV2DynamicGenerator:
                 else:
                     f.background_next(self.filter_pool)
 
-    def _forward(self, seqs: list[_Sequence], ids: torch.Tensor, preprocess_only: bool = False,
-                 indexed_embeddings: torch.Tensor | None = None) -> torch.Tensor | None:
-        """One forward pass of `ids` (len(seqs), q) appended to each sequence's cached tokens."""
+    def _ingest(self, seq: _Sequence, tokens: list[int], indexed_embeddings: torch.Tensor | None) -> None:
+        """Prefill `tokens` after the sequence's cached tokens, in the draft cache too."""
+        ids = torch.tensor([tokens], dtype=torch.long)
+        self._forward([seq], ids, [seq.kv_position], preprocess_only=True, indexed_embeddings=indexed_embeddings)
+        if self.draft_model is not None:
+            self._forward([seq], ids, [seq.draft_kv], draft=True, preprocess_only=True)
+            seq.draft_kv += len(tokens)
+        self._written(seq, tokens, final=True)
+
+    def _forward(self, seqs: list[_Sequence], ids: torch.Tensor, past: list[int], *, draft: bool = False,
+                 preprocess_only: bool = False, indexed_embeddings: torch.Tensor | None = None) -> torch.Tensor | None:
+        """One forward pass of `ids` (len(seqs), q) written after the first past[i] tokens of each
+        sequence, through the model and its cache or the draft model and the draft cache."""
+        if draft:
+            model, cache, loras = self.draft_model, self.draft_cache, None
+        else:
+            model, cache, loras = self.model, self.cache, self.current_loras
         if not self.paged:
-            self.cache.current_seq_len = seqs[0].kv_position
-            return self.model.forward(ids, self.cache, preprocess_only=preprocess_only, loras=self.current_loras,
-                                      indexed_embeddings=indexed_embeddings)
+            cache.current_seq_len = past[0]
+            return model.forward(ids, cache, preprocess_only=preprocess_only, loras=loras,
+                                 indexed_embeddings=indexed_embeddings)
         width = max(len(s.pages) for s in seqs)
         block_table = torch.tensor([s.block_table() + [0] * (width - len(s.pages)) for s in seqs], dtype=torch.int32)
-        seqlens = torch.tensor([s.kv_position for s in seqs], dtype=torch.int32)
+        seqlens = torch.tensor(past, dtype=torch.int32)
         params = PagedParams(len(seqs), block_table, seqlens, max_cache_seqlen=int(seqlens.max()),
                              page_size=self.page_size, q_len=ids.shape[-1])
-        return self.model.forward(ids, self.cache, preprocess_only=preprocess_only, loras=self.current_loras,
-                                  attn_params=params, indexed_embeddings=indexed_embeddings)
+        return model.forward(ids, cache, preprocess_only=preprocess_only, loras=loras, attn_params=params,
+                             indexed_embeddings=indexed_embeddings)
 
     def _written(self, seq: _Sequence, tokens: list[int], final: bool) -> None:
         """Record that the keys/values of `tokens` now sit after the sequence's cached tokens.

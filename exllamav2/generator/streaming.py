@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .base import ExLlamaV2BaseGenerator, check_room
+from .drafting import ngram_draft
 from .dynamic_embeddings import remap_embeddings
 from .filters.base import ExLlamaV2Filter
 from .hooks import ExLlamaV2PostSamplingResult, run_post_sampling_hooks
@@ -315,7 +316,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
             return []
         if self.draft_model is not None:
             return self._draft_model_tokens(k)
-        return self._ngram_tokens(k)
+        return ngram_draft(self.sequence_ids[0].tolist(), k, NGRAM_MAX)
 
     def _draft_model_tokens(self, k: int) -> list[int]:
         seq = self.sequence_ids
@@ -331,13 +332,3 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
             drafted.append(int(token[0, 0]))
             feed = token
         return drafted
-
-    def _ngram_tokens(self, k: int) -> list[int]:
-        """Continue the most recent earlier occurrence of the context's longest repeated suffix."""
-        seq = self.sequence_ids[0].tolist()
-        for n in range(min(NGRAM_MAX, len(seq) - 1), 0, -1):
-            suffix = seq[-n:]
-            for start in range(len(seq) - n - 1, -1, -1):
-                if seq[start : start + n] == suffix:
-                    return seq[start + n : start + n + k]
-        return []
