@@ -68,6 +68,11 @@ def kernels_for(device: torch.device | str) -> ModuleType | None:
     return load_extension() if torch.device(device).type == "cuda" else None
 
 
+def kernels_for_tensor(t: torch.Tensor) -> ModuleType | None:
+    """The extension when `t` is a float16 CUDA tensor (the only activations the kernels take), else None."""
+    return kernels_for(t.device) if t.dtype == torch.float16 else None
+
+
 def __getattr__(name: str):
     # upstream code does `from exllamav2.ext import exllamav2_ext as ext_c`
     if name in ("exllamav2_ext", "ext_c"):

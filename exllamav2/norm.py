@@ -1,10 +1,15 @@
-"""RMSNorm and LayerNorm modules; the functions here are also the twins of the CUDA norm kernels."""
+"""RMSNorm and LayerNorm modules; the functions here are also the twins of the CUDA norm kernels.
+
+The modules run exllamav2_ext's kernels on float16 CUDA activations when the extension is loaded, the twins
+everywhere else.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import ext
 from .module import ExLlamaV2Module
 
 
@@ -33,6 +38,9 @@ class ExLlamaV2RMSNorm(ExLlamaV2Module):
         self.weight = None
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        kernels = ext.kernels_for_tensor(x)
+        if kernels is not None:
+            return kernels.rms_norm(x, self.weight, self.model.config.norm_eps)
         return rms_norm(x, self.weight, self.model.config.norm_eps)
 
     def weight_footprint(self) -> int:
@@ -52,6 +60,9 @@ class ExLlamaV2LayerNorm(ExLlamaV2Module):
         self.weight = self.bias = None
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+        kernels = ext.kernels_for_tensor(x)
+        if kernels is not None:
+            return kernels.layer_norm(x, self.weight, self.bias, self.model.config.norm_eps)
         return layer_norm(x, self.weight, self.bias, self.model.config.norm_eps)
 
     def weight_footprint(self) -> int:

@@ -9,21 +9,44 @@ Paged attention (the dynamic generator's batching) stores keys and values in pag
 (B, pages_per_seq) int32 lists each sequence's pages in order, ``cache_seqlens`` (B,) int32 is the
 number of tokens each sequence already holds. `attend_paged` appends the new keys/values and
 attends over the whole sequence. The default here gathers pages into a dense tensor, which lets
-every backend batch; flash-attn overrides it with its native block-table kernel.
+every backend batch; flash-attn overrides it with its native block-table kernel. On a CUDA device
+where exllamav2_ext is loaded, the default runs the extension's paged-attention kernel instead for
+float16 decode steps (q_len <= PAGED_KERNEL_MAX_Q_LEN), reading the pages in place.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from .. import ext
 from .metadata import AttnMetadata
 
 if TYPE_CHECKING:
     from .devices import DeviceInfo
     from .installed import InstalledBackends
     from .selector import ModelNeeds
+
+
+# what exllamav2_ext's paged_attention takes (cuda/paged_attn.h); other calls gather pages
+PAGED_KERNEL_MAX_Q_LEN = 8
+PAGED_KERNEL_MAX_HEAD_DIM = 256
+
+
+def paged_kernel_supports(head_dim: int) -> bool:
+    return head_dim % 8 == 0 and head_dim <= PAGED_KERNEL_MAX_HEAD_DIM
+
+
+def paged_kernels_for(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> ModuleType | None:
+    """The extension when its paged-attention kernel can serve this call: float16 CUDA tensors, at most
+    PAGED_KERNEL_MAX_Q_LEN new tokens, a supported head dim and pages it can write in place."""
+    if q.shape[1] > PAGED_KERNEL_MAX_Q_LEN or not paged_kernel_supports(q.shape[-1]):
+        return None
+    if k_pages.dtype != torch.float16 or not (k_pages.is_contiguous() and v_pages.is_contiguous()):
+        return None
+    return ext.kernels_for_tensor(q)
 
 
 class AttentionBackend:
@@ -40,7 +63,8 @@ class AttentionBackend:
 
     @classmethod
     def paged_mode(cls, installed: "InstalledBackends") -> str:
-        """How `attend_paged` runs: 'gather' (the default below) or the name of a native kernel."""
+        """How `attend_paged` runs: 'gather' (the default below) or the name of a native kernel. The
+        resolve step relabels 'gather' as 'kernel' where exllamav2_ext's paged kernel takes decode steps."""
         return "gather"
 
     def attend(
@@ -70,6 +94,12 @@ class AttentionBackend:
         window: int = 0,
         softcap: float = 0.0,
     ) -> torch.Tensor:
+        kernels = paged_kernels_for(q, k_pages, v_pages)
+        if kernels is not None:
+            return kernels.paged_attention(
+                q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_pages, v_pages, block_table,
+                cache_seqlens, scale, window, softcap,
+            )
         write_pages(k_pages, v_pages, k_new, v_new, block_table, cache_seqlens)
         seqlens = cache_seqlens.long() + q.shape[1]
         k, v = gather_pages(k_pages, v_pages, block_table, int(seqlens.max()))

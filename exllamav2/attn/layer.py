@@ -8,11 +8,33 @@ from __future__ import annotations
 
 import torch
 
+from .. import ext
+from ..architecture import RopeStyle
 from ..linear import ExLlamaV2Linear
 from ..module import ExLlamaV2Module
 from ..norm import make_norm
-from ..rope import apply_rope
+from ..rope import RopeTables, apply_rope
 from .params import PagedParams, Params
+
+
+def rotate_qk(
+    q: torch.Tensor, k: torch.Tensor, attn_params, tables: RopeTables, style: RopeStyle
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k (B, L, H, D) rotated by RoPE: in place by exllamav2_ext's rope_ for float16 CUDA tensors,
+    else by the twin `apply_rope`."""
+    if style == RopeStyle.NONE:
+        return q, k
+    cos, sin = attn_params.rope(tables)     # once per forward; also grows the tables to the positions used
+    kernels = ext.kernels_for_tensor(q)
+    if kernels is None:
+        return apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
+    # the kernel reads whole table rows by position and rotates contiguous tensors; pad positions may be < 0
+    positions = attn_params.positions().clamp(min=0)
+    q, k = q.contiguous(), k.contiguous()
+    neox = style == RopeStyle.NEOX
+    kernels.rope_(q, tables.cos, tables.sin, positions, neox)
+    kernels.rope_(k, tables.cos, tables.sin, positions, neox)
+    return q, k
 
 
 class ExLlamaV2Attention(ExLlamaV2Module):
@@ -71,9 +93,7 @@ class ExLlamaV2Attention(ExLlamaV2Module):
         q = self.q_proj.forward(h, loras).view(bsz, q_len, self.num_heads, self.head_dim)
         k = self.k_proj.forward(h, loras).view(bsz, q_len, self.num_kv_heads, self.head_dim)
         v = self.v_proj.forward(h, loras).view(bsz, q_len, self.num_kv_heads, self.head_dim)
-        cos, sin = attn_params.rope(self.model.rope_tables(self.device))
-        style = self.model.config.arch.rope_style
-        q, k = apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
+        q, k = rotate_qk(q, k, attn_params, self.model.rope_tables(self.device), self.model.config.arch.rope_style)
         opts = dict(scale=self.scale, window=self.window, softcap=self.softcap)
 
         if attn_params.paged:

@@ -99,7 +99,7 @@ class DevicePlan:
     reason: str                             # why this backend
     sdpa_kernels: tuple[str, ...]           # kernels SDPA may use here; () when SDPA is not used here
     paged: bool                             # paged attention (dynamic generator batching) available
-    paged_impl: str                         # 'block_table' (flash-attn kernel) or 'gather'
+    paged_impl: str                         # 'block_table' (flash-attn), 'gather', or 'kernel' (exllamav2_ext, set by resolve)
     fallback: str | None                    # runs the masks the backend can't express (flash_attn only)
     rejected: tuple[tuple[str, str], ...]   # (backend, reason) of every backend that can't run here
 

@@ -3,15 +3,21 @@
 `forward` dequantizes into a scratch buffer shared by all layers on a device (as upstream's temp_dq
 on the prefill path) and multiplies, so resident memory stays close to the packed size (issue 4).
 Layers wider than `MAX_DQ_ELEMENTS / K` columns are dequantized and multiplied in column chunks.
+On a CUDA device with exllamav2_ext loaded, float16 inputs and `dequantize()` go through the extension's
+QMatrix instead (built once per layer, see qmatrix.py); layouts it cannot run stay on this PyTorch path.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 import torch
 
+from .. import ext
 from . import exl2, gptq
+
+log = logging.getLogger(__name__)
 
 MAX_DQ_ELEMENTS = 1 << 24        # scratch size cap (elements); wider layers go in column chunks
 
@@ -50,6 +56,8 @@ class QuantWeight:
         self.bias = bias
         self.device = device
         self.max_dq_elements = MAX_DQ_ELEMENTS
+        self._kernel_matrix_built = False
+        self._kernel_matrix = None
 
     # subclass interface -------------------------------------------------------------------------
 
@@ -75,8 +83,28 @@ class QuantWeight:
         c = self.max_dq_elements // self.in_features // 32 * 32
         return max(32, min(c, self.stored_columns))
 
+    def kernel_matrix(self):
+        """The extension's QMatrix for this layer when it lives on a CUDA device where exllamav2_ext is loaded,
+        else None (also for a layout the kernels cannot address). Prepared on first use, then kept."""
+        if not self._kernel_matrix_built:
+            self._kernel_matrix_built = True
+            kernels = ext.kernels_for(self.device)
+            if kernels is not None:
+                from ..qmatrix import make_qmatrix   # qmatrix imports this module
+
+                try:
+                    self._kernel_matrix = make_qmatrix(self, kernels)
+                except ValueError as exc:
+                    log.debug("%s runs on the PyTorch path: %s", self.key, exc)
+        return self._kernel_matrix
+
     def dequantize(self) -> torch.Tensor:
         """W as fp16 [K, N] (upstream's get_weight_tensor_dq layout), padded columns dropped."""
+        qm = self.kernel_matrix()
+        if qm is not None:
+            out = torch.empty((self.in_features, self.out_features), dtype=torch.float16, device=self.device)
+            qm.reconstruct(out, 0)
+            return out
         out = torch.empty((self.in_features, self.stored_columns), dtype=torch.float16, device=self.device)
         self._dequantize_cols(out, 0)
         return out[:, : self.out_features]
@@ -86,6 +114,11 @@ class QuantWeight:
         k, n = self.in_features, self.out_features
         if x.shape[-1] != k:
             raise ValueError(f"{self.key}: input has {x.shape[-1]} features, layer expects {k}")
+        qm = self.kernel_matrix() if x.dtype == torch.float16 else None
+        if qm is not None:
+            from ..qmatrix import MAX_FUSED_ROWS
+
+            return qm.forward(x, MAX_FUSED_ROWS, self.max_dq_elements)
         x2 = x.reshape(-1, k)
         chunk = self._chunk_columns()
         buf = scratch(x.device, x.dtype, k * chunk)
