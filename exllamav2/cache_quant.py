@@ -25,7 +25,7 @@ import torch
 
 from . import kv_quant
 from .cache import ExLlamaV2CacheBase
-from .ext import kernels_for
+from . import ext
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class _EncodedCache(ExLlamaV2CacheBase):
         return self._working[device]
 
     def _kernels(self, device: torch.device) -> ModuleType | None:
-        return kernels_for(device) if self.dtype == torch.float16 else None
+        return ext.kernels_for(device) if self.dtype == torch.float16 else None
 
     def get_kv_state(self, layer_idx, batch_size, offset, width, page_size=0, cache_seqlens=None, block_table=None):
         device = self.layer_device(layer_idx)

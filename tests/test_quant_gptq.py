@@ -122,6 +122,14 @@ def test_forward_with_bias_and_chunks():
     torch.testing.assert_close(layer.forward(x), expect, rtol=1e-5, atol=1e-5)
 
 
+def test_forward_of_a_layer_narrower_than_one_chunk():
+    k, n, g = 32, 16, 1                  # fewer output columns than the 32-column dequant chunk
+    t, *_ = make_gptq(k, n, g, seed=8)
+    layer = load(t, k, n)
+    x = torch.randn(2, k)
+    torch.testing.assert_close(layer.forward(x), x @ layer.dequantize().float(), rtol=1e-5, atol=1e-5)
+
+
 def test_resident_bytes_close_to_packed_size():
     k, n, g = 512, 256, 4
     t, *_ = make_gptq(k, n, g, seed=7)

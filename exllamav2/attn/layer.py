@@ -28,8 +28,8 @@ def rotate_qk(
     kernels = ext.kernels_for_tensor(q)
     if kernels is None:
         return apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
-    # the kernel reads whole table rows by position and rotates contiguous tensors; pad positions may be < 0
-    positions = attn_params.positions().clamp(min=0)
+    # the kernel reads whole table rows by position and rotates contiguous tensors
+    positions = attn_params.positions_on(q.device)
     q, k = q.contiguous(), k.contiguous()
     neox = style == RopeStyle.NEOX
     kernels.rope_(q, tables.cos, tables.sin, positions, neox)

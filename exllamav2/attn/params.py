@@ -30,7 +30,27 @@ def _key_mask(input_mask: torch.Tensor | None, k_len: int, q_len: int) -> torch.
     )
 
 
-class Params:
+class _PositionsMixin:
+    """RoPE lookups and query positions, computed once per forward for each device."""
+
+    def positions(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rope(self, tables) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for this batch from one device's RopeTables."""
+        key = id(tables)
+        if key not in self._rope:
+            self._rope[key] = tables.lookup(self.positions())
+        return self._rope[key]
+
+    def positions_on(self, device: torch.device) -> torch.Tensor:
+        """Query positions (B, L) on `device`, clamped at 0 (left-padding offsets can go below)."""
+        if device not in self._positions:
+            self._positions[device] = self.positions().clamp(min=0).to(device)
+        return self._positions[device]
+
+
+class Params(_PositionsMixin):
     paged = False
 
     def __init__(
@@ -47,6 +67,7 @@ class Params:
         self.input_mask = input_mask
         self.position_offsets = position_offsets
         self._rope: dict = {}
+        self._positions: dict = {}
         self._meta: dict = {}
 
     def positions(self) -> torch.Tensor:
@@ -55,12 +76,6 @@ class Params:
             pos = pos + self.position_offsets.view(-1, 1).cpu().long()
         return pos
 
-    def rope(self, tables) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for this batch from one device's RopeTables, computed once per device."""
-        key = id(tables)
-        if key not in self._rope:
-            self._rope[key] = tables.lookup(self.positions())
-        return self._rope[key]
 
     def metadata(self, device: torch.device) -> AttnMetadata:
         if device not in self._meta:
@@ -76,7 +91,7 @@ class Params:
         return self._meta[device]
 
 
-class PagedParams:
+class PagedParams(_PositionsMixin):
     paged = True
 
     def __init__(
@@ -95,16 +110,12 @@ class PagedParams:
         self.page_size = page_size
         self.seq_len = q_len
         self._rope: dict = {}
+        self._positions: dict = {}
         self._dev: dict = {}
 
     def positions(self) -> torch.Tensor:
         return self.cache_seqlens.cpu().long().view(-1, 1) + torch.arange(self.seq_len)
 
-    def rope(self, tables) -> tuple[torch.Tensor, torch.Tensor]:
-        key = id(tables)
-        if key not in self._rope:
-            self._rope[key] = tables.lookup(self.positions())
-        return self._rope[key]
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """block table and cache lengths on a device, moved once."""

@@ -81,7 +81,7 @@ class QuantWeight:
 
     def _chunk_columns(self) -> int:
         c = self.max_dq_elements // self.in_features // 32 * 32
-        return max(32, min(c, self.stored_columns))
+        return min(max(32, c), self.stored_columns)     # narrow layers (GPTQ N < 32) in one chunk
 
     def kernel_matrix(self):
         """The extension's QMatrix for this layer when it lives on a CUDA device where exllamav2_ext is loaded,
