@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from .linear import ExLlamaV2Linear
-from .module import ExLlamaV2Module
+from .module import ExLlamaV2CompositeModule, ExLlamaV2Module
 from .norm import make_norm
 
 _ACTIVATIONS = {
@@ -16,7 +16,7 @@ _ACTIVATIONS = {
 }
 
 
-class ExLlamaV2MLP(ExLlamaV2Module):
+class ExLlamaV2MLP(ExLlamaV2CompositeModule):
     name = "MLP"
 
     def __init__(self, model, layer_key: str, layer_idx: int) -> None:
@@ -35,22 +35,6 @@ class ExLlamaV2MLP(ExLlamaV2Module):
 
     def submodules(self) -> list[ExLlamaV2Module]:
         return [m for m in (self.pre_norm, self.post_norm, self.gate_proj, self.up_proj, self.down_proj) if m]
-
-    def set_device(self, device: torch.device) -> None:
-        super().set_device(device)
-        for m in self.submodules():
-            m.set_device(device)
-
-    def load(self) -> None:
-        for m in self.submodules():
-            m.load()
-
-    def unload(self) -> None:
-        for m in self.submodules():
-            m.unload()
-
-    def weight_footprint(self) -> int:
-        return sum(m.weight_footprint() for m in self.submodules())
 
     def forward(self, hidden_states: torch.Tensor, loras: list | None = None, **kwargs) -> torch.Tensor:
         h = self.pre_norm.forward(hidden_states)

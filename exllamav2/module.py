@@ -67,6 +67,29 @@ class ExLlamaV2Module:
         raise NotImplementedError
 
 
+class ExLlamaV2CompositeModule(ExLlamaV2Module):
+    """A decoder sub-layer (attention, MLP) made of norms and linears that share its device."""
+
+    def submodules(self) -> list[ExLlamaV2Module]:
+        raise NotImplementedError
+
+    def set_device(self, device: torch.device) -> None:
+        super().set_device(device)
+        for m in self.submodules():
+            m.set_device(device)
+
+    def load(self) -> None:
+        for m in self.submodules():
+            m.load()
+
+    def unload(self) -> None:
+        for m in self.submodules():
+            m.unload()
+
+    def weight_footprint(self) -> int:
+        return sum(m.weight_footprint() for m in self.submodules())
+
+
 class Intervention(ExLlamaV2Module):
     """Wraps a module of `model.modules` with hooks around its forward, e.g. to read or steer activations:
     `model.modules[i] = Intervention(model.modules[i], post_forward=fn)`.

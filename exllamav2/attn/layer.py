@@ -11,7 +11,7 @@ import torch
 from .. import ext
 from ..architecture import RopeStyle
 from ..linear import ExLlamaV2Linear
-from ..module import ExLlamaV2Module
+from ..module import ExLlamaV2CompositeModule, ExLlamaV2Module
 from ..norm import make_norm
 from ..rope import RopeTables, apply_rope
 from .params import PagedParams, Params
@@ -37,7 +37,7 @@ def rotate_qk(
     return q, k
 
 
-class ExLlamaV2Attention(ExLlamaV2Module):
+class ExLlamaV2Attention(ExLlamaV2CompositeModule):
     name = "Attention"
     Params = Params
     PagedParams = PagedParams
@@ -68,23 +68,13 @@ class ExLlamaV2Attention(ExLlamaV2Module):
     def submodules(self) -> list[ExLlamaV2Module]:
         return [m for m in (self.pre_norm, self.post_norm, self.q_proj, self.k_proj, self.v_proj, self.o_proj) if m]
 
-    def set_device(self, device: torch.device) -> None:
-        super().set_device(device)
-        for m in self.submodules():
-            m.set_device(device)
-
     def load(self) -> None:
-        for m in self.submodules():
-            m.load()
+        super().load()
         self.backend = self.model.attn_plan.backend_for(self.device)
 
     def unload(self) -> None:
-        for m in self.submodules():
-            m.unload()
+        super().unload()
         self.backend = None
-
-    def weight_footprint(self) -> int:
-        return sum(m.weight_footprint() for m in self.submodules())
 
     def forward(self, hidden_states: torch.Tensor, cache=None, attn_params=None, loras: list | None = None,
                 **kwargs) -> torch.Tensor:
