@@ -54,7 +54,7 @@ class _Sequence:
         self.ids = ids                      # prompt (less a healed token) + generated tokens
         self.prompt_len = len(ids)
         self.kv_position = 0                # tokens whose keys/values are in the cache
-        self.draft_kv = 0                   # tokens whose keys/values are in the draft cache (<= kv_position)
+        self.draft_kv = 0                   # the same for the draft cache, if any (never above kv_position)
         self.draft_pending: list[int] = []  # tokens written to the draft cache after those, not yet verified
         self.pages: list[Page] = []
         self.total_pages = 0                # pages reserved for prompt + max_new_tokens
@@ -240,7 +240,7 @@ class ExLlamaV2DynamicJob:
                 seq.pages.append(src)
             elif src is not None:
                 dst = table.allocate()
-                for cache in gen.caches():
+                for cache in gen._caches():
                     cache.copy_states(cache, src.index * ps, n, dst.index * ps, n, 0, 1, 0, 1)
                 dst.tokens = src.tokens[:n]
                 dst.prev_hash = src.prev_hash
@@ -502,6 +502,7 @@ class ExLlamaV2DynamicGenerator:
         log.info("dynamic generator: %s", self._describe_path())
 
     def _check_speculative(self, max_q_size: int) -> None:
+        """Refuse draft settings that cannot work, naming the fix."""
         if self.draft_model is not None and self.use_ngram_draft:
             raise ValueError("give either a draft model or use_ngram_draft=True, not both")
         if (self.draft_model is None) != (self.draft_cache is None):
@@ -529,7 +530,7 @@ class ExLlamaV2DynamicGenerator:
             log.warning("the draft model's vocab_size (%d) differs from the model's (%d); drafts are only useful "
                         "if both use the same tokenizer", draft_vocab, self.model.config.vocab_size)
 
-    def caches(self) -> list["ExLlamaV2CacheBase"]:
+    def _caches(self) -> list["ExLlamaV2CacheBase"]:
         """The caches that share the page table: the model's, and the draft model's if there is one."""
         return [self.cache] if self.draft_cache is None else [self.cache, self.draft_cache]
 
@@ -648,7 +649,8 @@ class ExLlamaV2DynamicGenerator:
         if self.filter_pool is not None:
             for job in ready:
                 self._schedule_filters(job)
-        logits = self._forward(seqs, torch.tensor(fed, dtype=torch.long), [s.kv_position for s in seqs]).float().cpu()
+        ids = torch.tensor(fed, dtype=torch.long)                 # (sequences, 1 + most drafts of a job)
+        logits = self._forward(seqs, ids, [s.kv_position for s in seqs]).float().cpu()
         ended, row = [], 0
         for job, d in zip(ready, drafts):
             n = len(job.sequences)
@@ -668,9 +670,9 @@ class ExLlamaV2DynamicGenerator:
         if self.draft_model is not None:
             return self._draft_with_model(ready)
         if self.use_ngram_draft:
-            return [list(itertools.takewhile(lambda t: t < EMBEDDING_INDEX,   # never an embedding's ids
-                                             ngram_draft(j.sequences[0].ids, self.num_draft_tokens, self.max_ngram)))
-                    for j in ready]
+            drafts = [ngram_draft(j.sequences[0].ids, self.num_draft_tokens, self.max_ngram) for j in ready]
+            # an embedding's ids in the context are no tokens the model can be fed
+            return [list(itertools.takewhile(lambda t: t < EMBEDDING_INDEX, d)) for d in drafts]
         return [[] for _ in ready]
 
     def _draft_with_model(self, ready: list[ExLlamaV2DynamicJob]) -> list[list[int]]:
