@@ -112,6 +112,12 @@ def parse_groups(key: str, q_groups: torch.Tensor, q_rows: int, in_features: int
 
 def unpack_codes(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     """Codes [rows, C] (int64) of one group from its q_weight rows `words` [W, C] (int32 bit patterns)."""
+    if 32 % bits == 0:
+        # 2/4/8 bits: no code straddles a word, so each word splits into 32/bits fields in place
+        # (int32 shifts are arithmetic, but the mask keeps only the field's own bits)
+        shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32).view(1, -1, 1)
+        fields = (words.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
+        return fields.reshape(-1, words.shape[1])[:rows].to(torch.int64)
     u = words.to(torch.int64) & _U32
     u = torch.cat([u, torch.zeros_like(u[:1])])                 # row W: nothing straddles past the end
     pos = torch.arange(rows, device=words.device) * bits
