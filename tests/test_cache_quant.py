@@ -299,7 +299,8 @@ def both_paths(cls, monkeypatch, make):
     results = []
     for use_kernels in (True, False):
         if not use_kernels:
-            monkeypatch.setattr(cache_quant, "kernels_for", lambda device: None)
+            # cache_quant reaches the extension as ext.kernels_for (it has no kernels_for of its own)
+            monkeypatch.setattr(cache_quant.ext, "kernels_for", lambda device: None)
         cache = cls(fake_model(kv_heads=8, head_dim=128, max_seq_len=4 * 256, dtype=torch.float16,
                                device="cuda"), max_seq_len=4 * 256)
         results.append(make(cache))

@@ -8,6 +8,7 @@ address them, and comparing with the twin's bit-exact dequantization.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import math
@@ -266,6 +267,14 @@ def gptq_weight(k, n, groups, g_idx=None, seed=0, bias=False, device="cpu"):
     return load_quantized("l", Source({f"l.{a}": v for a, v in t.items()}), k, n, device=device)
 
 
+def twin_of(w):
+    """A copy of the quantized weight `w` that always runs the PyTorch twin: on a GPU, w.dequantize() and
+    w.forward() would otherwise dispatch to the very kernels under test."""
+    twin = copy.copy(w)
+    twin._kernel_matrix_built, twin._kernel_matrix = True, None
+    return twin
+
+
 def decode_like_the_kernels(p: qmatrix.PreparedQMatrix) -> torch.Tensor:
     """W [K, N] from prepared tensors, walking the chunk table as cuda/q_matrix.cu does: per chunk, its words
     form an LSB-first stream per column; row i is the `bits` bits at stream bit i·bits."""
@@ -437,7 +446,7 @@ def test_exl2_reconstruct_is_bit_exact(kernels, k, n, bits, group_size):
     qm = qmatrix.make_qmatrix(w, kernels)
     out = torch.empty(k, n, dtype=torch.float16, device="cuda")
     qm.reconstruct(out, 0)
-    assert torch.equal(out.view(torch.int16), w.dequantize().view(torch.int16))
+    assert torch.equal(out.view(torch.int16), twin_of(w).dequantize().view(torch.int16))
     part = torch.empty(k, 64, dtype=torch.float16, device="cuda")
     qm.reconstruct(part, 32)
     assert torch.equal(part, out[:, 32:96])
@@ -450,7 +459,7 @@ def test_exl2_matmul_matches_twin(kernels, k, n, bits, group_size, rows):
     w = exl2_weight(k, n, bits, group_size, device="cuda", bias=True)
     qm = qmatrix.make_qmatrix(w, kernels)
     x = torch.randn(rows, k, device="cuda").half()
-    want = w.forward(x).float()
+    want = twin_of(w).forward(x).float()
     got = qm.forward(x.view(1, rows, k), qmatrix.MAX_FUSED_ROWS, 1 << 20).view(rows, n).float()
     # fused rows sum in fp32 per chunk and scale per group: a different rounding order than the twin
     tol = 5e-3 * want.abs().max().item() + 2e-2
@@ -467,19 +476,30 @@ def test_gptq_kernels_match_twin(kernels, case, rows):
     qm = qmatrix.make_qmatrix(w, kernels)
     out = torch.empty(k, n, dtype=torch.float16, device="cuda")
     qm.reconstruct(out, 0)
-    assert torch.equal(out.view(torch.int16), w.dequantize().view(torch.int16))
+    assert torch.equal(out.view(torch.int16), twin_of(w).dequantize().view(torch.int16))
     x = torch.randn(rows, k, device="cuda").half() * 0.1
-    want = w.forward(x).float()
+    want = twin_of(w).forward(x).float()
     got = qm.forward(x, qmatrix.MAX_FUSED_ROWS, 1 << 20).float()
     assert (got - want).abs().max().item() < 5e-3 * want.abs().max().item() + 2e-2
+
+
+@pytest.fixture
+def twin_paged(monkeypatch):
+    """MatmulBackend.attend_paged on its gather path: on a GPU, attend_paged would otherwise hand float16 decode
+    steps to the extension's paged kernel, the very kernel under test."""
+    from exllamav2.attn import backend
+    from exllamav2.attn.matmul import MatmulBackend
+
+    monkeypatch.setattr(backend, "paged_kernels_for", lambda *args: None)
+    return MatmulBackend("cuda").attend_paged
 
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("q_len", [1, 3, 8])
 @pytest.mark.parametrize("q_heads, kv_heads, head_dim", [(32, 8, 128), (8, 8, 64), (16, 2, 256), (12, 4, 96)])
 @pytest.mark.parametrize("window, softcap", [(0, 0.0), (100, 0.0), (0, 30.0)])
-def test_paged_attention_matches_matmul_twin(kernels, q_len, q_heads, kv_heads, head_dim, window, softcap):
-    from exllamav2.attn.matmul import MatmulBackend
+def test_paged_attention_matches_matmul_twin(kernels, twin_paged, q_len, q_heads, kv_heads, head_dim, window,
+                                            softcap):
 
     torch.manual_seed(q_len * 1000 + head_dim)
     page, pages = 256, 12
@@ -493,11 +513,65 @@ def test_paged_attention_matches_matmul_twin(kernels, q_len, q_heads, kv_heads, 
     v_new = torch.randn(batch, q_len, kv_heads, head_dim, device="cuda").half()
     scale = head_dim**-0.5
     kp, vp = k_pages.clone(), v_pages.clone()
-    want = MatmulBackend("cuda").attend_paged(q, k_new, v_new, kp, vp, table, seqlens, scale=scale,
-                                              window=window, softcap=softcap)
+    want = twin_paged(q, k_new, v_new, kp, vp, table, seqlens, scale=scale, window=window, softcap=softcap)
     got = kernels.paged_attention(q, k_new, v_new, k_pages, v_pages, table, seqlens, scale, window, softcap)
     assert torch.equal(k_pages, kp) and torch.equal(v_pages, vp)      # new keys/values stored in the same slots
     torch.testing.assert_close(got, want, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.cuda
+def test_paged_attention_stops_at_the_block_table(kernels, twin_paged):
+    """A sequence whose new tokens run past its block table's capacity: the kernel must neither store nor read
+    those positions (their page index would come from past the end of the table). The table here is a slice of
+    a larger tensor whose next row holds a page index far outside the pages, so a read past the slice faults."""
+    page, pages, kv_heads, head_dim, q_heads = 16, 6, 2, 64, 4
+    torch.manual_seed(11)
+    backing = torch.full((3, 2), 1 << 28, dtype=torch.int32, device="cuda")
+    backing[:2] = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    table = backing[:2]                                       # contiguous, 2 pages (32 positions) per sequence
+    seqlens = torch.tensor([5, 31], dtype=torch.int32, device="cuda")   # sequence 1: query 0 at 31, 1..2 beyond
+    k_pages = torch.randn(pages, page, kv_heads, head_dim, device="cuda").half()
+    v_pages = torch.randn(pages, page, kv_heads, head_dim, device="cuda").half()
+    q = torch.randn(2, 3, q_heads, head_dim, device="cuda").half()
+    k_new = torch.randn(2, 3, kv_heads, head_dim, device="cuda").half()
+    v_new = torch.randn(2, 3, kv_heads, head_dim, device="cuda").half()
+    kp, vp = k_pages.clone(), v_pages.clone()
+    got = kernels.paged_attention(q, k_new, v_new, k_pages, v_pages, table, seqlens, 0.125, 0, 0.0)
+    torch.cuda.synchronize()
+    # the twin cannot address positions past the table; the rows inside it see exactly the keys they see there
+    want0 = twin_paged(q[:1], k_new[:1], v_new[:1], kp, vp, table[:1], seqlens[:1], scale=0.125)
+    want1 = twin_paged(q[1:, :1], k_new[1:, :1], v_new[1:, :1], kp, vp, table[1:], seqlens[1:], scale=0.125)
+    torch.testing.assert_close(got[:1], want0, rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(got[1:, :1], want1, rtol=5e-3, atol=5e-3)
+    assert torch.equal(k_pages, kp) and torch.equal(v_pages, vp)       # nothing written beyond the table
+    assert torch.isfinite(got).all()
+
+
+@pytest.mark.cuda
+def test_paged_attention_without_queries(kernels):
+    """q_len 0 (or batch 0) returns an empty result instead of dividing by zero while choosing the splits."""
+    k_pages = torch.zeros(2, 16, 2, 64, dtype=torch.float16, device="cuda")
+    table = torch.zeros(1, 2, dtype=torch.int32, device="cuda")
+    seqlens = torch.zeros(1, dtype=torch.int32, device="cuda")
+    for batch, q_len in ((1, 0), (0, 1)):
+        q = torch.zeros(batch, q_len, 4, 64, dtype=torch.float16, device="cuda")
+        kv = torch.zeros(batch, q_len, 2, 64, dtype=torch.float16, device="cuda")
+        out = kernels.paged_attention(q, kv, kv, k_pages, k_pages.clone(), table[:batch], seqlens[:batch],
+                                      0.125, 0, 0.0)
+        assert out.shape == q.shape
+
+
+@pytest.mark.cuda
+def test_cache_kernels_refuse_misaligned_byte_storage(kernels):
+    """FP8 and 8-bit codes move as byte pairs; a uint8 view starting at an odd address is refused, not misread."""
+    x = torch.zeros(1, 4, 64, dtype=torch.float16, device="cuda")
+    fp8 = torch.zeros(1 + 4 * 64, dtype=torch.uint8, device="cuda")[1:].view(1, 4, 64)
+    with pytest.raises(RuntimeError, match="byte boundary"):
+        kernels.fp16_to_fp8(x, fp8, batch=1, offset=0, width=4)
+    q = torch.zeros(1 + 4 * 64, dtype=torch.uint8, device="cuda")[1:].view(1, 4, 64)
+    s = torch.zeros(1, 4, 2, dtype=torch.float16, device="cuda")
+    with pytest.raises(RuntimeError, match="byte boundary"):
+        kernels.fp16_to_q(x, q, s, 8, batch=1, offset=0, width=4)
 
 
 @pytest.mark.cuda

@@ -49,6 +49,7 @@ void check_q_storage(const at::Tensor& fp16, const at::Tensor& q, const at::Tens
 {
     TORCH_CHECK(bits == 4 || bits == 8, "bits must be 4 or 8, got ", bits);
     ext::check_tensor(q, at::kByte, fp16, "q");
+    ext::check_aligned(q, 2, "q");                          // 8-bit codes move as byte pairs
     ext::check_tensor(scales, at::kHalf, fp16, "scales");
     const int64_t padded = padded_features(token_features(fp16));
     TORCH_CHECK(q.size(0) == fp16.size(0) && q.size(1) == fp16.size(1) && token_features(q) == padded * bits / 8,
@@ -67,6 +68,7 @@ void check_fp16(const at::Tensor& t)
 void check_fp8_storage(const at::Tensor& fp16, const at::Tensor& fp8)
 {
     ext::check_tensor(fp8, at::kByte, fp16, "fp8 storage");
+    ext::check_aligned(fp8, 2, "fp8 storage");              // bytes move in pairs
     TORCH_CHECK(fp8.sizes() == fp16.sizes(), "fp8 storage ", fp8.sizes(), " must match the fp16 tensor ", fp16.sizes());
 }
 

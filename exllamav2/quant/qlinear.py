@@ -94,7 +94,7 @@ class QuantWeight:
 
                 try:
                     self._kernel_matrix = make_qmatrix(self, kernels)
-                except ValueError as exc:
+                except (ValueError, RuntimeError) as exc:    # layout refused here or by the binding's checks
                     log.debug("%s runs on the PyTorch path: %s", self.key, exc)
         return self._kernel_matrix
 

@@ -89,8 +89,9 @@ paged_attn_kernel(PagedAttnArgs a, int splits, float* __restrict__ part_o, float
     const int p_first = seqlen + r0 / G;
     const int p_last = seqlen + (r0 + nrows - 1) / G;
     const int lo = a.window > 0 ? max(0, p_first - a.window + 1) : 0;
-    const int hi = p_last + 1;
-    const int tiles = (hi - lo + ATTN_TILE - 1) / ATTN_TILE;
+    // positions past the block table's capacity have no page (paged_write skipped them): never look them up
+    const int hi = min(p_last + 1, a.pages_per_seq * a.page_size);
+    const int tiles = hi > lo ? (hi - lo + ATTN_TILE - 1) / ATTN_TILE : 0;
     const int per_split = (tiles + splits - 1) / splits;
     const int t_begin = split * per_split;
     const int t_end = min(t_begin + per_split, tiles);
@@ -262,6 +263,7 @@ int paged_attn_splits(const PagedAttnArgs& a, int device)
     int sms = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess || sms <= 0) sms = 1;
     const int base = a.batch * a.kv_heads * row_groups(a);
+    if (base <= 0) return 1;                            // nothing to launch (no queries); avoid dividing by 0
     const int capacity_tiles = (a.pages_per_seq * a.page_size + ATTN_TILE - 1) / ATTN_TILE;
     int splits = (2 * sms + base - 1) / base;
     splits = min(splits, min(capacity_tiles, MAX_SPLITS));

@@ -3,6 +3,7 @@
 // Twin: exllamav2.attn.backend.AttentionBackend.attend_paged with MatmulBackend (attn/metadata.py rules):
 // query i of sequence b sits at p = cache_seqlens[b] + i and sees key j iff j <= p and, with a window,
 // p − j < window. Scores are (q·scale)·k, softcapped as cap·tanh(s/cap) when cap > 0, then softmax.
+// Positions past the block table's capacity (pages_per_seq · page_size) are neither written nor read.
 #pragma once
 
 #include <cuda_fp16.h>
