@@ -162,3 +162,24 @@ def test_rewinding_current_seq_len(tiny_model_factory):
     logits = model.forward(b, cache)
     with torch.no_grad():
         assert_matches(logits, hf(torch.cat([prefix, b], 1)).logits[:, 10:])
+
+
+def test_forced_backend_that_cannot_run_fails_before_loading(tiny_model_factory, monkeypatch):
+    """EXLLAMA_ATTN_BACKEND naming a backend this device cannot run raises when the model is built."""
+    from exllamav2.attn.env import AttentionConfigError
+
+    model_dir, _ = tiny_model_factory("llama")
+    monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "flash_attn")
+    config = ExLlamaV2Config(str(model_dir))
+    with pytest.raises(AttentionConfigError, match=r"flash_attn.*(cpu|cuda:\d).*can run there"):
+        ExLlamaV2(config)
+
+
+def test_softcapped_model_never_gets_sdpa(tiny_model_factory, monkeypatch):
+    """Gemma 2's attention softcap rules SDPA out; auto mode falls back to matmul with the reason."""
+    model_dir, hf = tiny_model_factory("gemma2")
+    monkeypatch.delenv("EXLLAMA_ATTN_BACKEND", raising=False)
+    model = load(model_dir)
+    plan = model.attn_plan.device_plan(model.devices[0])
+    assert plan.backend == "matmul"
+    assert "softcap" in plan.rejected_dict["sdpa"]
