@@ -118,6 +118,9 @@ def unpack_codes(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
         shifts = torch.arange(0, 32, bits, device=words.device, dtype=torch.int32).view(1, -1, 1)
         fields = (words.to(torch.int32).unsqueeze(1) >> shifts) & ((1 << bits) - 1)
         return fields.reshape(-1, words.shape[1])[:rows].to(torch.int64)
+    block_words = bits * 32 // math.gcd(bits, 32) // 32          # 3 and 5 bits: 32 rows; 6 bits: 16 rows
+    if words.shape[0] % block_words == 0:
+        return _unpack_blocks(words, bits, rows, block_words)
     u = words.to(torch.int64) & _U32
     u = torch.cat([u, torch.zeros_like(u[:1])])                 # row W: nothing straddles past the end
     pos = torch.arange(rows, device=words.device) * bits
@@ -126,6 +129,22 @@ def unpack_codes(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     lo = u[w] >> sh
     hi = (u[w + 1] & 0xFF) << (32 - sh)                          # bits of a code that straddles a word
     return (lo | hi) & ((1 << bits) - 1)
+
+
+def _unpack_blocks(words: torch.Tensor, bits: int, rows: int, block_words: int) -> torch.Tensor:
+    """3/5/6-bit codes by whole word blocks (block_words words hold block_words*32/bits rows): one shift
+    per row of a block, applied to every block at once; codes straddling two words take bits from both."""
+    blocks = words.to(torch.int32).view(-1, block_words, words.shape[1])      # [blocks, words, C]
+    per_block = block_words * 32 // bits
+    mask = (1 << bits) - 1
+    out = torch.empty((blocks.shape[0], per_block, words.shape[1]), dtype=torch.int32, device=words.device)
+    for r in range(per_block):
+        w, sh = divmod(r * bits, 32)
+        code = blocks[:, w] >> sh                      # arithmetic shift: the mask drops the sign bits
+        if sh + bits > 32:
+            code = (code & ((1 << (32 - sh)) - 1)) | (blocks[:, w + 1] << (32 - sh))
+        out[:, r] = code & mask
+    return out.view(-1, words.shape[1])[:rows].to(torch.int64)
 
 
 def unpack_scale_codes(q_scale: torch.Tensor) -> torch.Tensor:
