@@ -1,8 +1,8 @@
 """Linear layer: FP16/BF16/FP32 `.weight`, or a quantized format detected from the tensors present.
 
 Formats by tensor name, as upstream: `<key>.q_weight` EXL2, `<key>.qweight` GPTQ, `<key>.weight`
-unquantized (stored in the model's dtype). A bias is loaded when the checkpoint has one. Fused checkpoints (Phi-3 qkv_proj / gate_up_proj) are
-split by rows when the layer's own key is absent.
+unquantized (stored in the model's dtype). A bias is loaded when the checkpoint has one. Fused
+checkpoints (Phi-3 qkv_proj / gate_up_proj) are split by rows when the layer's own key is absent.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .module import ExLlamaV2Module
+from .module import ExLlamaV2Module, TensorShapeError
 
 
 _TENSOR_SUFFIXES = (
@@ -64,30 +64,23 @@ class ExLlamaV2Linear(ExLlamaV2Module):
             )
             return
         dtype = self.model.dtype
-        if key == (self.fused[0] if self.fused else None):
+        if self.fused and key == self.fused[0]:
             _, start, end = self.fused
             w = self.load_tensor(f"{key}.weight")
             if w.shape[1] != self.in_features or w.shape[0] < end:
-                raise self._shape_error(f"{key}.weight", tuple(w.shape), (f">={end}", self.in_features))
-            self.weight = w[start:end].to(self.device, dtype).contiguous()
-            bias_key = f"{key}.bias"
-            if self.has(bias_key):
-                self.bias = self.load_tensor(bias_key)[start:end].to(self.device, dtype)
+                raise TensorShapeError(
+                    f"tensor '{key}.weight' in {self.index.file_of(key + '.weight')} has shape {tuple(w.shape)}, "
+                    f"expected at least ({end}, {self.in_features}): config.json and the weights disagree"
+                )
+            rows, bias_shape = slice(start, end), None
         else:
-            self.weight = self.load_tensor(f"{key}.weight", (self.out_features, self.in_features)).to(self.device, dtype)
-            bias_key = f"{key}.bias"
-            if self.has(bias_key):
-                self.bias = self.load_tensor(bias_key, (self.out_features,)).to(self.device, dtype)
+            w = self.load_tensor(f"{key}.weight", (self.out_features, self.in_features))
+            rows, bias_shape = slice(None), (self.out_features,)
+        self.weight = w[rows].to(self.device, dtype).contiguous()
+        if self.has(f"{key}.bias"):
+            self.bias = self.load_tensor(f"{key}.bias", bias_shape)[rows].to(self.device, dtype)
         if self.prescale != 1.0:
             self.weight.mul_(self.prescale)
-
-    def _shape_error(self, name, found, expected):
-        from .module import TensorShapeError
-
-        return TensorShapeError(
-            f"tensor {name!r} in {self.index.file_of(name)} has shape {found}, expected {expected}: "
-            f"config.json and the weights disagree"
-        )
 
     def unload(self) -> None:
         self.weight = self.bias = self.q = None
