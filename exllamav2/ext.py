@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -71,6 +72,49 @@ def kernels_for(device: torch.device | str) -> ModuleType | None:
 def kernels_for_tensor(t: torch.Tensor) -> ModuleType | None:
     """The extension when `t` is a float16 CUDA tensor (the only activations the kernels take), else None."""
     return kernels_for(t.device) if t.dtype == torch.float16 else None
+
+
+_cpu_resolved = False
+_cpu_module: ModuleType | None = None
+
+
+def cpu_kernels() -> ModuleType | None:
+    """The CPU kernels (`linear_f16w`), built just in time once per process where the CPU has AVX2 + F16C
+    and a C++ compiler and ninja are present; else None, with one log line saying why. Never raises."""
+    global _cpu_resolved, _cpu_module
+    with _lock:
+        if not _cpu_resolved:
+            _cpu_resolved = True
+            try:
+                _cpu_module = _build_cpu()
+                log.info("%s: CPU kernels loaded (fp16 weights, fp32 arithmetic)", build.CPU_EXT_NAME)
+            except _Unavailable as exc:
+                log.info("%s not in use, FP16 weights run as fp32 on the CPU: %s", build.CPU_EXT_NAME, exc)
+            except Exception as exc:  # a broken build must never break exllamav2
+                log.warning("%s failed to build, FP16 weights run as fp32 on the CPU: %s: %s",
+                            build.CPU_EXT_NAME, type(exc).__name__, exc)
+    return _cpu_module
+
+
+def _build_cpu() -> ModuleType:
+    if build.nocompile(os.environ):
+        raise _Unavailable(f"{build.NOCOMPILE_VAR} is set")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        raise _Unavailable(f"the CPU lacks AVX2/F16C (torch reports {capability})")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        raise _Unavailable("no C++ compiler (c++) on PATH")
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise _Unavailable("ninja is not installed (pip install ninja)")
+    with _progress(f"building {build.CPU_EXT_NAME} (CPU kernels)"):
+        return cpp_extension.load(
+            name=build.CPU_EXT_NAME,
+            sources=build.cpu_sources(),
+            extra_cflags=build.CPU_CXX_FLAGS,
+            verbose=log.isEnabledFor(logging.DEBUG),
+        )
 
 
 def __getattr__(name: str):
@@ -156,7 +200,7 @@ def _progress(what: str) -> Iterator[None]:
         announced.set()
         log.warning("%s (first use; cached afterwards, typically 1-3 minutes)", what)
         while not done.wait(PROGRESS_INTERVAL_S):
-            log.warning("still building exllamav2_ext: %.0f s", time.monotonic() - start)
+            log.warning("still %s: %.0f s", what, time.monotonic() - start)
 
     thread = threading.Thread(target=beat, name="exllamav2-ext-build", daemon=True)
     thread.start()
@@ -166,4 +210,4 @@ def _progress(what: str) -> Iterator[None]:
         done.set()
         thread.join()
         if announced.is_set():
-            log.warning("exllamav2_ext build finished after %.0f s", time.monotonic() - start)
+            log.warning("%s: finished after %.0f s", what, time.monotonic() - start)

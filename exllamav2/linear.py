@@ -10,8 +10,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import ext
 from .module import ExLlamaV2Module, TensorShapeError
 
+
+_KERNEL_MAX_ROWS = 16       # rows up to which the CPU fp16-weight kernel beats converting for a GEMM
 
 _TENSOR_SUFFIXES = (
     "weight", "bias", "q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm", "q_perm",
@@ -76,9 +79,11 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         else:
             w = self.load_tensor(f"{key}.weight", (self.out_features, self.in_features))
             rows, bias_shape = slice(None), (self.out_features,)
+        if self.device.type == "cpu" and dtype == torch.float32 and w.dtype == torch.float16 and ext.cpu_kernels():
+            dtype = torch.float16   # kept at 16 bits: the CPU kernel reads half the bytes per decoded token
         self.weight = w[rows].to(self.device, dtype).contiguous()
         if self.has(f"{key}.bias"):
-            self.bias = self.load_tensor(f"{key}.bias", bias_shape)[rows].to(self.device, dtype)
+            self.bias = self.load_tensor(f"{key}.bias", bias_shape)[rows].to(self.device, self.model.dtype)
         if self.prescale != 1.0:
             self.weight.mul_(self.prescale)
 
@@ -97,10 +102,27 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         return self.has(f"{key}.q_weight") or self.has(f"{key}.qweight")
 
     def forward(self, x: torch.Tensor, loras: list | None = None, **kwargs) -> torch.Tensor:
-        y = self.q.forward(x) if self.q is not None else F.linear(x, self.weight, self.bias)
+        if self.q is not None:
+            y = self.q.forward(x)
+        elif self.weight.dtype != x.dtype:
+            y = self._forward_f16_weight(x)
+        else:
+            y = F.linear(x, self.weight, self.bias)
         for lora in loras or ():
             y = lora.apply(self.key, x, y)
         return y
+
+    def _forward_f16_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 activations with fp16 weights on the CPU: the fp16-weight kernel for few rows (decode, where
+        reading the weights dominates), else one fp32 GEMM on the converted weight (prefill)."""
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] <= _KERNEL_MAX_ROWS:
+            y = ext.cpu_kernels().linear_f16w(x2, self.weight)
+            if self.bias is not None:
+                y += self.bias
+        else:
+            y = F.linear(x2, self.weight.to(x.dtype), self.bias)
+        return y.view(*x.shape[:-1], y.shape[-1])
 
     def get_weight_tensor_dq(self) -> torch.Tensor:
         """The weight as (in_features, out_features), dequantized if needed (upstream's layout)."""

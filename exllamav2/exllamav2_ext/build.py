@@ -21,6 +21,9 @@ DEFAULT_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0+PTX"
 # nvcc 13 cannot target compute capability 7.0 or lower.
 MIN_CAPABILITY = (7, 5)
 CXX_FLAGS = ["-O3"]
+# The CPU kernels (fp16-weight matrix-vector products): built just in time where the CPU has AVX2 and F16C.
+CPU_EXT_NAME = "exllamav2_cpu"
+CPU_CXX_FLAGS = ["-O3", "-mavx2", "-mf16c", "-mfma"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 _FALSE = {"", "0", "false", "no", "off"}
@@ -30,6 +33,10 @@ def sources(root: Path | None = None) -> list[str]:
     """The binding .cpp files and the kernel .cu files, relative to `root` when given (setuptools wants that)."""
     files = sorted(SOURCE_DIR.glob("*.cpp")) + sorted((SOURCE_DIR / "cuda").glob("*.cu"))
     return [str(f.relative_to(root) if root else f) for f in files]
+
+
+def cpu_sources() -> list[str]:
+    return [str(f) for f in sorted((SOURCE_DIR / "cpu").glob("*.cpp"))]
 
 
 def nocompile(environ: Mapping[str, str]) -> bool:

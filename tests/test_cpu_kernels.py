@@ -1,0 +1,50 @@
+"""The CPU fp16-weight kernel against plain fp32 matmul, and the model with and without it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Cache, ext
+
+kernels = ext.cpu_kernels()
+needs_kernels = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2/F16C or no compiler)")
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n, k", [(1, 1), (5, 15), (32, 16), (33, 100), (256, 768)])
+def test_linear_f16w_matches_fp32_matmul(m, n, k):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen).half()
+    expect = x.double() @ w.double().T                  # fp16 weights are exact in fp64
+    torch.testing.assert_close(kernels.linear_f16w(x, w).double(), expect, rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+@needs_kernels
+def test_linear_f16w_refuses_wrong_input():
+    with pytest.raises(RuntimeError, match="float16"):
+        kernels.linear_f16w(torch.randn(1, 8), torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="share K"):
+        kernels.linear_f16w(torch.randn(1, 8), torch.randn(4, 9).half())
+
+
+def _decode_logits(model_dir) -> tuple[ExLlamaV2, torch.Tensor]:
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    model.load()
+    ids = torch.randint(3, 250, (1, 20), generator=torch.Generator().manual_seed(9))
+    cache = ExLlamaV2Cache(model, max_seq_len=32)
+    parts = [model.forward(ids[:, :12], cache)] + [model.forward(ids[:, i : i + 1], cache) for i in range(12, 20)]
+    return model, torch.cat(parts, 1)
+
+
+@needs_kernels
+def test_fp16_weights_on_the_cpu_match_fp32_weights(tiny_model_factory, monkeypatch):
+    model_dir, _ = tiny_model_factory("qwen2")           # biases too
+    model, with_kernel = _decode_logits(model_dir)
+    assert model.modules[1].q_proj.weight.dtype == torch.float16
+    monkeypatch.setattr(ext, "cpu_kernels", lambda: None)
+    model, without = _decode_logits(model_dir)
+    assert model.modules[1].q_proj.weight.dtype == torch.float32
+    torch.testing.assert_close(with_kernel, without, rtol=1e-4, atol=1e-4)
