@@ -10,7 +10,6 @@ import glob
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 

@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from tests.fakes import forget_fake_modules, use_fakes
 from tests.tiny_models import ARCH_SPECS, build_tiny_model
 
 
@@ -42,6 +43,13 @@ def tiny_model_factory(tmp_path_factory):
         return built[arch]
 
     return make
+
+
+@pytest.fixture
+def fakes(monkeypatch):
+    """fakes(folder): put the fake packages of tests/fakes/<folder> (flash_attn, xformers) on sys.path."""
+    yield lambda folder: use_fakes(monkeypatch, folder)
+    forget_fake_modules()
 
 
 @pytest.fixture(params=sorted(ARCH_SPECS))

@@ -17,15 +17,8 @@ from exllamav2.attn.backend import AttentionBackend
 from exllamav2.attn.matmul import MatmulBackend
 from exllamav2.attn.metadata import AttnMetadata
 from exllamav2.attn.sdpa import SdpaBackend
-from tests.fakes import forget_fake_modules, use_fakes
 
 HEAD_DIM = 16
-
-
-@pytest.fixture
-def fakes(monkeypatch):
-    yield lambda folder: use_fakes(monkeypatch, folder)
-    forget_fake_modules()
 
 
 def reference(q, k, v, *, past, key_lengths=None, key_mask=None, scale, window=0, softcap=0.0):

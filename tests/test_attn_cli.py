@@ -11,15 +11,9 @@ from pathlib import Path
 import pytest
 
 from exllamav2.attn.__main__ import main
-from tests.fakes import FAKES, forget_fake_modules, use_fakes
+from tests.fakes import FAKES
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def fakes(monkeypatch):
-    yield lambda folder: use_fakes(monkeypatch, folder)
-    forget_fake_modules()
 
 
 @pytest.fixture(autouse=True)

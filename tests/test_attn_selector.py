@@ -21,16 +21,10 @@ from exllamav2.attn.env import parse_env
 from exllamav2.attn.installed import find_installed, version_tuple
 from exllamav2.attn.probe import probe
 from exllamav2.attn.sdpa import SdpaBackend
-from tests.fakes import FAKES, forget_fake_modules, use_fakes
+from tests.fakes import FAKES
 
 TORCH = "2.13.0"
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def fakes(monkeypatch):
-    yield lambda folder: use_fakes(monkeypatch, folder)
-    forget_fake_modules()
 
 
 @pytest.fixture(autouse=True)

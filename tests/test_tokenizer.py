@@ -17,7 +17,6 @@ from tokenizers import Tokenizer, pre_tokenizers
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
 from exllamav2.tokenizer.hf import BYTE_LEVEL_CHARS
 from tests.tokenizer_fixtures import (
-    CHATML,
     SAMPLE_TEXTS,
     UNSPECIAL,
     corpus,
