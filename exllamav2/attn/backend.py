@@ -161,3 +161,12 @@ def refuse_softcap(backend: str) -> ValueError:
         f"{backend} cannot apply logit softcapping; plan attention with the model's softcap "
         f"(resolve_attention) so that a backend that can is chosen"
     )
+
+
+def nvidia_gpu_reasons(device) -> list[str]:
+    """Why a backend built on NVIDIA CUDA kernels cannot run on `device` at all (a CPU, a ROCm GPU); [] otherwise."""
+    if not device.is_cuda:
+        return ["needs a CUDA GPU"]
+    if device.rocm:
+        return ["not supported on ROCm devices"]
+    return []

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import AttentionBackend
+from .backend import AttentionBackend, nvidia_gpu_reasons
 from .installed import at_least, find_installed
 from .matmul import MatmulBackend
 from .metadata import AttnMetadata
@@ -85,11 +85,9 @@ class FlashAttnBackend(AttentionBackend):
 
     @classmethod
     def validate(cls, device, needs, installed) -> list[str]:
-        if not device.is_cuda:
-            return ["needs a CUDA GPU"]
-        if device.rocm:
-            return ["not supported on ROCm devices"]
-        reasons = []
+        reasons = nvidia_gpu_reasons(device)
+        if reasons:
+            return reasons
         if device.capability < (8, 0):
             reasons.append(f"needs sm_80+, {device.label} is {device.sm}")
         version = installed.flash_attn

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import AttentionBackend, refuse_softcap, repeat_kv
+from .backend import AttentionBackend, nvidia_gpu_reasons, refuse_softcap, repeat_kv
 from .installed import at_least
 from .metadata import AttnMetadata
 
@@ -47,11 +47,9 @@ class XformersBackend(AttentionBackend):
 
     @classmethod
     def validate(cls, device, needs, installed) -> list[str]:
-        if not device.is_cuda:
-            return ["needs a CUDA GPU"]
-        if device.rocm:
-            return ["not supported on ROCm devices"]
-        reasons = []
+        reasons = nvidia_gpu_reasons(device)
+        if reasons:
+            return reasons
         if device.capability < MIN_CAPABILITY:
             reasons.append(f"needs sm_60+, {device.label} is {device.sm}")
         version = installed.xformers
