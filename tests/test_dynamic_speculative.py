@@ -345,3 +345,19 @@ def test_bad_speculative_settings_name_the_problem(loaded):
         drafted.enqueue(ExLlamaV2DynamicJob(ids, 1024 - ids.shape[-1], gen_settings=GREEDY()))
     gen(draft_model=other, draft_cache=ExLlamaV2Cache(other, max_seq_len=1024)).enqueue(
         ExLlamaV2DynamicJob(ids, 1024 - ids.shape[-1] - 4, gen_settings=GREEDY()))
+
+
+def test_streaming_generator_refuses_a_draft_with_a_smaller_vocabulary(tiny_model_factory):
+    """The same check guards both generators: a draft that cannot produce the tokenizer's ids is refused."""
+    from exllamav2.generator import ExLlamaV2StreamingGenerator
+    from exllamav2.generator.drafting import check_draft_vocab
+
+    class Vocab:
+        def __init__(self, n):
+            self.config = type("C", (), {"vocab_size": n})()
+
+    tokenizer = type("T", (), {"get_vocab_size": lambda self: 250})()
+    with pytest.raises(ValueError, match="same tokenizer"):
+        check_draft_vocab(Vocab(200), Vocab(250), tokenizer)
+    check_draft_vocab(Vocab(256), Vocab(250), tokenizer)        # padded vocab: a warning, not an error
+    assert "check_draft_vocab" in ExLlamaV2StreamingGenerator.__init__.__code__.co_names

@@ -29,7 +29,7 @@ import torch
 from ..attn.params import PagedParams
 from ..cache import PAGE_SIZE
 from ..embedding import EMBEDDING_INDEX
-from .drafting import ngram_draft
+from .drafting import check_draft_vocab, ngram_draft
 from .dynamic_embeddings import ExLlamaV2MMEmbedding, remap_embeddings
 from .filters.base import ExLlamaV2Filter
 from .hooks import run_post_sampling_hooks
@@ -520,15 +520,7 @@ class ExLlamaV2DynamicGenerator:
                 f"the draft cache shares the main cache's pages, so it needs batch_size=1 and max_seq_len="
                 f"{self.cache.max_seq_len}; got batch_size={dc.batch_size}, max_seq_len={dc.max_seq_len}"
             )
-        draft_vocab, vocab = self.draft_model.config.vocab_size, self.tokenizer.get_vocab_size()
-        if draft_vocab < vocab:
-            raise ValueError(
-                f"the draft model's vocabulary has {draft_vocab} tokens but the tokenizer's has {vocab}; the "
-                f"draft model must use the same tokenizer as the main model"
-            )
-        if draft_vocab != self.model.config.vocab_size:
-            log.warning("the draft model's vocab_size (%d) differs from the model's (%d); drafts are only useful "
-                        "if both use the same tokenizer", draft_vocab, self.model.config.vocab_size)
+        check_draft_vocab(self.draft_model, self.model, self.tokenizer)
 
     def _caches(self) -> list["ExLlamaV2CacheBase"]:
         """The caches that share the page table: the model's, and the draft model's if there is one."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .base import ExLlamaV2BaseGenerator, check_room
-from .drafting import ngram_draft
+from .drafting import check_draft_vocab, ngram_draft
 from .dynamic_embeddings import remap_embeddings
 from .filters.base import ExLlamaV2Filter
 from .hooks import ExLlamaV2PostSamplingResult, run_post_sampling_hooks
@@ -56,6 +56,8 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         super().__init__(model, cache, tokenizer)
         if (draft_model is None) != (draft_cache is None):
             raise ValueError("speculative decoding needs both draft_model and draft_cache")
+        if draft_model is not None:
+            check_draft_vocab(draft_model, model, tokenizer)
         self.draft_model = draft_model
         self.draft_cache = draft_cache
         self.num_speculative_tokens = num_speculative_tokens
@@ -326,7 +328,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         feed = seq[:, cache.current_seq_len :]
         drafted: list[int] = []
         for _ in range(k):
-            logits = self.draft_model.forward(feed, cache, loras=self.loras, last_id_only=True).float().cpu()
+            logits = self.draft_model.forward(feed, cache, last_id_only=True).float().cpu()   # adapters are the main model's
             context = torch.cat((seq, torch.tensor([drafted], dtype=torch.long)), dim=1) if drafted else seq
             token = ExLlamaV2Sampler.sample(logits[:, -1:], greedy, context, 0.0, self.tokenizer)[0]
             drafted.append(int(token[0, 0]))
