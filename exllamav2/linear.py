@@ -44,6 +44,7 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.q: object | None = None  # quantized weight object (exllamav2.quant)
+        self._cpu_f16 = False         # fp16 weights with fp32 activations on the CPU (see _forward_f16_weight)
 
     def _source_key(self) -> str:
         for key in (self.key, self.alt_key):
@@ -79,7 +80,9 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         else:
             w = self.load_tensor(f"{key}.weight", (self.out_features, self.in_features))
             rows, bias_shape = slice(None), (self.out_features,)
-        if self.device.type == "cpu" and dtype == torch.float32 and w.dtype == torch.float16 and ext.cpu_kernels():
+        self._cpu_f16 = (self.device.type == "cpu" and dtype == torch.float32 and w.dtype == torch.float16
+                         and ext.cpu_kernels() is not None)
+        if self._cpu_f16:
             dtype = torch.float16   # kept at 16 bits: the CPU kernel reads half the bytes per decoded token
         self.weight = w[rows].to(self.device, dtype).contiguous()
         if self.has(f"{key}.bias"):
@@ -91,11 +94,12 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         self.weight = self.bias = self.q = None
 
     def weight_footprint(self) -> int:
+        """Bytes on a GPU once loaded: a quantized layer's packed tensors, else its weight and bias in fp16."""
         key = self._source_key()
-        total = sum(self.tensor_bytes(f"{key}.{s}") for s in _TENSOR_SUFFIXES)
-        if self.fused and key == self.fused[0]:
-            total = total * (self.fused[2] - self.fused[1]) // max(1, self.index.shape(f"{key}.weight")[0])
-        return total * (2 if self.model.dtype == torch.float32 and not self.is_quant() else 1)
+        if self.is_quant():
+            return sum(self.tensor_bytes(f"{key}.{s}") for s in _TENSOR_SUFFIXES)
+        bias = self.out_features if self.has(f"{key}.bias") else 0
+        return 2 * (self.out_features * self.in_features + bias)
 
     def is_quant(self) -> bool:
         key = self._source_key()
@@ -104,7 +108,7 @@ class ExLlamaV2Linear(ExLlamaV2Module):
     def forward(self, x: torch.Tensor, loras: list | None = None, **kwargs) -> torch.Tensor:
         if self.q is not None:
             y = self.q.forward(x)
-        elif self.weight.dtype != x.dtype:
+        elif self._cpu_f16:
             y = self._forward_f16_weight(x)
         else:
             y = F.linear(x, self.weight, self.bias)

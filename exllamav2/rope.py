@@ -91,11 +91,15 @@ class RopeTables:
         self.cos = (emb.cos() * self.attention_factor).to(self.device)
         self.sin = (emb.sin() * self.attention_factor).to(self.device)
 
-    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, L) -> cos, sin (B, L, 1, rotary_dim)."""
+    def reserve(self, positions: torch.Tensor) -> None:
+        """Grow the tables (doubling) so that every position in `positions` has a row."""
         needed = int(positions.max()) + 1 if positions.numel() else 0
         if needed > self.cos.shape[0]:
             self._build(max(needed, 2 * self.cos.shape[0]))
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (B, L) -> cos, sin (B, L, 1, rotary_dim)."""
+        self.reserve(positions)
         positions = positions.clamp(min=0).to(self.device)
         return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
 

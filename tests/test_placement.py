@@ -58,3 +58,18 @@ def test_fp16_on_gpu_matches_transformers(arch, tiny_model_factory):
         ref = hf(ids).logits
     assert (ours - ref).abs().max() < 2e-2 * ref.abs().max()
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.98
+
+
+def test_footprint_of_an_fp16_checkpoint_is_its_tensor_bytes(tiny_model_factory):
+    """Placement counts unquantized linears as fp16 on the GPU: for an fp16 checkpoint, exactly its bytes."""
+    from safetensors import safe_open
+
+    model_dir, _ = tiny_model_factory("qwen2")            # with biases
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    linears = [s for m in model.modules for s in getattr(m, "submodules", lambda: [m])()
+               if type(s).__name__ == "ExLlamaV2Linear"]
+    (file,) = model_dir.glob("*.safetensors")
+    with safe_open(str(file), "pt") as f:
+        on_disk = sum(f.get_tensor(f"{lin.key}.{s}").nbytes for lin in linears for s in ("weight", "bias")
+                      if f"{lin.key}.{s}" in f.keys())
+    assert sum(lin.weight_footprint() for lin in linears) == on_disk

@@ -24,11 +24,12 @@ def rotate_qk(
     else by the twin `apply_rope`."""
     if style == RopeStyle.NONE:
         return q, k
-    cos, sin = attn_params.rope(tables)     # once per forward; also grows the tables to the positions used
     kernels = ext.kernels_for_tensor(q)
     if kernels is None:
+        cos, sin = attn_params.rope(tables)     # gathered once per forward, shared by the layers
         return apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
-    # the kernel reads whole table rows by position and rotates contiguous tensors
+    # the kernel reads whole table rows by position and rotates contiguous tensors: no gather needed
+    tables.reserve(attn_params.positions())
     positions = attn_params.positions_on(q.device)
     q, k = q.contiguous(), k.contiguous()
     neox = style == RopeStyle.NEOX
