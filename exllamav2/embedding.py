@@ -27,19 +27,17 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
     def forward(self, input_ids: torch.Tensor, indexed_embeddings: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         vocab = self.weight.shape[0]
         ids = input_ids.to(self.weight.device)
-        if ids.numel() and (int(ids.max()) >= vocab or int(ids.min()) < 0):
-            if indexed_embeddings is None or int(ids.max()) < EMBEDDING_INDEX:
-                raise ValueError(
-                    f"token id {int(ids.max())} is outside the vocabulary (size {vocab}); check the tokenizer "
-                    f"matches the model"
-                )
         dtype = self.model.dtype
-        if indexed_embeddings is not None and ids.numel() and int(ids.max()) >= EMBEDDING_INDEX:
-            extra = ids >= EMBEDDING_INDEX
-            x = self.weight[ids.masked_fill(extra, 0)].to(dtype)
+        extra = ids >= EMBEDDING_INDEX if indexed_embeddings is not None else None
+        plain = ids if extra is None else ids.masked_fill(extra, 0)
+        if plain.numel() and (int(plain.min()) < 0 or int(plain.max()) >= vocab):
+            bad = int(plain.min()) if int(plain.min()) < 0 else int(plain.max())
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary (size {vocab}); check the tokenizer matches the model"
+            )
+        x = self.weight[plain].to(dtype)
+        if extra is not None and bool(extra.any()):
             x[extra] = indexed_embeddings.to(x.device, dtype).view(-1, x.shape[-1])[ids[extra] - EMBEDDING_INDEX]
-        else:
-            x = self.weight[ids].to(dtype)
         if self.model.config.arch.embed_scale_sqrt_hidden:
             # the normaliser is rounded to the activation dtype, as the reference implementation does
             x = x * torch.tensor(self.model.config.hidden_size**0.5, dtype=x.dtype)

@@ -95,3 +95,14 @@ def test_unknown_architecture_loads_as_llama(model_copy, caplog, tiny_model_fact
     model = ExLlamaV2(config)
     model.load()
     assert model.loaded
+
+
+@pytest.mark.parametrize("bad_id", [-1, 250, 10_000])
+def test_token_id_outside_the_vocabulary(tiny_model_factory, bad_id):
+    import torch
+
+    model_dir, _ = tiny_model_factory("llama")
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    model.load()
+    with pytest.raises(ValueError, match=rf"token id {bad_id} is outside the vocabulary \(size 250\)"):
+        model.forward(torch.tensor([[5, bad_id]]))

@@ -183,3 +183,17 @@ def test_softcapped_model_never_gets_sdpa(tiny_model_factory, monkeypatch):
     plan = model.attn_plan.device_plan(model.devices[0])
     assert plan.backend == "matmul"
     assert "softcap" in plan.rejected_dict["sdpa"]
+
+
+def test_indexed_embeddings_stand_in_for_tokens(tiny_model_factory):
+    """ids >= EMBEDDING_INDEX read rows of `indexed_embeddings` (upstream's multimodal path): feeding a
+    token's own embedding row that way gives the same logits as the token."""
+    from exllamav2.embedding import EMBEDDING_INDEX
+
+    model_dir, _ = tiny_model_factory("llama")
+    model = load(model_dir)
+    ids = torch.tensor([[5, 17, 42, 9]])
+    table = model.modules[0].weight
+    extra = table[[17, 42]].float()
+    mixed = torch.tensor([[5, EMBEDDING_INDEX, EMBEDDING_INDEX + 1, 9]])
+    torch.testing.assert_close(model.forward(mixed, indexed_embeddings=extra), model.forward(ids))
