@@ -7,6 +7,7 @@ same weights. Weights are rounded to fp16 before saving, so both sides see ident
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -43,6 +44,16 @@ def tiny_model_factory(tmp_path_factory):
         return built[arch]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def emulated_extension():
+    """exllamav2_ext built for the CPU on the CUDA emulator (tests/cuda_emu): the kernels run on CPU tensors."""
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler to build the emulated extension")
+    from tests import cuda_emu
+
+    return cuda_emu.load()
 
 
 @pytest.fixture

@@ -294,28 +294,39 @@ def test_paged_decode_agrees_with_fp16_cache(demo, cls, minimum):
 # --- kernels against the twin (GPU) --------------------------------------------------------------
 
 
-def both_paths(cls, monkeypatch, make):
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.cuda), "emulated"])
+def kernel_device(request, monkeypatch) -> str:
+    """Where the cache meets the real kernels: a GPU, or the CPU through the CUDA emulator (tests/cuda_emu)."""
+    if request.param == "cuda":
+        assert load_extension() is not None
+        return "cuda"
+    module = request.getfixturevalue("emulated_extension")
+    monkeypatch.setattr(cache_quant.ext, "kernels_for", lambda device: module)
+    return "cpu"
+
+
+def both_paths(cls, device, monkeypatch, make):
     """Run `make(cache)` with the extension's kernels and with the twin on identical caches."""
     results = []
     for use_kernels in (True, False):
-        if not use_kernels:
+        if use_kernels:
+            assert cache_quant.ext.kernels_for(device) is not None
+        else:
             # cache_quant reaches the extension as ext.kernels_for (it has no kernels_for of its own)
             monkeypatch.setattr(cache_quant.ext, "kernels_for", lambda device: None)
         cache = cls(fake_model(kv_heads=8, head_dim=128, max_seq_len=4 * 256, dtype=torch.float16,
-                               device="cuda"), max_seq_len=4 * 256)
+                               device=device), max_seq_len=4 * 256)
         results.append(make(cache))
     return results
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("cls", QUANT_CACHES)
-def test_kernels_match_twin_contiguous(cls, monkeypatch):
-    assert load_extension() is not None
+def test_kernels_match_twin_contiguous(cls, kernel_device, monkeypatch):
     torch.manual_seed(6)
-    data = torch.randn(1, 300, 8, 128, device="cuda").half() * 3
+    data = torch.randn(1, 300, 8, 128, device=kernel_device).half() * 3
 
     def run(cache):
-        k, v = cache.working_tensors(torch.device("cuda"))
+        k, v = cache.working_tensors(torch.device(kernel_device))
         k[:, 17:317] = data
         v[:, 17:317] = -data
         cache.store_kv_state(0, 1, 17, 300)
@@ -325,22 +336,20 @@ def test_kernels_match_twin_contiguous(cls, monkeypatch):
         k, v = cache.get_kv_state(0, 1, 0, 400)
         return stored, k.clone(), v.clone()
 
-    (s1, k1, v1), (s2, k2, v2) = both_paths(cls, monkeypatch, run)
+    (s1, k1, v1), (s2, k2, v2) = both_paths(cls, kernel_device, monkeypatch, run)
     assert all(torch.equal(a, b) for a, b in zip(s1, s2))
     assert torch.equal(k1, k2) and torch.equal(v1, v2)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("cls", QUANT_CACHES)
-def test_kernels_match_twin_paged(cls, monkeypatch):
-    assert load_extension() is not None
+def test_kernels_match_twin_paged(cls, kernel_device, monkeypatch):
     torch.manual_seed(7)
-    table = torch.tensor([[2, 0], [3, 1]], dtype=torch.int32, device="cuda")
-    seqlens = torch.tensor([100, 300], dtype=torch.int32, device="cuda")
-    data = torch.randn(4 * 256, 8, 128, device="cuda").half()
+    table = torch.tensor([[2, 0], [3, 1]], dtype=torch.int32, device=kernel_device)
+    seqlens = torch.tensor([100, 300], dtype=torch.int32, device=kernel_device)
+    data = torch.randn(4 * 256, 8, 128, device=kernel_device).half()
 
     def run(cache):
-        k, v = cache.working_tensors(torch.device("cuda"))
+        k, v = cache.working_tensors(torch.device(kernel_device))
         k.view(-1, 8, 128)[:] = data
         v.view(-1, 8, 128)[:] = data * 0.5
         cache.store_kv_state(0, 1, 0, 4, 256, seqlens - 4, table)    # last 4 tokens of each sequence
@@ -351,6 +360,6 @@ def test_kernels_match_twin_paged(cls, monkeypatch):
         k, v = cache.get_kv_state(0, 1, 0, 1, 256, seqlens, table)
         return stored, k.clone(), v.clone()
 
-    (s1, k1, v1), (s2, k2, v2) = both_paths(cls, monkeypatch, run)
+    (s1, k1, v1), (s2, k2, v2) = both_paths(cls, kernel_device, monkeypatch, run)
     assert all(torch.equal(a, b) for a, b in zip(s1, s2))
     assert torch.equal(k1, k2) and torch.equal(v1, v2)

@@ -368,29 +368,40 @@ def test_gptq_groups_not_on_word_boundaries_are_refused():
 # --- kernels against their twins (GPU) ------------------------------------------------------------------
 
 
-@pytest.fixture
-def kernels():
+class Kernels:
+    """The extension's functions, and the device whose tensors they take."""
+
+    def __init__(self, module: types.ModuleType, device: str):
+        self.module, self.device = module, device
+
+    def __getattr__(self, name: str):
+        return getattr(self.module, name)
+
+
+@pytest.fixture(scope="module", params=[pytest.param("cuda", marks=pytest.mark.cuda), "emulated"])
+def kernels(request):
+    """The real extension on a GPU, and the same sources built for the CPU on the CUDA emulator (tests/cuda_emu)."""
+    if request.param == "emulated":
+        return Kernels(request.getfixturevalue("emulated_extension"), "cpu")
     module = ext.load_extension()
     assert module is not None, f"the extension must load on a CUDA machine: {ext.unavailable_reason()}"
-    return module
+    return Kernels(module, "cuda")
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("wdtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("dim", [64, 4096, 5120 + 8])
 def test_norm_kernels_match_twins(kernels, wdtype, dim):
     from exllamav2.norm import layer_norm, rms_norm
 
     torch.manual_seed(dim)
-    x = (torch.randn(3, 7, dim, device="cuda") * 4).half()
-    w = (1 + torch.randn(dim, device="cuda") * 0.1).to(wdtype)
-    b = (torch.randn(dim, device="cuda") * 0.1).to(wdtype)
+    x = (torch.randn(3, 7, dim, device=kernels.device) * 4).half()
+    w = (1 + torch.randn(dim, device=kernels.device) * 0.1).to(wdtype)
+    b = (torch.randn(dim, device=kernels.device) * 0.1).to(wdtype)
     torch.testing.assert_close(kernels.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5), rtol=2e-3, atol=2e-3)
     torch.testing.assert_close(kernels.layer_norm(x, w, b, 1e-5), layer_norm(x, w, b, 1e-5), rtol=2e-3, atol=4e-3)
     torch.testing.assert_close(kernels.layer_norm(x, w, None, 1e-5), layer_norm(x, w, None, 1e-5), rtol=2e-3, atol=4e-3)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("style_name", ["NEOX", "GPTJ"])
 @pytest.mark.parametrize("head_dim, rot", [(128, 128), (64, 32), (256, 256)])
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.float16])
@@ -403,26 +414,25 @@ def test_rope_kernel_matches_twin(kernels, style_name, head_dim, rot, table_dtyp
     inv = 1.0 / 10000 ** (torch.arange(0, rot, 2, dtype=torch.float32) / rot)
     freqs = torch.outer(torch.arange(600, dtype=torch.float32), inv)
     emb = torch.cat((freqs, freqs), -1)
-    cos, sin = emb.cos().to("cuda", table_dtype), emb.sin().to("cuda", table_dtype)
-    x = torch.randn(3, 5, 6, head_dim, device="cuda").half()
+    cos, sin = emb.cos().to(kernels.device, table_dtype), emb.sin().to(kernels.device, table_dtype)
+    x = torch.randn(3, 5, 6, head_dim, device=kernels.device).half()
     positions = torch.arange(5).view(1, -1) + torch.tensor([0, 17, 590]).view(-1, 1)   # per-sequence offsets
-    want = apply_rope(x, cos[positions.cuda()].unsqueeze(2).float(), sin[positions.cuda()].unsqueeze(2).float(), style)
+    want = apply_rope(x, cos[positions.to(kernels.device)].unsqueeze(2).float(), sin[positions.to(kernels.device)].unsqueeze(2).float(), style)
     got = x.clone()
     kernels.rope_(got, cos, sin, positions, style == RopeStyle.NEOX)
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("feat", [1024, 96, 32])
 def test_kv_quant_kernels_match_twin_exactly(kernels, bits, feat):
     from exllamav2 import kv_quant
 
     torch.manual_seed(feat)
-    x = (torch.randn(2, 50, feat, device="cuda") * 3).half()
+    x = (torch.randn(2, 50, feat, device=kernels.device) * 3).half()
     padded = kv_quant.padded_features(feat)
-    q = torch.zeros(2, 50, padded * bits // 8, dtype=torch.uint8, device="cuda")
-    s = torch.zeros(2, 50, padded // 32, dtype=torch.float16, device="cuda")
+    q = torch.zeros(2, 50, padded * bits // 8, dtype=torch.uint8, device=kernels.device)
+    s = torch.zeros(2, 50, padded // 32, dtype=torch.float16, device=kernels.device)
     kernels.fp16_to_q(x, q, s, bits, batch=2, offset=0, width=50)
     want_q, want_s = kv_quant.quantize(x, bits)
     assert torch.equal(q, want_q) and torch.equal(s, want_s)
@@ -436,29 +446,35 @@ def test_kv_quant_kernels_match_twin_exactly(kernels, bits, feat):
     assert torch.equal(y, kv_quant.fp8_dequantize(f8))
 
 
+def skip_large_on_the_emulator(kernels, work: float) -> None:
+    """The emulator runs about a million GPU threads a few seconds; the largest shapes are for real GPUs."""
+    if kernels.device != "cuda" and work > 1 << 22:
+        pytest.skip("too large for the CUDA emulator; runs on a GPU")
+
+
 EXL2_SHAPES = [(4096, 4096, [4], 128), (4096, 1024, [6, 4], 32), (1000, 200, [8, 5, 3, 2], 64), (256, 96, [3], 32)]
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("k, n, bits, group_size", EXL2_SHAPES)
 def test_exl2_reconstruct_is_bit_exact(kernels, k, n, bits, group_size):
-    w = exl2_weight(k, n, bits, group_size, device="cuda", prescale=0.5)
+    skip_large_on_the_emulator(kernels, k * n)
+    w = exl2_weight(k, n, bits, group_size, device=kernels.device, prescale=0.5)
     qm = qmatrix.make_qmatrix(w, kernels)
-    out = torch.empty(k, n, dtype=torch.float16, device="cuda")
+    out = torch.empty(k, n, dtype=torch.float16, device=kernels.device)
     qm.reconstruct(out, 0)
     assert torch.equal(out.view(torch.int16), twin_of(w).dequantize().view(torch.int16))
-    part = torch.empty(k, 64, dtype=torch.float16, device="cuda")
+    part = torch.empty(k, 64, dtype=torch.float16, device=kernels.device)
     qm.reconstruct(part, 32)
     assert torch.equal(part, out[:, 32:96])
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("k, n, bits, group_size", EXL2_SHAPES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 8, 17, 32, 33, 100])
 def test_exl2_matmul_matches_twin(kernels, k, n, bits, group_size, rows):
-    w = exl2_weight(k, n, bits, group_size, device="cuda", bias=True)
+    skip_large_on_the_emulator(kernels, k * n * max(rows, 8) / 8)
+    w = exl2_weight(k, n, bits, group_size, device=kernels.device, bias=True)
     qm = qmatrix.make_qmatrix(w, kernels)
-    x = torch.randn(rows, k, device="cuda").half()
+    x = torch.randn(rows, k, device=kernels.device).half()
     want = twin_of(w).forward(x).float()
     got = qm.forward(x.view(1, rows, k), qmatrix.MAX_FUSED_ROWS, 1 << 20).view(rows, n).float()
     # fused rows sum in fp32 per chunk and scale per group: a different rounding order than the twin
@@ -466,35 +482,33 @@ def test_exl2_matmul_matches_twin(kernels, k, n, bits, group_size, rows):
     assert (got - want).abs().max().item() < tol
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("case", ["no_g_idx", "act_order"])
 @pytest.mark.parametrize("rows", [1, 4, 32, 64])
 def test_gptq_kernels_match_twin(kernels, case, rows):
     k, n, groups = 2048, 512, 16
     g_idx = None if case == "no_g_idx" else torch.randperm(k, generator=torch.Generator().manual_seed(5)) // 128
-    w = gptq_weight(k, n, groups, g_idx, bias=True, device="cuda")
+    w = gptq_weight(k, n, groups, g_idx, bias=True, device=kernels.device)
     qm = qmatrix.make_qmatrix(w, kernels)
-    out = torch.empty(k, n, dtype=torch.float16, device="cuda")
+    out = torch.empty(k, n, dtype=torch.float16, device=kernels.device)
     qm.reconstruct(out, 0)
     assert torch.equal(out.view(torch.int16), twin_of(w).dequantize().view(torch.int16))
-    x = torch.randn(rows, k, device="cuda").half() * 0.1
+    x = torch.randn(rows, k, device=kernels.device).half() * 0.1
     want = twin_of(w).forward(x).float()
     got = qm.forward(x, qmatrix.MAX_FUSED_ROWS, 1 << 20).float()
     assert (got - want).abs().max().item() < 5e-3 * want.abs().max().item() + 2e-2
 
 
 @pytest.fixture
-def twin_paged(monkeypatch):
+def twin_paged(monkeypatch, kernels):
     """MatmulBackend.attend_paged on its gather path: on a GPU, attend_paged would otherwise hand float16 decode
     steps to the extension's paged kernel, the very kernel under test."""
     from exllamav2.attn import backend
     from exllamav2.attn.matmul import MatmulBackend
 
     monkeypatch.setattr(backend, "paged_kernels_for", lambda *args: None)
-    return MatmulBackend("cuda").attend_paged
+    return MatmulBackend(kernels.device).attend_paged
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("q_len", [1, 3, 8])
 @pytest.mark.parametrize("q_heads, kv_heads, head_dim", [(32, 8, 128), (8, 8, 64), (16, 2, 256), (12, 4, 96)])
 @pytest.mark.parametrize("window, softcap", [(0, 0.0), (100, 0.0), (0, 30.0)])
@@ -504,13 +518,13 @@ def test_paged_attention_matches_matmul_twin(kernels, twin_paged, q_len, q_heads
     torch.manual_seed(q_len * 1000 + head_dim)
     page, pages = 256, 12
     batch = 3
-    seqlens = torch.tensor([0, 300, 700], dtype=torch.int32, device="cuda")
-    table = torch.tensor([[5, 0, 0, 0], [2, 7, 0, 0], [9, 1, 11, 3]], dtype=torch.int32, device="cuda")
-    k_pages = torch.randn(pages, page, kv_heads, head_dim, device="cuda").half()
-    v_pages = torch.randn(pages, page, kv_heads, head_dim, device="cuda").half()
-    q = torch.randn(batch, q_len, q_heads, head_dim, device="cuda").half()
-    k_new = torch.randn(batch, q_len, kv_heads, head_dim, device="cuda").half()
-    v_new = torch.randn(batch, q_len, kv_heads, head_dim, device="cuda").half()
+    seqlens = torch.tensor([0, 300, 700], dtype=torch.int32, device=kernels.device)
+    table = torch.tensor([[5, 0, 0, 0], [2, 7, 0, 0], [9, 1, 11, 3]], dtype=torch.int32, device=kernels.device)
+    k_pages = torch.randn(pages, page, kv_heads, head_dim, device=kernels.device).half()
+    v_pages = torch.randn(pages, page, kv_heads, head_dim, device=kernels.device).half()
+    q = torch.randn(batch, q_len, q_heads, head_dim, device=kernels.device).half()
+    k_new = torch.randn(batch, q_len, kv_heads, head_dim, device=kernels.device).half()
+    v_new = torch.randn(batch, q_len, kv_heads, head_dim, device=kernels.device).half()
     scale = head_dim**-0.5
     kp, vp = k_pages.clone(), v_pages.clone()
     want = twin_paged(q, k_new, v_new, kp, vp, table, seqlens, scale=scale, window=window, softcap=softcap)
@@ -519,25 +533,25 @@ def test_paged_attention_matches_matmul_twin(kernels, twin_paged, q_len, q_heads
     torch.testing.assert_close(got, want, rtol=5e-3, atol=5e-3)
 
 
-@pytest.mark.cuda
 def test_paged_attention_stops_at_the_block_table(kernels, twin_paged):
     """A sequence whose new tokens run past its block table's capacity: the kernel must neither store nor read
     those positions (their page index would come from past the end of the table). The table here is a slice of
     a larger tensor whose next row holds a page index far outside the pages, so a read past the slice faults."""
     page, pages, kv_heads, head_dim, q_heads = 16, 6, 2, 64, 4
     torch.manual_seed(11)
-    backing = torch.full((3, 2), 1 << 28, dtype=torch.int32, device="cuda")
+    backing = torch.full((3, 2), 1 << 28, dtype=torch.int32, device=kernels.device)
     backing[:2] = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
     table = backing[:2]                                       # contiguous, 2 pages (32 positions) per sequence
-    seqlens = torch.tensor([5, 31], dtype=torch.int32, device="cuda")   # sequence 1: query 0 at 31, 1..2 beyond
-    k_pages = torch.randn(pages, page, kv_heads, head_dim, device="cuda").half()
-    v_pages = torch.randn(pages, page, kv_heads, head_dim, device="cuda").half()
-    q = torch.randn(2, 3, q_heads, head_dim, device="cuda").half()
-    k_new = torch.randn(2, 3, kv_heads, head_dim, device="cuda").half()
-    v_new = torch.randn(2, 3, kv_heads, head_dim, device="cuda").half()
+    seqlens = torch.tensor([5, 31], dtype=torch.int32, device=kernels.device)   # sequence 1: query 0 at 31, 1..2 beyond
+    k_pages = torch.randn(pages, page, kv_heads, head_dim, device=kernels.device).half()
+    v_pages = torch.randn(pages, page, kv_heads, head_dim, device=kernels.device).half()
+    q = torch.randn(2, 3, q_heads, head_dim, device=kernels.device).half()
+    k_new = torch.randn(2, 3, kv_heads, head_dim, device=kernels.device).half()
+    v_new = torch.randn(2, 3, kv_heads, head_dim, device=kernels.device).half()
     kp, vp = k_pages.clone(), v_pages.clone()
     got = kernels.paged_attention(q, k_new, v_new, k_pages, v_pages, table, seqlens, 0.125, 0, 0.0)
-    torch.cuda.synchronize()
+    if kernels.device == "cuda":
+        torch.cuda.synchronize()            # a fault surfaces here, not at some later call
     # the twin cannot address positions past the table; the rows inside it see exactly the keys they see there
     want0 = twin_paged(q[:1], k_new[:1], v_new[:1], kp, vp, table[:1], seqlens[:1], scale=0.125)
     want1 = twin_paged(q[1:, :1], k_new[1:, :1], v_new[1:, :1], kp, vp, table[1:], seqlens[1:], scale=0.125)
@@ -547,34 +561,32 @@ def test_paged_attention_stops_at_the_block_table(kernels, twin_paged):
     assert torch.isfinite(got).all()
 
 
-@pytest.mark.cuda
 def test_paged_attention_without_queries(kernels):
     """q_len 0 (or batch 0) returns an empty result instead of dividing by zero while choosing the splits."""
-    k_pages = torch.zeros(2, 16, 2, 64, dtype=torch.float16, device="cuda")
-    table = torch.zeros(1, 2, dtype=torch.int32, device="cuda")
-    seqlens = torch.zeros(1, dtype=torch.int32, device="cuda")
+    k_pages = torch.zeros(2, 16, 2, 64, dtype=torch.float16, device=kernels.device)
+    table = torch.zeros(1, 2, dtype=torch.int32, device=kernels.device)
+    seqlens = torch.zeros(1, dtype=torch.int32, device=kernels.device)
     for batch, q_len in ((1, 0), (0, 1)):
-        q = torch.zeros(batch, q_len, 4, 64, dtype=torch.float16, device="cuda")
-        kv = torch.zeros(batch, q_len, 2, 64, dtype=torch.float16, device="cuda")
+        q = torch.zeros(batch, q_len, 4, 64, dtype=torch.float16, device=kernels.device)
+        kv = torch.zeros(batch, q_len, 2, 64, dtype=torch.float16, device=kernels.device)
         out = kernels.paged_attention(q, kv, kv, k_pages, k_pages.clone(), table[:batch], seqlens[:batch],
                                       0.125, 0, 0.0)
         assert out.shape == q.shape
 
 
-@pytest.mark.cuda
 def test_cache_kernels_refuse_misaligned_byte_storage(kernels):
     """FP8 and 8-bit codes move as byte pairs; a uint8 view starting at an odd address is refused, not misread."""
-    x = torch.zeros(1, 4, 64, dtype=torch.float16, device="cuda")
-    fp8 = torch.zeros(1 + 4 * 64, dtype=torch.uint8, device="cuda")[1:].view(1, 4, 64)
+    x = torch.zeros(1, 4, 64, dtype=torch.float16, device=kernels.device)
+    fp8 = torch.zeros(1 + 4 * 64, dtype=torch.uint8, device=kernels.device)[1:].view(1, 4, 64)
     with pytest.raises(RuntimeError, match="byte boundary"):
         kernels.fp16_to_fp8(x, fp8, batch=1, offset=0, width=4)
-    q = torch.zeros(1 + 4 * 64, dtype=torch.uint8, device="cuda")[1:].view(1, 4, 64)
-    s = torch.zeros(1, 4, 2, dtype=torch.float16, device="cuda")
+    q = torch.zeros(1 + 4 * 64, dtype=torch.uint8, device=kernels.device)[1:].view(1, 4, 64)
+    s = torch.zeros(1, 4, 2, dtype=torch.float16, device=kernels.device)
     with pytest.raises(RuntimeError, match="byte boundary"):
         kernels.fp16_to_q(x, q, s, 8, batch=1, offset=0, width=4)
 
 
-@pytest.mark.cuda
-def test_kernels_reject_cpu_tensors(kernels):
+def test_kernels_reject_tensors_on_other_devices(kernels):
+    elsewhere = "cpu" if kernels.device == "cuda" else "meta"     # the emulator takes CPU tensors as its own
     with pytest.raises(RuntimeError, match="CUDA tensors only"):
-        kernels.rms_norm(torch.zeros(2, 8).half(), torch.ones(8).half(), 1e-5)
+        kernels.rms_norm(torch.zeros(2, 8, device=elsewhere).half(), torch.ones(8, device=elsewhere).half(), 1e-5)
