@@ -11,6 +11,7 @@ the real extension against the PyTorch path on the same model.
 from __future__ import annotations
 
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,36 +316,93 @@ def test_plan_says_kernel_where_the_extension_takes_paged_decode(fake, monkeypat
     assert [p.paged_impl for p in with_paged_kernels(plan).devices] == ["gather", "block_table", "gather"]
 
 
-# --- GPU: the real extension against the PyTorch path ------------------------------------------------
+# --- the real extension against the PyTorch path: on a GPU, or on the CPU through the CUDA emulator -----------
 
 
-def gpu_logits(model_dir, paged: bool) -> torch.Tensor:
-    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
-    model.load()
-    ids = torch.randint(3, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(6))
+class CountingKernels:
+    """The extension module, counting which of its functions the model calls."""
+
+    def __init__(self, module):
+        self.module, self.calls = module, Counter()
+
+    def __getattr__(self, name):
+        target = getattr(self.module, name)
+        if not callable(target):
+            return target
+
+        def counted(*args, **kwargs):
+            self.calls[name] += 1
+            return target(*args, **kwargs)
+
+        return counted
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.cuda), "emulated"])
+def real_kernels(request, monkeypatch):
+    """(load, kernels): how a model directory meets the real extension's kernels, and the kernels it calls.
+    On a GPU the model loads there as usual; in the emulator (tests/cuda_emu) it runs in float16 on the CPU."""
+    if request.param == "cuda":
+        module = ext.load_extension()
+        assert module is not None, ext.unavailable_reason()
+        counting = CountingKernels(module)
+        monkeypatch.setattr(ext, "kernels_for", lambda device: counting if torch.device(device).type == "cuda" else None)
+
+        def load(model_dir):
+            model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+            model.load()
+            return model
+
+        return load, counting
+    counting = CountingKernels(request.getfixturevalue("emulated_extension"))
+    monkeypatch.setattr(ext, "kernels_for", lambda device: counting)
+    return load_fp16, counting
+
+
+def model_logits(model, ids: torch.Tensor, paged: bool, prefill: int) -> torch.Tensor:
+    """Logits of `ids`: one forward, or (paged) a prefill of `prefill` tokens and then one token per step."""
     if not paged:
         return model.forward(ids).float().cpu()
     cache = ExLlamaV2Cache(model, max_seq_len=PAGE)
     table = torch.zeros(1, 1, dtype=torch.int32)
     parts = []
-    for start, end in [(0, 6), *((i, i + 1) for i in range(6, PROMPT))]:
+    for start, end in [(0, prefill), *((i, i + 1) for i in range(prefill, ids.shape[1]))]:
         params = PagedParams(1, table, torch.tensor([start], dtype=torch.int32), page_size=PAGE, q_len=end - start)
         parts.append(model.forward(ids[:, start:end], cache, attn_params=params).float().cpu())
     return torch.cat(parts, dim=1)
 
 
-@pytest.mark.cuda
 @pytest.mark.parametrize("paged", [False, True])
 @pytest.mark.parametrize("arch", ["llama", "gemma2"])
-def test_gpu_extension_matches_pytorch_path(arch, paged, tiny_model_factory, monkeypatch):
-    assert ext.load_extension() is not None, ext.unavailable_reason()
+def test_extension_matches_pytorch_path(arch, paged, real_kernels, tiny_model_factory, monkeypatch):
+    load, kernels = real_kernels
     monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "sdpa" if arch == "llama" else "matmul")   # not flash: the gather path
     model_dir, hf = tiny_model_factory(arch)
-    with_kernels = gpu_logits(model_dir, paged)
+    ids = torch.randint(3, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(6))
+    with_kernels = model_logits(load(model_dir), ids, paged, prefill=6)
+    layers = hf.config.num_hidden_layers
+    assert kernels.calls["rope_"] == 2 * layers * (1 + (PROMPT - 6) * paged)
+    assert kernels.calls["paged_attention"] == layers * (1 + PROMPT - 6) * paged      # q_len <= 8 steps, prefill too
     monkeypatch.setattr(ext, "kernels_for", lambda device: None)
-    without = gpu_logits(model_dir, paged)
+    without = model_logits(load(model_dir), ids, paged, prefill=6)
     tol = 1e-2 * without.abs().max().item()
     assert (with_kernels - without).abs().max().item() < tol
-    ids = torch.randint(3, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         assert_matches(with_kernels, hf(ids).logits)
+
+
+EXL2_DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo_model" / "exl2"
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_exl2_model_through_the_kernels(paged, real_kernels, monkeypatch):
+    """The bundled EXL2 model: a prompt longer than the fused matmul takes (reconstruct + matmul), then decode
+    steps through the fused EXL2 matmul (and the paged kernel), against the PyTorch twins in float16."""
+    load, kernels = real_kernels
+    prompt = qmatrix.MAX_FUSED_ROWS + 8
+    ids = torch.randint(3, 1000, (1, prompt + 6), generator=torch.Generator().manual_seed(8))
+    with_kernels = model_logits(load(EXL2_DEMO), ids, paged, prefill=prompt)
+    assert kernels.calls["QMatrix"] > 0
+    monkeypatch.setattr(ext, "kernels_for", lambda device: None)
+    without = model_logits(load(EXL2_DEMO), ids, paged, prefill=prompt)
+    assert (with_kernels - without).abs().max().item() < 2e-2 * without.abs().max().item()
+    assert (with_kernels.argmax(-1) == without.argmax(-1)).float().mean().item() >= 0.95
