@@ -1,5 +1,6 @@
 """The CUDA extension: how it is found or built (ext.py, exllamav2_ext/build.py, setup.py), the host-side
-weight preparation its kernels read (qmatrix.py), and, on a GPU, every kernel against its PyTorch twin.
+weight preparation its kernels read (qmatrix.py), and every kernel against its PyTorch twin: on a GPU (`cuda`)
+and, everywhere, on the CPU through the CUDA emulator in tests/cuda_emu (`emulated`).
 
 On the CPU the loader is driven with fakes (a fake prebuilt module, a fake CUDA device, a failing build) and
 the weight preparation is checked by decoding the prepared tensors here, chunk by chunk exactly as the kernels
@@ -365,7 +366,7 @@ def test_gptq_groups_not_on_word_boundaries_are_refused():
         qmatrix.prepare(gptq_weight(32, 16, 2, g_idx))
 
 
-# --- kernels against their twins (GPU) ------------------------------------------------------------------
+# --- kernels against their twins (GPU and emulated) ------------------------------------------------------------------
 
 
 class Kernels:

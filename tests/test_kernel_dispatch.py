@@ -4,8 +4,8 @@ On the CPU a fake extension stands in for the real one (exllamav2.ext.kernels_fo
 any device): each fake kernel checks the arguments the real binding would (ext_bindings.cpp: shapes, dtypes,
 contiguity), records the call, and computes its result with a straightforward PyTorch implementation written
 here. The tiny models then run in float16 through the fakes and must still match transformers, and each
-dispatch must fall back to the PyTorch path where the kernel does not apply. On a GPU, the `cuda` tests compare
-the real extension against the PyTorch path on the same model.
+dispatch must fall back to the PyTorch path where the kernel does not apply. At the end, the real extension runs
+the same models against the PyTorch path: on a GPU, and on the CPU through the CUDA emulator (tests/cuda_emu).
 """
 
 from __future__ import annotations
