@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import exllamav2.ext as ext
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 from exllamav2.generator import (
     ExLlamaV2BaseGenerator,
@@ -28,6 +29,7 @@ from exllamav2.generator import (
 )
 from exllamav2.generator.filters import ExLlamaV2SelectFilter
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
+from tests.test_kernel_dispatch import CountingKernels
 from tests.tiny_models import build_tiny_model
 from tests.tokenizer_fixtures import corpus
 
@@ -181,17 +183,38 @@ def test_eight_concurrent_jobs_equal_each_alone(tiny, backend, monkeypatch, capl
     monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", backend)
     model, tok = load(tiny[0])
     assert model.attn_plan.device_plan("cpu").backend == backend
-    cache = ExLlamaV2Cache(model, max_seq_len=4096)
     with caplog.at_level(logging.INFO, logger="exllamav2.generator.dynamic"):
-        gen = ExLlamaV2DynamicGenerator(model, cache, tok, paged=True)
+        gen = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, max_seq_len=4096), tok, paged=True)
     assert f"paged batching via cpu {backend}" in caplog.text
+    check_jobs_together_equal_each_alone(gen, tok, PROMPTS, 12)
+
+
+def test_concurrent_jobs_through_the_paged_kernel(tiny, monkeypatch, emulated_extension):
+    """The same through exllamav2_ext's paged decode-attention kernel, the path the dynamic generator batches
+    through on a Turing GPU: here the kernel runs on the CUDA emulator (tests/cuda_emu), the model in float16 on
+    the CPU. Four of the prompts (two longer than a page) and fewer tokens keep the emulator's time down."""
+    kernels = CountingKernels(emulated_extension)
+    monkeypatch.setattr(ext, "kernels_for", lambda device: kernels)
+    config = ExLlamaV2Config(str(tiny[0]))
+    config.max_seq_len = 1024
+    model = ExLlamaV2(config)
+    model.dtype = torch.float16
+    model.load()
+    gen = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, max_seq_len=4096), ExLlamaV2Tokenizer(config),
+                                    paged=True)
+    check_jobs_together_equal_each_alone(gen, gen.tokenizer, PROMPTS[4:], 6)
+    assert kernels.calls["paged_attention"] > 0
+
+
+def check_jobs_together_equal_each_alone(gen, tok, prompts: list[str], new_tokens: int) -> None:
+    """Greedy jobs of different prompt lengths run together give, token for token, what each gives alone."""
 
     def jobs():
-        return [ExLlamaV2DynamicJob(tok.encode(p, add_bos=True), 12, gen_settings=GREEDY(), identifier=i)
-                for i, p in enumerate(PROMPTS)]
+        return [ExLlamaV2DynamicJob(tok.encode(p, add_bos=True), new_tokens, gen_settings=GREEDY(), identifier=i)
+                for i, p in enumerate(prompts)]
 
     lengths = [j.input_ids[0].shape[-1] for j in jobs()]
-    assert len(set(lengths)) == len(PROMPTS) and max(lengths) > 256
+    assert len(set(lengths)) == len(prompts) and max(lengths) > 256
 
     alone = []
     for job in jobs():
@@ -201,7 +224,7 @@ def test_eight_concurrent_jobs_equal_each_alone(tiny, backend, monkeypatch, capl
     gen.reset_page_table()
     together = run_dynamic(gen, jobs())
     assert [together[s]["ids"] for s in sorted(together)] == alone
-    assert all(len(ids) == 12 for ids in alone)
+    assert all(len(ids) == new_tokens for ids in alone)
     assert gen.table.free_count() == gen.table.num_pages
 
 
