@@ -2,7 +2,7 @@
 
 Greedy output of every generator is checked against transformers' greedy `generate` on the same
 weights; batched (paged) dynamic generation against each job run alone, on the matmul and SDPA
-attention backends; and stop strings, banned strings, filters, cancel and length errors against
+attention backends and through the extension's paged kernel (on the CUDA emulator); and stop strings, banned strings, filters, cancel and length errors against
 what a plain greedy run produced.
 """
 
