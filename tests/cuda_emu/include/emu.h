@@ -9,6 +9,8 @@
 // a barrier sees the wrong data and fails the twin comparison. Detected and reported as launch errors:
 // deadlocks (threads waiting at different barriers), shuffles whose source lane exited or is at another
 // shuffle, and launch sizes a GPU refuses.
+// Static __shared__ arrays are function statics, so a block sees what the previous one left there; dynamic
+// shared memory is refilled with 0xff bytes (NaN as floats) before each block.
 // Not modelled: timing, memory coalescing, alignment faults, contraction of a*b+c into fma (we never fuse).
 #pragma once
 
@@ -246,6 +248,8 @@ cudaError_t launch(F&& kernel, dim3 grid, dim3 block, size_t smem = 0, cudaStrea
             for (unsigned x = 0; x < grid.x && s.error.empty(); x++)
             {
                 s.block_idx = uint3{x, y, z};
+                // a block starts with garbage in its dynamic shared memory (NaN as floats), not the last block's data
+                std::memset(s.dynamic_smem.data(), 0xff, s.dynamic_smem.size());
                 run_block(s, reverse);
             }
     if (!s.error.empty())
