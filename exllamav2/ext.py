@@ -65,8 +65,33 @@ def unavailable_reason() -> str | None:
 
 
 def kernels_for(device: torch.device | str) -> ModuleType | None:
-    """The extension when `device` is a CUDA device and the extension loads, else None."""
-    return load_extension() if torch.device(device).type == "cuda" else None
+    """The extension when `device` is a CUDA device it was built for (build.MIN_CAPABILITY and newer) and the
+    extension loads, else None."""
+    device = torch.device(device)
+    if device.type != "cuda" or not _capable(device):
+        return None
+    return load_extension()
+
+
+_capability_ok: dict[int, bool] = {}
+
+
+def _capable(device: torch.device) -> bool:
+    """Whether `device` reaches build.MIN_CAPABILITY. The extension carries no machine code below it (nvcc 13
+    cannot target sm_70, and PTX of a newer arch does not run on an older GPU), so launching a kernel on such a
+    GPU fails with "no kernel image is available"; those GPUs run the PyTorch path instead. Decided once per
+    GPU. Where the capability cannot be read (torch without CUDA) nothing is refused."""
+    try:
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if index not in _capability_ok:
+            capability = tuple(torch.cuda.get_device_capability(index))
+            _capability_ok[index] = capability >= build.MIN_CAPABILITY
+            if not _capability_ok[index]:
+                log.info("cuda:%d is sm_%d%d; exllamav2_ext needs sm_%d%d or newer, so the PyTorch kernels run there",
+                         index, *capability, *build.MIN_CAPABILITY)
+        return _capability_ok[index]
+    except (AssertionError, RuntimeError):
+        return True
 
 
 def kernels_for_tensor(t: torch.Tensor) -> ModuleType | None:
