@@ -34,12 +34,26 @@ log = logging.getLogger(__name__)
 
 _GB = 1024**3
 _PAD_LOGIT = -65504.0   # logits of the vocabulary padding, as upstream
+_AUTOSPLIT_RESERVE = 96 * 1024**2   # bytes left free on each GPU by load_autosplit unless told otherwise
 
 
 def _visible_devices() -> list[torch.device]:
     if torch.cuda.is_available():
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
     return [torch.device("cpu")]
+
+
+def autosplit_budgets(free: list[int], reserve_vram: list[int] | int | None) -> list[int]:
+    """Bytes load_autosplit may fill on each GPU: its free memory less the reserve. `reserve_vram` is bytes for
+    every GPU (an int), per GPU (a list), or None (_AUTOSPLIT_RESERVE each). A list shorter than the GPUs leaves
+    _AUTOSPLIT_RESERVE on the rest: clients pass one entry on multi-GPU machines (TabbyAPI's default
+    autosplit_reserve is [96] MB), which upstream accepts because it reads an entry only on reaching its GPU."""
+    if reserve_vram is None or isinstance(reserve_vram, int):
+        reserve = [reserve_vram or _AUTOSPLIT_RESERVE] * len(free)
+    else:
+        reserve = list(reserve_vram)[: len(free)]
+        reserve += [_AUTOSPLIT_RESERVE] * (len(free) - len(reserve))
+    return [max(0, f - r) for f, r in zip(free, reserve)]
 
 
 class ExLlamaV2:
@@ -193,9 +207,7 @@ class ExLlamaV2:
             log.info("autosplit: no CUDA device, loading the model and cache on the CPU")
             budgets = None
         else:
-            n = len(self.devices)
-            reserve = reserve_vram if isinstance(reserve_vram, list) else [reserve_vram or 96 * 1024**2] * n
-            budgets = [max(0, torch.cuda.mem_get_info(i)[0] - reserve[i]) for i in range(n)]
+            budgets = autosplit_budgets([torch.cuda.mem_get_info(i)[0] for i in range(len(self.devices))], reserve_vram)
         per_layer = cache.footprint_per_layer() if hasattr(cache, "footprint_per_layer") else (
             2 * cache.batch_size * cache.max_seq_len * cache.num_key_value_heads * cache.head_dim * 2
         )

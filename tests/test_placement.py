@@ -7,6 +7,7 @@ import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 from exllamav2.attn.layer import ExLlamaV2Attention
+from exllamav2.model import autosplit_budgets
 
 
 def test_split_fills_gpus_in_order(tiny_model_factory):
@@ -41,6 +42,34 @@ def test_autosplit_counts_cache_per_layer(tiny_model_factory):
     model._assign_devices([sum(sizes[:3]) + cache_per_layer, 10**9], cache_per_layer)
     attn_devs = [m.device for m in model.modules if isinstance(m, ExLlamaV2Attention)]
     assert attn_devs == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+def test_autosplit_reserve_per_gpu():
+    mib = 1024**2
+    free = [8000 * mib, 6000 * mib]
+    assert autosplit_budgets(free, None) == [7904 * mib, 5904 * mib]
+    assert autosplit_budgets(free, 500 * mib) == [7500 * mib, 5500 * mib]
+    assert autosplit_budgets(free, [100 * mib, 200 * mib]) == [7900 * mib, 5800 * mib]
+    # TabbyAPI passes its autosplit_reserve ([96] MB by default) as a one-entry list on multi-GPU machines
+    assert autosplit_budgets(free, [96 * mib]) == [7904 * mib, 5904 * mib]
+    assert autosplit_budgets(free, [96 * mib, 0, 5]) == [7904 * mib, 6000 * mib]
+    assert autosplit_budgets([10], [96 * mib]) == [0]
+
+
+def test_autosplit_on_two_gpus_with_one_reserve_entry(tiny_model_factory, monkeypatch):
+    """load_autosplit_gen's GPU branch, with torch.cuda faked: a one-entry reserve list on two GPUs (TabbyAPI's
+    default) used to raise IndexError before anything was placed."""
+    model_dir, _ = tiny_model_factory("llama")
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    model.devices = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    cache = ExLlamaV2Cache(model, max_seq_len=64, lazy=True)
+    placed = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: ([5000, 7000][i], 10**6))
+    monkeypatch.setattr(model, "_place", lambda budgets, per_layer: placed.append(budgets))
+    monkeypatch.setattr(cache, "create_state_tensors", lambda: None)
+    monkeypatch.setattr(model, "_load_modules", lambda *args: iter(()))
+    model.load_autosplit(cache, reserve_vram=[1000], last_id_only=True)
+    assert placed == [[4000, 0]]        # cuda:1 keeps the default reserve (96 MiB, more than it has free)
 
 
 @pytest.mark.cuda
