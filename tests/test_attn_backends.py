@@ -246,6 +246,31 @@ def test_xformers_glue_matches_reference(fakes, case, hq, hkv, window, dtype):
     check(xformers_backend(), case, hq, hkv, dtype, window, 0.0)
 
 
+def no_repeat(*args):
+    raise AssertionError("a decode step repeated the cache's kv heads")
+
+
+@pytest.mark.parametrize("case", ["decode", "single_token", "left_padded_decode"])
+@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (4, 1)])
+def test_sdpa_decode_attends_to_the_cache_as_stored(monkeypatch, case, window, hq, hkv):
+    """One query position: each kv head's query heads become rows, so the keys are never copied G times."""
+    from exllamav2.attn import sdpa
+
+    monkeypatch.setattr(sdpa, "repeat_kv", no_repeat)
+    check(SdpaBackend("cpu"), case, hq, hkv, torch.float32, window, 0.0)
+
+
+@pytest.mark.parametrize("case", ["decode", "single_token"])
+@pytest.mark.parametrize("hq,hkv", [(4, 2), (4, 1)])
+def test_xformers_decode_attends_to_the_cache_as_stored(fakes, monkeypatch, case, hq, hkv):
+    from exllamav2.attn import xformers
+
+    fakes("reference")
+    monkeypatch.setattr(xformers, "repeat_kv", no_repeat)
+    check(xformers_backend(), case, hq, hkv, torch.float16, 0, 0.0)
+
+
 def test_xformers_paged_glue(fakes):
     fakes("reference")
     check_paged(xformers_backend(), page_size=4, dtype=torch.float16, window=3)

@@ -155,6 +155,20 @@ def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.repeat_interleave(groups, dim=2)
 
 
+def fold_query_groups(q: torch.Tensor, groups: int) -> torch.Tensor:
+    """One query position (B, 1, Hkv·G, D) -> (B, G, Hkv, D): the G query heads of each kv head as G query rows.
+    They share that kv head's keys and, at one position, its mask, so attention over the keys as stored gives
+    the same result as over `repeat_kv` copies, without copying the whole cache G times per layer per token."""
+    bsz, _, heads, dim = q.shape
+    return q.reshape(bsz, heads // groups, groups, dim).transpose(1, 2)
+
+
+def unfold_query_groups(out: torch.Tensor) -> torch.Tensor:
+    """Inverse of `fold_query_groups`: (B, G, Hkv, D) -> (B, 1, Hkv·G, D)."""
+    bsz, groups, kv_heads, dim = out.shape
+    return out.transpose(1, 2).reshape(bsz, 1, kv_heads * groups, dim)
+
+
 def refuse_softcap(backend: str) -> ValueError:
     """The error for a softcap reaching a backend that cannot apply it (the selector rejects such plans)."""
     return ValueError(

@@ -8,7 +8,8 @@ device current; on a mixed rig a tensor on a Turing card can then never pass an 
 Masks: plain `is_causal=True` is upper-left aligned, which is wrong whenever q_len != k_len (a
 cache), so it is used only for q_len == k_len; uniform batches with a cache use
 `causal_lower_right`; everything else (padding, ragged pages, sliding window) gets the boolean
-visibility mask of `AttnMetadata`. Rows that see no key output zeros, as in matmul.
+visibility mask of `AttnMetadata`. Rows that see no key output zeros, as in matmul. A single query
+position (decode) folds the query heads of each kv head into rows instead of repeating the cache.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from contextlib import ExitStack
 import torch
 import torch.nn.functional as F
 
-from .backend import AttentionBackend, refuse_softcap, repeat_kv
+from .backend import AttentionBackend, fold_query_groups, refuse_softcap, repeat_kv, unfold_query_groups
 from .devices import DeviceInfo
 from .installed import at_least
 from .metadata import AttnMetadata
@@ -68,12 +69,17 @@ class SdpaBackend(AttentionBackend):
         if softcap:
             raise refuse_softcap("sdpa")
         groups = q.shape[2] // k.shape[2]
-        qt = q.transpose(1, 2)                                      # (B, Hq, q, D)
-        kt = repeat_kv(k, groups).transpose(1, 2)                   # (B, Hq, k, D)
-        vt = repeat_kv(v, groups).transpose(1, 2)
+        fold = meta.q_len == 1 and groups > 1                       # decode: no copies of the cache
+        if fold:
+            qt = fold_query_groups(q, groups).transpose(1, 2)       # (B, Hkv, G, D)
+            kt, vt = k.transpose(1, 2), v.transpose(1, 2)           # (B, Hkv, k, D)
+        else:
+            qt = q.transpose(1, 2)                                  # (B, Hq, q, D)
+            kt = repeat_kv(k, groups).transpose(1, 2)               # (B, Hq, k, D)
+            vt = repeat_kv(v, groups).transpose(1, 2)
         vis = None
         if meta.is_uniform and not window:
-            causal = meta.q_len == meta.k_len
+            causal = meta.q_len == meta.k_len and not fold
             # one query at the end of the sequence sees every key: no mask at all
             mask = None if causal or meta.q_len == 1 else _lower_right(meta.q_len, meta.k_len)
         else:
@@ -87,7 +93,7 @@ class SdpaBackend(AttentionBackend):
             out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, is_causal=causal, scale=scale)
         if vis is not None:
             out = out.masked_fill(~vis.any(-1, keepdim=True), 0.0)  # rows that see no key
-        return out.transpose(1, 2)
+        return unfold_query_groups(out.transpose(1, 2)) if fold else out.transpose(1, 2)
 
 
 def _lower_right(q_len: int, k_len: int):

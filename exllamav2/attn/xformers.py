@@ -12,7 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from .backend import AttentionBackend, nvidia_gpu_reasons, refuse_softcap, repeat_kv
+from .backend import (
+    AttentionBackend,
+    fold_query_groups,
+    nvidia_gpu_reasons,
+    refuse_softcap,
+    repeat_kv,
+    unfold_query_groups,
+)
 from .installed import at_least
 from .metadata import AttnMetadata
 
@@ -65,6 +72,9 @@ class XformersBackend(AttentionBackend):
         if softcap:
             raise refuse_softcap("xformers")
         groups = q.shape[2] // k.shape[2]
+        if meta.is_uniform and not window and meta.q_len == 1 and groups > 1:
+            # decode: the query sees every key, so no bias; query heads folded instead of the cache repeated
+            return unfold_query_groups(self._attention(fold_query_groups(q, groups), k, v, scale=scale))
         k = repeat_kv(k, groups)                                    # (B, k, Hq, D)
         v = repeat_kv(v, groups)
         if meta.is_uniform and not window:
