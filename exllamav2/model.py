@@ -65,9 +65,11 @@ class ExLlamaV2:
         self.devices = _visible_devices()
         # EXL2 kernels and Turing are fp16-only; on the CPU fp32 is both faster and exact
         self.dtype = torch.float16 if self.devices[0].type == "cuda" else torch.float32
-        # Planned for every visible device so the plan exists before any module is built; once
-        # placement knows which devices the model really uses, it is made again for just those.
-        self.attn_plan = resolve_attention(config, self.devices, dtype=self.dtype)
+        # Planned for every visible device so that bad flags fail before anything is built, but provisionally:
+        # probing each GPU would give every visible GPU a CUDA context (hundreds of MB), even ones gpu_split
+        # leaves out. Placement plans again, with probes, for the devices the model really uses.
+        self.attn_plan = resolve_attention(config, self.devices, dtype=self.dtype, probe_gpus=False)
+        self._attn_plan_final = False
         self.modules: list[ExLlamaV2Module] = self._build()
         # by checkpoint key, as upstream: the layers and every linear and norm inside them
         self.modules_dict = {s.key: s for m in self.modules for s in (m, *getattr(m, "submodules", list)())}
@@ -103,8 +105,9 @@ class ExLlamaV2:
         self._device_contexts = {}
         used = sorted({m.device for m in self.modules[1:]}, key=str)
         planned = sorted(p.device.label for p in self.attn_plan.devices)
-        if [str(d) for d in used] != planned:
+        if not self._attn_plan_final or [str(d) for d in used] != planned:
             self.attn_plan = resolve_attention(self.config, used, dtype=self.dtype)
+            self._attn_plan_final = True
         return left
 
     def _assign_devices(self, budgets: list[int] | None, cache_bytes_per_layer: int) -> list[int] | None:

@@ -102,3 +102,26 @@ def test_footprint_of_an_fp16_checkpoint_is_its_tensor_bytes(tiny_model_factory)
         on_disk = sum(f.get_tensor(f"{lin.key}.{s}").nbytes for lin in linears for s in ("weight", "bias")
                       if f"{lin.key}.{s}" in f.keys())
     assert sum(lin.weight_footprint() for lin in linears) == on_disk
+
+
+def test_only_the_gpus_the_model_uses_are_probed(tiny_model_factory, monkeypatch, caplog):
+    """Construction plans for every visible GPU without probing any (a probe gives a GPU a CUDA context, hundreds of
+    MB); placement then plans and probes only the GPUs gpu_split actually fills. torch.cuda is faked."""
+    from exllamav2 import model as model_module
+    from exllamav2.attn import resolve
+    from exllamav2.attn.devices import DeviceInfo
+
+    gpus = [torch.device("cuda", 0), torch.device("cuda", 1)]
+    monkeypatch.setattr(model_module, "_visible_devices", lambda: gpus)
+    monkeypatch.setattr(resolve, "describe_devices",
+                        lambda devices: [DeviceInfo.gpu(torch.device(d).index, (8, 6)) for d in devices])
+    probed = []
+    monkeypatch.setattr(resolve, "_probe_once", lambda plan, device_plan: probed.append(device_plan.device.label))
+    model_dir, _ = tiny_model_factory("llama")
+    with caplog.at_level("INFO", logger="exllamav2.attn.resolve"):
+        model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+        assert probed == [] and [p.device.label for p in model.attn_plan.devices] == ["cuda:0", "cuda:1"]
+        assert not caplog.records                          # the provisional plan is not announced
+        model._place([10**9, 10**9])                       # everything fits on cuda:0
+    assert probed == ["cuda:0"] and [p.device.label for p in model.attn_plan.devices] == ["cuda:0"]
+    assert len(caplog.records) == 1

@@ -55,16 +55,18 @@ def resolve_plan(
     environ: dict[str, str],
     needs: ModelNeeds,
     installed: InstalledBackends | None = None,
+    probe_gpus: bool = True,
 ) -> AttentionPlan:
     """Plan, then probe the choice on every GPU; a failed probe rejects that backend on that device
-    (with the reason) and the device is planned again. A forced backend that fails raises."""
+    (with the reason) and the device is planned again. A forced backend that fails raises.
+    probe_gpus=False plans from the facts alone and touches no GPU."""
     installed = installed or find_installed()
     failures: dict[tuple[str, str], str] = {}
     while True:
         plan = plan_attention(devices, flags, environ, installed, needs, probe_failures=failures)
         new = {}
         for device_plan in plan.devices:
-            if device_plan.device.is_cuda:
+            if device_plan.device.is_cuda and probe_gpus:
                 reason = _probe_once(plan, device_plan)
                 if reason:
                     new[(device_plan.device.label, device_plan.backend)] = reason
@@ -90,7 +92,7 @@ def with_paged_kernels(plan: AttentionPlan) -> AttentionPlan:
 
 
 def resolve_attention(
-    config: Any, devices: Sequence[torch.device | str], dtype: torch.dtype | str | None = None
+    config: Any, devices: Sequence[torch.device | str], dtype: torch.dtype | str | None = None, probe_gpus: bool = True
 ) -> AttentionPlan:
     """The attention plan for a model whose layers (and draft model) run on `devices`.
 
@@ -99,12 +101,15 @@ def resolve_attention(
     variables from the environment, now. `dtype`, when given, is what the model really runs
     attention in and replaces config.torch_dtype. Raises AttentionConfigError before anything is
     loaded when a forced backend cannot run or a setting is invalid. Logs one INFO line.
+    probe_gpus=False gives a provisional plan: no GPU is probed (none gets a CUDA context) and nothing is logged.
     """
     needs = ModelNeeds.from_config(config)
     if dtype is not None:
         needs = replace(needs, dtype=normalize_dtype(dtype))
-    plan = resolve_plan(describe_devices(devices), AttnFlags.from_config(config), attn_environ(), needs)
-    log.info(plan.summary())
+    plan = resolve_plan(describe_devices(devices), AttnFlags.from_config(config), attn_environ(), needs,
+                        probe_gpus=probe_gpus)
+    if probe_gpus:
+        log.info(plan.summary())
     return plan
 
 
