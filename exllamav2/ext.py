@@ -180,6 +180,10 @@ def _jit_build() -> ModuleType:
     os.environ.setdefault("CUDA_HOME", cuda_home)   # read by torch.utils.cpp_extension at import
     from torch.utils import cpp_extension
 
+    # ...but only at its first import: if something imported it earlier, its guess (None, or the folder around
+    # an nvcc wrapper script) would stand, so hand it the toolkit found here
+    cpp_extension.CUDA_HOME = cuda_home
+
     if not cpp_extension.is_ninja_available():
         raise _Unavailable("ninja is not installed (pip install ninja)")
     arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or build.arch_list_for(

@@ -114,6 +114,28 @@ def test_jit_build_runs_once_when_cuda_is_present(fresh_loader, monkeypatch):
     assert len(calls) == 1
 
 
+def test_jit_build_hands_torch_the_toolkit_it_found(monkeypatch, tmp_path):
+    """torch.utils.cpp_extension reads CUDA_HOME once, at its first import; a guess made before (here: none) must
+    not stand over the toolkit that build.find_cuda_home found."""
+    from torch.utils import cpp_extension
+
+    toolkit = tmp_path / "cuda"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "bin" / "nvcc").touch()
+    (toolkit / "include" / "cuda_runtime.h").touch()
+    monkeypatch.setenv("CUDA_HOME", str(toolkit))
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: (8, 6))
+    monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: ["sm_80", "sm_86"])
+    seen = {}
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: seen.update(home=cpp_extension.CUDA_HOME, **kw) or "module")
+    assert ext._jit_build() == "module"
+    assert seen["home"] == str(toolkit) and seen["name"] == build.EXT_NAME
+
+
 @pytest.mark.parametrize("value, builds", [("1", False), ("yes", False), ("0", True), ("", True)])
 def test_nocompile_is_read_by_value(fresh_loader, monkeypatch, value, builds):
     no_prebuilt(monkeypatch)
