@@ -69,7 +69,6 @@ class ExLlamaV2:
         # probing each GPU would give every visible GPU a CUDA context (hundreds of MB), even ones gpu_split
         # leaves out. Placement plans again, with probes, for the devices the model really uses.
         self.attn_plan = resolve_attention(config, self.devices, dtype=self.dtype, probe_gpus=False)
-        self._attn_plan_final = False
         self.modules: list[ExLlamaV2Module] = self._build()
         # by checkpoint key, as upstream: the layers and every linear and norm inside them
         self.modules_dict = {s.key: s for m in self.modules for s in (m, *getattr(m, "submodules", list)())}
@@ -104,10 +103,7 @@ class ExLlamaV2:
         self.cache_map = {i: str(self.layer_device(i)) for i in range(self.config.num_hidden_layers)}
         self._device_contexts = {}
         used = sorted({m.device for m in self.modules[1:]}, key=str)
-        planned = sorted(p.device.label for p in self.attn_plan.devices)
-        if not self._attn_plan_final or [str(d) for d in used] != planned:
-            self.attn_plan = resolve_attention(self.config, used, dtype=self.dtype)
-            self._attn_plan_final = True
+        self.attn_plan = resolve_attention(self.config, used, dtype=self.dtype)    # probes are cached per device
         return left
 
     def _assign_devices(self, budgets: list[int] | None, cache_bytes_per_layer: int) -> list[int] | None:
