@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.fakes import forget_fake_modules, use_fakes
-from tests.tiny_models import ARCH_SPECS, build_tiny_model
+from tests.tiny_models import ARCH_SPECS, build_tiny_model, write_tokenizer
 
 
 def pytest_configure(config):
@@ -44,6 +44,15 @@ def tiny_model_factory(tmp_path_factory):
         return built[arch]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """(model_dir, hf_model): the tiny Llama with a 250-id BPE tokenizer, for tests that encode text."""
+    model_dir = tmp_path_factory.mktemp("tiny_llama_tok")
+    _, hf = build_tiny_model("llama", model_dir)
+    write_tokenizer(model_dir)
+    return model_dir, hf
 
 
 @pytest.fixture(scope="session")

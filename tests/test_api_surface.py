@@ -44,9 +44,7 @@ from exllamav2.generator import (
     ExLlamaV2Sampler,
     ExLlamaV2StreamingGenerator,
 )
-from tests.test_generators import write_tokenizer
 from tests.test_lora import make_adapter
-from tests.tiny_models import build_tiny_model
 
 VOCAB = 250
 
@@ -357,14 +355,6 @@ def test_seq_tensor_grows_in_pages_and_keeps_data():
 
 
 # 4. tiny model with a tokenizer, loaded the way clients load it -------------------------------
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("api_llama")
-    _, hf = build_tiny_model("llama", model_dir)
-    write_tokenizer(model_dir)
-    return model_dir, hf
-
 
 @pytest.fixture(scope="module")
 def loaded(tiny):

@@ -17,8 +17,8 @@ import transformers
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2MMEmbedding, ExLlamaV2Sampler
 from exllamav2.generator.filters import ExLlamaV2SelectFilter
-from tests.test_generators import GREEDY, PROMPT, PROMPTS, boundary_stop_string, load, run_dynamic, write_tokenizer
-from tests.tiny_models import build_tiny_model
+from tests.test_generators import GREEDY, PROMPT, PROMPTS, boundary_stop_string, load, run_dynamic
+from tests.tiny_models import build_tiny_model, write_tokenizer
 
 MODES = ["self_draft", "other_draft", "ngram"]
 K = 4                                            # draft tokens per step

@@ -9,7 +9,6 @@ what a plain greedy run produced.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from pathlib import Path
 
@@ -30,8 +29,6 @@ from exllamav2.generator import (
 from exllamav2.generator.filters import ExLlamaV2SelectFilter
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
 from tests.test_kernel_dispatch import CountingKernels
-from tests.tiny_models import build_tiny_model
-from tests.tokenizer_fixtures import corpus
 
 GREEDY = ExLlamaV2Sampler.Settings.greedy
 PROMPT = "The function returns the value of the"
@@ -46,31 +43,6 @@ PROMPTS = [
     " ".join(["format the string with the given keyword arguments"] * 25),
     " ".join(["if the path is absolute"] * 60),
 ]
-
-
-def write_tokenizer(model_dir: Path) -> None:
-    """A SentencePiece-style BPE with exactly the tiny model's 250 ids: <unk> <s> </s>, then pieces."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    trainer = trainers.BpeTrainer(vocab_size=250, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=70,
-                                  show_progress=False)
-    tok.train_from_iterator(corpus(), trainer)
-    assert tok.get_vocab_size() == 250
-    tok.save(str(model_dir / "tokenizer.json"))
-    (model_dir / "tokenizer_config.json").write_text(
-        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    )
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("gen_llama")
-    _, hf = build_tiny_model("llama", model_dir)
-    write_tokenizer(model_dir)
-    return model_dir, hf
 
 
 def load(model_dir: Path, max_seq_len: int = 1024):

@@ -1,4 +1,5 @@
-"""Tiny random models of each supported architecture, made with transformers.
+"""Tiny random models of each supported architecture, made with transformers, and the small BPE tokenizer
+the text-level tests give them (write_tokenizer).
 
 Each spec is small enough to build and run in well under a second on a CPU, yet exercises the
 architecture's distinct parts (GQA, biases, fused projections, softcaps, sliding windows, rope scaling).
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import torch
 import transformers
+
+from tests.tokenizer_fixtures import corpus
 
 _COMMON = dict(
     vocab_size=250, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -55,3 +58,20 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> tuple[Path, tor
     cfg = json.loads((out_dir / "config.json").read_text())
     assert cfg["architectures"], "transformers did not record the architecture"
     return out_dir, model
+
+
+def write_tokenizer(model_dir: Path) -> None:
+    """A SentencePiece-style BPE with exactly the tiny model's 250 ids: <unk> <s> </s>, then pieces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=250, special_tokens=["<unk>", "<s>", "</s>"], limit_alphabet=70,
+                                  show_progress=False)
+    tok.train_from_iterator(corpus(), trainer)
+    assert tok.get_vocab_size() == 250
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    )
