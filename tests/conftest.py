@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import types
 
 import pytest
 import torch
 
+import exllamav2.ext as ext
 from tests.fakes import forget_fake_modules, use_fakes
 from tests.tiny_models import ARCH_SPECS, build_tiny_model, write_tokenizer
 
@@ -63,6 +65,16 @@ def emulated_extension():
     from tests import cuda_emu
 
     return cuda_emu.load()
+
+
+@pytest.fixture(scope="session", params=[pytest.param("cuda", marks=pytest.mark.cuda), "emulated"])
+def real_extension(request) -> tuple[types.ModuleType, str]:
+    """(module, device): exllamav2_ext on a GPU, or the same sources on the CUDA emulator taking CPU tensors."""
+    if request.param == "emulated":
+        return request.getfixturevalue("emulated_extension"), "cpu"
+    module = ext.load_extension()
+    assert module is not None, f"the extension must load on a CUDA machine: {ext.unavailable_reason()}"
+    return module, "cuda"
 
 
 @pytest.fixture

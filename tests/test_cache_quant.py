@@ -23,7 +23,6 @@ from exllamav2.cache_quant import (
     ExLlamaV2Cache_Q6,
     ExLlamaV2Cache_Q8,
 )
-from exllamav2.ext import load_extension
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
 
 QUANT_CACHES = [ExLlamaV2Cache_8bit, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_Q8]
@@ -294,15 +293,12 @@ def test_paged_decode_agrees_with_fp16_cache(demo, cls, minimum):
 # --- kernels against the twin (GPU) --------------------------------------------------------------
 
 
-@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.cuda), "emulated"])
-def kernel_device(request, monkeypatch) -> str:
-    """Where the cache meets the real kernels: a GPU, or the CPU through the CUDA emulator (tests/cuda_emu)."""
-    if request.param == "cuda":
-        assert load_extension() is not None
-        return "cuda"
-    module = request.getfixturevalue("emulated_extension")
-    monkeypatch.setattr(cache_quant.ext, "kernels_for", lambda device: module)
-    return "cpu"
+@pytest.fixture
+def kernel_device(real_extension, monkeypatch) -> str:
+    """The device whose caches meet the real kernels: a GPU, or the CPU through the CUDA emulator."""
+    module, device = real_extension
+    monkeypatch.setattr(cache_quant.ext, "kernels_for", lambda d: module)
+    return device
 
 
 def both_paths(cls, device, monkeypatch, make):

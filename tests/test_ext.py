@@ -401,14 +401,9 @@ class Kernels:
         return getattr(self.module, name)
 
 
-@pytest.fixture(scope="module", params=[pytest.param("cuda", marks=pytest.mark.cuda), "emulated"])
-def kernels(request):
-    """The real extension on a GPU, and the same sources built for the CPU on the CUDA emulator (tests/cuda_emu)."""
-    if request.param == "emulated":
-        return Kernels(request.getfixturevalue("emulated_extension"), "cpu")
-    module = ext.load_extension()
-    assert module is not None, f"the extension must load on a CUDA machine: {ext.unavailable_reason()}"
-    return Kernels(module, "cuda")
+@pytest.fixture(scope="module")
+def kernels(real_extension):
+    return Kernels(*real_extension)
 
 
 @pytest.mark.parametrize("wdtype", [torch.float16, torch.float32])

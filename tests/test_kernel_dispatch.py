@@ -337,25 +337,20 @@ class CountingKernels:
         return counted
 
 
-@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.cuda), "emulated"])
-def real_kernels(request, monkeypatch):
+def load_on_gpu(model_dir) -> ExLlamaV2:
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    model.load()
+    return model
+
+
+@pytest.fixture
+def real_kernels(real_extension, monkeypatch):
     """(load, kernels): how a model directory meets the real extension's kernels, and the kernels it calls.
     On a GPU the model loads there as usual; in the emulator (tests/cuda_emu) it runs in float16 on the CPU."""
-    if request.param == "cuda":
-        module = ext.load_extension()
-        assert module is not None, ext.unavailable_reason()
-        counting = CountingKernels(module)
-        monkeypatch.setattr(ext, "kernels_for", lambda device: counting if torch.device(device).type == "cuda" else None)
-
-        def load(model_dir):
-            model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
-            model.load()
-            return model
-
-        return load, counting
-    counting = CountingKernels(request.getfixturevalue("emulated_extension"))
-    monkeypatch.setattr(ext, "kernels_for", lambda device: counting)
-    return load_fp16, counting
+    module, device = real_extension
+    counting = CountingKernels(module)
+    monkeypatch.setattr(ext, "kernels_for", lambda d: counting if torch.device(d).type == device else None)
+    return (load_on_gpu if device == "cuda" else load_fp16), counting
 
 
 def model_logits(model, ids: torch.Tensor, paged: bool, prefill: int) -> torch.Tensor:
