@@ -25,6 +25,8 @@ from exllamav2.cache_quant import (
 )
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
 
+from tests.docstring_texts import TEXTS
+
 QUANT_CACHES = [ExLlamaV2Cache_8bit, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_Q8]
 BITS = {ExLlamaV2Cache_Q4: (4, 4), ExLlamaV2Cache_Q6: (8, 4), ExLlamaV2Cache_Q8: (8, 8)}
 
@@ -209,34 +211,9 @@ def test_copy_states_copies_scales():
 # --- a trained model ------------------------------------------------------------------------------
 # The bundled demo model (examples/demo_model/fp16, a 3.4M-parameter Llama trained on docstrings) reads
 # docstring-style text with real preferences; a random model's near-uniform predictions would flip on any noise.
+# The texts (tests/docstring_texts.py) were written for this project, so the model has not seen them.
 
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "examples" / "demo_model" / "fp16"
-TEXTS = [
-    "Return a new list containing all items from the iterable in ascending order. "
-    "A custom key function can be supplied to customize the sort order, and the reverse flag can be set "
-    "to request the result in descending order. The sort is stable: when multiple records have the same key, "
-    "their original order is preserved. This method modifies the sequence in place for economy of space when "
-    "sorting a large sequence. To remind users that it operates by side effect, it does not return the sorted "
-    "sequence. Use the built-in function when a new sorted list is wanted. If the iterable is empty, an empty list "
-    "is returned. Raise a TypeError if the items cannot be compared with each other. The key argument specifies a "
-    "function of one argument that is used to extract a comparison key from each element. The default value is "
-    "None, which compares the elements directly.",
-    "Open the file and return a corresponding file object. If the file cannot be opened, an OSError is raised. "
-    "The mode is an optional string that specifies the mode in which the file is opened. It defaults to 'r' which "
-    "means open for reading in text mode. Other common values are 'w' for writing, truncating the file if it already "
-    "exists, and 'a' for appending. In text mode, if encoding is not specified the encoding used is platform "
-    "dependent. The buffering argument is an optional integer used to set the buffering policy. Pass 0 to switch "
-    "buffering off, 1 to select line buffering, and an integer larger than one to indicate the size in bytes of a "
-    "fixed-size chunk buffer. Return the number of characters written to the stream. Close the file when done; "
-    "a closed file cannot be read or written any more.",
-    "Create a new dictionary with keys from the iterable and values set to value. The mapping is ordered by "
-    "insertion, so iterating over it yields the keys in the order they were first added. Return the value for key "
-    "if key is in the dictionary, else default. If default is not given, it defaults to None, so that this method "
-    "never raises a KeyError. Remove the specified key and return the corresponding value. If the key is not found, "
-    "return the default if given; otherwise, raise a KeyError. Update the dictionary with the key and value pairs "
-    "from other, overwriting existing keys. Return None. This class provides a thread safe way to share state "
-    "between workers: acquire the lock before reading the value, and release it when the update is complete.",
-]
 PREFILL = 8
 
 
@@ -265,15 +242,16 @@ def demo():
     model = ExLlamaV2(config)
     model.load()
     encoded = [ExLlamaV2Tokenizer(config).encode(t, add_bos=True)[0] for t in TEXTS]
-    ids = torch.stack([e[: min(len(e) for e in encoded)] for e in encoded])    # 3 x 178 tokens
+    length = min(256, *(len(e) for e in encoded))       # the model was trained on 256-token windows
+    ids = torch.stack([e[:length] for e in encoded])    # 21 x 256 tokens
     reference = teacher_forced_top1(model, ExLlamaV2Cache(model, batch_size=len(TEXTS), max_seq_len=256), ids)
     return model, ids, reference
 
 
-# Measured over 3 x 170 decode steps: Q8 1.000, Q6 0.978, Q4 0.969, 8-bit 0.904. Every miss is a near tie
-# (top-2 logit margin below 0.12 where the median margin is 0.54). Q6 stays under the 0.98 that issue 5 asks
-# for on this small model (8-bit keys, 4-bit values: the value error dominates), so it is held to 0.97.
-AGREEMENT = [(ExLlamaV2Cache_Q8, 0.99), (ExLlamaV2Cache_Q6, 0.97), (ExLlamaV2Cache_Q4, 0.95), (ExLlamaV2Cache_8bit, 0.89)]
+# Measured over 21 x 248 decode steps: Q8 0.9987, Q6 0.9856, Q4 0.9687, 8-bit 0.8961. Misses are near ties
+# (an earlier 3-text sample, 510 steps, had every miss under a 0.12 top-2 logit margin; median margin 0.54).
+# Q6 (8-bit keys, 4-bit values) sits nearer Q4 than Q8: the value error dominates.
+AGREEMENT = [(ExLlamaV2Cache_Q8, 0.99), (ExLlamaV2Cache_Q6, 0.98), (ExLlamaV2Cache_Q4, 0.95), (ExLlamaV2Cache_8bit, 0.89)]
 
 
 @pytest.mark.parametrize("cls, minimum", AGREEMENT)
