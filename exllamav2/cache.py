@@ -10,6 +10,7 @@ Paged use (the dynamic generator) views a batch-1 cache as pages of `PAGE_SIZE` 
 from __future__ import annotations
 
 import logging
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -60,8 +61,26 @@ class ExLlamaV2CacheBase:
             return self.fixed_device
         return self.model.layer_device(layer_idx)
 
-    def create_state_tensors(self, copy_from: "ExLlamaV2CacheBase | None" = None) -> None:
+    def layer_storage(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Per layer: the name of each storage list (key_states, ...) and its tensor's shape and dtype."""
         raise NotImplementedError
+
+    def create_state_tensors(self, copy_from: "ExLlamaV2CacheBase | None" = None) -> None:
+        """Allocate every layer's storage on its layer's device (zeros, or a copy of `copy_from`'s)."""
+        storage = self.layer_storage()
+        lists: dict[str, list] = {name: [None] * self.num_hidden_layers for name in storage}
+        for i in range(self.num_hidden_layers):
+            dev = self.layer_device(i)
+            for name, (shape, dtype) in storage.items():
+                if copy_from is not None:
+                    lists[name][i] = getattr(copy_from, name)[i].clone().to(dev)
+                else:
+                    lists[name][i] = torch.zeros(shape, dtype=dtype, device=dev)
+        for name, tensors in lists.items():
+            setattr(self, name, tensors)
+        if copy_from is not None:
+            self.current_seq_len = copy_from.current_seq_len
+        self.lazy = False
 
     def get_kv_state(
         self,
@@ -88,11 +107,19 @@ class ExLlamaV2CacheBase:
         raise NotImplementedError
 
     def all_tensors(self) -> list[torch.Tensor]:
-        return [t for t in self.key_states + self.value_states if t is not None]
+        return [t for name in self.layer_storage() for t in getattr(self, name) if t is not None]
 
     def footprint(self) -> int:
         """Bytes held by the cache's storage."""
         return sum(t.numel() * t.element_size() for t in self.all_tensors())
+
+    def footprint_per_layer(self) -> int:
+        """Bytes one layer's storage will take, known before allocation (for placing a lazy cache)."""
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.layer_storage().values())
+
+    def working_footprint(self) -> int:
+        """Bytes of full-precision working tensors each device holding layers needs besides the storage."""
+        return 0
 
     # bookkeeping ---------------------------------------------------------------------------
 
@@ -120,8 +147,8 @@ class ExLlamaV2CacheBase:
     def clone(self) -> "ExLlamaV2CacheBase":
         new = type(self).__new__(type(self))
         new.__dict__.update(self.__dict__)
-        new.key_states = [None if t is None else t.clone() for t in self.key_states]
-        new.value_states = [None if t is None else t.clone() for t in self.value_states]
+        for name in self.layer_storage():
+            setattr(new, name, [None if t is None else t.clone() for t in getattr(self, name)])
         self._clone_extra(new)
         return new
 
@@ -151,19 +178,9 @@ class ExLlamaV2CacheBase:
 class ExLlamaV2Cache(ExLlamaV2CacheBase):
     """FP16 (the model's dtype) cache."""
 
-    def create_state_tensors(self, copy_from: ExLlamaV2CacheBase | None = None) -> None:
+    def layer_storage(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         shape = (self.batch_size, self.max_seq_len, self.num_key_value_heads, self.head_dim)
-        for i in range(self.num_hidden_layers):
-            dev = self.layer_device(i)
-            if copy_from is not None:
-                self.key_states[i] = copy_from.key_states[i].clone().to(dev)
-                self.value_states[i] = copy_from.value_states[i].clone().to(dev)
-            else:
-                self.key_states[i] = torch.zeros(shape, dtype=self.dtype, device=dev)
-                self.value_states[i] = torch.zeros(shape, dtype=self.dtype, device=dev)
-        if copy_from is not None:
-            self.current_seq_len = copy_from.current_seq_len
-        self.lazy = False
+        return {"key_states": (shape, self.dtype), "value_states": (shape, self.dtype)}
 
     def get_kv_state(self, layer_idx, batch_size, offset, width, page_size=0, cache_seqlens=None, block_table=None):
         return self.key_states[layer_idx], self.value_states[layer_idx]

@@ -119,6 +119,10 @@ class _EncodedCache(ExLlamaV2CacheBase):
 
     # shared ---------------------------------------------------------------------------------
 
+    def working_footprint(self) -> int:
+        elements = self.batch_size * self.max_seq_len * self.num_key_value_heads * self.head_dim
+        return 2 * elements * self.dtype.itemsize
+
     def working_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The device's full-precision key/value tensors (batch, max_seq_len, kv_heads, head_dim)."""
         device = torch.device(device)
@@ -158,24 +162,13 @@ class _EncodedCache(ExLlamaV2CacheBase):
         """(batch, seq, ...) -> (batch·seq, per-token elements) view."""
         return t.view(t.shape[0] * t.shape[1], -1)
 
-    def _new_or_copy(self, copy_from, name: str, layer_idx: int, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
-        dev = self.layer_device(layer_idx)
-        if copy_from is not None:
-            return getattr(copy_from, name)[layer_idx].clone().to(dev)
-        return torch.zeros(shape, dtype=dtype, device=dev)
-
 
 class ExLlamaV2Cache_8bit(_EncodedCache):
     """FP8 cache: each value stored as the upper byte of its fp16 bit pattern."""
 
-    def create_state_tensors(self, copy_from: ExLlamaV2CacheBase | None = None) -> None:
+    def layer_storage(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         shape = (self.batch_size, self.max_seq_len, self.num_key_value_heads, self.head_dim)
-        for i in range(self.num_hidden_layers):
-            self.key_states[i] = self._new_or_copy(copy_from, "key_states", i, shape, torch.uint8)
-            self.value_states[i] = self._new_or_copy(copy_from, "value_states", i, shape, torch.uint8)
-        if copy_from is not None:
-            self.current_seq_len = copy_from.current_seq_len
-        self.lazy = False
+        return {"key_states": (shape, torch.uint8), "value_states": (shape, torch.uint8)}
 
     def _storage(self, layer_idx: int, is_value: bool) -> torch.Tensor:
         return (self.value_states if is_value else self.key_states)[layer_idx]
@@ -214,28 +207,15 @@ class _QCache(_EncodedCache):
     def features(self) -> int:
         return self.num_key_value_heads * self.head_dim
 
-    def create_state_tensors(self, copy_from: ExLlamaV2CacheBase | None = None) -> None:
+    def layer_storage(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         padded = kv_quant.padded_features(self.features)
         grid = (self.batch_size, self.max_seq_len)
-        layers = self.num_hidden_layers
-        self.key_scales = [None] * layers
-        self.value_scales = [None] * layers
-        for i in range(layers):
-            self.key_states[i] = self._new_or_copy(copy_from, "key_states", i, (*grid, padded * self.key_bits // 8), torch.uint8)
-            self.value_states[i] = self._new_or_copy(copy_from, "value_states", i, (*grid, padded * self.value_bits // 8), torch.uint8)
-            self.key_scales[i] = self._new_or_copy(copy_from, "key_scales", i, (*grid, padded // 32), torch.float16)
-            self.value_scales[i] = self._new_or_copy(copy_from, "value_scales", i, (*grid, padded // 32), torch.float16)
-        if copy_from is not None:
-            self.current_seq_len = copy_from.current_seq_len
-        self.lazy = False
-
-    def all_tensors(self) -> list[torch.Tensor]:
-        return super().all_tensors() + [t for t in self.key_scales + self.value_scales if t is not None]
-
-    def _clone_extra(self, new: "ExLlamaV2CacheBase") -> None:
-        super()._clone_extra(new)
-        new.key_scales = [None if t is None else t.clone() for t in self.key_scales]
-        new.value_scales = [None if t is None else t.clone() for t in self.value_scales]
+        return {
+            "key_states": ((*grid, padded * self.key_bits // 8), torch.uint8),
+            "value_states": ((*grid, padded * self.value_bits // 8), torch.uint8),
+            "key_scales": ((*grid, padded // kv_quant.GROUP), torch.float16),
+            "value_scales": ((*grid, padded // kv_quant.GROUP), torch.float16),
+        }
 
     def _storage(self, layer_idx: int, is_value: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
         if is_value:
