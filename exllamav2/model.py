@@ -95,41 +95,63 @@ class ExLlamaV2:
 
     # placement -----------------------------------------------------------------------------
 
-    def _place(self, budgets: list[int] | None, cache_bytes_per_layer: int = 0) -> list[int] | None:
+    def _place(self, budgets: list[int] | None, cache_bytes_per_layer: int = 0, device_reserve: int = 0,
+               head_reserve: int = 0) -> list[int] | None:
         """Assign devices (embedding on the CPU, the rest filling GPUs in order within their budgets),
         then plan attention for exactly the devices used, before any weight is read. Returns the bytes
         left of each budget (None without budgets)."""
-        left = self._assign_devices(budgets, cache_bytes_per_layer)
+        left = self._assign_devices(budgets, cache_bytes_per_layer, device_reserve, head_reserve)
         self.cache_map = {i: str(self.layer_device(i)) for i in range(self.config.num_hidden_layers)}
         self._device_contexts = {}
         used = sorted({m.device for m in self.modules[1:]}, key=str)
         self.attn_plan = resolve_attention(self.config, used, dtype=self.dtype)    # probes are cached per device
         return left
 
-    def _assign_devices(self, budgets: list[int] | None, cache_bytes_per_layer: int) -> list[int] | None:
+    def _assign_devices(self, budgets: list[int] | None, cache_bytes_per_layer: int, device_reserve: int = 0,
+                        head_reserve: int = 0) -> list[int] | None:
+        """Fill GPUs in order. Each module needs its weights, an attention layer also its cache; every GPU
+        that holds modules keeps `device_reserve` free and the head's GPU `head_reserve` more (load_autosplit
+        counts a forward's working memory this way; a manual gpu_split counts weights and cache only)."""
         self.modules[0].set_device(torch.device("cpu"))
         if self.devices[0].type == "cpu" or budgets is None:
             for m in self.modules[1:]:
                 m.set_device(self.devices[0])
             return None if budgets is None else list(budgets)
-        remaining = list(budgets)
-        gpu, left = 0, budgets[0]
+        remaining = list(budgets)      # a GPU left without modules keeps its whole budget
+        gpu, left = 0, budgets[0] - device_reserve
         for m in self.modules[1:]:
             need = m.weight_footprint() + (cache_bytes_per_layer if isinstance(m, ExLlamaV2Attention) else 0)
+            need += head_reserve if m is self.modules[-1] else 0
             while need > left and gpu + 1 < len(budgets):
-                remaining[gpu] = left
                 gpu += 1
-                left = budgets[gpu]
+                left = budgets[gpu] - device_reserve
             if need > left:
+                reserved = f" after keeping {device_reserve / _GB:.2f} GB for a forward's working memory" \
+                    if device_reserve else ""
                 raise RuntimeError(
                     f"model does not fit: module {m.key} needs {need / _GB:.2f} GB but only "
-                    f"{left / _GB:.2f} GB is left on cuda:{gpu}; give a larger gpu_split, a shorter "
-                    f"max_seq_len or a smaller cache"
+                    f"{max(0, left) / _GB:.2f} GB is left on cuda:{gpu}{reserved}; give a larger gpu_split, a "
+                    f"shorter max_seq_len or max_input_len, or a smaller cache"
                 )
             left -= need
+            remaining[gpu] = left
             m.set_device(torch.device("cuda", gpu))
-        remaining[gpu] = left
         return remaining
+
+    def _forward_reserve(self, cache: ExLlamaV2CacheBase, last_id_only: bool) -> tuple[int, int]:
+        """(bytes every GPU holding layers needs for one forward chunk, bytes the head's GPU needs besides).
+        A chunk is max_input_len x max_batch_size tokens; inside a layer it keeps alive, in fp16, the residual,
+        the normed input, the projections' inputs and outputs and the MLP's gate, up and activation; a quantized
+        cache adds its full-precision working tensors. The head adds the chunk's logits, in fp16 and fp32
+        (one row per sequence with last_id_only)."""
+        cfg = self.config
+        tokens = cfg.max_input_len * cfg.max_batch_size
+        per_token = (4 * cfg.hidden_size + 2 * cfg.num_attention_heads * cfg.head_dim
+                     + 2 * cfg.num_key_value_heads * cfg.head_dim + 3 * cfg.intermediate_size)
+        activations = tokens * per_token * self.dtype.itemsize
+        rows = cache.batch_size if last_id_only else tokens
+        logits = rows * cfg.vocab_size * (self.dtype.itemsize + 4)
+        return activations + cache.working_footprint(), logits
 
     def set_device_map(self, allocation: list[float], embed_cpu: bool = True) -> list[float]:
         """Assign every module a device within `allocation` (GB per GPU) without loading anything; returns
@@ -207,10 +229,7 @@ class ExLlamaV2:
             budgets = None
         else:
             budgets = autosplit_budgets([torch.cuda.mem_get_info(i)[0] for i in range(len(self.devices))], reserve_vram)
-        per_layer = cache.footprint_per_layer() if hasattr(cache, "footprint_per_layer") else (
-            2 * cache.batch_size * cache.max_seq_len * cache.num_key_value_heads * cache.head_dim * 2
-        )
-        self._place(budgets, per_layer)
+        self._place(budgets, cache.footprint_per_layer(), *self._forward_reserve(cache, last_id_only))
         cache.create_state_tensors()      # placed with the layers; allocated before the last progress report
         yield from self._load_modules(callback, callback_gen, progress)
 

@@ -7,6 +7,7 @@ import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 from exllamav2.attn.layer import ExLlamaV2Attention
+from exllamav2.cache_quant import ExLlamaV2Cache_8bit, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_Q8
 from exllamav2.model import autosplit_budgets
 
 
@@ -65,11 +66,84 @@ def test_autosplit_on_two_gpus_with_one_reserve_entry(tiny_model_factory, monkey
     cache = ExLlamaV2Cache(model, max_seq_len=64, lazy=True)
     placed = []
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: ([5000, 7000][i], 10**6))
-    monkeypatch.setattr(model, "_place", lambda budgets, per_layer: placed.append(budgets))
+    monkeypatch.setattr(model, "_place", lambda budgets, *reserves: placed.append(budgets))
     monkeypatch.setattr(cache, "create_state_tensors", lambda: None)
     monkeypatch.setattr(model, "_load_modules", lambda *args: iter(()))
     model.load_autosplit(cache, reserve_vram=[1000], last_id_only=True)
     assert placed == [[4000, 0]]        # cuda:1 keeps the default reserve (96 MiB, more than it has free)
+
+
+def test_autosplit_keeps_working_memory_on_every_gpu_it_uses(tiny_model_factory):
+    model_dir, _ = tiny_model_factory("llama")
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    model.devices = [torch.device("cuda", 0), torch.device("cuda", 1), torch.device("cuda", 2)]
+    sizes = [m.weight_footprint() for m in model.modules[1:]]
+    reserve, head_reserve = 50_000, 7_000
+    # cuda:0 could hold every weight, but after the reserve only the first attention + MLP
+    budgets = [sum(sizes[:2]) + reserve + sizes[2] - 1, 10**9, 10**9]
+    left = model._assign_devices(budgets, 0, reserve, head_reserve)
+    devices = [m.device.index for m in model.modules[1:]]
+    assert devices == [0, 0] + [1] * (len(sizes) - 2)
+    assert left == [sizes[2] - 1, 10**9 - reserve - sum(sizes[2:]) - head_reserve, 10**9]   # cuda:2 unused
+    # the head's reserve alone moves the head to the next GPU
+    budgets = [sum(sizes) + reserve + head_reserve - 1, 10**9, 10**9]
+    model._assign_devices(budgets, 0, reserve, head_reserve)
+    assert [m.device.index for m in model.modules[1:]] == [0] * (len(sizes) - 1) + [1]
+
+
+def test_autosplit_that_cannot_fit_the_reserve_says_so(tiny_model_factory):
+    model_dir, _ = tiny_model_factory("llama")
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    model.devices = [torch.device("cuda", 0)]
+    total = sum(m.weight_footprint() for m in model.modules[1:])
+    with pytest.raises(RuntimeError, match=r"does not fit.*working memory.*max_input_len"):
+        model._assign_devices([total + 10], 0, 100)
+
+
+def test_forward_reserve_grows_with_chunk_logits_and_quantized_working_tensors(tiny_model_factory):
+    model_dir, _ = tiny_model_factory("llama")
+    config = ExLlamaV2Config(str(model_dir))
+    model = ExLlamaV2(config)
+    fp16 = ExLlamaV2Cache(model, batch_size=2, max_seq_len=64, lazy=True)
+    q4 = ExLlamaV2Cache_Q4(model, batch_size=2, max_seq_len=64, lazy=True)
+    device, head = model._forward_reserve(fp16, last_id_only=False)
+    # logits for every token of a chunk, or one row per sequence
+    assert model._forward_reserve(fp16, last_id_only=True) == (device, head * 2 // config.max_input_len)
+    # a quantized cache decodes into full-precision K/V for the whole cache, once per device
+    q_device, q_head = model._forward_reserve(q4, last_id_only=False)
+    assert (q_device - device, q_head) == (2 * 2 * 64 * config.num_key_value_heads * config.head_dim * 4, head)
+    # activations scale with the chunk
+    config.max_input_len //= 2
+    half_device, half_head = model._forward_reserve(fp16, last_id_only=False)
+    assert (2 * half_device, 2 * half_head) == (device, head)
+
+
+@pytest.mark.parametrize("cls", [ExLlamaV2Cache, ExLlamaV2Cache_8bit, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6,
+                                 ExLlamaV2Cache_Q8])
+def test_cache_bytes_per_layer_are_known_before_allocation(cls, tiny_model_factory):
+    """load_autosplit places a lazy cache by footprint_per_layer: it must be what allocation then takes."""
+    model_dir, _ = tiny_model_factory("llama")
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    lazy = cls(model, batch_size=3, max_seq_len=40, lazy=True)
+    assert lazy.footprint() == 0
+    lazy.create_state_tensors()
+    assert lazy.footprint() == lazy.footprint_per_layer() * model.config.num_hidden_layers > 0
+    if cls is not ExLlamaV2Cache:     # a quantized cache is smaller than the fp16 one
+        assert lazy.footprint_per_layer() < ExLlamaV2Cache(model, 3, 40, lazy=True).footprint_per_layer()
+
+
+def test_load_autosplit_places_by_the_cache_it_is_given(tiny_model_factory, monkeypatch):
+    model_dir, _ = tiny_model_factory("llama")
+    model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
+    model.devices = [torch.device("cuda", 0)]
+    cache = ExLlamaV2Cache_Q4(model, max_seq_len=64, lazy=True)
+    placed = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (10**9, 10**9))
+    monkeypatch.setattr(model, "_place", lambda budgets, *reserves: placed.append(reserves))
+    monkeypatch.setattr(cache, "create_state_tensors", lambda: None)
+    monkeypatch.setattr(model, "_load_modules", lambda *args: iter(()))
+    model.load_autosplit(cache, last_id_only=True)
+    assert placed == [(cache.footprint_per_layer(), *model._forward_reserve(cache, True))]
 
 
 @pytest.mark.cuda
