@@ -181,7 +181,7 @@ class ExLlamaV2Sampler:
         if settings.cfg_scale is None and bsz > 1 and filters:
             raise ValueError("filters work on one sequence at a time; sample batch rows separately")
         if sync and logits.is_cuda:
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(logits.device)
 
         device = logits.device
         x = logits.to(torch.float32, copy=True).view(bsz, -1)
