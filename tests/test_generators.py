@@ -147,6 +147,57 @@ def test_dynamic_generator_matches_transformers(loaded, paged):
     assert again["ids"] == want and again["last"]["cached_tokens"] == ids.shape[-1] - 1
 
 
+def check_extras_against_transformers(hf, prompt: torch.Tensor, tokens: list[int], probs, top_tokens, top_probs,
+                                      logits) -> None:
+    """Per-token extras of n sampled tokens (unfiltered sampling at temperature 1) against transformers' logits
+    for the same sequence: the logits themselves, softmax probabilities and the top-3 tokens."""
+    n = len(tokens)
+    with torch.no_grad():
+        ref = hf(torch.cat((prompt, torch.tensor([tokens])), 1)).logits[0, prompt.shape[-1] - 1 : -1]
+    vocab = ref.shape[-1]
+    assert probs.shape == (1, n) and top_tokens.shape == top_probs.shape == (1, n, 3) and logits.shape[:2] == (1, n)
+    assert torch.allclose(logits[0, :, :vocab].float(), ref, atol=1e-3)
+    soft = ref.softmax(-1)
+    assert torch.allclose(probs[0], soft[torch.arange(n), tokens], atol=1e-4)
+    assert torch.equal(top_tokens[0], soft.topk(3).indices)
+    assert torch.allclose(top_probs[0], soft.topk(3).values, atol=1e-4)
+
+
+def unfiltered() -> ExLlamaV2Sampler.Settings:
+    return ExLlamaV2Sampler.Settings(temperature=1.0, top_k=0, top_p=1.0, token_repetition_penalty=1.0)
+
+
+def test_dynamic_job_token_extras_match_transformers(loaded):
+    model, tok, hf = loaded
+    ids = tok.encode(PROMPT, add_bos=True)
+    gen = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, max_seq_len=1024), tok)
+    gen.enqueue(ExLlamaV2DynamicJob(ids, 12, gen_settings=unfiltered(), seed=3, return_probs=True,
+                                    return_top_tokens=3, return_logits=True))
+    chunks = []
+    while gen.num_remaining_jobs():
+        chunks += [r for r in gen.iterate() if r["stage"] == "streaming"]
+    tokens = torch.cat([r["token_ids"] for r in chunks], 1)[0].tolist()
+    assert len(tokens) == 12
+    joined = [torch.cat([r[key] for r in chunks], dim) for key, dim in
+              (("token_probs", -1), ("top_k_tokens", 1), ("top_k_probs", 1), ("logits", 1))]
+    check_extras_against_transformers(hf, ids, tokens, *joined)
+
+
+def test_streaming_token_extras_match_transformers(loaded):
+    model, tok, hf = loaded
+    ids = tok.encode(PROMPT, add_bos=True)
+    gen = ExLlamaV2StreamingGenerator(model, ExLlamaV2Cache(model, max_seq_len=256), tok)
+    gen.set_stop_conditions([])
+    gen.begin_stream_ex(ids, unfiltered(), return_probabilities=True, return_top_tokens=3, return_logits=True)
+    chunks = []
+    while sum(r["chunk_token_ids"].shape[-1] for r in chunks) < 12:
+        chunks.append(gen.stream_ex())
+    tokens = torch.cat([r["chunk_token_ids"] for r in chunks], 1)[0].tolist()
+    joined = [torch.cat([r[key] for r in chunks], dim) for key, dim in
+              (("probs", -1), ("top_tokens", 1), ("top_probs", 1), ("logits", 1))]
+    check_extras_against_transformers(hf, ids, tokens, *joined)
+
+
 # batching --------------------------------------------------------------------------------------
 
 

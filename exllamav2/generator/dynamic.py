@@ -35,7 +35,7 @@ from .filters.base import ExLlamaV2Filter
 from .hooks import run_post_sampling_hooks
 from .pages import Page, PageTable, chain_hash, common_prefix
 from .sampler import ExLlamaV2Sampler
-from .stop import StreamStep, TextStream, split_stop_conditions
+from .stop import StreamStep, TextStream, TokenExtras, join_extras, split_stop_conditions
 
 if TYPE_CHECKING:
     from ..cache import ExLlamaV2CacheBase
@@ -43,6 +43,9 @@ if TYPE_CHECKING:
     from ..tokenizer import ExLlamaV2Tokenizer
 
 log = logging.getLogger(__name__)
+
+# join_extras' names -> the keys of upstream's dynamic-generator result dicts
+_RESULT_KEYS = {"probs": "token_probs", "top_tokens": "top_k_tokens", "top_probs": "top_k_probs", "logits": "logits"}
 
 PAGED_PAGE_SIZE = PAGE_SIZE
 
@@ -145,7 +148,7 @@ class ExLlamaV2DynamicJob:
         self.new_tokens = -1 if self.heal is not None else 0
         self.full_completion = ""
         self.text: TextStream | None = None
-        self.held: list[dict] = []
+        self.held: list[TokenExtras] = []
         self.bans: dict[int, set[int]] = {}
         self.cached_pages = 0
         self.cached_tokens = 0
@@ -303,9 +306,7 @@ class ExLlamaV2DynamicJob:
         if r.feed_filters and not healing:
             for f in self.filters:
                 f.feed(t)
-        extras = {"token_probs": r.sampled_prob, "top_k_tokens": r.candidate_tokens,
-                  "top_k_probs": r.candidate_probs, "logits": logits[:1]}
-        return t, extras, end_filter
+        return t, TokenExtras(r.sampled_prob, r.candidate_tokens, r.candidate_probs, logits[:1]), end_filter
 
     def _receive(self, logits: torch.Tensor, results: list[dict]) -> bool:
         """Take this decode step's logits; True when the job has ended."""
@@ -385,14 +386,8 @@ class ExLlamaV2DynamicJob:
             self.full_completion += step.text
             r["text"] = step.text
             r["token_ids"] = torch.tensor([step.released], dtype=torch.long).view(1, -1)
-            if self.return_probs:
-                r["token_probs"] = torch.cat([h["token_probs"] for h in held], dim=-1) if held else torch.zeros((1, 0))
-            if self.return_top_tokens:
-                k = self.return_top_tokens
-                r["top_k_tokens"] = torch.cat([h["top_k_tokens"] for h in held], dim=1) if held else torch.zeros((1, 0, k), dtype=torch.long)
-                r["top_k_probs"] = torch.cat([h["top_k_probs"] for h in held], dim=1) if held else torch.zeros((1, 0, k))
-            if self.return_logits:
-                r["logits"] = torch.cat([h["logits"] for h in held], dim=1) if held else torch.zeros((1, 0, 0))
+            joined = join_extras(held, probs=self.return_probs, top_k=self.return_top_tokens, logits=self.return_logits)
+            r.update((_RESULT_KEYS[name], value) for name, value in joined.items())
         r.update(extra)
         return r
 

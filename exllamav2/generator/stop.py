@@ -53,6 +53,31 @@ class StreamStep:
     suppressed_text: str = ""
 
 
+@dataclass
+class TokenExtras:
+    """What the sampler reported for one token, held with the token until the stream releases it."""
+
+    prob: torch.Tensor          # (1, 1) probability of the sampled token
+    top_tokens: torch.Tensor    # (1, 1, k) candidates (meta tensors when k is 0)
+    top_probs: torch.Tensor     # (1, 1, k)
+    logits: torch.Tensor        # (rows, 1, vocab)
+
+
+def join_extras(held: list[TokenExtras], *, probs: bool, top_k: int, logits: bool) -> dict[str, torch.Tensor]:
+    """The released tokens' extras along the token axis, only those asked for; empty tensors when no token
+    was released: "probs" (1, n), "top_tokens" and "top_probs" (1, n, k), "logits" (rows, n, vocab)."""
+    out: dict[str, torch.Tensor] = {}
+    if probs:
+        out["probs"] = torch.cat([h.prob for h in held], dim=-1) if held else torch.zeros((1, 0))
+    if top_k:
+        out["top_tokens"] = (torch.cat([h.top_tokens for h in held], dim=1) if held
+                             else torch.zeros((1, 0, top_k), dtype=torch.long))
+        out["top_probs"] = torch.cat([h.top_probs for h in held], dim=1) if held else torch.zeros((1, 0, top_k))
+    if logits:
+        out["logits"] = torch.cat([h.logits for h in held], dim=1) if held else torch.zeros((1, 0, 0))
+    return out
+
+
 class TextStream:
     def __init__(
         self,

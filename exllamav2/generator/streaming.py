@@ -21,7 +21,7 @@ from .dynamic_embeddings import remap_embeddings
 from .filters.base import ExLlamaV2Filter
 from .hooks import ExLlamaV2PostSamplingResult, run_post_sampling_hooks
 from .sampler import ExLlamaV2Sampler
-from .stop import TextStream, split_stop_conditions
+from .stop import TextStream, TokenExtras, join_extras, split_stop_conditions
 
 if TYPE_CHECKING:
     from ..cache import ExLlamaV2CacheBase
@@ -158,7 +158,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.filter_prefer_eos = filter_prefer_eos
         self.heal = heal
         self.bans: dict[int, set[int]] = {}
-        self.held_extras: list[dict] = []
+        self.held_extras: list[TokenExtras] = []
         self.text = TextStream(self.tokenizer, self.stop_strings, banned_strings or (), decode_special_tokens,
                                context=ids[0, -8:].tolist(), healed_token=None if heal is None else int(heal[0, 0]))
 
@@ -268,8 +268,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
             out.update(eos=True, eos_reason="stop_token", eos_triggering_token_id=t)
             return False
         self.sequence_ids = torch.cat((self.sequence_ids, torch.full((bsz, 1), t, dtype=torch.long)), dim=1)
-        self.held_extras.append({"probs": r.sampled_prob, "top_tokens": r.candidate_tokens,
-                                 "top_probs": r.candidate_probs, "logits": logits})
+        self.held_extras.append(TokenExtras(r.sampled_prob, r.candidate_tokens, r.candidate_probs, logits))
         step = self.text.push(t)
         if step.rewind:
             keep = self.sequence_ids.shape[-1] - step.rewind
@@ -298,14 +297,8 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         extras = out.pop("extras", [])
         r = {"chunk": out.pop("chunk"), "eos": out.pop("eos"),
              "chunk_token_ids": torch.tensor([ids], dtype=torch.long).view(1, -1)}
-        if self.return_probabilities:
-            r["probs"] = torch.cat([e["probs"] for e in extras], dim=-1) if extras else torch.zeros((1, 0))
-        if self.return_top_tokens:
-            k = self.return_top_tokens
-            r["top_tokens"] = torch.cat([e["top_tokens"] for e in extras], dim=1) if extras else torch.zeros((1, 0, k), dtype=torch.long)
-            r["top_probs"] = torch.cat([e["top_probs"] for e in extras], dim=1) if extras else torch.zeros((1, 0, k))
-        if self.return_logits:
-            r["logits"] = torch.cat([e["logits"] for e in extras], dim=1) if extras else torch.zeros((1, 0, 0))
+        r.update(join_extras(extras, probs=self.return_probabilities, top_k=self.return_top_tokens,
+                             logits=self.return_logits))
         r.update(out)
         return r
 
