@@ -138,21 +138,24 @@ class _EncodedCache(ExLlamaV2CacheBase):
         return ext.kernels_for(device) if self.dtype == torch.float16 else None
 
     def get_kv_state(self, layer_idx, batch_size, offset, width, page_size=0, cache_seqlens=None, block_table=None):
-        device = self.layer_device(layer_idx)
-        k, v = self.working_tensors(device)
-        window = TokenWindow.for_call(True, batch_size, offset, width, page_size, cache_seqlens, block_table, device,
-                                      (self.batch_size, self.max_seq_len))
+        (k, v), window = self._access(True, layer_idx, batch_size, offset, width, page_size, cache_seqlens,
+                                      block_table)
         self._decode(layer_idx, False, k, window)
         self._decode(layer_idx, True, v, window)
         return k, v
 
     def store_kv_state(self, layer_idx, batch_size, offset, width, page_size=0, cache_seqlens=None, block_table=None):
-        device = self.layer_device(layer_idx)
-        k, v = self.working_tensors(device)
-        window = TokenWindow.for_call(False, batch_size, offset, width, page_size, cache_seqlens, block_table, device,
-                                      (self.batch_size, self.max_seq_len))
+        (k, v), window = self._access(False, layer_idx, batch_size, offset, width, page_size, cache_seqlens,
+                                      block_table)
         self._encode(layer_idx, False, k, window)
         self._encode(layer_idx, True, v, window)
+
+    def _access(self, loading: bool, layer_idx: int,
+                *call_args) -> tuple[tuple[torch.Tensor, torch.Tensor], TokenWindow]:
+        """The layer device's working tensors and the window one get (loading) or store call touches."""
+        device = self.layer_device(layer_idx)
+        window = TokenWindow.for_call(loading, *call_args, device, (self.batch_size, self.max_seq_len))
+        return self.working_tensors(device), window
 
     def _clone_extra(self, new: "ExLlamaV2CacheBase") -> None:
         new._working = {}
