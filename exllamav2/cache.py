@@ -61,6 +61,11 @@ class ExLlamaV2CacheBase:
             return self.fixed_device
         return self.model.layer_device(layer_idx)
 
+    @property
+    def kv_shape(self) -> tuple[int, int, int, int]:
+        """One layer's keys (or values) at full precision: (batch, max_seq_len, kv_heads, head_dim)."""
+        return (self.batch_size, self.max_seq_len, self.num_key_value_heads, self.head_dim)
+
     def layer_storage(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Per layer: the name of each storage list (key_states, ...) and its tensor's shape and dtype."""
         raise NotImplementedError
@@ -179,8 +184,7 @@ class ExLlamaV2Cache(ExLlamaV2CacheBase):
     """FP16 (the model's dtype) cache."""
 
     def layer_storage(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        shape = (self.batch_size, self.max_seq_len, self.num_key_value_heads, self.head_dim)
-        return {"key_states": (shape, self.dtype), "value_states": (shape, self.dtype)}
+        return {"key_states": (self.kv_shape, self.dtype), "value_states": (self.kv_shape, self.dtype)}
 
     def get_kv_state(self, layer_idx, batch_size, offset, width, page_size=0, cache_seqlens=None, block_table=None):
         return self.key_states[layer_idx], self.value_states[layer_idx]

@@ -18,6 +18,7 @@ Q6 is 8-bit keys with 4-bit values, as upstream. FP8 storage is uint8 with the w
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -120,17 +121,15 @@ class _EncodedCache(ExLlamaV2CacheBase):
     # shared ---------------------------------------------------------------------------------
 
     def working_footprint(self) -> int:
-        elements = self.batch_size * self.max_seq_len * self.num_key_value_heads * self.head_dim
-        return 2 * elements * self.dtype.itemsize
+        return 2 * math.prod(self.kv_shape) * self.dtype.itemsize
 
     def working_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The device's full-precision key/value tensors (batch, max_seq_len, kv_heads, head_dim)."""
         device = torch.device(device)
         if device not in self._working:
-            shape = (self.batch_size, self.max_seq_len, self.num_key_value_heads, self.head_dim)
             self._working[device] = (
-                torch.zeros(shape, dtype=self.dtype, device=device),
-                torch.zeros(shape, dtype=self.dtype, device=device),
+                torch.zeros(self.kv_shape, dtype=self.dtype, device=device),
+                torch.zeros(self.kv_shape, dtype=self.dtype, device=device),
             )
         return self._working[device]
 
@@ -170,8 +169,7 @@ class ExLlamaV2Cache_8bit(_EncodedCache):
     """FP8 cache: each value stored as the upper byte of its fp16 bit pattern."""
 
     def layer_storage(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-        shape = (self.batch_size, self.max_seq_len, self.num_key_value_heads, self.head_dim)
-        return {"key_states": (shape, torch.uint8), "value_states": (shape, torch.uint8)}
+        return {"key_states": (self.kv_shape, torch.uint8), "value_states": (self.kv_shape, torch.uint8)}
 
     def _storage(self, layer_idx: int, is_value: bool) -> torch.Tensor:
         return (self.value_states if is_value else self.key_states)[layer_idx]
