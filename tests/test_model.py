@@ -98,6 +98,23 @@ def test_left_padded_batch(arch, backend, tiny_model_factory):
         assert_matches(step[1], hf(torch.cat([short, nxt[1]])[None]).logits[0, -1:])
 
 
+def test_padded_forward_builds_its_attention_mask_once(tiny_model_factory, monkeypatch):
+    """Every layer of a forward sees the same keys: the mask is built once per device and window, not per layer."""
+    from exllamav2.attn.metadata import AttnMetadata
+
+    monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "matmul")
+    model_dir, _ = tiny_model_factory("llama")
+    model = load(model_dir)
+    built = []
+    original = AttnMetadata._visibility
+    monkeypatch.setattr(AttnMetadata, "_visibility", lambda self, *a: built.append(a) or original(self, *a))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[1, :3] = False
+    model.forward(torch.randint(3, VOCAB, (2, 8)), ExLlamaV2Cache(model, batch_size=2, max_seq_len=16),
+                  input_mask=mask)
+    assert model.config.num_hidden_layers > 1 and len(built) == 1
+
+
 def test_last_id_only_and_preprocess(tiny_model_factory):
     model_dir, hf = tiny_model_factory("llama")
     model = load(model_dir)

@@ -115,7 +115,7 @@ class FlashAttnBackend(AttentionBackend):
         if meta.is_uniform:
             # flash-attn handles GQA itself and aligns the causal mask bottom-right
             return self._func(q, k, v, **options)
-        layout = varlen_layout(meta)
+        layout = meta.derived("flash_varlen_layout", lambda: varlen_layout(meta))    # one host sync per forward
         if layout is None:
             return self.fallback.attend(q, k, v, meta, scale=scale, window=window, softcap=softcap)
         out = torch.zeros_like(q)                                   # rows that see no key stay zero

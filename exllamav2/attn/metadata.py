@@ -14,12 +14,13 @@ A query row that sees no key at all (a pad position) outputs zeros.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
 
-@dataclass
+@dataclass(frozen=True)     # derived values are kept, so the description must not change
 class AttnMetadata:
     batch_size: int
     q_len: int
@@ -27,6 +28,14 @@ class AttnMetadata:
     past_len: int | torch.Tensor = 0            # int (same for all) or LongTensor (B,)
     key_lengths: torch.Tensor | None = None     # LongTensor (B,) valid keys per sequence; None: all k_len
     key_mask: torch.Tensor | None = None        # BoolTensor (B, k_len), True = may attend
+    # what backends derive from this description; every layer of the forward would otherwise derive it again
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def derived(self, key: Any, compute: Callable[[], Any]) -> Any:
+        """`compute()` the first time `key` is asked for, the same object afterwards."""
+        if key not in self._derived:
+            self._derived[key] = compute()
+        return self._derived[key]
 
     @property
     def is_uniform(self) -> bool:
@@ -47,7 +56,10 @@ class AttnMetadata:
         return (base + past).expand(self.batch_size, -1)
 
     def visibility(self, device: torch.device, window: int = 0) -> torch.Tensor:
-        """BoolTensor (B, 1, q_len, k_len): True where query may attend to key."""
+        """BoolTensor (B, 1, q_len, k_len): True where query may attend to key (built once per device and window)."""
+        return self.derived(("visibility", torch.device(device), window), lambda: self._visibility(device, window))
+
+    def _visibility(self, device: torch.device, window: int) -> torch.Tensor:
         qpos = self.positions(device).unsqueeze(-1)                   # (B, q, 1)
         kpos = torch.arange(self.k_len, device=device).view(1, 1, -1)  # (1, 1, k)
         vis = kpos <= qpos
