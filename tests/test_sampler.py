@@ -120,6 +120,40 @@ def test_top_a(top_a):
     assert_dist(final_distribution(plain(top_a=top_a), logits_of(PROBS)), want)
 
 
+# Ties at a threshold: in exact arithmetic each case below puts one token exactly at the cut
+# (top-a 1.0: 0.09 = 0.30²; min-p 0.4: 0.12 = 0.4·0.30; top-p 0.52: 0.30 + 0.22 before token 0).
+# float32 rounding may land either side, and which side differs between CPUs, so the tied token's
+# logit is nudged by a few float32 ulps both ways: the outcome must not move.
+TIES = [
+    (dict(top_a=1.0), 1, True),     # a probability at the top-a threshold is kept
+    (dict(min_p=0.4), 5, True),     # a probability at the min-p threshold is kept
+    (dict(top_p=0.52), 0, False),   # a token whose preceding mass reaches top-p is cut
+]
+
+
+@pytest.mark.parametrize("nudge", [-4, -1, 0, 1, 4])
+@pytest.mark.parametrize("setting,tied,kept", TIES)
+def test_ties_at_a_threshold_fall_the_same_way(setting, tied, kept, nudge):
+    logits = logits_of(PROBS)
+    x = logits[0, 0, tied]
+    step = torch.nextafter(x, torch.tensor(math.inf if nudge > 0 else -math.inf)) - x
+    logits[0, 0, tied] = x + abs(nudge) * step
+    got = final_distribution(plain(**setting), logits)
+    assert (tied in got) == kept, f"{setting}: token {tied} at its threshold, nudged {nudge} ulp"
+
+
+def test_tie_tolerance_is_narrow():
+    # A value clearly below its threshold (1e-4 relative, ten times the tolerance) is still below it.
+    from exllamav2.generator.sampler import TIE_RTOL, reaches, within
+
+    t = torch.tensor([0.09 * (1 - 10 * TIE_RTOL), 0.09 * (1 - TIE_RTOL / 10), 0.09])
+    assert reaches(t, 0.09).tolist() == [False, True, True]
+    assert within(torch.tensor([0.5 * (1 + 10 * TIE_RTOL), 0.5 * (1 + TIE_RTOL / 10)]), 0.5).tolist() == [False, True]
+    pmax = max(PROBS.values())
+    below = {t: p for t, p in PROBS.items() if p >= (1 + 1e-3) * pmax * pmax}
+    assert_dist(final_distribution(plain(top_a=1.0 + 1e-3), logits_of(PROBS)), normalized(below))
+
+
 @pytest.mark.parametrize("mass", [0.2, 0.5, 0.8, 0.95])
 def test_typical(mass):
     entropy = -sum(p * math.log(p) for p in PROBS.values())

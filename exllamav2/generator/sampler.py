@@ -10,6 +10,14 @@ The pick is an inverse CDF over the surviving tokens sorted by descending probab
 caller's uniform number `random` in [0, 1). The same logits, settings and
 `random` therefore always give the same token, and `random = 0` gives the most probable one.
 Everything runs in PyTorch on the logits' device; nothing loops over the vocabulary in Python.
+
+Ties at a threshold: every cut (top-p, top-a, min-p, tail-free, typical, mirostat, XTC) compares a
+float32 value computed through softmax and cumulative sums against a threshold that may be the same
+number in exact arithmetic (top-a 1.0 on p = 0.3 cuts at 0.09, the probability of another token).
+Which side float32 rounding lands on differs between CPUs (AVX2 vs AVX-512 reductions), so a value
+within `TIE_RTOL` (relative) of its threshold counts as equal to it, and equality always means
+"reaches": a probability at the threshold is kept, a mass before a token at top-p (or typical) cuts
+it, and a tail-free mass at its limit is not past it.
 """
 
 from __future__ import annotations
@@ -418,6 +426,21 @@ def _renorm(p: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return p / p.sum(-1, keepdim=True)
 
 
+# Relative distance within which a value counts as equal to its threshold: far above float32 rounding
+# of a softmax or cumulative sum (a few 1e-7), far below any difference a user's setting expresses.
+TIE_RTOL = 1e-5
+
+
+def reaches(value: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """value >= threshold, where values within TIE_RTOL of the threshold count as equal to it."""
+    return value >= threshold - TIE_RTOL * abs(threshold)
+
+
+def within(value: torch.Tensor, limit: float) -> torch.Tensor:
+    """value <= limit, where values within TIE_RTOL of the limit count as equal to it."""
+    return value <= limit + TIE_RTOL * abs(limit)
+
+
 def _first_kept(keep: torch.Tensor) -> torch.Tensor:
     return keep & (keep.long().cumsum(-1) == 1)
 
@@ -468,14 +491,14 @@ def _pick(
         keep &= rank < top_k
         p = _renorm(p, keep)
     if 0.0 < s.top_p < 1.0:
-        keep &= (p.cumsum(-1) - p) < s.top_p
+        keep &= ~reaches(p.cumsum(-1) - p, s.top_p)
         p = _renorm(p, keep)
     if s.top_a > 0.0:
         pmax = p[:, :1]
-        keep &= (p >= s.top_a * pmax * pmax) | _first_kept(keep)
+        keep &= reaches(p, s.top_a * pmax * pmax) | _first_kept(keep)
         p = _renorm(p, keep)
     if 0.0 < s.min_p < 1.0:
-        keep &= (p >= s.min_p * p[:, :1]) | _first_kept(keep)
+        keep &= reaches(p, s.min_p * p[:, :1]) | _first_kept(keep)
         p = _renorm(p, keep)
     if 0.0 < s.tfs < 1.0 and width >= 3:
         keep = _tail_free(p, keep, s.tfs, rank)
@@ -488,7 +511,7 @@ def _pick(
     if s.mirostat:
         mu_t = torch.tensor(s.mirostat_mu, dtype=torch.float32, device=logits.device)
         mu_t = torch.where(mu_t == 0.0, 2.0 * s.mirostat_tau, mu_t)
-        keep &= (p >= torch.pow(2.0, -mu_t).unsqueeze(-1)) | _first_kept(keep)
+        keep &= reaches(p, torch.pow(2.0, -mu_t).unsqueeze(-1)) | _first_kept(keep)
         p = _renorm(p, keep)
 
     dynamic = s.max_temp > s.min_temp
@@ -533,7 +556,7 @@ def _tail_free(p: torch.Tensor, keep: torch.Tensor, tfs: float, rank: torch.Tens
     d = torch.where(valid, d, 0.0)
     dsum = d.sum(-1, keepdim=True)
     cum = (d / dsum.clamp(min=1e-30)).cumsum(-1)
-    head = ((cum <= tfs) & valid).sum(-1, keepdim=True) + 1
+    head = (within(cum, tfs) & valid).sum(-1, keepdim=True) + 1
     limit = torch.where((n >= 3) & (dsum > 0), head, n)
     return keep & (rank < limit)
 
@@ -546,7 +569,7 @@ def _typical(p: torch.Tensor, keep: torch.Tensor, mass: float) -> torch.Tensor:
     dev = torch.where(keep, (-logp - entropy).abs(), float("inf"))
     _, by_dev = torch.sort(dev, dim=-1, stable=True)
     p_dev = p.gather(-1, by_dev)
-    chosen = ((p_dev.cumsum(-1) - p_dev) < mass) & keep.gather(-1, by_dev)
+    chosen = ~reaches(p_dev.cumsum(-1) - p_dev, mass) & keep.gather(-1, by_dev)
     return torch.zeros_like(keep).scatter(-1, by_dev, chosen)
 
 
@@ -570,7 +593,7 @@ def _post_temperature(
 def _xtc(p: torch.Tensor, keep: torch.Tensor, removable: torch.Tensor, probability: float, threshold: float) -> torch.Tensor:
     """Exclude Top Choices, as its expectation: with `probability`, every removable candidate at or
     above `threshold` except the least likely of them is removed. Needs two such candidates."""
-    above = keep & removable & (p >= threshold)
+    above = keep & removable & reaches(p, threshold)
     count = above.sum(-1, keepdim=True)
     least = above & (above.long().cumsum(-1) == count)         # last in descending order
     removed = above & ~least & (count >= 2)
