@@ -1,7 +1,8 @@
 """Architecture table: how each HuggingFace architecture differs from Llama, as data rows.
 
 A row names the checkpoint keys and the few switches the model builder reads; there is no
-per-architecture code path. An unknown architecture loads as Llama with a warning, as upstream.
+per-architecture code path. An architecture missing from the table is refused (upstream loaded it as
+Llama, which gives fluent garbage for Qwen3, Gemma, Granite and others); the user may opt in to that.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from enum import Enum
+
+from .errors import ArchitectureError
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +68,19 @@ ARCHITECTURES: dict[str, ArchParams] = {
 }
 
 
-def arch_params_for(arch: str) -> ArchParams:
-    if arch in ARCHITECTURES:
+def arch_params_for(arch: object, allow_unknown: bool = False, source: str = "config.json") -> ArchParams:
+    """The row for `arch`; an architecture missing from the table is refused unless `allow_unknown`,
+    when it loads as Llama with a warning."""
+    if isinstance(arch, str) and arch in ARCHITECTURES:
         return ARCHITECTURES[arch]
-    log.warning(
-        "unknown architecture %r: loading it as Llama (supported: %s); "
-        "output may be wrong if its layout differs",
-        arch,
-        ", ".join(ARCHITECTURES),
-    )
-    return replace(ARCHITECTURES["LlamaForCausalLM"], name=arch)
+    supported = ", ".join(ARCHITECTURES)
+    if not allow_unknown:
+        raise ArchitectureError(
+            f"{source}: architecture {arch!r} is not supported (supported: {supported}). Loading it as Llama "
+            f"gives wrong output unless its layout and math really are Llama's; if you know they are, opt in "
+            f"with ExLlamaV2Config(model_dir, allow_unknown_arch=True) (or config.allow_unknown_arch = True "
+            f"before config.prepare()) or the environment variable EXLLAMA_ALLOW_UNKNOWN_ARCH=1"
+        )
+    log.warning("architecture %r is not supported (%s): loading it as Llama because you opted in; "
+                "its output is wrong unless its math is Llama's", arch, supported)
+    return replace(ARCHITECTURES["LlamaForCausalLM"], name=str(arch))

@@ -10,21 +10,29 @@ import glob
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .architecture import ArchParams, arch_params_for
+from .errors import ConfigError
 from .stloader import SafetensorsIndex
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+ALLOW_UNKNOWN_ARCH_VAR = "EXLLAMA_ALLOW_UNKNOWN_ARCH"
 
 
-class ConfigError(ValueError):
-    """config.json is missing, malformed or describes something we cannot run."""
+def _env_allows_unknown_arch() -> bool:
+    value = os.environ.get(ALLOW_UNKNOWN_ARCH_VAR, "").strip().lower()
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    if value in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{ALLOW_UNKNOWN_ARCH_VAR}={value!r}: expected 1 or 0")
 
 
 def _read_json(path: Path, required: bool = True) -> dict:
@@ -41,8 +49,11 @@ def _read_json(path: Path, required: bool = True) -> dict:
 
 
 class ExLlamaV2Config:
-    def __init__(self, model_dir: str | None = None) -> None:
+    def __init__(self, model_dir: str | None = None, *, allow_unknown_arch: bool = False) -> None:
         self.model_dir = model_dir
+        # Load an architecture missing from the table as Llama anyway (also EXLLAMA_ALLOW_UNKNOWN_ARCH=1).
+        # Off by default: a model that merely resembles Llama gives fluent garbage when run as one.
+        self.allow_unknown_arch = allow_unknown_arch
         self.max_batch_size = 1
         self.max_input_len = 2048
         self.max_attention_size = 2048**2
@@ -119,7 +130,8 @@ class ExLlamaV2Config:
         if len(archs) != 1:
             raise ConfigError(f"{cfg_path}: expected exactly one architecture, found {archs}")
         self.architecture = archs[0]
-        self.arch = arch_params_for(self.architecture)
+        allow = self.allow_unknown_arch or _env_allows_unknown_arch()
+        self.arch = arch_params_for(self.architecture, allow_unknown=allow, source=str(cfg_path))
 
         self.hidden_size = int(read("hidden_size", "d_model", required=True))
         self.num_hidden_layers = int(read("num_hidden_layers", "n_layer", required=True))

@@ -20,6 +20,8 @@ _TENSOR_SUFFIXES = (
     "weight", "bias", "q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm", "q_perm",
     "qweight", "qzeros", "scales", "g_idx",
 )
+# Derived from q_invperm and q_groups at load; some EXL2 writers store it anyway.
+_DERIVED_SUFFIXES = ("q_group_map",)
 
 
 class ExLlamaV2Linear(ExLlamaV2Module):
@@ -56,6 +58,10 @@ class ExLlamaV2Linear(ExLlamaV2Module):
             f"no weights for linear layer {self.key!r} (looked for .weight, .q_weight, .qweight) in "
             f"{', '.join(self.index.files)}"
         )
+
+    def checkpoint_keys(self) -> dict[str, tuple[str, ...]]:
+        keys = (self.key, self.alt_key, self.fused and self.fused[0])
+        return {k: _TENSOR_SUFFIXES + _DERIVED_SUFFIXES for k in keys if k}
 
     def load(self) -> None:
         key = self._source_key()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from .accounting import check_tensors_accounted
 from .attn import resolve_attention
 from .attn.layer import ExLlamaV2Attention
 from .attn.params import PagedParams, Params
@@ -25,7 +26,7 @@ from .device import ExLlamaV2DeviceContext
 from .embedding import ExLlamaV2Embedding
 from .linear import ExLlamaV2Linear
 from .mlp import ExLlamaV2MLP
-from .module import ExLlamaV2Module
+from .module import ExLlamaV2Module, checkpoint_keys_of
 from .norm import make_norm
 from .rope import RopeTables
 from .tensor_p import tensor_parallel_missing
@@ -70,6 +71,9 @@ class ExLlamaV2:
         # leaves out. Placement plans again, with probes, for the devices the model really uses.
         self.attn_plan = resolve_attention(config, self.devices, dtype=self.dtype, probe_gpus=False)
         self.modules: list[ExLlamaV2Module] = self._build()
+        if config.index is not None:     # before any weight is read: refuse tensors the layout leaves unread
+            check_tensors_accounted(config.index.keys(), checkpoint_keys_of(self.modules), config.architecture,
+                                    config.index.files)
         # by checkpoint key, as upstream: the layers and every linear and norm inside them
         self.modules_dict = {s.key: s for m in self.modules for s in (m, *getattr(m, "submodules", list)())}
         self.head_layer_idx = len(self.modules) - 1

@@ -48,6 +48,14 @@ class ExLlamaV2Module:
             )
         return self.index.get(name)
 
+    def tensor_suffixes(self) -> tuple[str, ...]:
+        """The tensor names this module reads under its key (`<key>.<suffix>`)."""
+        return ("weight",)
+
+    def checkpoint_keys(self) -> dict[str, tuple[str, ...]]:
+        """Checkpoint key -> the suffixes read under it: what this module accounts for at load."""
+        return {self.key: self.tensor_suffixes()}
+
     # lifecycle ---------------------------------------------------------------------------
 
     def set_device(self, device: torch.device) -> None:
@@ -67,6 +75,15 @@ class ExLlamaV2Module:
         raise NotImplementedError
 
 
+def checkpoint_keys_of(modules: list[ExLlamaV2Module]) -> dict[str, tuple[str, ...]]:
+    """The union of the modules' checkpoint keys and suffixes."""
+    keys: dict[str, tuple[str, ...]] = {}
+    for m in modules:
+        for key, suffixes in m.checkpoint_keys().items():
+            keys[key] = tuple(dict.fromkeys(keys.get(key, ()) + suffixes))
+    return keys
+
+
 class ExLlamaV2CompositeModule(ExLlamaV2Module):
     """A decoder sub-layer (attention, MLP) made of norms and linears that share its device."""
 
@@ -77,6 +94,9 @@ class ExLlamaV2CompositeModule(ExLlamaV2Module):
         super().set_device(device)
         for m in self.submodules():
             m.set_device(device)
+
+    def checkpoint_keys(self) -> dict[str, tuple[str, ...]]:
+        return checkpoint_keys_of(self.submodules())
 
     def load(self) -> None:
         for m in self.submodules():

@@ -50,6 +50,9 @@ class ExLlamaV2RMSNorm(ExLlamaV2Module):
 class ExLlamaV2LayerNorm(ExLlamaV2Module):
     name = "LayerNorm"
 
+    def tensor_suffixes(self) -> tuple[str, ...]:
+        return ("weight", "bias")
+
     def load(self) -> None:
         size = (self.model.config.hidden_size,)
         self.weight = self.load_tensor(f"{self.key}.weight", shape=size).float().to(self.device)

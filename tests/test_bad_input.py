@@ -85,18 +85,6 @@ def test_missing_architectures(model_copy):
         ExLlamaV2Config(str(model_copy))
 
 
-def test_unknown_architecture_loads_as_llama(model_copy, caplog, tiny_model_factory):
-    cfg = json.loads((model_copy / "config.json").read_text())
-    cfg["architectures"] = ["MysteryForCausalLM"]
-    (model_copy / "config.json").write_text(json.dumps(cfg))
-    with caplog.at_level("WARNING"):
-        config = ExLlamaV2Config(str(model_copy))
-    assert "MysteryForCausalLM" in caplog.text and "Llama" in caplog.text
-    model = ExLlamaV2(config)
-    model.load()
-    assert model.loaded
-
-
 @pytest.mark.parametrize("bad_id", [-1, 250, 10_000])
 def test_token_id_outside_the_vocabulary(tiny_model_factory, bad_id):
     import torch

@@ -39,8 +39,10 @@ ARCH_SPECS: dict[str, tuple[str, dict]] = {
 }
 
 
-def build_tiny_model(arch: str, out_dir: Path, seed: int = 0) -> tuple[Path, torch.nn.Module]:
-    cls_name, overrides = ARCH_SPECS[arch]
+def build_tiny_model(arch: str, out_dir: Path, seed: int = 0,
+                     spec: tuple[str, dict] | None = None) -> tuple[Path, torch.nn.Module]:
+    """The tiny model ARCH_SPECS[arch] (or `spec`: a transformers config class name and its overrides)."""
+    cls_name, overrides = spec or ARCH_SPECS[arch]
     config = getattr(transformers, cls_name)(**{**_COMMON, **overrides})
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
