@@ -6,12 +6,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .errors import MissingTensorError, TensorShapeError  # noqa: F401  (re-exported for linear.py)
+
 if TYPE_CHECKING:
     from .model import ExLlamaV2
-
-
-class TensorShapeError(ValueError):
-    """A checkpoint tensor disagrees with config.json."""
 
 
 class ExLlamaV2Module:
@@ -36,7 +34,7 @@ class ExLlamaV2Module:
 
     def load_tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
         if not self.has(name):
-            raise KeyError(
+            raise MissingTensorError(
                 f"tensor {name!r} is missing from {', '.join(self.index.files)}: the checkpoint does "
                 f"not match architecture {self.model.config.architecture}"
             )

@@ -27,6 +27,8 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from ..errors import AttentionConfigError  # noqa: F401  (re-exported: the attn package imports it from here)
+
 BACKEND_NAMES = ("flash_attn", "xformers", "sdpa", "matmul")
 
 VAR_BACKEND = "EXLLAMA_ATTN_BACKEND"
@@ -39,10 +41,6 @@ ATTN_VARS = (VAR_BACKEND, *VAR_NO.values())
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
-
-
-class AttentionConfigError(ValueError):
-    """Bad attention settings: an unparseable variable, a conflict, or a forced backend that can't run."""
 
 
 @dataclass(frozen=True)

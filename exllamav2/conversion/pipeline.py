@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from ..attn.layer import ExLlamaV2Attention
 from ..config import ExLlamaV2Config
+from ..errors import ConversionError  # noqa: F401  (re-exported: callers import it from here)
 from ..linear import ExLlamaV2Linear
 from ..model import ExLlamaV2
 from ..module import ExLlamaV2Module
@@ -34,10 +35,6 @@ from .quantizer import Hessian
 log = logging.getLogger(__name__)
 
 JOB_FILE = "job_new.json"
-
-
-class ConversionError(ValueError):
-    """The job cannot start or continue: bad input model, directories or options."""
 
 
 # job setup ------------------------------------------------------------------------------------
