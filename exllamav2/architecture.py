@@ -27,11 +27,12 @@ class ArchParams:
     name: str = "LlamaForCausalLM"
     norm: str = "rmsnorm"                 # or "layernorm"
     norm_weight_offset: float = 0.0       # Gemma stores (weight - 1)
-    activation: str = "silu"              # gated MLP activation
+    activation_key: str = "hidden_act"    # config.json key naming the MLP activation
     rope_style: RopeStyle = RopeStyle.NEOX
     fused_qkv: str | None = None          # checkpoint key of a fused q/k/v projection
     fused_gate_up: str | None = None      # checkpoint key of a fused gate/up projection
     embed_scale_sqrt_hidden: bool = False
+    qk_norm: bool = False                 # RMS norm over each head of q and k, before RoPE (self_attn.q_norm/k_norm)
     # Norm keys inside a decoder layer; post_* are None where the architecture has none
     attn_norm: str = "input_layernorm"
     mlp_norm: str = "post_attention_layernorm"
@@ -47,25 +48,28 @@ class ArchParams:
     })
 
 
-ARCHITECTURES: dict[str, ArchParams] = {
-    "LlamaForCausalLM": ArchParams(),
-    "MistralForCausalLM": ArchParams(name="MistralForCausalLM"),
-    "Qwen2ForCausalLM": ArchParams(name="Qwen2ForCausalLM"),
-    "Gemma2ForCausalLM": ArchParams(
-        name="Gemma2ForCausalLM",
-        norm_weight_offset=1.0,
-        activation="gelu_tanh",
-        embed_scale_sqrt_hidden=True,
-        mlp_norm="pre_feedforward_layernorm",
-        post_attn_norm="post_attention_layernorm",
-        post_mlp_norm="post_feedforward_layernorm",
-        alternating_swa=True,
-        default_tie_word_embeddings=True,
-    ),
-    "Phi3ForCausalLM": ArchParams(
-        name="Phi3ForCausalLM", fused_qkv="qkv_proj", fused_gate_up="gate_up_proj"
-    ),
-}
+_LLAMA = ArchParams()
+# Gemma's family: norms store (weight - 1), GELU-tanh MLP, embedding scaled by sqrt(hidden), tied head
+_GEMMA = replace(_LLAMA, name="GemmaForCausalLM", norm_weight_offset=1.0, embed_scale_sqrt_hidden=True,
+                 default_tie_word_embeddings=True)
+_GEMMA2 = replace(_GEMMA, name="Gemma2ForCausalLM", activation_key="hidden_activation",
+                  mlp_norm="pre_feedforward_layernorm", post_attn_norm="post_attention_layernorm",
+                  post_mlp_norm="post_feedforward_layernorm", alternating_swa=True)
+
+# Rows that differ from Llama only in config.json values (multipliers, no-RoPE layers, windows) are
+# Llama's row under their own name: those values are read generically by ExLlamaV2Config.
+ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
+    _LLAMA,
+    replace(_LLAMA, name="MistralForCausalLM"),
+    replace(_LLAMA, name="Qwen2ForCausalLM"),
+    replace(_LLAMA, name="Qwen3ForCausalLM", qk_norm=True),
+    replace(_LLAMA, name="GraniteForCausalLM"),
+    replace(_LLAMA, name="SmolLM3ForCausalLM"),
+    _GEMMA,
+    _GEMMA2,
+    replace(_GEMMA2, name="Gemma3ForCausalLM", qk_norm=True),
+    replace(_LLAMA, name="Phi3ForCausalLM", fused_qkv="qkv_proj", fused_gate_up="gate_up_proj"),
+)}
 
 
 def arch_params_for(arch: object, allow_unknown: bool = False, source: str = "config.json") -> ArchParams:

@@ -48,6 +48,28 @@ def _read_json(path: Path, required: bool = True) -> dict:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
 
 
+# config.json activation names -> the MLP's activation (exllamav2.mlp.ACTIVATION_FUNCTIONS)
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
+               "gelu_fast": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+
+
+class _Reader:
+    """Reads a key from config.json, or from its text_config (multimodal checkpoints nest the text model)."""
+
+    def __init__(self, raw: dict, path: Path) -> None:
+        self.sources = (raw, raw.get("text_config") or {})
+        self.path = path
+
+    def __call__(self, *names: str, default: Any = None, required: bool = False) -> Any:
+        for name in names:
+            for src in self.sources:
+                if name in src and src[name] is not None:
+                    return src[name]
+        if required:
+            raise ConfigError(f"{self.path}: missing required key {names[0]!r}")
+        return default
+
+
 class ExLlamaV2Config:
     def __init__(self, model_dir: str | None = None, *, allow_unknown_arch: bool = False) -> None:
         self.model_dir = model_dir
@@ -111,17 +133,25 @@ class ExLlamaV2Config:
         cfg_path = mdir / "config.json"
         raw = _read_json(cfg_path)
         gen = _read_json(mdir / "generation_config.json", required=False)
-        text = raw.get("text_config") or {}
+        read = _Reader(raw, cfg_path)
 
-        def read(*names: str, default: Any = None, required: bool = False) -> Any:
-            for name in names:
-                for src in (raw, text):
-                    if name in src and src[name] is not None:
-                        return src[name]
-            if required:
-                raise ConfigError(f"{cfg_path}: missing required key {names[0]!r}")
-            return default
+        self._read_architecture(raw, cfg_path)
+        self._read_sizes(read, cfg_path)
+        self._read_scales(read)
+        self._read_token_ids(read, gen)
+        self.max_seq_len = int(read("max_position_embeddings", "max_sequence_length", "n_positions", default=2048))
+        self.original_max_seq_len = self.max_seq_len
+        self._read_sliding_window(read)
+        self._read_rope(read, cfg_path)
 
+        self.quantization_config = raw.get("quantization_config") or {}
+        if self.quantization_config.get("checkpoint_format") == "gptq_v2":
+            self.checkpoint_offset_qzeros = 1
+
+        if not no_tensors:
+            self._index_tensors(mdir)
+
+    def _read_architecture(self, raw: dict, cfg_path: Path) -> None:
         archs = raw.get("architectures")
         if not archs:
             raise ConfigError(
@@ -133,10 +163,16 @@ class ExLlamaV2Config:
         allow = self.allow_unknown_arch or _env_allows_unknown_arch()
         self.arch = arch_params_for(self.architecture, allow_unknown=allow, source=str(cfg_path))
 
+    def _read_sizes(self, read: "_Reader", cfg_path: Path) -> None:
         self.hidden_size = int(read("hidden_size", "d_model", required=True))
         self.num_hidden_layers = int(read("num_hidden_layers", "n_layer", required=True))
         self.num_attention_heads = int(read("num_attention_heads", "n_head", required=True))
         self.num_key_value_heads = int(read("num_key_value_heads", default=self.num_attention_heads))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"{cfg_path}: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
         self.num_key_value_groups = self.num_attention_heads // self.num_key_value_heads
         self.head_dim = int(read("head_dim", default=self.hidden_size // self.num_attention_heads))
         self.intermediate_size = int(read("intermediate_size", required=True))
@@ -144,17 +180,25 @@ class ExLlamaV2Config:
         self.norm_eps = float(read("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", default=1e-5))
         self.tie_word_embeddings = bool(read("tie_word_embeddings", default=self.arch.default_tie_word_embeddings))
         self.torch_dtype = read("torch_dtype", "dtype", default="float16")
+        act = read(self.arch.activation_key, default="silu")
+        if act not in ACTIVATIONS:
+            raise ConfigError(f"{cfg_path}: {self.arch.activation_key} {act!r} is not supported "
+                              f"(supported: {', '.join(ACTIVATIONS)})")
+        self.activation = ACTIVATIONS[act]
+
+    def _read_scales(self, read: "_Reader") -> None:
+        """Softcaps and the multipliers some architectures apply (Granite's four, Gemma's embedding scale)."""
         self.partial_rotary_factor = float(read("partial_rotary_factor", default=1.0))
         self.attn_logit_softcapping = read("attn_logit_softcapping", default=None)
         self.final_logit_softcapping = read("final_logit_softcapping", default=None)
         self.query_pre_attn_scalar = read("query_pre_attn_scalar", default=None)
+        self.attention_multiplier = read("attention_multiplier", default=None)
+        self.residual_multiplier = float(read("residual_multiplier", default=1.0))
+        self.logit_scale = 1.0 / float(read("logits_scaling", default=1.0))
+        sqrt_hidden = self.hidden_size**0.5 if self.arch.embed_scale_sqrt_hidden else 1.0
+        self.embed_scale = sqrt_hidden * float(read("embedding_multiplier", default=1.0))
 
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ConfigError(
-                f"{cfg_path}: num_attention_heads {self.num_attention_heads} is not a multiple of "
-                f"num_key_value_heads {self.num_key_value_heads}"
-            )
-
+    def _read_token_ids(self, read: "_Reader", gen: dict) -> None:
         # None when the checkpoint does not say: the tokenizer then reads tokenizer_config.json
         self.bos_token_id = read("bos_token_id", default=gen.get("bos_token_id"))
         eos = read("eos_token_id", default=gen.get("eos_token_id"))
@@ -164,18 +208,6 @@ class ExLlamaV2Config:
             self.eos_token_id_list += [e for e in gen_eos if e not in self.eos_token_id_list]
         self.eos_token_id = self.eos_token_id_list[0] if self.eos_token_id_list else None
         self.pad_token_id = read("pad_token_id", default=None)
-
-        self.max_seq_len = int(read("max_position_embeddings", "max_sequence_length", "n_positions", default=2048))
-        self.original_max_seq_len = self.max_seq_len
-        self._read_sliding_window(read)
-        self._read_rope(raw, read, cfg_path)
-
-        self.quantization_config = raw.get("quantization_config") or {}
-        if self.quantization_config.get("checkpoint_format") == "gptq_v2":
-            self.checkpoint_offset_qzeros = 1
-
-        if not no_tensors:
-            self._index_tensors(mdir)
 
     def _read_sliding_window(self, read) -> None:
         window = read("sliding_window", default=0) or 0
@@ -192,9 +224,14 @@ class ExLlamaV2Config:
         else:
             self.swa_layers = [True] * self.num_hidden_layers
 
-    def _read_rope(self, raw: dict, read, cfg_path: Path) -> None:
-        # transformers >= 5 writes rope_parameters; older checkpoints rope_theta + rope_scaling
+    def _read_rope(self, read: "_Reader", cfg_path: Path) -> None:
+        # transformers >= 5 writes rope_parameters (per layer type for Gemma 3); older checkpoints
+        # rope_theta + rope_scaling (+ rope_local_base_freq)
         params = dict(read("rope_parameters", default=None) or {})
+        local = None
+        if "full_attention" in params or "sliding_attention" in params:
+            local = params.get("sliding_attention")
+            params = dict(params.get("full_attention") or {})
         scaling = read("rope_scaling", default=None)
         if scaling:
             params.update(scaling)
@@ -216,6 +253,22 @@ class ExLlamaV2Config:
             # Dynamic NTK equals plain RoPE within the trained context; beyond it, set
             # scale_alpha_value (static NTK alpha) as upstream users do.
             log.info("rope type 'dynamic': using plain RoPE; set scale_alpha_value to extend the context")
+        self._read_rope_layers(read, local, cfg_path)
+
+    def _read_rope_layers(self, read: "_Reader", local: dict | None, cfg_path: Path) -> None:
+        """Which layers rotate (SmolLM3's and Llama 4's no_rope_layers: 1 = RoPE) and the base of the
+        sliding layers' unscaled RoPE where it differs (Gemma 3's local layers)."""
+        if local is not None and (local.get("rope_type") or "default") != "default":
+            raise ConfigError(f"{cfg_path}: rope type {local['rope_type']!r} for sliding layers is not supported")
+        theta = local.get("rope_theta") if local is not None else read("rope_local_base_freq", default=None)
+        self.rope_local_base = None if theta is None else float(theta)
+        flags = read("no_rope_layers", default=None)
+        if flags is None:
+            flags = [1] * self.num_hidden_layers
+        if len(flags) < self.num_hidden_layers:
+            raise ConfigError(f"{cfg_path}: no_rope_layers has {len(flags)} entries for "
+                              f"{self.num_hidden_layers} layers")
+        self.rope_layers = [bool(f) for f in flags[: self.num_hidden_layers]]
 
     def _index_tensors(self, mdir: Path) -> None:
         files = sorted(glob.glob(str(mdir / "*.safetensors")))
@@ -243,8 +296,14 @@ class ExLlamaV2Config:
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor) // 2 * 2
 
+    def rope_local(self, layer_idx: int) -> bool:
+        """Whether layer `layer_idx` uses the sliding layers' own RoPE base (Gemma 3)."""
+        return self.rope_local_base is not None and self.swa_layers[layer_idx]
+
     @property
     def attn_scale(self) -> float:
+        if self.attention_multiplier is not None:       # Granite
+            return float(self.attention_multiplier)
         if self.query_pre_attn_scalar:
             return float(self.query_pre_attn_scalar) ** -0.5
         return 1.0 / math.sqrt(self.head_dim)

@@ -38,7 +38,6 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
         x = self.weight[plain].to(dtype)
         if extra is not None and bool(extra.any()):
             x[extra] = indexed_embeddings.to(x.device, dtype).view(-1, x.shape[-1])[ids[extra] - EMBEDDING_INDEX]
-        if self.model.config.arch.embed_scale_sqrt_hidden:
-            # the normaliser is rounded to the activation dtype, as the reference implementation does
-            x = x * torch.tensor(self.model.config.hidden_size**0.5, dtype=x.dtype)
-        return x
+        # Gemma's sqrt(hidden), Granite's embedding_multiplier: rounded to the activation dtype, as the
+        # reference implementations do
+        return x * torch.tensor(self.model.config.embed_scale, dtype=x.dtype)

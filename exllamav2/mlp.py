@@ -9,10 +9,12 @@ from .linear import ExLlamaV2Linear
 from .module import ExLlamaV2CompositeModule, ExLlamaV2Module
 from .norm import make_norm
 
-_ACTIVATIONS = {
+# by the names config.ACTIVATIONS maps config.json's activation names to
+ACTIVATION_FUNCTIONS = {
     "silu": F.silu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "gelu": F.gelu,
+    "relu": F.relu,
 }
 
 
@@ -31,7 +33,8 @@ class ExLlamaV2MLP(ExLlamaV2CompositeModule):
         self.gate_proj = ExLlamaV2Linear(model, f"{key}.mlp.gate_proj", h, i, fused=fused and (fused, 0, i))
         self.up_proj = ExLlamaV2Linear(model, f"{key}.mlp.up_proj", h, i, fused=fused and (fused, i, 2 * i))
         self.down_proj = ExLlamaV2Linear(model, f"{key}.mlp.down_proj", i, h)
-        self.act = _ACTIVATIONS[arch.activation]
+        self.act = ACTIVATION_FUNCTIONS[cfg.activation]
+        self.residual_scale = cfg.residual_multiplier
 
     def submodules(self) -> list[ExLlamaV2Module]:
         return [m for m in (self.pre_norm, self.post_norm, self.gate_proj, self.up_proj, self.down_proj) if m]
@@ -42,4 +45,4 @@ class ExLlamaV2MLP(ExLlamaV2CompositeModule):
         h = self.down_proj.forward(self.act(gate) * up, loras)
         if self.post_norm is not None:
             h = self.post_norm.forward(h)
-        return hidden_states + h
+        return torch.add(hidden_states, h, alpha=self.residual_scale)

@@ -77,12 +77,13 @@ class ExLlamaV2:
         # by checkpoint key, as upstream: the layers and every linear and norm inside them
         self.modules_dict = {s.key: s for m in self.modules for s in (m, *getattr(m, "submodules", list)())}
         self.head_layer_idx = len(self.modules) - 1
-        self.last_kv_layer_idx = max(i for i, m in enumerate(self.modules) if isinstance(m, ExLlamaV2Attention))
+        self.attention_layers = [m for m in self.modules if isinstance(m, ExLlamaV2Attention)]   # by layer index
+        self.last_kv_layer_idx = self.modules.index(self.attention_layers[-1])
         self.loaded = False
         self.tp_context = None
         self.cache_map: dict[int, str] = {}      # layer index -> device of its attention (and cache), as upstream
         self.loras: weakref.WeakSet = weakref.WeakSet()   # adapters made for this model; see update_loras()
-        self._rope: dict[torch.device, RopeTables] = {}
+        self._rope: dict[tuple[torch.device, bool], RopeTables] = {}
         self._device_contexts: dict[int, ExLlamaV2DeviceContext] = {}
 
     def _build(self) -> list[ExLlamaV2Module]:
@@ -275,16 +276,17 @@ class ExLlamaV2:
     # queries -------------------------------------------------------------------------------
 
     def layer_device(self, layer_idx: int) -> torch.device:
-        attn = self.modules[1 + 2 * layer_idx]
+        attn = self.attention_layers[layer_idx]
         return attn.device if attn.device is not None else self.devices[0]
 
     def get_cache_devices(self) -> list[torch.device]:
         return sorted({self.layer_device(i) for i in range(self.config.num_hidden_layers)}, key=str)
 
-    def rope_tables(self, device: torch.device) -> RopeTables:
-        if device not in self._rope:
-            self._rope[device] = RopeTables(self.config, device)
-        return self._rope[device]
+    def rope_tables(self, device: torch.device, local: bool = False) -> RopeTables:
+        """The RoPE tables on `device`: the model's, or with `local` the sliding layers' own (Gemma 3)."""
+        if (device, local) not in self._rope:
+            self._rope[(device, local)] = RopeTables(self.config, device, local)
+        return self._rope[(device, local)]
 
     def update_loras(self) -> None:
         """Move every adapter made for this model onto the devices its layers occupy now (runs after each
@@ -359,7 +361,7 @@ class ExLlamaV2:
         if last_id_only:
             x = x[:, -1:]
         head = self.modules[-1]
-        logits = head.forward(x.to(head.device), loras).float()
+        logits = head.forward(x.to(head.device), loras).float() * self.config.logit_scale
         if self.config.final_logit_softcapping:
             cap = float(self.config.final_logit_softcapping)
             logits = torch.tanh(logits / cap) * cap

@@ -26,11 +26,19 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ).to(x.dtype)
 
 
-class ExLlamaV2RMSNorm(ExLlamaV2Module):
+class _Norm(ExLlamaV2Module):
+    """A norm over the last `size` features (hidden_size unless given: q/k norms work per head)."""
+
+    def __init__(self, model, key: str, size: int | None = None) -> None:
+        super().__init__(model, key)
+        self.size = size or model.config.hidden_size
+
+
+class ExLlamaV2RMSNorm(_Norm):
     name = "RMSNorm"
 
     def load(self) -> None:
-        w = self.load_tensor(f"{self.key}.weight", shape=(self.model.config.hidden_size,))
+        w = self.load_tensor(f"{self.key}.weight", shape=(self.size,))
         # Gemma stores weight - 1; fold the offset in once, in fp32
         self.weight = (w.float() + self.model.config.arch.norm_weight_offset).to(self.device)
 
@@ -47,14 +55,14 @@ class ExLlamaV2RMSNorm(ExLlamaV2Module):
         return self.tensor_bytes(f"{self.key}.weight") * 2
 
 
-class ExLlamaV2LayerNorm(ExLlamaV2Module):
+class ExLlamaV2LayerNorm(_Norm):
     name = "LayerNorm"
 
     def tensor_suffixes(self) -> tuple[str, ...]:
         return ("weight", "bias")
 
     def load(self) -> None:
-        size = (self.model.config.hidden_size,)
+        size = (self.size,)
         self.weight = self.load_tensor(f"{self.key}.weight", shape=size).float().to(self.device)
         bias_key = f"{self.key}.bias"
         self.bias = self.load_tensor(bias_key, shape=size).float().to(self.device) if self.has(bias_key) else None
@@ -72,6 +80,6 @@ class ExLlamaV2LayerNorm(ExLlamaV2Module):
         return self.tensor_bytes(f"{self.key}.weight") * 4
 
 
-def make_norm(model, key: str) -> ExLlamaV2Module:
+def make_norm(model, key: str, size: int | None = None) -> ExLlamaV2Module:
     cls = ExLlamaV2LayerNorm if model.config.arch.norm == "layernorm" else ExLlamaV2RMSNorm
-    return cls(model, key)
+    return cls(model, key, size)

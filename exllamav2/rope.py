@@ -17,24 +17,56 @@ if TYPE_CHECKING:
     from .config import ExLlamaV2Config
 
 
-def inv_freq_and_scale(config: "ExLlamaV2Config") -> tuple[torch.Tensor, float]:
-    """Inverse frequencies (rotary_dim/2,) fp32 and the attention factor applied to cos/sin."""
+# Used when a client sets a knob to None (or 0): upstream treats a falsy value as "not set".
+_KNOB_DEFAULTS = {"scale_pos_emb": 1.0, "scale_alpha_value": 1.0, "rotary_embedding_base": 10000.0}
+
+
+def rope_knob(config: "ExLlamaV2Config", name: str) -> float:
+    """A positive RoPE setting of the config; None/0/missing give the default, as upstream. Clients set
+    these from optional CLI flags (chat.py's draft path: scale_pos_emb = args.rope_scale, often None)."""
+    value = getattr(config, name, None)
+    if not value:
+        return _KNOB_DEFAULTS[name]
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config.{name} must be a number, got {value!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"config.{name} must be a positive number (or None for {_KNOB_DEFAULTS[name]}), got {value}")
+    return value
+
+
+def inv_freq_and_scale(config: "ExLlamaV2Config", local: bool = False) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (rotary_dim/2,) fp32 and the attention factor applied to cos/sin. With `local`,
+    those of the sliding layers' own unscaled RoPE (Gemma 3's rope_local_base_freq)."""
     dim = config.rotary_dim
-    base = config.rotary_embedding_base
-    if config.scale_alpha_value != 1.0:                    # static NTK-aware scaling
-        base *= config.scale_alpha_value ** (dim / (dim - 2))
+    base = config.rope_local_base if local else rope_knob(config, "rotary_embedding_base")
+    alpha = rope_knob(config, "scale_alpha_value")
+    if alpha != 1.0:                                       # static NTK-aware scaling
+        base *= alpha ** (dim / (dim - 2))
     inv = 1.0 / base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    params = config.rope_scaling or {}
+    params = {} if local else getattr(config, "rope_scaling", None) or {}
+    rope_type = "default" if local else getattr(config, "rope_type", None) or "default"
+    orig_len = getattr(config, "original_max_seq_len", None) or config.max_seq_len
     attention_factor = 1.0
-    if config.rope_type == "llama3":
-        inv = _llama3(inv, params, config.original_max_seq_len)
-    elif config.rope_type == "yarn":
-        inv, attention_factor = _yarn(dim, base, params, config.original_max_seq_len)
+    if rope_type == "llama3":
+        inv = _llama3(inv, params, orig_len)
+    elif rope_type == "yarn":
+        inv, attention_factor = _yarn(dim, base, params, orig_len)
     return inv.float(), attention_factor
 
 
+def _param(p: dict, key: str, rope_type: str) -> float:
+    """A required rope_scaling parameter, refused by name when absent or None."""
+    value = p.get(key)
+    if value is None:
+        raise ValueError(f"rope_scaling of type {rope_type!r} needs {key!r} (got {p!r}); set it in "
+                         f"config.rope_scaling or the model's config.json")
+    return float(value)
+
+
 def _llama3(inv: torch.Tensor, p: dict, orig_len: int) -> torch.Tensor:
-    factor, lo, hi = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    factor, lo, hi = (_param(p, k, "llama3") for k in ("factor", "low_freq_factor", "high_freq_factor"))
     lo_wavelen, hi_wavelen = orig_len / lo, orig_len / hi
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > lo_wavelen, inv / factor, inv)
@@ -45,7 +77,7 @@ def _llama3(inv: torch.Tensor, p: dict, orig_len: int) -> torch.Tensor:
 
 
 def _yarn(dim: int, base: float, p: dict, orig_len: int) -> tuple[torch.Tensor, float]:
-    factor = p["factor"]
+    factor = _param(p, "factor", "yarn")
     beta_fast, beta_slow = p.get("beta_fast") or 32, p.get("beta_slow") or 1
 
     def mscale(scale: float, m: float = 1.0) -> float:
@@ -77,9 +109,10 @@ def _yarn(dim: int, base: float, p: dict, orig_len: int) -> tuple[torch.Tensor, 
 class RopeTables:
     """cos/sin tables (length, rotary_dim) for one device, grown on demand."""
 
-    def __init__(self, config: "ExLlamaV2Config", device: torch.device) -> None:
-        self.inv_freq, self.attention_factor = inv_freq_and_scale(config)
-        self.scale_pos_emb = config.scale_pos_emb
+    def __init__(self, config: "ExLlamaV2Config", device: torch.device, local: bool = False) -> None:
+        self.inv_freq, self.attention_factor = inv_freq_and_scale(config, local)
+        # linear scaling belongs to the model's RoPE; the sliding layers' own is unscaled
+        self.scale_pos_emb = 1.0 if local else rope_knob(config, "scale_pos_emb")
         self.device = device
         self.cos = self.sin = None
         self._build(max(config.max_seq_len, 1))

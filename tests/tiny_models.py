@@ -36,6 +36,17 @@ ARCH_SPECS: dict[str, tuple[str, dict]] = {
     "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
                                 "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0}),
     "phi3": ("Phi3Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "gemma": ("GemmaConfig", {"head_dim": 16}),
+    # local and global layers, each with its own RoPE (the global one linearly scaled), windows of 8
+    "gemma3": ("Gemma3TextConfig", {
+        "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}}),
+    "granite": ("GraniteConfig", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
+                                  "attention_multiplier": 0.1, "logits_scaling": 2.0}),
+    "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
 }
 
 
@@ -50,7 +61,7 @@ def build_tiny_model(arch: str, out_dir: Path, seed: int = 0,
     # norms start at exactly 1 (or 0 for Gemma's offset form); randomise them so they matter
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):     # transformers starts biases at 0
                 p.add_(torch.randn_like(p) * 0.1)
         for p in model.parameters():                 # fp16-representable weights, fp32 reference math
             p.copy_(p.half().float())

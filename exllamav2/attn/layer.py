@@ -57,6 +57,9 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
 
         self.pre_norm = make_norm(model, f"{key}.{arch.attn_norm}")
         self.post_norm = make_norm(model, f"{key}.{arch.post_attn_norm}") if arch.post_attn_norm else None
+        # per-head norms of q and k, before RoPE (Qwen3, Gemma 3)
+        self.q_norm = make_norm(model, f"{key}.self_attn.q_norm", self.head_dim) if arch.qk_norm else None
+        self.k_norm = make_norm(model, f"{key}.self_attn.k_norm", self.head_dim) if arch.qk_norm else None
         self.q_proj = proj("q_proj", qd, 0)
         self.k_proj = proj("k_proj", kd, qd)
         self.v_proj = proj("v_proj", kd, qd + kd)
@@ -64,10 +67,15 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         self.scale = cfg.attn_scale
         self.softcap = float(cfg.attn_logit_softcapping or 0.0)
         self.window = cfg.sliding_window if cfg.swa_layers[layer_idx] else 0
+        self.rope_style = arch.rope_style if cfg.rope_layers[layer_idx] else RopeStyle.NONE
+        self.rope_local = cfg.rope_local(layer_idx)
+        self.residual_scale = cfg.residual_multiplier
         self.backend = None
 
     def submodules(self) -> list[ExLlamaV2Module]:
-        return [m for m in (self.pre_norm, self.post_norm, self.q_proj, self.k_proj, self.v_proj, self.o_proj) if m]
+        parts = (self.pre_norm, self.post_norm, self.q_proj, self.k_proj, self.v_proj, self.o_proj,
+                 self.q_norm, self.k_norm)
+        return [m for m in parts if m]
 
     def load(self) -> None:
         super().load()
@@ -84,7 +92,9 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         q = self.q_proj.forward(h, loras).view(bsz, q_len, self.num_heads, self.head_dim)
         k = self.k_proj.forward(h, loras).view(bsz, q_len, self.num_kv_heads, self.head_dim)
         v = self.v_proj.forward(h, loras).view(bsz, q_len, self.num_kv_heads, self.head_dim)
-        q, k = rotate_qk(q, k, attn_params, self.model.rope_tables(self.device), self.model.config.arch.rope_style)
+        if self.q_norm is not None:
+            q, k = self.q_norm.forward(q), self.k_norm.forward(k)
+        q, k = rotate_qk(q, k, attn_params, self.model.rope_tables(self.device, self.rope_local), self.rope_style)
         opts = dict(scale=self.scale, window=self.window, softcap=self.softcap)
 
         if attn_params.paged:
@@ -109,4 +119,4 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         o = self.o_proj.forward(out.reshape(bsz, q_len, self.num_heads * self.head_dim), loras)
         if self.post_norm is not None:
             o = self.post_norm.forward(o)
-        return hidden_states + o
+        return torch.add(hidden_states, o, alpha=self.residual_scale)
