@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .architecture import ArchParams, arch_params_for
+from .config_check import validate_config, validate_generation_config
 from .errors import ConfigError
 from .stloader import SafetensorsIndex
 
@@ -132,7 +133,9 @@ class ExLlamaV2Config:
             raise FileNotFoundError(f"model directory {mdir} does not exist or is not a directory")
         cfg_path = mdir / "config.json"
         raw = _read_json(cfg_path)
+        validate_config(raw, cfg_path)          # types and ranges, before any value is converted
         gen = _read_json(mdir / "generation_config.json", required=False)
+        validate_generation_config(gen, mdir / "generation_config.json")
         read = _Reader(raw, cfg_path)
 
         self._read_architecture(raw, cfg_path)
