@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
@@ -34,6 +34,7 @@ class ExLlamaV2Lora:
 
     def __init__(self, model: "ExLlamaV2", lora_config_path: str, lora_path: str, lora_scaling: float = 1.0) -> None:
         self.model = model
+        self.unloaded = False
         self.lora_config_path, self.lora_path = lora_config_path, lora_path
         cfg = json.loads(Path(lora_config_path).read_text())
         if cfg.get("fan_in_fan_out"):
@@ -79,5 +80,26 @@ class ExLlamaV2Lora:
         return y + (x.to(a.dtype) @ a) @ b
 
     def unload(self) -> None:
+        self.unloaded = True
         self.weights = {}
         self.model.loras.discard(self)
+
+
+def as_lora_list(loras: Any, model: "ExLlamaV2 | None" = None) -> list[ExLlamaV2Lora] | None:
+    """`loras=` as upstream takes it: None, one ExLlamaV2Lora, or a list/tuple of them; returned as a
+    list (None for none). Refuses anything else, an unloaded adapter and one made for another model,
+    which would otherwise be applied to layers it was not trained for (or silently not at all)."""
+    if loras is None:
+        return None
+    items = [loras] if isinstance(loras, ExLlamaV2Lora) else loras
+    if not isinstance(items, (list, tuple)):
+        raise TypeError(f"loras must be an ExLlamaV2Lora or a list of them, got {type(loras).__name__}")
+    for lora in items:
+        if not isinstance(lora, ExLlamaV2Lora):
+            raise TypeError(f"loras must contain ExLlamaV2Lora objects, got {type(lora).__name__}")
+        if lora.unloaded:
+            raise ValueError(f"the LoRA {lora.lora_path} was unloaded; load it again or leave it out of loras")
+        if model is not None and lora.model is not model:
+            raise ValueError(f"the LoRA {lora.lora_path} was loaded for another model; load it with "
+                             f"ExLlamaV2Lora.from_directory(model, ...) for the model it is used with")
+    return list(items) or None

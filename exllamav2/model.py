@@ -307,10 +307,18 @@ class ExLlamaV2:
                 last_id_only: bool = False, loras: list | None = None, return_last_state: bool = False,
                 position_offsets: torch.Tensor | None = None, abort_event: threading.Event | None = None,
                 cpu_logits: bool = False, **kwargs):
+        # cache: one cache, or a list with one per batch row
+        from .lora import as_lora_list
+        from .multicache import forward_per_row_caches
+
         if not self.loaded:
             raise RuntimeError("model is not loaded: call model.load() (or load_autosplit) before forward()")
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        loras = as_lora_list(loras, self)       # one adapter or a list, as upstream takes it
+        if isinstance(cache, (list, tuple)):    # one cache per batch row (upstream's multi-cache form)
+            return forward_per_row_caches(self, input_ids, cache, input_mask, preprocess_only, last_id_only, loras,
+                                          return_last_state, position_offsets, abort_event, cpu_logits, **kwargs)
         attn_params = kwargs.pop("attn_params", None)
         if isinstance(attn_params, PagedParams):
             return self._forward_chunk(input_ids, cache, attn_params, preprocess_only, last_id_only,

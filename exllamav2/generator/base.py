@@ -10,6 +10,7 @@ import torch
 
 from .dynamic_embeddings import remap_embeddings
 from .filters.base import ExLlamaV2Filter  # re-exported: filter libraries import it from here
+from .filters.base import as_filters, feed_filters
 from .sampler import ExLlamaV2Sampler
 from .stop import decode_ids
 
@@ -70,6 +71,7 @@ class ExLlamaV2BaseGenerator:
         Stops a row at `stop_token` (-1: the tokenizer's EOS; None: never). Returns the decoded
         prompt plus completion (or the completion alone), or None if `abort_event` was set."""
         batched = isinstance(prompt, list)
+        filters = as_filters(filters)
         if batched and filters:
             raise ValueError("filters constrain one sequence; generate batched prompts without filters")
         if stop_token == -1:
@@ -99,7 +101,7 @@ class ExLlamaV2BaseGenerator:
                                position_offsets=positions, abort_event=abort_event, indexed_embeddings=embeds)
             if abort_event is not None and abort_event.is_set():
                 return None
-        for f in filters or []:
+        for f in filters:
             f.background_drop()
             f.begin("")
 
@@ -116,8 +118,7 @@ class ExLlamaV2BaseGenerator:
                 self.tokenizer, prefix_token=heal if step == 0 else None, filters=filters,
                 filter_prefer_eos=filter_prefer_eos,
             )
-            for f in filters or []:
-                f.feed(int(token[0, 0]))
+            feed_filters(filters, int(token[0, 0]))
             self.sequence_ids = torch.cat((self.sequence_ids, token), dim=1)
             if mask is not None:
                 mask = torch.cat((mask, mask.new_zeros(bsz, 1)), dim=1)

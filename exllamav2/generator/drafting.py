@@ -41,3 +41,57 @@ def ngram_draft(context: list[int], k: int, max_ngram: int) -> list[int]:
             if context[start] == first and context[start : start + n] == suffix:
                 return context[start + n : start + n + k]
     return []
+
+
+class NgramCache:
+    """How often each token followed each n-gram (min_len..max_len tokens) of the text seen so far.
+    Drafts follow the longest matching n-gram whose best continuation was seen `threshold` times."""
+
+    def __init__(self, min_len: int, max_len: int, preload: "NgramCache | None" = None) -> None:
+        self.min_len, self.max_len = min_len, max_len
+        self.counts: dict[tuple[int, ...], dict[int, int]] = {}
+        if preload is not None:
+            for key, followers in preload.counts.items():
+                if min_len <= len(key) <= max_len:
+                    self.counts[key] = dict(followers)
+
+    def update(self, ids: list[int], start: int = 1) -> None:
+        """Count, for every position i >= start of `ids`, the n-grams that end just before it."""
+        for i in range(max(start, 1), len(ids)):
+            follower = ids[i]
+            for n in range(self.min_len, min(self.max_len, i) + 1):
+                followers = self.counts.setdefault(tuple(ids[i - n : i]), {})
+                followers[follower] = followers.get(follower, 0) + 1
+
+    def predict(self, context: list[int], max_inf: int, threshold: int) -> int | None:
+        """The most frequent follower of the longest suffix (at most `max_inf` tokens) of `context`
+        seen at least `threshold` times; ties go to the lower token id so drafts are reproducible."""
+        for n in range(min(max_inf, self.max_len, len(context)), self.min_len - 1, -1):
+            followers = self.counts.get(tuple(context[-n:]))
+            if not followers:
+                continue
+            token, count = min(followers.items(), key=lambda kv: (-kv[1], kv[0]))
+            if count >= threshold:
+                return token
+        return None
+
+    def draft(self, context: list[int], k: int, max_inf: int, threshold: int) -> list[int]:
+        """Up to `k` tokens, each predicted from the context extended by the ones before it."""
+        drafted: list[int] = []
+        for _ in range(k):
+            token = self.predict(context + drafted, max_inf, threshold)
+            if token is None:
+                break
+            drafted.append(token)
+        return drafted
+
+
+def check_ngram_settings(min_len: int, max_len: int, max_inf: int, threshold: int) -> None:
+    """Refuse n-gram settings that could never draft, naming the setting."""
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"speculative_ngram_min ({min_len}) must be at least 1 and at most "
+                         f"speculative_ngram_max ({max_len})")
+    if max_inf < min_len:
+        raise ValueError(f"speculative_ngram_max_inf ({max_inf}) must be at least speculative_ngram_min ({min_len})")
+    if threshold < 1:
+        raise ValueError(f"speculative_ngram_threshold must be at least 1, got {threshold}")

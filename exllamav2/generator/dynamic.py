@@ -31,7 +31,7 @@ from ..cache import PAGE_SIZE
 from ..embedding import EMBEDDING_INDEX
 from .drafting import check_draft_vocab, ngram_draft
 from .dynamic_embeddings import ExLlamaV2MMEmbedding, remap_embeddings
-from .filters.base import ExLlamaV2Filter
+from .filters.base import ExLlamaV2Filter, as_filters, feed_filters
 from .hooks import run_post_sampling_hooks
 from .pages import Page, PageTable, chain_hash, common_prefix
 from .sampler import ExLlamaV2Sampler
@@ -107,6 +107,7 @@ class ExLlamaV2DynamicJob:
         self.settings = (gen_settings or ExLlamaV2Sampler.Settings()).clone()
         if len(rows) != (2 if self.settings.cfg_scale is not None else 1):
             raise ValueError("give one input_ids tensor, or a list of two with gen_settings.cfg_scale set for CFG")
+        filters = as_filters(filters)
         if banned_strings and filters:
             raise ValueError("banned strings rewind the sequence, which filters cannot follow; use one or the other")
         if max_new_tokens < 1:
@@ -138,7 +139,7 @@ class ExLlamaV2DynamicJob:
         self.return_top_tokens = return_top_tokens
         self.return_logits = return_logits
         self.return_probs = return_probs
-        self.filters = list(filters or [])
+        self.filters = filters
         self.filter_prefer_eos = filter_prefer_eos
         self.identifier = identifier
 
@@ -304,8 +305,7 @@ class ExLlamaV2DynamicJob:
         r = run_post_sampling_hooks(self.settings.post_sampling_hooks, token, prob, k_tokens, k_probs, logits[:1])
         t = int(r.sampled_token[0, 0])
         if r.feed_filters and not healing:
-            for f in self.filters:
-                f.feed(t)
+            feed_filters(self.filters, t)
         return t, TokenExtras(r.sampled_prob, r.candidate_tokens, r.candidate_probs, logits[:1]), end_filter
 
     def _receive(self, logits: torch.Tensor, results: list[dict]) -> bool:

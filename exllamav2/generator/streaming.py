@@ -8,6 +8,7 @@ several tokens per step and keeps those the model itself would have sampled.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import threading
@@ -15,10 +16,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..embedding import EMBEDDING_INDEX
 from .base import ExLlamaV2BaseGenerator, check_room
-from .drafting import check_draft_vocab, ngram_draft
+from .drafting import NgramCache, check_draft_vocab, check_ngram_settings
 from .dynamic_embeddings import remap_embeddings
-from .filters.base import ExLlamaV2Filter
+from .filters.base import ExLlamaV2Filter, as_filters, feed_filters
 from .hooks import ExLlamaV2PostSamplingResult, run_post_sampling_hooks
 from .sampler import ExLlamaV2Sampler
 from .stop import TextStream, TokenExtras, join_extras, split_stop_conditions
@@ -29,10 +31,6 @@ if TYPE_CHECKING:
     from ..tokenizer import ExLlamaV2Tokenizer
 
 log = logging.getLogger(__name__)
-
-# Longest context suffix the n-gram drafter looks up.
-NGRAM_MAX = 3
-
 
 def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     """Leading columns equal in every row of two (bsz, n) tensors."""
@@ -61,7 +59,15 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.draft_model = draft_model
         self.draft_cache = draft_cache
         self.num_speculative_tokens = num_speculative_tokens
+        # n-gram speculation (no draft model): drafts follow n-grams of the context and of preloaded text
         self.speculative_ngram = False
+        self.speculative_ngram_min = 1          # shortest n-gram counted
+        self.speculative_ngram_max = 5          # longest n-gram counted
+        self.speculative_ngram_max_inf = 3      # longest context suffix looked up when drafting
+        self.speculative_ngram_threshold = 1    # times a continuation must have been seen to be drafted
+        self.ngram: NgramCache | None = None
+        self.ngram_preloaded: NgramCache | None = None
+        self._ngram_seen = 0
         self.stop_tokens: set[int] = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
         self.stop_strings: list[str] = []
         self.reset_sd_stats()
@@ -87,6 +93,16 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         efficiency = self.accepted_draft_tokens / self.total_tokens if self.total_tokens else 0.0
         accuracy = self.accepted_draft_tokens / self.total_draft_tokens if self.total_draft_tokens else 0.0
         return efficiency, accuracy, self.total_tokens, self.total_draft_tokens, self.accepted_draft_tokens
+
+    def ngram_preload(self, input_ids: torch.Tensor | list[int]) -> None:
+        """Count the n-grams of some example text (token ids) for n-gram speculation; call it before
+        begin_stream. Repeated calls add to what was preloaded."""
+        ids = input_ids.reshape(-1).tolist() if isinstance(input_ids, torch.Tensor) else list(input_ids)
+        check_ngram_settings(self.speculative_ngram_min, self.speculative_ngram_max,
+                             self.speculative_ngram_max_inf, self.speculative_ngram_threshold)
+        if self.ngram_preloaded is None:
+            self.ngram_preloaded = NgramCache(self.speculative_ngram_min, self.speculative_ngram_max)
+        self.ngram_preloaded.update(ids)
 
     # starting a stream ---------------------------------------------------------------------
 
@@ -128,6 +144,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
             raise ValueError(f"the streaming generator takes one sequence (two with cfg_scale set), got {bsz}")
         if bsz > self.cache.batch_size:
             raise ValueError(f"{bsz} sequences but the cache holds {self.cache.batch_size}; create it with batch_size={bsz}")
+        filters = as_filters(filters)
         if banned_strings and filters:
             raise ValueError("banned strings rewind the sequence, which filters cannot follow; use one or the other")
         heal = None
@@ -154,7 +171,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.return_top_tokens = return_top_tokens
         self.return_logits = return_logits
         self.decode_special_tokens = decode_special_tokens
-        self.filters = filters or []
+        self.filters = filters
         self.filter_prefer_eos = filter_prefer_eos
         self.heal = heal
         self.bans: dict[int, set[int]] = {}
@@ -175,6 +192,12 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         if self.draft_cache is not None:
             self.draft_cache.current_seq_len = min(self.draft_cache.current_seq_len, reuse)
         self.sequence_ids = ids
+        self.ngram = None
+        if self.speculative_ngram and self.draft_model is None:
+            check_ngram_settings(self.speculative_ngram_min, self.speculative_ngram_max,
+                                 self.speculative_ngram_max_inf, self.speculative_ngram_threshold)
+            self.ngram = NgramCache(self.speculative_ngram_min, self.speculative_ngram_max, self.ngram_preloaded)
+            self._ngram_seen = 0
         for f in self.filters:
             f.background_drop()
             f.begin("")
@@ -253,8 +276,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.heal = None
         result = run_post_sampling_hooks(self.settings.post_sampling_hooks, token, prob, k_tokens, k_probs, logits[:1])
         if result.feed_filters and not healing:
-            for f in self.filters:
-                f.feed(int(result.sampled_token[0, 0]))
+            feed_filters(self.filters, int(result.sampled_token[0, 0]))
         return result, end_filter
 
     def _accept(self, r: ExLlamaV2PostSamplingResult, end_filter: bool, logits: torch.Tensor, out: dict) -> bool:
@@ -311,7 +333,19 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
             return []
         if self.draft_model is not None:
             return self._draft_model_tokens(k)
-        return ngram_draft(self.sequence_ids[0].tolist(), k, NGRAM_MAX)
+        return self._draft_ngram(k)
+
+    def _draft_ngram(self, k: int) -> list[int]:
+        """Count the n-grams ending at tokens new since the last draft (the whole prompt at first), then
+        draft from them. Ids of embeddings are context, never tokens to feed, so a draft stops there."""
+        if self.ngram is None:      # speculative_ngram was switched on after begin_stream
+            self.ngram = NgramCache(self.speculative_ngram_min, self.speculative_ngram_max, self.ngram_preloaded)
+            self._ngram_seen = 0
+        context = self.sequence_ids[0].tolist()
+        self.ngram.update(context, start=min(self._ngram_seen, len(context)))
+        self._ngram_seen = len(context)
+        drafted = self.ngram.draft(context, k, self.speculative_ngram_max_inf, self.speculative_ngram_threshold)
+        return list(itertools.takewhile(lambda t: t < EMBEDDING_INDEX, drafted))
 
     def _draft_model_tokens(self, k: int) -> list[int]:
         seq = self.sequence_ids

@@ -8,6 +8,8 @@ from .base import ExLlamaV2Filter
 from .pieces import piece_index, piece_of
 
 if TYPE_CHECKING:
+    import torch
+
     from ...model import ExLlamaV2
     from ...tokenizer import ExLlamaV2Tokenizer
 
@@ -42,8 +44,8 @@ class ExLlamaV2PrefixFilter(ExLlamaV2Filter):
     def reset(self) -> None:
         self.begin()
 
-    def feed(self, token: int) -> None:
-        self.current_str += piece_of(self.tokenizer, token)
+    def feed(self, token: "torch.Tensor | int") -> None:
+        self.current_str += piece_of(self.tokenizer, int(token))
         s = self.current_str
         self.current_prefixes = {p for p in self.current_prefixes if p.startswith(s) or s.startswith(p)}
 

@@ -8,6 +8,8 @@ from .base import ExLlamaV2Filter
 from .pieces import piece_index, piece_of
 
 if TYPE_CHECKING:
+    import torch
+
     from ...model import ExLlamaV2
     from ...tokenizer import ExLlamaV2Tokenizer
 
@@ -44,8 +46,8 @@ class ExLlamaV2SelectFilter(ExLlamaV2Filter):
         self.sequence_str = ""
         self.prefix = ""
 
-    def feed(self, token: int) -> None:
-        self.sequence_str += piece_of(self.tokenizer, token)
+    def feed(self, token: "torch.Tensor | int") -> None:
+        self.sequence_str += piece_of(self.tokenizer, int(token))
 
     def _same(self, a: str, b: str, start: int) -> bool:
         """a == b for two strings placed at offset `start` of prefix + option."""
