@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from chat_prompts import PromptFormat, prompt_formats, render_conversation  # noqa: E402
 from exllamav2 import model_init  # noqa: E402
+from exllamav2.errors import GenerationArgumentError, UsageError, did_you_mean  # noqa: E402
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model" / "fp16"
 
@@ -41,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.set_defaults(model_dir=str(DEMO_MODEL_DIR))
 
     parser.add_argument("-modes", "--modes", action="store_true", help="List the prompt formats and exit")
-    parser.add_argument("-mode", "--mode", choices=sorted(prompt_formats),
+    parser.add_argument("-mode", "--mode", metavar="{" + ",".join(sorted(prompt_formats)) + "}",
                         help="Prompt format (default: raw for the demo model; required otherwise)")
     parser.add_argument("-un", "--username", type=str, default="User", help="User name (raw mode)")
     parser.add_argument("-bn", "--botname", type=str, default="Chatbort", help="Bot name (raw mode)")
@@ -70,17 +71,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", dest="max_new_tokens", type=int, metavar="N",
                         help="Max tokens per reply (overrides -maxr)")
     args = parser.parse_args(argv)
+    if args.modes:
+        return args
+    # The model directory first: a wrong -m is the mistake to fix, not the -mode that the demo model
+    # does not need.
+    model_init.check_args(args)
+    try:
+        check_chat_args(args)
+    except UsageError as e:      # one line, not argparse's usage dump; status 2 as for any usage error
+        if args.debug:
+            raise
+        parser.exit(2, f" ## Error: {e}\n")
+    return args
 
-    if args.mode is None and not args.modes:
+
+# sampler setting -> the flag that sets it, so errors name what the user typed
+SAMPLER_FLAGS = {"temperature": "-temp", "top_k": "-topk", "top_p": "-topp", "min_p": "-minp",
+                 "token_repetition_penalty": "-repp"}
+
+
+def check_chat_args(args: argparse.Namespace) -> None:
+    """Raise UsageError for options that cannot work, before the model loads; fills in the demo's -mode."""
+    from exllamav2.inputs import check_sampler_settings
+
+    if args.mode is not None and args.mode not in prompt_formats:
+        raise UsageError(f"-mode {args.mode} is not a prompt format{did_you_mean(args.mode, sorted(prompt_formats))}; "
+                     f"-modes lists them")
+    if args.mode is None:
         if Path(args.model_dir).resolve().parent == DEMO_MODEL_DIR.parent.resolve():   # fp16/ or exl2/
             args.mode = "raw"
         else:
-            parser.error("-mode is required for a model other than the demo model; -modes lists the formats")
+            raise UsageError("-mode is required for a model other than the demo model; -modes lists the formats")
     if sum([args.cache_8bit, args.cache_q4, args.cache_q6, args.cache_q8]) > 1:
-        parser.error("choose at most one of -c8, -cq4, -cq6, -cq8")
+        raise UsageError("choose at most one of -c8, -cq4, -cq6, -cq8")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        parser.error("--max-new-tokens must be at least 1")
-    return args
+        raise UsageError("--max-new-tokens must be at least 1")
+    for flag, value in (("-maxr", args.max_response_tokens), ("-resc", args.response_chunk)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: must be at least 1")
+    try:
+        check_sampler_settings(sampler_settings(args))
+    except GenerationArgumentError as e:     # in the flags' words: "-temp -1.0 is out of range ..."
+        message = str(e)
+        for attr, flag in SAMPLER_FLAGS.items():
+            message = message.replace(f"sampler setting {attr} = ", f"{flag} ")
+        raise UsageError(message)
 
 
 def cache_class(args: argparse.Namespace) -> type:
@@ -257,7 +292,6 @@ class Chat:
 
 
 def load(args: argparse.Namespace):
-    model_init.check_args(args)
     model_init.print_options(args)
     model, tokenizer = model_init.init(args, allow_auto_split=True, skip_load=True, max_output_len=16)
     print(model.attn_plan.describe())
@@ -270,6 +304,12 @@ def load(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Bad input anywhere (model files, flags, variables) is one " ## Error:" line; -v shows the traceback.
+    with model_init.one_line_errors(args):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     if args.modes:
         print("Available prompt formats:")
         for name in sorted(prompt_formats):

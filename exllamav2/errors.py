@@ -24,6 +24,9 @@ its traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 
 class ExLlamaV2Error(Exception):
     """Base of every error this package raises on purpose (bad input, not a bug)."""
@@ -87,3 +90,15 @@ class ConversionError(ExLlamaV2Error, ValueError):
 
 class UsageError(ExLlamaV2Error, ValueError):
     """Command-line options that cannot be used (or combined) as given."""
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """' (did you mean X?)' for a near miss or a unique prefix ('flash' -> flash_attn), else ''.
+
+    For messages about a choice-valued flag or variable; the caller lists the valid values too."""
+    choices = list(choices)
+    text = str(value).strip().lower()
+    near = [c for c in choices if text and c.lower().startswith(text)]
+    if len(near) != 1:
+        near = difflib.get_close_matches(text, choices, n=1, cutoff=0.6)
+    return f" (did you mean {near[0]}?)" if near else ""

@@ -24,6 +24,7 @@ from .cache import ExLlamaV2CacheBase
 from .config import ExLlamaV2Config
 from .device import ExLlamaV2DeviceContext
 from .embedding import ExLlamaV2Embedding
+from .inputs import check_input_ids
 from .linear import ExLlamaV2Linear
 from .mlp import ExLlamaV2MLP
 from .module import ExLlamaV2Module, checkpoint_keys_of
@@ -241,8 +242,10 @@ class ExLlamaV2:
     def _load_modules(self, callback, callback_gen, progress) -> Generator:
         total = len(self.modules)
         # the bar appears only when loading takes more than a moment (or when asked for)
+        # leave=True: a bar that was shown ends at total/total with its own newline (a cleared bar left
+        # the cursor on its line, and the next output was printed there)
         bar = tqdm(total=total, desc="Loading", unit="module", delay=0 if progress else 2.0,
-                   disable=callback is not None or callback_gen is not None, leave=False)
+                   disable=callback is not None or callback_gen is not None, leave=True)
         # Progress is reported as upstream does, and clients rely on: (i, total) before module i loads, then
         # (total, total) once all are loaded, so (0, total) comes first.
         try:
@@ -311,6 +314,7 @@ class ExLlamaV2:
         from .lora import as_lora_list
         from .multicache import forward_per_row_caches
 
+        check_input_ids(input_ids)      # integer ids, (batch, length), at least one token: one clear error
         if not self.loaded:
             raise RuntimeError("model is not loaded: call model.load() (or load_autosplit) before forward()")
         if input_ids.dim() != 2:

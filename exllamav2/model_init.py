@@ -2,7 +2,11 @@
 
 Same functions and flags as upstream (`add_args`, `print_options`, `check_args`, `init`,
 `post_init_load`), plus ``--attn-backend NAME``, which sets EXLLAMA_ATTN_BACKEND for this process
-before the model (and so its attention plan) is made. The attention flags ``-nfa``/``-nxf``/``-nsdpa``
+before the model (and so its attention plan) is made, and ``-v``/``--debug``.
+
+Errors: any of the project's errors (exllamav2.errors.ExLlamaV2Error) or a missing file is printed as
+one line, `` ## Error: ...`` on stderr, in the words the user used (the flag they typed, or the
+variable they set), and the process exits with status 1. ``-v``/``--debug`` shows the traceback instead. The attention flags ``-nfa``/``-nxf``/``-nsdpa``
 set the config switches; the selector combines them with the EXLLAMA_NO_* variables (either one
 disables a backend; see exllamav2/attn/env.py for the full precedence).
 """
@@ -10,13 +14,16 @@ disables a backend; see exllamav2/attn/env.py for the full precedence).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from .attn.env import VAR_BACKEND, AttentionConfigError, parse_backend
+from .attn.env import VAR_BACKEND, VAR_NO, AttentionConfigError, parse_backend, parse_env
+from .errors import ExLlamaV2Error, UsageError
 from .config import ExLlamaV2Config
 from .model import ExLlamaV2
 from .tokenizer import ExLlamaV2Tokenizer
@@ -54,6 +61,52 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="Force the attention backend (auto, flash_attn, xformers, sdpa, matmul); sets EXLLAMA_ATTN_BACKEND",
     )
+    parser.add_argument("-v", "--debug", action="store_true",
+                        help="Show the full traceback of an error instead of one line")
+
+
+# what the user can fix; anything else is a bug and keeps its traceback
+USER_ERRORS = (ExLlamaV2Error, FileNotFoundError)
+
+# attention flag -> (the config switch it sets, the backend it disables)
+_ATTN_FLAGS = (("-nfa", "no_flash_attn", "flash_attn"), ("-nxf", "no_xformers", "xformers"),
+               ("-nsdpa", "no_sdpa", "sdpa"))
+
+
+def in_user_words(message: str, args: argparse.Namespace | None) -> str:
+    """Rewrite the attention plan's wording into the flags the user typed.
+
+    --attn-backend works by setting EXLLAMA_ATTN_BACKEND and -nsdpa by setting config.no_sdpa, so the
+    selector's messages name those; a user who typed the flag should read the flag."""
+    if args is None:
+        return message
+    typed = getattr(args, "attn_backend", None)
+    try:
+        forced = parse_backend("--attn-backend", typed)
+    except AttentionConfigError:
+        forced = None
+    if forced:
+        message = message.replace(f"unset {VAR_BACKEND} (or set it to one of those)",
+                                  "drop --attn-backend (or give it one of those)")
+        message = message.replace(f"{VAR_BACKEND}={forced}", f"--attn-backend {typed}")
+    for flag, attr, _ in _ATTN_FLAGS:
+        if getattr(args, attr, False):
+            message = message.replace(f"config {attr}", flag)
+    return message
+
+
+@contextlib.contextmanager
+def one_line_errors(args: argparse.Namespace | None = None) -> Iterator[None]:
+    """Print the project's errors (and a missing file) as one ' ## Error: ...' line and exit 1;
+    with -v/--debug let them through with their traceback."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if getattr(args, "debug", False):
+            raise
+        log.debug("error", exc_info=True)
+        print(f" ## Error: {in_user_words(str(e), args)}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def print_options(args: argparse.Namespace) -> None:
@@ -101,15 +154,31 @@ def check_args(args: argparse.Namespace) -> None:
     if problems:
         sys.exit(f" ## Error: {model_dir} has no {', no '.join(problems)}; "
                  f"point -m at a HuggingFace-layout model directory")
-    try:
-        parse_backend("--attn-backend", args.attn_backend)
-    except AttentionConfigError as e:
-        sys.exit(f" ## Error: {e}")
-    if args.gpu_split is not None:
-        try:
+    with one_line_errors(args):
+        check_attn_args(args)
+        if args.tensor_parallel:
+            raise UsageError("-tp: tensor parallelism is not implemented in this fork; drop -tp "
+                             "(-gs splits the layers across GPUs instead)")
+        if args.gpu_split is not None:
             parse_gpu_split(args.gpu_split)
-        except ValueError as e:
-            sys.exit(f" ## Error: {e}")
+
+
+def check_attn_args(args: argparse.Namespace) -> None:
+    """--attn-backend, the -n* flags and the EXLLAMA_* variables, checked together before any work: the
+    flag's value, a forced backend that a flag or variable also disables, an unparseable variable."""
+    environ = dict(os.environ)
+    forced = parse_backend("--attn-backend", args.attn_backend)
+    if args.attn_backend:
+        environ.pop(VAR_BACKEND, None)        # the flag replaces the variable
+    env = parse_env(environ)
+    forced = forced or env.backend
+    for flag, attr, backend in _ATTN_FLAGS:
+        if forced == backend and getattr(args, attr, False):
+            by = f"--attn-backend {args.attn_backend}" if args.attn_backend else f"{VAR_BACKEND}={environ[VAR_BACKEND]}"
+            raise UsageError(f"{by} forces {backend}, but {flag} disables it; remove one of the two")
+        if forced == backend and args.attn_backend and env.disables(backend):
+            raise UsageError(f"--attn-backend {args.attn_backend} forces {backend}, but "
+                             f"{VAR_NO[backend]}={environ[VAR_NO[backend]]} disables it; remove one of the two")
 
 
 def parse_gpu_split(text: str | None) -> list[float] | None | str:
@@ -121,11 +190,11 @@ def parse_gpu_split(text: str | None) -> list[float] | None | str:
     try:
         split = [float(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(
+        raise UsageError(
             f"-gs {text!r}: give GB per GPU as comma-separated numbers, e.g. -gs 20,24, or -gs auto"
         ) from None
     if any(x <= 0 for x in split):
-        raise ValueError(f"-gs {text!r}: every GPU's share must be a positive number of GB")
+        raise UsageError(f"-gs {text!r}: every GPU's share must be a positive number of GB")
     return split
 
 
@@ -148,10 +217,14 @@ def init(
     max_output_len: int | None = None,
     progress: bool = False,
 ):
-    """Config, model (loaded unless `skip_load` or -gs auto) and tokenizer from parsed args."""
-    apply_attn_backend(getattr(args, "attn_backend", None))
+    """Config, model (loaded unless `skip_load` or -gs auto) and tokenizer from parsed args. A bad model
+    directory, config or flag exits with one line (see one_line_errors)."""
+    with one_line_errors(args):
+        return _init(args, quiet, allow_auto_split, skip_load, benchmark, max_batch_size, max_input_len,
+                     max_output_len, progress)
 
-    config = ExLlamaV2Config(args.model_dir)
+
+def _apply_config_args(config: ExLlamaV2Config, args: argparse.Namespace) -> None:
     if args.length:
         config.max_seq_len = args.length
     if args.rope_scale:
@@ -178,6 +251,13 @@ def init(
     if args.chunk_size:
         config.max_input_len = args.chunk_size
         config.max_attention_size = args.chunk_size**2
+
+
+def _init(args: argparse.Namespace, quiet: bool, allow_auto_split: bool, skip_load: bool, benchmark: bool,
+          max_batch_size: int | None, max_input_len: int | None, max_output_len: int | None, progress: bool):
+    apply_attn_backend(getattr(args, "attn_backend", None))
+    config = ExLlamaV2Config(args.model_dir)
+    _apply_config_args(config, args)
     if max_batch_size:
         config.max_batch_size = max_batch_size
     if max_input_len:
@@ -203,13 +283,19 @@ def post_init_load(
     progress: bool = False,
 ) -> None:
     """Load the model as -gs/-tp ask; with -gs auto leave it for the caller's load_autosplit."""
+    with one_line_errors(args):
+        _post_init_load(model, args, quiet, allow_auto_split, benchmark, progress)
+
+
+def _post_init_load(model: ExLlamaV2, args: argparse.Namespace, quiet: bool, allow_auto_split: bool,
+                    benchmark: bool, progress: bool) -> None:
     split = parse_gpu_split(args.gpu_split)
     start = time.perf_counter()
     if args.tensor_parallel:
         model.load_tp(None if split == "auto" else split, progress=progress)
     elif split == "auto":
         if not allow_auto_split:
-            raise ValueError("-gs auto is not supported by this script; give GB per GPU, e.g. -gs 20,24")
+            raise UsageError("-gs auto is not supported by this script; give GB per GPU, e.g. -gs 20,24")
         log.info("-gs auto: the model is placed and loaded with its cache by load_autosplit")
         return
     else:

@@ -27,7 +27,7 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from ..errors import AttentionConfigError  # noqa: F401  (re-exported: the attn package imports it from here)
+from ..errors import AttentionConfigError, did_you_mean  # AttentionConfigError re-exported: the attn package imports it from here
 
 BACKEND_NAMES = ("flash_attn", "xformers", "sdpa", "matmul")
 
@@ -54,6 +54,11 @@ class AttnEnv:
         return backend in VAR_NO and getattr(self, "no_" + backend)
 
 
+def _subject(name: str, value: str | None) -> str:
+    """How the user gave it: '--attn-backend flash' for a flag, "EXLLAMA_ATTN_BACKEND='flash'" for a variable."""
+    return f"{name} {value}" if name.startswith("-") else f"{name}={value!r}"
+
+
 def parse_bool(name: str, value: str | None) -> bool:
     if value is None:
         return False
@@ -62,18 +67,21 @@ def parse_bool(name: str, value: str | None) -> bool:
         return True
     if text in _FALSE:
         return False
+    hint = did_you_mean(text, sorted(_TRUE | _FALSE - {""}))
     raise AttentionConfigError(
-        f"{name}={value!r} is not a boolean; use 1/true/yes/on to disable or 0/false/no/off to keep it"
+        f"{_subject(name, value)} is not a boolean{hint}; use 1/true/yes/on to disable or 0/false/no/off to keep it"
     )
 
 
 def parse_backend(name: str, value: str | None) -> str | None:
+    """The forced backend named by `value` (None for auto). `name` is what the user set: a variable or a flag."""
     text = (value or "").strip().lower()
     if text in ("", "auto"):
         return None
     if text not in BACKEND_NAMES:
         raise AttentionConfigError(
-            f"{name}={value!r} is not an attention backend; valid values: auto, {', '.join(BACKEND_NAMES)}"
+            f"{_subject(name, value)} is not an attention backend{did_you_mean(text, BACKEND_NAMES)}; "
+            f"valid values: auto, {', '.join(BACKEND_NAMES)}"
         )
     return text
 
