@@ -101,24 +101,43 @@ def kernels_for_tensor(t: torch.Tensor) -> ModuleType | None:
 
 _cpu_resolved = False
 _cpu_module: ModuleType | None = None
+CPU_ISA_VAR = "EXLLAMA_CPU_ISA"     # auto (default), avx2 or avx512: which CPU kernels run (avx2 to test that path)
 
 
 def cpu_kernels() -> ModuleType | None:
-    """The CPU kernels (`linear_f16w`), built just in time once per process where the CPU has AVX2 + F16C
-    and a C++ compiler and ninja are present; else None, with one log line saying why. Never raises."""
+    """The CPU kernels (`linear_f16w`, `q_matmul`, `q_dequant`, `set_isa`), built just in time once per process
+    where the CPU has AVX2 + F16C and a C++ compiler and ninja are present; else None, with one log line saying
+    why. Never raises. Lock-free once decided: this is on every decode step's path."""
+    if _cpu_resolved:
+        return _cpu_module
+    return _resolve_cpu()
+
+
+def _resolve_cpu() -> ModuleType | None:
     global _cpu_resolved, _cpu_module
     with _lock:
         if not _cpu_resolved:
-            _cpu_resolved = True
             try:
-                _cpu_module = _build_cpu()
-                log.info("%s: CPU kernels loaded (fp16 weights, fp32 arithmetic)", build.CPU_EXT_NAME)
+                module = _build_cpu()
+                isa = module.set_isa(_cpu_isa())
+                _cpu_module = module
+                log.info("%s: CPU kernels loaded (%s; fp16 and quantized weights, fp32 arithmetic)",
+                         build.CPU_EXT_NAME, isa)
             except _Unavailable as exc:
-                log.info("%s not in use, FP16 weights run as fp32 on the CPU: %s", build.CPU_EXT_NAME, exc)
+                log.info("%s not in use, FP16 and quantized weights run through PyTorch on the CPU: %s",
+                         build.CPU_EXT_NAME, exc)
             except Exception as exc:  # a broken build must never break exllamav2
-                log.warning("%s failed to build, FP16 weights run as fp32 on the CPU: %s: %s",
+                log.warning("%s failed to build, FP16 and quantized weights run through PyTorch on the CPU: %s: %s",
                             build.CPU_EXT_NAME, type(exc).__name__, exc)
+            _cpu_resolved = True
     return _cpu_module
+
+
+def _cpu_isa() -> str:
+    value = os.environ.get(CPU_ISA_VAR, "").strip().lower() or "auto"
+    if value not in ("auto", "avx2", "avx512"):
+        raise _Unavailable(f"{CPU_ISA_VAR}={value!r} is not one of auto, avx2, avx512")
+    return value
 
 
 def _build_cpu() -> ModuleType:
@@ -137,7 +156,9 @@ def _build_cpu() -> ModuleType:
         return cpp_extension.load(
             name=build.CPU_EXT_NAME,
             sources=build.cpu_sources(),
-            extra_cflags=build.CPU_CXX_FLAGS,
+            # the headers' hash in the flags: torch's cache key covers only the .cpp files
+            extra_cflags=build.CPU_CXX_FLAGS + [f"-DEXL_CPU_SOURCES={build.cpu_source_hash()}"],
+            extra_ldflags=build.CPU_LD_FLAGS,
             verbose=log.isEnabledFor(logging.DEBUG),
         )
 

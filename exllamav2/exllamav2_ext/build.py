@@ -8,6 +8,7 @@ which keeps each .cu compile at seconds instead of minutes per architecture.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from collections.abc import Callable, Iterable, Mapping
@@ -21,9 +22,13 @@ DEFAULT_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0+PTX"
 # nvcc 13 cannot target compute capability 7.0 or lower.
 MIN_CAPABILITY = (7, 5)
 CXX_FLAGS = ["-O3"]
-# The CPU kernels (fp16-weight matrix-vector products): built just in time where the CPU has AVX2 and F16C.
+# The CPU kernels (fp16-weight and quantized matrix products): built just in time where the CPU has AVX2 and
+# F16C. The AVX2 baseline is the command-line target; kernels_avx512.cpp raises its own target by pragma and
+# runs only where the CPU has AVX-512F. -fopenmp makes at::parallel_for parallel (torch's ATen backend is
+# OpenMP; the extension binds to the libgomp torch has already loaded, by soname).
 CPU_EXT_NAME = "exllamav2_cpu"
-CPU_CXX_FLAGS = ["-O3", "-mavx2", "-mf16c", "-mfma"]
+CPU_CXX_FLAGS = ["-O3", "-mavx2", "-mf16c", "-mfma", "-fopenmp"]
+CPU_LD_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 
 _FALSE = {"", "0", "false", "no", "off"}
@@ -37,6 +42,16 @@ def sources(root: Path | None = None) -> list[str]:
 
 def cpu_sources() -> list[str]:
     return [str(f) for f in sorted((SOURCE_DIR / "cpu").glob("*.cpp"))]
+
+
+def cpu_source_hash() -> str:
+    """Hash of every file of the CPU kernels, headers included (torch's JIT cache hashes only the .cpp files
+    it compiles, so a header edit alone would load a stale build)."""
+    h = hashlib.sha256()
+    for f in sorted((SOURCE_DIR / "cpu").iterdir()):
+        if f.suffix in (".cpp", ".h"):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def nocompile(environ: Mapping[str, str]) -> bool:

@@ -5,6 +5,9 @@ on the prefill path) and multiplies, so resident memory stays close to the packe
 Layers wider than `MAX_DQ_ELEMENTS / K` columns are dequantized and multiplied in column chunks.
 On a CUDA device with exllamav2_ext loaded, float16 inputs and `dequantize()` go through the extension's
 QMatrix instead (built once per layer, see qmatrix.py); layouts it cannot run stay on this PyTorch path.
+On the CPU, where the CPU kernels load (ext.cpu_kernels()), the layer is repacked at load into their layout
+(cpu_layout.py) and the file's packed tensors are dropped: forward multiplies straight from the packed codes,
+never dequantizing the whole weight, and `dequantize()` decodes the same layout (bit-exact with the twin).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Protocol
 import torch
 
 from .. import ext
-from . import exl2, gptq
+from . import cpu_layout, exl2, gptq
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,8 @@ class QuantWeight:
     """Common forward/dequantize logic. Subclasses fill columns of W [K, N] in `_dequantize_cols`."""
 
     format: str
+    # False keeps CPU layers on the PyTorch twin (tests compare the kernels against it)
+    use_cpu_kernels: bool = True
 
     def __init__(self, key: str, in_features: int, out_features: int, bias: torch.Tensor | None, device: torch.device):
         self.key = key
@@ -58,6 +63,9 @@ class QuantWeight:
         self.max_dq_elements = MAX_DQ_ELEMENTS
         self._kernel_matrix_built = False
         self._kernel_matrix = None
+        self._cpu: cpu_layout.CpuQMatrix | None = None
+        self._cpu_kernels = None
+        self._packed_bits = 0
 
     # subclass interface -------------------------------------------------------------------------
 
@@ -69,19 +77,50 @@ class QuantWeight:
     def _dequantize_cols(self, out: torch.Tensor, col_start: int) -> None:
         raise NotImplementedError
 
+    def _file_tensors(self) -> list[torch.Tensor | None]:
+        """The file's tensors as kept (None once dropped for the CPU layout)."""
+        raise NotImplementedError
+
+    def _file_bits(self) -> int:
+        raise NotImplementedError
+
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor this object keeps resident."""
-        raise NotImplementedError
+        own = [t for t in self._file_tensors() if t is not None]
+        return own + (self._cpu.tensors() if self._cpu is not None else [])
 
     def packed_bits(self) -> int:
         """Bits of the quantized tensors as stored in the file."""
-        raise NotImplementedError
+        return self._packed_bits
 
     # public -------------------------------------------------------------------------------------
 
     def _chunk_columns(self) -> int:
         c = self.max_dq_elements // self.in_features // 32 * 32
         return min(max(32, c), self.stored_columns)     # narrow layers (GPTQ N < 32) in one chunk
+
+    def _attach_cpu_kernels(self) -> None:
+        """On the CPU with the kernels available: build their layout, then drop the file's packed tensors
+        (the layout replaces them, so resident memory stays near the packed size)."""
+        self._packed_bits = self._file_bits()
+        if self.device.type != "cpu" or not self.use_cpu_kernels:
+            return
+        kernels = ext.cpu_kernels()
+        if kernels is None:
+            return
+        self._cpu = self._cpu_layout()
+        self._cpu_kernels = kernels
+        self._release_packed()
+
+    def _cpu_layout(self) -> cpu_layout.CpuQMatrix:
+        raise NotImplementedError
+
+    def _release_packed(self) -> None:
+        raise NotImplementedError
+
+    def cpu_matrix(self) -> cpu_layout.CpuQMatrix | None:
+        """The CPU kernels' form of this layer, or None where it runs on the PyTorch twin."""
+        return self._cpu
 
     def kernel_matrix(self):
         """The extension's QMatrix for this layer when it lives on a CUDA device where exllamav2_ext is loaded,
@@ -100,6 +139,8 @@ class QuantWeight:
 
     def dequantize(self) -> torch.Tensor:
         """W as fp16 [K, N] (upstream's get_weight_tensor_dq layout), padded columns dropped."""
+        if self._cpu is not None:
+            return self._cpu.dequantize(self._cpu_kernels).to(torch.float16)   # exact: fp16 values
         qm = self.kernel_matrix()
         if qm is not None:
             out = torch.empty((self.in_features, self.out_features), dtype=torch.float16, device=self.device)
@@ -114,6 +155,11 @@ class QuantWeight:
         k, n = self.in_features, self.out_features
         if x.shape[-1] != k:
             raise ValueError(f"{self.key}: input has {x.shape[-1]} features, layer expects {k}")
+        if self._cpu is not None:
+            # fp32 arithmetic on fp16 weights; other activation dtypes are computed in fp32 and cast back
+            x2 = x.reshape(-1, k)
+            y = self._cpu.matmul(self._cpu_kernels, x2 if x2.dtype == torch.float32 else x2.float())
+            return y.to(x.dtype).view(*x.shape[:-1], n)
         qm = self.kernel_matrix() if x.dtype == torch.float16 else None
         if qm is not None:
             from ..qmatrix import MAX_FUSED_ROWS
@@ -144,7 +190,7 @@ class QuantWeight:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def bits_per_weight(self) -> float:
-        return self.packed_bits() / (self.in_features * self.out_features)
+        return self._packed_bits / (self.in_features * self.out_features)
 
 
 class Exl2Weight(QuantWeight):
@@ -160,6 +206,14 @@ class Exl2Weight(QuantWeight):
         self.q_groups = t["q_groups"]
         self.scale_max = exl2.scale_max_prescaled(t["q_scale_max"].to(device), prescale)
         self.perm = torch.argsort(t["q_invperm"].to(torch.int64)).to(device)
+        self._attach_cpu_kernels()
+
+    def _cpu_layout(self):
+        return cpu_layout.from_exl2(self.q_weight, self.q_scale, self.scale_max, self.groups, self.perm, self.bias,
+                                    self.in_features, self.out_features)
+
+    def _release_packed(self):
+        self.q_weight = self.q_scale = self.perm = None
 
     @property
     def stored_columns(self) -> int:
@@ -168,10 +222,10 @@ class Exl2Weight(QuantWeight):
     def _dequantize_cols(self, out, col_start):
         exl2.dequantize_into(out, self.q_weight, self.q_scale, self.scale_max, self.groups, self.perm, col_start)
 
-    def tensors(self):
-        return [t for t in (self.q_weight, self.q_scale, self.scale_max, self.perm, self.bias) if t is not None]
+    def _file_tensors(self):
+        return [self.q_weight, self.q_scale, self.scale_max, self.perm, self.bias]
 
-    def packed_bits(self):
+    def _file_bits(self):
         return 8 * (self.q_weight.nbytes + self.q_scale.nbytes + self.scale_max.nbytes
                     + self.q_groups.nbytes + 4 * self.in_features)
 
@@ -195,6 +249,14 @@ class GptqWeight(QuantWeight):
                 f"{key}.g_idx: group indices must lie in 0..{scales.shape[0] - 1} (scales has "
                 f"{scales.shape[0]} groups), got {int(self.groups.min())}..{int(self.groups.max())}"
             )
+        self._attach_cpu_kernels()
+
+    def _cpu_layout(self):
+        return cpu_layout.from_gptq(self.qweight, self.qzeros, self.scales, self.groups, self.bias,
+                                    self.in_features, self.out_features)
+
+    def _release_packed(self):
+        self.qweight = self.qzeros = self.scales = self.groups = None
 
     @property
     def stored_columns(self) -> int:
@@ -203,10 +265,10 @@ class GptqWeight(QuantWeight):
     def _dequantize_cols(self, out, col_start):
         gptq.dequantize_into(out, self.qweight, self.qzeros, self.scales, self.groups, col_start)
 
-    def tensors(self):
-        return [t for t in (self.qweight, self.qzeros, self.scales, self.groups, self.bias) if t is not None]
+    def _file_tensors(self):
+        return [self.qweight, self.qzeros, self.scales, self.groups, self.bias]
 
-    def packed_bits(self):
+    def _file_bits(self):
         return 8 * (self.qweight.nbytes + self.qzeros.nbytes + self.scales.nbytes)
 
 

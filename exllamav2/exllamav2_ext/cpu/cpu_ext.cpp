@@ -1,43 +1,49 @@
-// CPU matrix-vector products with fp16 weights and fp32 activations (AVX2 + F16C + FMA).
+// Python bindings of the CPU kernels, threading, and the choice of instruction set.
 //
-// Decode on the CPU is bound by reading the weights: keeping them at 16 bits halves the bytes read per
-// token, and converting each 8-weight vector to fp32 in registers keeps the arithmetic exact in fp32.
-// Only for few rows (decode); many rows (prefill) go to a BLAS GEMM on weights converted by the caller.
+// The kernels themselves (kernels_avx2.cpp, kernels_avx512.cpp, one body in qkernel_impl.h) are plain C++;
+// this file is compiled for the AVX2 baseline and calls whichever set the CPU runs, chosen once at import
+// from the CPU's flags (set_isa() overrides it, e.g. to test the AVX2 path on an AVX-512 CPU).
+// Threads: at::parallel_for over output rows / column blocks with torch's thread count (the extension is
+// built with -fopenmp, so it shares torch's OpenMP runtime).
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "qkernel.h"
 
 namespace {
 
-inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
+std::atomic<const exlcpu::Kernels*> g_kernels{nullptr};
+
+bool cpu_has_avx512() {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f");
 }
 
-// y[m, n] = sum_k x[m, k] * w[n, k] for one output row n and every m
-inline void dot_rows(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n) {
-    for (int64_t m = 0; m < M; ++m) {
-        const float* xr = x + m * K;
-        __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
-        int64_t k = 0;
-        for (; k + 16 <= K; k += 16) {
-            __m256 w0 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k)));
-            __m256 w1 = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k + 8)));
-            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr + k), a0);
-            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + k + 8), a1);
-        }
-        float s = hsum(_mm256_add_ps(a0, a1));
-        for (; k < K; ++k) s += _cvtsh_ss(w[k]) * xr[k];
-        y[m * N + n] = s;
+const exlcpu::Kernels& kernels() { return *g_kernels.load(std::memory_order_relaxed); }
+
+std::string set_isa(const std::string& name) {
+    if (name == "auto") {
+        g_kernels = cpu_has_avx512() ? &exlcpu::kernels_avx512() : &exlcpu::kernels_avx2();
+    } else if (name == "avx2") {
+        g_kernels = &exlcpu::kernels_avx2();
+    } else if (name == "avx512") {
+        TORCH_CHECK(cpu_has_avx512(), "set_isa: this CPU lacks AVX-512F; use 'avx2' or 'auto'");
+        g_kernels = &exlcpu::kernels_avx512();
+    } else {
+        TORCH_CHECK(false, "set_isa: unknown instruction set '", name, "'; expected 'auto', 'avx2' or 'avx512'");
     }
+    return kernels().name;
 }
 
-}  // namespace
+std::string isa() { return kernels().name; }
 
 torch::Tensor linear_f16w(torch::Tensor x, torch::Tensor w) {
     TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "linear_f16w: CPU tensors only");
@@ -52,12 +58,148 @@ torch::Tensor linear_f16w(torch::Tensor x, torch::Tensor w) {
     const float* xp = x.data_ptr<float>();
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::Half>());
     float* yp = y.data_ptr<float>();
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-        for (int64_t n = n0; n < n1; ++n) dot_rows(xp, wp + n * K, yp, M, K, N, n);
+    auto fn = kernels().f16_gemv;
+    // in groups of four output rows (the kernel's step); a thread takes at least ~32k weights
+    const int64_t quads = (N + 3) / 4, grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1));
+    at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) {
+        fn(xp, wp, yp, M, K, N, q0 * 4, std::min(N, q1 * 4));
     });
     return y;
 }
 
+struct QView {
+    exlcpu::QArgs args;
+    const int32_t* src;
+    int64_t kpad, nblocks;
+};
+
+QView q_view(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
+             const std::optional<torch::Tensor>& zeros, const torch::Tensor& src) {
+    TORCH_CHECK(qw.scalar_type() == torch::kInt32 && qw.dim() == 3 && qw.size(2) == exlcpu::kBlock &&
+                qw.is_contiguous(), "q kernels: qw must be contiguous int32 [blocks, words, 16]");
+    TORCH_CHECK(chunks.scalar_type() == torch::kInt32 && chunks.dim() == 2 && chunks.size(1) == 3 &&
+                chunks.is_contiguous(), "q kernels: chunks must be contiguous int32 [chunks, 3]");
+    const int64_t nb = qw.size(0), nc = chunks.size(0);
+    TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.dim() == 3 && scales.size(0) == nb &&
+                scales.size(2) == exlcpu::kBlock && scales.is_contiguous(),
+                "q kernels: scales must be contiguous float16 [blocks, groups, 16]");
+    TORCH_CHECK(src.scalar_type() == torch::kInt32 && src.dim() == 1 && src.size(0) == nc * exlcpu::kChunkRows &&
+                src.is_contiguous(), "q kernels: src must be contiguous int32 [chunks * 32]");
+    const uint8_t* zp = nullptr;
+    if (zeros && zeros->defined()) {
+        TORCH_CHECK(zeros->scalar_type() == torch::kUInt8 && zeros->sizes() == scales.sizes() &&
+                    zeros->is_contiguous(), "q kernels: zeros must be contiguous uint8 shaped like scales");
+        zp = zeros->data_ptr<uint8_t>();
+    }
+    // the chunk table is trusted only after this check: every chunk's words lie inside a block
+    auto ch = chunks.accessor<int32_t, 2>();
+    for (int64_t c = 0; c < nc; ++c) {
+        const int b = ch[c][0];
+        TORCH_CHECK((b >= 2 && b <= 6) || b == 8, "q kernels: chunk ", c, " has bit width ", b);
+        TORCH_CHECK(ch[c][1] >= 0 && ch[c][1] + b <= qw.size(1), "q kernels: chunk ", c, " words out of range");
+        TORCH_CHECK(ch[c][2] >= 0 && ch[c][2] < scales.size(1), "q kernels: chunk ", c, " group out of range");
+    }
+    exlcpu::QArgs a{qw.data_ptr<int32_t>(), qw.size(1), chunks.data_ptr<int32_t>(), nc,
+                    reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), zp, scales.size(1)};
+    return {a, src.data_ptr<int32_t>(), nc * exlcpu::kChunkRows, nb};
+}
+
+// column blocks per task: at least ~64k weights, so small layers are not split across threads
+int64_t block_grain(int64_t kpad) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(kpad, 1)); }
+
+void dequant_blocks(const QView& v, float* out, int64_t ldo, int64_t cb0, int64_t cb1) {
+    auto fn = kernels().q_dequant;
+    at::parallel_for(cb0, cb1, block_grain(v.kpad), [&](int64_t b0, int64_t b1) {
+        fn(v.args, v.src, out + (b0 - cb0) * exlcpu::kBlock, ldo, b0, b1);
+    });
+}
+
+void check_src(const QView& v, int64_t K) {
+    for (int64_t p = 0; p < v.kpad; ++p)
+        TORCH_CHECK(v.src[p] >= -1 && v.src[p] < K, "q kernels: src[", p, "] = ", v.src[p], " outside -1..", K - 1);
+}
+
+// x [M, K] in padded stored-row order (zeros on padding rows), in a buffer kept per calling thread so that
+// decode allocates nothing but its output
+const float* gather_x(const QView& v, const float* x, int64_t M, int64_t K) {
+    thread_local std::vector<float> buf;
+    if (buf.size() < size_t(M * v.kpad)) buf.resize(size_t(M * v.kpad));
+    for (int64_t m = 0; m < M; ++m) {
+        float* row = buf.data() + m * v.kpad;
+        const float* xr = x + m * K;
+        for (int64_t p = 0; p < v.kpad; ++p) row[p] = v.src[p] >= 0 ? xr[v.src[p]] : 0.f;
+    }
+    return buf.data();
+}
+
+// Many rows: dequantize a tile of columns (about 4 MB of fp32, never the whole weight) and multiply it
+// with torch's GEMM, tile by tile.
+void q_gemm(const QView& v, const torch::Tensor& x, torch::Tensor& y, int64_t N) {
+    const int64_t K = x.size(1);
+    int64_t cols = std::clamp<int64_t>((int64_t(1) << 20) / std::max<int64_t>(K, 1), 64, v.nblocks * exlcpu::kBlock);
+    cols = std::max<int64_t>(exlcpu::kBlock, cols / exlcpu::kBlock * exlcpu::kBlock);
+    auto tile = torch::empty({K, cols}, x.options());
+    for (int64_t n0 = 0; n0 < N; n0 += cols) {
+        const int64_t nc = std::min(cols, N - n0), cb0 = n0 / exlcpu::kBlock;
+        const int64_t cb1 = std::min(v.nblocks, (n0 + nc + exlcpu::kBlock - 1) / exlcpu::kBlock);
+        dequant_blocks(v, tile.data_ptr<float>(), cols, cb0, cb1);
+        auto out = y.narrow(1, n0, nc);
+        at::mm_out(out, x, tile.narrow(1, 0, nc));
+    }
+}
+
+torch::Tensor q_matmul(torch::Tensor x, const torch::Tensor& qw, const torch::Tensor& chunks,
+                       const torch::Tensor& scales, const std::optional<torch::Tensor>& zeros,
+                       const torch::Tensor& src, const std::optional<torch::Tensor>& bias, int64_t N,
+                       int64_t max_gemv_rows) {
+    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2,
+                "q_matmul: x must be a float32 CPU tensor [M, K]");
+    QView v = q_view(qw, chunks, scales, zeros, src);
+    const int64_t M = x.size(0), K = x.size(1);
+    TORCH_CHECK(N > 0 && N <= v.nblocks * exlcpu::kBlock, "q_matmul: N = ", N, " outside 1..", v.nblocks * 16);
+    check_src(v, K);
+    const float* bp = nullptr;
+    if (bias && bias->defined()) {
+        TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->dim() == 1 && bias->size(0) == N &&
+                    bias->is_contiguous(), "q_matmul: bias must be contiguous float32 [N]");
+        bp = bias->data_ptr<float>();
+    }
+    x = x.contiguous();
+    auto y = torch::empty({M, N}, x.options());
+    if (M == 0) return y;
+    if (M > max_gemv_rows) {
+        q_gemm(v, x, y, N);
+        if (bp) y.add_(*bias);
+        return y;
+    }
+    const float* xp = gather_x(v, x.data_ptr<float>(), M, K);
+    float* yp = y.data_ptr<float>();
+    auto fn = kernels().q_gemv;
+    at::parallel_for(0, v.nblocks, block_grain(v.kpad), [&](int64_t b0, int64_t b1) {
+        fn(v.args, xp, M, v.kpad, bp, yp, N, N, b0, b1);
+    });
+    return y;
+}
+
+torch::Tensor q_dequant(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
+                        const std::optional<torch::Tensor>& zeros, const torch::Tensor& src, int64_t K) {
+    QView v = q_view(qw, chunks, scales, zeros, src);
+    check_src(v, K);
+    const int64_t cols = v.nblocks * exlcpu::kBlock;
+    auto out = torch::empty({K, cols}, torch::dtype(torch::kFloat32));
+    dequant_blocks(v, out.data_ptr<float>(), cols, 0, v.nblocks);
+    return out;
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    set_isa("auto");
     m.def("linear_f16w", &linear_f16w, "y = x @ w.T, x float32 (M, K), w float16 (N, K)");
+    m.def("q_matmul", &q_matmul,
+          "y = x @ W (+ bias) for a quantized W in the CPU layout (exllamav2/quant/cpu_layout.py); rows above "
+          "max_gemv_rows go through tiles of dequantized columns and a GEMM");
+    m.def("q_dequant", &q_dequant, "W as float32 [K, blocks * 16] from the CPU layout");
+    m.def("set_isa", &set_isa, "choose the kernels: 'auto' (from the CPU's flags), 'avx2' or 'avx512'; returns it");
+    m.def("isa", &isa, "the instruction set the kernels run");
 }

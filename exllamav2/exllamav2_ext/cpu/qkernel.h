@@ -1,0 +1,48 @@
+// Interfaces shared by the CPU kernel files. Plain C++ (no torch headers): the ISA-specific files
+// (kernels_avx2.cpp, kernels_avx512.cpp) are compiled for their instruction sets and must not emit
+// code for inline functions that other files also emit (the linker would keep one copy of each).
+#pragma once
+
+#include <cstdint>
+
+namespace exlcpu {
+
+constexpr int kBlock = 16;      // output columns per block: one AVX-512 vector, two AVX2 vectors
+constexpr int kChunkRows = 32;  // rows per chunk: a b-bit chunk is exactly b words per column
+
+// A quantized matrix in the CPU layout (built at load by exllamav2/quant/cpu_layout.py):
+// the rows are cut into chunks of 32 (padded) rows inside one group; chunk c of column block cb holds
+// bits[c] words of 16 int32 at qw[cb][first_word[c]][0..15], each column an LSB-first bitstream of
+// 32 codes. w = fp16(fp16(code - zero) * scale) with the fp16 scale of (block, group, lane) and
+// zero = 2^(bits-1) (EXL2) or the stored uint8 zero point (GPTQ).
+struct QArgs {
+    const int32_t* qw;        // [blocks][wtot][16]
+    int64_t wtot;             // words per column block
+    const int32_t* chunks;    // [nchunks][3]: bits, first word, group
+    int64_t nchunks;
+    const uint16_t* scales;   // [blocks][groups][16] fp16 bit patterns
+    const uint8_t* zeros;     // [blocks][groups][16], or null for EXL2's 2^(bits-1)
+    int64_t ngroups;
+};
+
+// y[m, n] = sum_p x[m, p] * w[p, n] (+ bias[n]) for the column blocks cb0..cb1; x in padded-row order
+// (x[m * kpad + p], zero on padding rows), y[m * ldy + n] for n < N.
+using QGemvFn = void (*)(const QArgs&, const float* x, int64_t M, int64_t kpad, const float* bias, float* y,
+                         int64_t ldy, int64_t N, int64_t cb0, int64_t cb1);
+// out[src[p] * ldo + (cb - cb0) * 16 + j] = w[p, cb * 16 + j] for every padded row p with src[p] >= 0
+using QDequantFn = void (*)(const QArgs&, const int32_t* src, float* out, int64_t ldo, int64_t cb0, int64_t cb1);
+// y[m * N + n] = sum_k x[m * K + k] * w[n * K + k] (w fp16) for output rows n0..n1
+using F16GemvFn = void (*)(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N,
+                           int64_t n0, int64_t n1);
+
+struct Kernels {
+    const char* name;
+    QGemvFn q_gemv;
+    QDequantFn q_dequant;
+    F16GemvFn f16_gemv;
+};
+
+const Kernels& kernels_avx2();
+const Kernels& kernels_avx512();
+
+}  // namespace exlcpu

@@ -1,0 +1,138 @@
+"""The CPU kernels' layout of a quantized matrix (EXL2 or GPTQ), built once at load from the file's tensors.
+
+The kernels (exllamav2_ext/cpu/qkernel_impl.h) read 16 output columns at a time and decode 32 rows per step,
+so the rows of each group (in stored order) are cut into chunks of 32, the last one padded, and each chunk's
+codes are packed as one b-bit LSB-first bitstream per column: exactly b int32 words per column. The words of
+16 adjacent columns sit together ([blocks, words, 16]) so one column block is one contiguous stream.
+The weight stays w = fp16(fp16(code - zero) * scale) with the twin's fp16 scales (EXL2: exl2.group_scales,
+zero 2^(b-1); GPTQ: the stored fp16 scales, zero = qzeros + 1), so the layout dequantizes bit-exactly to the
+twin's weight (tests/test_cpu_exl2.py checks this). `src[p]` is the input feature of padded row p (-1 on
+padding): the kernel gathers x through it, which applies the act-order permutation.
+
+Bytes against the file: the codes take the same space up to the padding of each group's last chunk; the
+scales take 16 bits per (group, column) instead of EXL2's 4; src is int32 [K] like the permutation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Iterator
+
+import torch
+
+from . import exl2, gptq
+
+BLOCK = 16            # columns per block (kBlock in qkernel.h)
+CHUNK_ROWS = 32       # rows per chunk (kChunkRows)
+MAX_GEMV_ROWS = 8     # more input rows than this: tiles of dequantized columns and a GEMM (prefill)
+
+
+@dataclass
+class CpuQMatrix:
+    qw: torch.Tensor                 # int32 [blocks, words, 16]
+    chunks: torch.Tensor             # int32 [chunks, 3]: bits, first word, group
+    scales: torch.Tensor             # fp16 [blocks, groups, 16]
+    zeros: torch.Tensor | None       # uint8 [blocks, groups, 16] (GPTQ), None for EXL2
+    src: torch.Tensor                # int32 [chunks * 32]
+    bias: torch.Tensor | None        # fp32 [N]
+    in_features: int
+    out_features: int
+
+    def matmul(self, kernels: ModuleType, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] float32 -> x @ W + bias [M, N] float32."""
+        return kernels.q_matmul(x, self.qw, self.chunks, self.scales, self.zeros, self.src, self.bias,
+                                self.out_features, MAX_GEMV_ROWS)
+
+    def dequantize(self, kernels: ModuleType) -> torch.Tensor:
+        """W as float32 [K, N] (every value an fp16 value)."""
+        w = kernels.q_dequant(self.qw, self.chunks, self.scales, self.zeros, self.src, self.in_features)
+        return w[:, : self.out_features]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.qw, self.chunks, self.scales, self.zeros, self.src, self.bias) if t is not None]
+
+
+def _padded(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _by_block(t: torch.Tensor) -> torch.Tensor:
+    """[rows, Np] -> [Np/16, rows, 16], contiguous."""
+    return t.reshape(t.shape[0], -1, BLOCK).permute(1, 0, 2).contiguous()
+
+
+def assemble(
+    runs: Iterator[tuple[int, int, torch.Tensor, torch.Tensor]],
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    in_features: int,
+    out_features: int,
+) -> CpuQMatrix:
+    """The layout from `runs`: (bits, group, codes [rows, C] in stored order, features [rows] int64) per run of
+    rows of one group, in stored order; scales fp16 [G, C]; zeros [G, C] (GPTQ zero points) or None."""
+    columns = _padded(scales.shape[1], BLOCK)
+    pad = columns - scales.shape[1]
+    words, chunks, src = [], [], []
+    word = 0
+    for bits, group, codes, features in runs:
+        rows = codes.shape[0]
+        n_chunks = -(-rows // CHUNK_ROWS)
+        padded = torch.zeros((n_chunks * CHUNK_ROWS, columns), dtype=torch.int64)
+        padded[:rows, : codes.shape[1]] = codes
+        words.append(exl2.pack_codes(padded, bits))      # chunk j is words j*bits .. (j+1)*bits - 1
+        chunks += [[bits, word + j * bits, group] for j in range(n_chunks)]
+        word += n_chunks * bits
+        s = torch.full((n_chunks * CHUNK_ROWS,), -1, dtype=torch.int32)
+        s[:rows] = features.to(torch.int32)
+        src.append(s)
+    scales = torch.nn.functional.pad(scales.to(torch.float16), (0, pad))
+    if zeros is not None:
+        zeros = _by_block(torch.nn.functional.pad(zeros.to(torch.uint8), (0, pad)))
+    return CpuQMatrix(
+        qw=_by_block(torch.cat(words)),
+        chunks=torch.tensor(chunks, dtype=torch.int32).view(-1, 3),
+        scales=_by_block(scales),
+        zeros=zeros,
+        src=torch.cat(src),
+        bias=None if bias is None else bias[:out_features].to(torch.float32).contiguous(),
+        in_features=in_features,
+        out_features=out_features,
+    )
+
+
+def from_exl2(q_weight: torch.Tensor, q_scale: torch.Tensor, scale_max: torch.Tensor,
+              groups: list[exl2.Exl2Group], perm: torch.Tensor, bias: torch.Tensor | None,
+              in_features: int, out_features: int) -> CpuQMatrix:
+    """The layout of an EXL2 layer (the tensors as Exl2Weight keeps them: scale_max prescaled, perm int64)."""
+    scales = exl2.group_scales(exl2.unpack_scale_codes(q_scale), scale_max)
+    perm = perm.cpu()
+
+    def runs():
+        for g, grp in enumerate(groups):
+            codes = exl2.unpack_codes(q_weight[grp.word_start : grp.word_start + grp.words], grp.bits, grp.rows)
+            yield grp.bits, g, codes, perm[grp.row_start : grp.row_start + grp.rows]
+
+    return assemble(runs(), scales, None, bias, in_features, out_features)
+
+
+def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, row_groups: torch.Tensor,
+              bias: torch.Tensor | None, in_features: int, out_features: int) -> CpuQMatrix:
+    """The layout of a 4-bit GPTQ layer (v1 zeros; `row_groups` [K] the group of each row, any order: rows are
+    regrouped, the order going into src)."""
+    row_groups = row_groups.cpu()
+    order = torch.sort(row_groups, stable=True).indices
+    values, counts = torch.unique_consecutive(row_groups[order], return_counts=True)
+    zeros = gptq.unpack_columns(qzeros) + 1
+
+    def runs():
+        start = 0
+        for g, rows in zip(values.tolist(), counts.tolist()):
+            features = order[start : start + rows]
+            shifts = (features % 8 * 4).to(torch.int32).unsqueeze(1)
+            codes = (qweight[features // 8] >> shifts) & 0xF
+            yield 4, g, codes.to(torch.int64), features
+            start += rows
+
+    return assemble(runs(), scales, zeros, bias, in_features, out_features)
