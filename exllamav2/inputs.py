@@ -50,9 +50,9 @@ def check_text(text: Any, name: str = "text") -> None:
     """Tokenizer input: a str, or a list of str (a batch)."""
     if isinstance(text, str):
         return
-    if isinstance(text, (list, tuple)) and all(isinstance(t, str) for t in text):
+    if isinstance(text, list) and all(isinstance(t, str) for t in text):
         return
-    bad = next((t for t in text if not isinstance(t, str)), None) if isinstance(text, (list, tuple)) else text
+    bad = next((t for t in text if not isinstance(t, str)), None) if isinstance(text, list) else text
     raise InputTypeError(
         f"{name} must be a string or a list of strings, got {type(bad).__name__} ({bad!r:.60}); "
         f"convert it with str() first"

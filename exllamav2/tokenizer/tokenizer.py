@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from .added_tokens import read_added_tokens
+from ..errors import ModelFileNotFoundError, TokenizerError
+from ..inputs import check_text
+from .added_tokens import read_added_tokens, read_json_object
 from .base import ExLlamaV2TokenizerBase
 from .hf import ExLlamaV2TokenizerHF
 
@@ -39,29 +41,39 @@ def _open_backend(
     """The backend to use and the parsed tokenizer.json (None when absent)."""
     path_json = os.path.join(model_dir, "tokenizer.json")
     path_spm = os.path.join(model_dir, "tokenizer.model")
-    spec = None
-    if os.path.exists(path_json):
-        with open(path_json, encoding="utf-8") as f:
-            spec = json.load(f)
+    spec = read_json_object(path_json) if os.path.exists(path_json) else None
 
     if spec is not None and not force_spm:
         log.debug("Tokenizer: HF tokenizers, %s", path_json)
-        return ExLlamaV2TokenizerHF(path_json, spec), spec
+        return _load_backend(path_json, lambda: ExLlamaV2TokenizerHF(path_json, spec)), spec
     if os.path.exists(path_spm):
         if force_json:
             log.warning("force_json=True but %s has no tokenizer.json; using tokenizer.model", model_dir)
         from .spm import ExLlamaV2TokenizerSPM  # sentencepiece is only needed for these models
 
         log.debug("Tokenizer: SentencePiece, %s", path_spm)
-        return ExLlamaV2TokenizerSPM(path_spm), spec
+        return _load_backend(path_spm, lambda: ExLlamaV2TokenizerSPM(path_spm)), spec
     if force_spm:
-        raise FileNotFoundError(
+        raise ModelFileNotFoundError(
             f"force_spm=True but {path_spm} does not exist; pass force_spm=False to use tokenizer.json"
         )
-    raise FileNotFoundError(
+    raise ModelFileNotFoundError(
         f"No tokenizer in {model_dir!r}: looked for tokenizer.json (HF tokenizers) and "
         "tokenizer.model (SentencePiece). Copy the tokenizer files of the original model there."
     )
+
+
+def _load_backend(path: str, make: Callable[[], ExLlamaV2TokenizerBase]) -> ExLlamaV2TokenizerBase:
+    """The backend libraries (tokenizers, sentencepiece) refuse a corrupt file with a bare Exception or
+    RuntimeError that names no file; name it."""
+    try:
+        backend = make()
+    except Exception as e:  # noqa: BLE001 (tokenizers raises plain Exception)
+        raise TokenizerError(f"{path}: cannot be loaded ({type(e).__name__}: {str(e)[:200]}); the file is "
+                             f"corrupt or from an unsupported tokenizer version: re-download it") from e
+    if backend.vocab_size() <= 0:
+        raise TokenizerError(f"{path}: the vocabulary is empty; re-download the model's tokenizer files")
+    return backend
 
 
 def _built_once(attr: str) -> Callable:
@@ -308,6 +320,7 @@ class ExLlamaV2Tokenizer:
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """LongTensor (batch, len) of ids. A list of strings is left-padded with the pad id;
         `return_offsets` also returns int32 (batch,) offsets, -(padding length) per row."""
+        check_text(text)
         texts = text if isinstance(text, list) else [text]
         seqs = [self.encode_special_or_unspecial(t, encode_special_tokens, embeddings) for t in texts]
         for seq in seqs:
