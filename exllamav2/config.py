@@ -23,7 +23,7 @@ from .stloader import SafetensorsIndex
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "su")
 ALLOW_UNKNOWN_ARCH_VAR = "EXLLAMA_ALLOW_UNKNOWN_ARCH"
 
 
@@ -252,11 +252,29 @@ class ExLlamaV2Config:
             self.original_max_seq_len = int(
                 params.get("original_max_position_embeddings") or self.original_max_seq_len
             )
+        elif rope_type in ("longrope", "su"):
+            self._read_longrope(params, read, cfg_path)
         elif rope_type == "dynamic":
             # Dynamic NTK equals plain RoPE within the trained context; beyond it, set
             # scale_alpha_value (static NTK alpha) as upstream users do.
             log.info("rope type 'dynamic': using plain RoPE; set scale_alpha_value to extend the context")
         self._read_rope_layers(read, local, cfg_path)
+
+    def _read_longrope(self, params: dict, read: "_Reader", cfg_path: Path) -> None:
+        """Phi-3's LongRoPE: short factors up to original_max_position_embeddings, long ones beyond, and an
+        attention factor from the ratio of the two context lengths (kept in rope_scaling)."""
+        orig = params.get("original_max_position_embeddings") or read("original_max_position_embeddings")
+        if orig is None:
+            raise ConfigError(f"{cfg_path}: rope type {self.rope_type!r} needs original_max_position_embeddings")
+        self.original_max_seq_len = int(orig)
+        for name in ("short_factor", "long_factor"):
+            if len(params.get(name) or ()) != self.rotary_dim // 2:
+                raise ConfigError(f"{cfg_path}: rope_scaling {name} needs {self.rotary_dim // 2} values (one per "
+                                  f"rotary frequency), got {len(params.get(name) or ())}")
+        if params.get("attention_factor") is None:
+            factor = params.get("factor") or self.max_seq_len / self.original_max_seq_len
+            params["attention_factor"] = (1.0 if factor <= 1.0 else
+                                          math.sqrt(1 + math.log(factor) / math.log(self.original_max_seq_len)))
 
     def _read_rope_layers(self, read: "_Reader", local: dict | None, cfg_path: Path) -> None:
         """Which layers rotate (SmolLM3's and Llama 4's no_rope_layers: 1 = RoPE) and the base of the

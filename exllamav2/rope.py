@@ -53,7 +53,26 @@ def inv_freq_and_scale(config: "ExLlamaV2Config", local: bool = False) -> tuple[
         inv = _llama3(inv, params, orig_len)
     elif rope_type == "yarn":
         inv, attention_factor = _yarn(dim, base, params, orig_len)
+    elif rope_type in LONGROPE:
+        inv, attention_factor = inv / _param_list(params, "short_factor", dim), float(params["attention_factor"])
     return inv.float(), attention_factor
+
+
+LONGROPE = ("longrope", "su")
+
+
+def _param_list(p: dict, key: str, dim: int) -> torch.Tensor:
+    return torch.tensor(p[key], dtype=torch.float64)[: dim // 2]
+
+
+def long_inv_freq(config: "ExLlamaV2Config", local: bool = False) -> torch.Tensor | None:
+    """LongRoPE's inverse frequencies for sequences past original_max_seq_len; None for other RoPE types."""
+    if local or getattr(config, "rope_type", None) not in LONGROPE:
+        return None
+    short, _ = inv_freq_and_scale(config)
+    short_factor = _param_list(config.rope_scaling, "short_factor", config.rotary_dim)
+    long_factor = _param_list(config.rope_scaling, "long_factor", config.rotary_dim)
+    return (short.double() * short_factor / long_factor).float()
 
 
 def _param(p: dict, key: str, rope_type: str) -> float:
@@ -111,6 +130,10 @@ class RopeTables:
 
     def __init__(self, config: "ExLlamaV2Config", device: torch.device, local: bool = False) -> None:
         self.inv_freq, self.attention_factor = inv_freq_and_scale(config, local)
+        # LongRoPE switches to its long factors for a forward reaching past original_max_seq_len, as
+        # transformers does per call (keys cached before the switch keep their rotation)
+        self._short_long = (self.inv_freq, long_inv_freq(config, local))
+        self.switch_len = config.original_max_seq_len
         # linear scaling belongs to the model's RoPE; the sliding layers' own is unscaled
         self.scale_pos_emb = 1.0 if local else rope_knob(config, "scale_pos_emb")
         self.device = device
@@ -127,6 +150,11 @@ class RopeTables:
     def reserve(self, positions: torch.Tensor) -> None:
         """Grow the tables (doubling) so that every position in `positions` has a row."""
         needed = int(positions.max()) + 1 if positions.numel() else 0
+        if self._short_long[1] is not None:
+            inv = self._short_long[needed > self.switch_len]
+            if inv is not self.inv_freq:
+                self.inv_freq = inv
+                self._build(max(needed, self.cos.shape[0]))
         if needed > self.cos.shape[0]:
             self._build(max(needed, 2 * self.cos.shape[0]))
 
