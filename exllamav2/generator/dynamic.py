@@ -29,6 +29,7 @@ import torch
 from ..attn.params import PagedParams
 from ..cache import PAGE_SIZE
 from ..embedding import EMBEDDING_INDEX
+from ..lora import as_lora_list
 from .drafting import check_draft_vocab, ngram_draft
 from .dynamic_embeddings import ExLlamaV2MMEmbedding, remap_embeddings
 from .filters.base import ExLlamaV2Filter, as_filters, feed_filters
@@ -573,9 +574,15 @@ class ExLlamaV2DynamicGenerator:
         self.table.reset()
 
     def set_loras(self, loras: list | Any | None) -> None:
+        """Use these adapters (one ExLlamaV2Lora, a list, or None) for every job from now on."""
         if self.num_remaining_jobs():
             raise RuntimeError("LoRAs cannot change while jobs are queued or running")
-        self.current_loras = [] if loras is None else loras if isinstance(loras, list) else [loras]
+        new = as_lora_list(loras, self.model) or []
+        if [id(x) for x in new] != [id(x) for x in self.current_loras or []]:
+            # cached prefix pages hold keys/values computed with the old adapters; reusing them
+            # would mix adapters within one sequence
+            self.table.reset()
+        self.current_loras = new
 
     def warmup(self) -> None:
         ids = torch.tensor([[self.tokenizer.bos_token_id or 0] * 2], dtype=torch.long)
