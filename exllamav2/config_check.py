@@ -42,6 +42,18 @@ def pos_int(v: Any) -> str | None:
     return None if _is_int(v) and v > 0 else "a positive integer"
 
 
+def pos_int_upto(limit: int) -> Check:
+    """A positive integer no larger than `limit`: sizes beyond it are corrupt values (a layer count of 10^12
+    would otherwise allocate per-layer lists until memory runs out)."""
+    def check(v: Any) -> str | None:
+        return None if _is_int(v) and 0 < v <= limit else f"a positive integer up to {limit}"
+    return check
+
+
+_INT32 = 2**31 - 1           # tensor sizes are indexed with int32 by the kernels
+_COUNT = 65536               # layers and heads: far above any real model
+
+
 def nonneg_int(v: Any) -> str | None:
     return None if _is_int(v) and v >= 0 else "a non-negative integer"
 
@@ -95,13 +107,13 @@ def flag_list(v: Any) -> str | None:
 
 # key (first name is the one reported; the others are aliases config.py also reads) -> check, fix
 _KEYS: tuple[tuple[tuple[str, ...], Check, str], ...] = (
-    (("hidden_size", "d_model"), pos_int, _ORIGINAL),
-    (("num_hidden_layers", "n_layer"), pos_int, _ORIGINAL),
-    (("num_attention_heads", "n_head"), pos_int, _ORIGINAL),
-    (("num_key_value_heads",), pos_int, _ORIGINAL + " (remove it for multi-head attention)"),
-    (("head_dim",), pos_int, _ORIGINAL + " (remove it to use hidden_size / num_attention_heads)"),
-    (("intermediate_size",), pos_int, _ORIGINAL),
-    (("vocab_size",), pos_int, _ORIGINAL),
+    (("hidden_size", "d_model"), pos_int_upto(_INT32), _ORIGINAL),
+    (("num_hidden_layers", "n_layer"), pos_int_upto(_COUNT), _ORIGINAL),
+    (("num_attention_heads", "n_head"), pos_int_upto(_COUNT), _ORIGINAL),
+    (("num_key_value_heads",), pos_int_upto(_COUNT), _ORIGINAL + " (remove it for multi-head attention)"),
+    (("head_dim",), pos_int_upto(_INT32), _ORIGINAL + " (remove it to use hidden_size / num_attention_heads)"),
+    (("intermediate_size",), pos_int_upto(_INT32), _ORIGINAL),
+    (("vocab_size",), pos_int_upto(_INT32), _ORIGINAL),
     (("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps"), pos_num, "e.g. 1e-05 or 1e-06"),
     (("tie_word_embeddings",), boolean, "write true or false"),
     (("torch_dtype", "dtype"), string, 'write e.g. "float16" or "bfloat16"'),
@@ -118,7 +130,8 @@ _KEYS: tuple[tuple[tuple[str, ...], Check, str], ...] = (
     (("bos_token_id",), token_ids, "use the id of the tokenizer's BOS token, or null"),
     (("eos_token_id",), token_ids, "use the id(s) of the tokenizer's EOS token(s), or null"),
     (("pad_token_id",), integer, "use the id of the padding token, or null"),
-    (("max_position_embeddings", "max_sequence_length", "n_positions"), pos_int, "the model's context length"),
+    (("max_position_embeddings", "max_sequence_length", "n_positions"), pos_int_upto(_INT32),
+     "the model's context length"),
     (("sliding_window",), nonneg_int, "the window in tokens, or null for none"),
     (("use_sliding_window",), boolean, "write true or false"),
     (("layer_types",), string_list, 'one "full_attention" or "sliding_attention" per layer'),

@@ -23,6 +23,7 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
 
 # (change to BASE, regex the message must match: the key and the value)
 BAD = [
+    ({"num_hidden_layers": 10**12}, r"num_hidden_layers is 1000000000000, but must be a positive integer up to 65536"),
     ({"hidden_size": 128.5}, r"hidden_size is 128\.5, but must be a positive integer"),
     ({"hidden_size": "64"}, r"hidden_size is '64'"),
     ({"hidden_size": True}, r"hidden_size is True"),

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from ..errors import ModelFileNotFoundError, TokenizerError
+from ..errors import InputError, InputTypeError, ModelFileNotFoundError, TokenizerError
 from ..inputs import check_text
 from .added_tokens import read_added_tokens, read_json_object
 from .base import ExLlamaV2TokenizerBase
@@ -393,9 +393,12 @@ class ExLlamaV2Tokenizer:
                 return self._decode_seq(ids, decode_special_tokens)
             return [self.decode(t, decode_special_tokens) for t in ids]
         if not isinstance(ids, torch.Tensor):
-            raise TypeError(f"decode() takes a tensor or a list of tensors, not {type(ids).__name__}")
+            raise InputTypeError(f"decode() takes a tensor or a list of tensors, not {type(ids).__name__}; "
+                                 f"pass token ids, e.g. tokenizer.decode(output_ids[0])")
         if ids.dim() > 2:
-            raise ValueError(f"decode() takes 1-D or 2-D ids, got shape {tuple(ids.shape)}")
+            raise InputError(f"decode() takes 1-D or 2-D ids, got shape {tuple(ids.shape)}")
+        if ids.is_floating_point() or ids.is_complex():
+            raise InputTypeError(f"decode() takes integer token ids, got dtype {ids.dtype}; convert with ids.long()")
         if ids.dim() == 2:
             return [self._decode_seq(row, decode_special_tokens) for row in ids.tolist()]
         return self._decode_seq(ids.reshape(-1).tolist(), decode_special_tokens)
