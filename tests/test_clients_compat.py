@@ -235,6 +235,20 @@ def test_single_lora_object_is_accepted_everywhere(loaded, lora_setup):
     assert out == tok.decode(torch.tensor(want))
 
 
+def test_streaming_reuses_cached_prefix_only_under_the_same_adapters(loaded, lora_setup):
+    model, tok, hf = loaded
+    lora, merged = lora_setup
+    ids = tok.encode("The function returns the value of the", add_bos=True)
+    stream = ExLlamaV2StreamingGenerator(model, ExLlamaV2Cache(model, max_seq_len=256), tok)
+    stream.set_stop_conditions([])
+    for loras, reference in ((lora, merged), (None, hf), (lora, merged)):   # same prompt, adapters switched
+        stream.begin_stream_ex(ids, GREEDY(), loras=loras)
+        got = []
+        while len(got) < 6:
+            got += stream.stream_ex()["chunk_token_ids"][0].tolist()
+        assert got[:6] == hf_greedy(reference, ids, 6)
+
+
 def test_lora_arguments_that_cannot_work_are_refused(loaded, lora_setup, tiny_model_factory):
     model, tok, _ = loaded
     ids = tok.encode("Return")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..embedding import EMBEDDING_INDEX
+from ..lora import as_lora_list
 from .base import ExLlamaV2BaseGenerator, check_room
 from .drafting import NgramCache, check_draft_vocab, check_ngram_settings
 from .dynamic_embeddings import remap_embeddings
@@ -76,6 +77,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.input_mask: torch.Tensor | None = None
         self.position_offsets: torch.Tensor | None = None
         self.indexed_embeddings: torch.Tensor | None = None
+        self.loras: list | None = None
 
     # configuration -------------------------------------------------------------------------
 
@@ -155,10 +157,13 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         check_room(self.cache, ids.shape[-1], 1)
         ids, embeddings = remap_embeddings(ids, input_embeddings)
 
-        # Keys/values of a shared prefix carry over when neither stream masks or shifts positions
+        # Keys/values of a shared prefix carry over when neither stream masks or shifts positions and
+        # both use the same adapters (keys/values depend on them)
+        loras = as_lora_list(loras, self.model)
         reuse = 0
         plain = (input_mask, position_offsets, embeddings, self.input_mask, self.position_offsets, self.indexed_embeddings)
-        if self.sequence_ids is not None and all(x is None for x in plain):
+        same_loras = [id(x) for x in loras or []] == [id(x) for x in self.loras or []]
+        if self.sequence_ids is not None and same_loras and all(x is None for x in plain):
             reuse = min(_common_prefix(self.sequence_ids, ids), self.cache.current_seq_len, ids.shape[-1] - 1)
         self.indexed_embeddings = embeddings
 
