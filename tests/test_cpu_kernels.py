@@ -1,4 +1,4 @@
-"""The CPU fp16-weight kernel against plain fp32 matmul, and the model with and without it."""
+"""The CPU fp16-weight kernel against plain fp32 matmul (both instruction-set paths, 1 and 2 threads), the\nkernel lookup, and the model with and without it."""
 
 from __future__ import annotations
 
@@ -11,15 +11,78 @@ kernels = ext.cpu_kernels()
 needs_kernels = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2/F16C or no compiler)")
 
 
+def _isas() -> list[str]:
+    if kernels is None:
+        return []
+    previous, out = kernels.isa(), ["avx2"]
+    try:
+        kernels.set_isa("avx512")
+        out.append("avx512")
+    except RuntimeError:        # AVX2-only CPU
+        pass
+    kernels.set_isa(previous)
+    return out
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    previous = kernels.isa()
+    kernels.set_isa(request.param)
+    yield request.param
+    kernels.set_isa(previous)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 3, 16])
-@pytest.mark.parametrize("n, k", [(1, 1), (5, 15), (32, 16), (33, 100), (256, 768)])
-def test_linear_f16w_matches_fp32_matmul(m, n, k):
+@pytest.mark.parametrize("n, k", [(1, 1), (5, 15), (32, 16), (33, 100), (7, 47), (256, 768), (1030, 72)])
+def test_linear_f16w_matches_fp32_matmul(m, n, k, isa, threads):
+    """Four output rows at a time plus a tail (n % 4), K tails of 1..31, rows split over threads (n = 1030)."""
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k, generator=gen)
     w = torch.randn(n, k, generator=gen).half()
     expect = x.double() @ w.double().T                  # fp16 weights are exact in fp64
     torch.testing.assert_close(kernels.linear_f16w(x, w).double(), expect, rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+@needs_kernels
+def test_isa_is_chosen_from_the_cpu():
+    assert kernels.isa() in ("avx2", "avx512")
+    if kernels.isa() == "avx2":
+        with pytest.raises(RuntimeError, match="lacks AVX-512F"):
+            kernels.set_isa("avx512")
+
+
+@needs_kernels
+def test_hot_path_lookup_is_lock_free(monkeypatch):
+    """Once decided, cpu_kernels() returns without taking the module lock (it runs on every decode step)."""
+
+    class Refuse:
+        def __enter__(self):
+            raise AssertionError("cpu_kernels() took the lock after resolution")
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(ext, "_lock", Refuse())
+    assert ext.cpu_kernels() is kernels
+
+
+def test_isa_variable_is_read_by_value(monkeypatch):
+    monkeypatch.setenv(ext.CPU_ISA_VAR, "AVX2 ")
+    assert ext._cpu_isa() == "avx2"
+    monkeypatch.setenv(ext.CPU_ISA_VAR, "")
+    assert ext._cpu_isa() == "auto"
+    monkeypatch.setenv(ext.CPU_ISA_VAR, "neon")
+    with pytest.raises(ext._Unavailable, match="EXLLAMA_CPU_ISA='neon'"):
+        ext._cpu_isa()
 
 
 @needs_kernels

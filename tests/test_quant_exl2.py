@@ -250,7 +250,8 @@ def test_forward_in_column_chunks_matches_one_pass():
     torch.testing.assert_close(q.forward(x), whole, rtol=1e-6, atol=1e-6)
 
 
-def test_scratch_is_shared_and_no_weight_copy_is_kept():
+def test_scratch_is_shared_and_no_weight_copy_is_kept(monkeypatch):
+    monkeypatch.setattr(qlinear.QuantWeight, "use_cpu_kernels", False)   # the twin's scratch (CPU kernels use none)
     qlinear.release_scratch()
     a = load(pack([(4, 64)], 64, seed=1)[0], 64, 64, key="a")
     b = load(pack([(4, 128)], 96, seed=2)[0], 128, 96, key="b")

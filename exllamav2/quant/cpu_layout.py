@@ -72,7 +72,8 @@ def assemble(
 ) -> CpuQMatrix:
     """The layout from `runs`: (bits, group, codes [rows, C] in stored order, features [rows] int64) per run of
     rows of one group, in stored order; scales fp16 [G, C]; zeros [G, C] (GPTQ zero points) or None."""
-    columns = _padded(scales.shape[1], BLOCK)
+    columns = _padded(out_features, BLOCK)        # EXL2's padding to 32 columns is not kept past the block
+    scales = scales[:, :columns]
     pad = columns - scales.shape[1]
     words, chunks, src = [], [], []
     word = 0
@@ -80,7 +81,7 @@ def assemble(
         rows = codes.shape[0]
         n_chunks = -(-rows // CHUNK_ROWS)
         padded = torch.zeros((n_chunks * CHUNK_ROWS, columns), dtype=torch.int64)
-        padded[:rows, : codes.shape[1]] = codes
+        padded[:rows, : min(columns, codes.shape[1])] = codes[:, :columns]
         words.append(exl2.pack_codes(padded, bits))      # chunk j is words j*bits .. (j+1)*bits - 1
         chunks += [[bits, word + j * bits, group] for j in range(n_chunks)]
         word += n_chunks * bits
@@ -89,7 +90,7 @@ def assemble(
         src.append(s)
     scales = torch.nn.functional.pad(scales.to(torch.float16), (0, pad))
     if zeros is not None:
-        zeros = _by_block(torch.nn.functional.pad(zeros.to(torch.uint8), (0, pad)))
+        zeros = _by_block(torch.nn.functional.pad(zeros[:, :columns].to(torch.uint8), (0, pad)))
     return CpuQMatrix(
         qw=_by_block(torch.cat(words)),
         chunks=torch.tensor(chunks, dtype=torch.int32).view(-1, 3),

@@ -5,9 +5,10 @@ on the prefill path) and multiplies, so resident memory stays close to the packe
 Layers wider than `MAX_DQ_ELEMENTS / K` columns are dequantized and multiplied in column chunks.
 On a CUDA device with exllamav2_ext loaded, float16 inputs and `dequantize()` go through the extension's
 QMatrix instead (built once per layer, see qmatrix.py); layouts it cannot run stay on this PyTorch path.
-On the CPU, where the CPU kernels load (ext.cpu_kernels()), the layer is repacked at load into their layout
-(cpu_layout.py) and the file's packed tensors are dropped: forward multiplies straight from the packed codes,
-never dequantizing the whole weight, and `dequantize()` decodes the same layout (bit-exact with the twin).
+On the CPU, where the CPU kernels load (ext.cpu_kernels()), the first float32 forward repacks the layer into
+their layout (cpu_layout.py) and drops the file's packed tensors: forward then multiplies straight from the
+packed codes, never dequantizing the whole weight, and `dequantize()` decodes the same layout (bit-exact with
+the twin). A layer already prepared for the extension's QMatrix keeps that form instead.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class QuantWeight:
         self._kernel_matrix = None
         self._cpu: cpu_layout.CpuQMatrix | None = None
         self._cpu_kernels = None
+        self._cpu_checked = False
         self._packed_bits = 0
 
     # subclass interface -------------------------------------------------------------------------
@@ -99,18 +101,18 @@ class QuantWeight:
         c = self.max_dq_elements // self.in_features // 32 * 32
         return min(max(32, c), self.stored_columns)     # narrow layers (GPTQ N < 32) in one chunk
 
-    def _attach_cpu_kernels(self) -> None:
-        """On the CPU with the kernels available: build their layout, then drop the file's packed tensors
-        (the layout replaces them, so resident memory stays near the packed size)."""
-        self._packed_bits = self._file_bits()
-        if self.device.type != "cpu" or not self.use_cpu_kernels:
-            return
-        kernels = ext.cpu_kernels()
-        if kernels is None:
-            return
-        self._cpu = self._cpu_layout()
-        self._cpu_kernels = kernels
-        self._release_packed()
+    def _cpu_form(self) -> cpu_layout.CpuQMatrix | None:
+        """The CPU kernels' layout, built on first use on the CPU where the kernels load; then the file's packed
+        tensors are dropped (the layout replaces them, so resident memory stays near the packed size)."""
+        if not self._cpu_checked:
+            self._cpu_checked = True
+            if self.device.type == "cpu" and self.use_cpu_kernels and self._kernel_matrix is None:
+                kernels = ext.cpu_kernels()
+                if kernels is not None:
+                    self._cpu = self._cpu_layout()
+                    self._cpu_kernels = kernels
+                    self._release_packed()
+        return self._cpu
 
     def _cpu_layout(self) -> cpu_layout.CpuQMatrix:
         raise NotImplementedError
@@ -125,7 +127,7 @@ class QuantWeight:
     def kernel_matrix(self):
         """The extension's QMatrix for this layer when it lives on a CUDA device where exllamav2_ext is loaded,
         else None (also for a layout the kernels cannot address). Prepared on first use, then kept."""
-        if not self._kernel_matrix_built:
+        if not self._kernel_matrix_built and self._cpu is None:
             self._kernel_matrix_built = True
             kernels = ext.kernels_for(self.device)
             if kernels is not None:
@@ -155,11 +157,8 @@ class QuantWeight:
         k, n = self.in_features, self.out_features
         if x.shape[-1] != k:
             raise ValueError(f"{self.key}: input has {x.shape[-1]} features, layer expects {k}")
-        if self._cpu is not None:
-            # fp32 arithmetic on fp16 weights; other activation dtypes are computed in fp32 and cast back
-            x2 = x.reshape(-1, k)
-            y = self._cpu.matmul(self._cpu_kernels, x2 if x2.dtype == torch.float32 else x2.float())
-            return y.to(x.dtype).view(*x.shape[:-1], n)
+        if self._cpu is not None or (x.dtype == torch.float32 and self._cpu_form() is not None):
+            return self._forward_cpu(x)
         qm = self.kernel_matrix() if x.dtype == torch.float16 else None
         if qm is not None:
             from ..qmatrix import MAX_FUSED_ROWS
@@ -186,6 +185,18 @@ class QuantWeight:
 
     __call__ = forward
 
+    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """Through the CPU kernels: float32 activations straight from the packed codes; other dtypes (not the
+        model's CPU path) multiply the decoded weight in their own dtype, as the twin does."""
+        x2 = x.reshape(-1, self.in_features)
+        if x.dtype == torch.float32:
+            y = self._cpu.matmul(self._cpu_kernels, x2)
+        else:
+            y = x2 @ self.dequantize().to(x.dtype)
+            if self.bias is not None:
+                y += self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
@@ -206,7 +217,7 @@ class Exl2Weight(QuantWeight):
         self.q_groups = t["q_groups"]
         self.scale_max = exl2.scale_max_prescaled(t["q_scale_max"].to(device), prescale)
         self.perm = torch.argsort(t["q_invperm"].to(torch.int64)).to(device)
-        self._attach_cpu_kernels()
+        self._packed_bits = self._file_bits()
 
     def _cpu_layout(self):
         return cpu_layout.from_exl2(self.q_weight, self.q_scale, self.scale_max, self.groups, self.perm, self.bias,
@@ -249,7 +260,7 @@ class GptqWeight(QuantWeight):
                 f"{key}.g_idx: group indices must lie in 0..{scales.shape[0] - 1} (scales has "
                 f"{scales.shape[0]} groups), got {int(self.groups.min())}..{int(self.groups.max())}"
             )
-        self._attach_cpu_kernels()
+        self._packed_bits = self._file_bits()
 
     def _cpu_layout(self):
         return cpu_layout.from_gptq(self.qweight, self.qzeros, self.scales, self.groups, self.bias,

@@ -1,0 +1,229 @@
+"""The CPU kernels for quantized weights (exllamav2_ext/cpu) against their PyTorch twin (exl2/gptq.dequantize_into).
+
+The CPU layout must decode bit-exactly to the twin's fp16 weight; the matrix products must match x @ W (W the
+twin's weight, computed in float64) to fp32 rounding, on both instruction-set paths (AVX2 is forced on AVX-512
+CPUs through set_isa), with 1 and 2 threads, through the decode kernel (few rows) and the tiled GEMM (prefill).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ext
+from exllamav2.quant import cpu_layout, group_layout, load_quantized, qlinear, quantize_rtn
+
+kernels = ext.cpu_kernels()
+pytestmark = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2/F16C or no compiler)")
+
+
+def _isas() -> list[str]:
+    if kernels is None:
+        return []
+    previous = kernels.isa()
+    out = ["avx2"]
+    try:
+        kernels.set_isa("avx512")
+        out.append("avx512")
+    except RuntimeError:        # an AVX2-only CPU: the AVX-512 path cannot run here
+        pass
+    kernels.set_isa(previous)
+    return out
+
+
+ISAS = _isas()
+DEMO_EXL2 = Path(__file__).resolve().parent.parent / "examples" / "demo_model" / "exl2"
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    previous = kernels.isa()
+    kernels.set_isa(request.param)
+    yield request.param
+    kernels.set_isa(previous)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
+class Source:
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.tensors[name]
+
+
+def _pair(t: dict[str, torch.Tensor], k: int, n: int, prescale: float = 1.0):
+    """(kernel weight, twin weight) loaded from the same tensors; the kernel one already in its CPU layout."""
+    src = Source({f"l.{a}": v for a, v in t.items()})
+    kern = load_quantized("l", src, k, n, prescale=prescale)
+    twin = load_quantized("l", src, k, n, prescale=prescale)
+    twin.use_cpu_kernels = False
+    kern.forward(torch.zeros(1, k))
+    assert kern.cpu_matrix() is not None and twin.cpu_matrix() is None
+    return kern, twin
+
+
+def exl2_pair(k, n, bits, group_size=32, seed=0, bias=True, perm=True, prescale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(k, n, generator=g) * 0.05
+    t = quantize_rtn(w, group_layout(k, bits, group_size), torch.randperm(k, generator=g) if perm else None,
+                     bias=torch.randn(n, generator=g) if bias else None)
+    return _pair(t, k, n, prescale)
+
+
+def gptq_pair(k, n, groups, act_order, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = {
+        "qweight": torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=g),
+        "qzeros": torch.randint(-2**31, 2**31 - 1, (groups, n // 8), dtype=torch.int32, generator=g),
+        "scales": (torch.rand(groups, n, generator=g) * 0.01 + 0.001).half(),
+        "bias": torch.randn(n, generator=g).half(),
+    }
+    if act_order:
+        t["g_idx"] = torch.randint(0, groups, (k,), generator=g, dtype=torch.int32)
+    return _pair(t, k, n)
+
+
+EXL2_CASES = {
+    # (K, N, bit widths (descending, one band each), group size)
+    **{f"{b}bit": (128, 64, [b], 32) for b in (2, 3, 4, 5, 6, 8)},
+    "mixed_all_widths": (200, 48, [8, 6, 5, 4, 3, 2], 32),
+    "odd_k_short_last_group": (100, 33, [6, 3], 32),       # K, N not multiples of the vector width
+    "group_64_rows": (320, 80, [5, 4], 64),
+    "groups_of_16_rows_6bit": (96, 16, [6], 16),            # groups smaller than a 32-row chunk
+    "tiny": (8, 1, [4], 32),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXL2_CASES))
+def test_exl2_layout_decodes_bit_exactly(case, isa):
+    k, n, bits, gs = EXL2_CASES[case]
+    kern, twin = exl2_pair(k, n, bits, gs, seed=len(case), prescale=0.7)
+    got, want = kern.dequantize(), twin.dequantize()
+    assert got.dtype == want.dtype == torch.float16 and got.shape == want.shape == (k, n)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def _check_matmul(kern, twin, rows, seed=0):
+    x = torch.randn(rows, kern.in_features, generator=torch.Generator().manual_seed(seed))
+    want = x.double() @ twin.dequantize().double()
+    if twin.bias is not None:
+        want += twin.bias.double()
+    got = kern.forward(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, kern.out_features)
+    # fp32 accumulation of exact fp16 weights: error ~ sqrt(K) ulps of the row norm
+    tol = 4e-7 * kern.in_features ** 0.5 * (x.abs().max().item() * twin.dequantize().abs().max().item() + 1)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=tol)
+    torch.testing.assert_close(got, twin.forward(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(EXL2_CASES))
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 33])      # 9 and 33: above MAX_GEMV_ROWS, the tiled GEMM
+def test_exl2_matmul_matches_twin(case, rows, isa):
+    k, n, bits, gs = EXL2_CASES[case]
+    kern, twin = exl2_pair(k, n, bits, gs, seed=rows + len(case))
+    _check_matmul(kern, twin, rows, seed=rows)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 8, 20])
+def test_threads_and_the_identity_permutation(rows, threads, isa):
+    """Wide enough (1000 columns, 63 blocks) that 2 threads split the blocks, with padding past N."""
+    kern, twin = exl2_pair(512, 1000, [4, 3], 64, seed=rows, perm=False, bias=False)
+    assert torch.equal(kern.cpu_matrix().src[:512], torch.arange(512, dtype=torch.int32))
+    _check_matmul(kern, twin, rows, seed=rows)
+
+
+@pytest.mark.parametrize("act_order", [False, True], ids=["sequential", "act_order"])
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_gptq_matches_twin(act_order, rows, isa):
+    kern, twin = gptq_pair(256, 40, 4, act_order, seed=rows)
+    assert torch.equal(kern.dequantize().view(torch.int16), twin.dequantize().view(torch.int16))
+    _check_matmul(kern, twin, rows, seed=rows)
+
+
+def test_exl2_head_sized_layer_in_blocks(isa):
+    """A head-like shape: many blocks, prefill rows through tiles that each hold a fraction of the weight."""
+    kern, twin = exl2_pair(256, 4000, [6], 32, seed=3)
+    _check_matmul(kern, twin, 1, seed=1)
+    _check_matmul(kern, twin, 40, seed=2)
+
+
+def test_the_packed_tensors_are_replaced_not_duplicated():
+    k, n = 512, 512
+    t = quantize_rtn(torch.randn(k, n) * 0.02, group_layout(k, [4], 128), torch.randperm(k))
+    kern, _ = _pair(t, k, n)
+    file_bytes = sum(v.numel() * v.element_size() for v in t.values())
+    assert kern.q_weight is None and t["q_weight"].nbytes <= kern.nbytes() <= 1.1 * file_bytes
+    assert 4.0 < kern.bits_per_weight() < 4.5
+
+
+def test_other_dtypes_multiply_the_decoded_weight():
+    kern, twin = exl2_pair(64, 32, [4], 32, seed=1)
+    x = torch.randn(2, 64).to(torch.bfloat16)
+    torch.testing.assert_close(kern.forward(x), twin.forward(x))
+
+
+def test_bad_arguments_are_refused():
+    kern, _ = exl2_pair(64, 32, [4], 32)
+    m = kern.cpu_matrix()
+    x = torch.randn(1, 64)
+    args = dict(qw=m.qw, chunks=m.chunks, scales=m.scales, zeros=m.zeros, src=m.src, bias=m.bias)
+
+    def call(**change):
+        a = {**args, **change}
+        return kernels.q_matmul(x, a["qw"], a["chunks"], a["scales"], a["zeros"], a["src"], a["bias"], 32, 8)
+
+    with pytest.raises(RuntimeError, match="bit width 7"):
+        call(chunks=m.chunks.clone().index_fill_(1, torch.tensor([0]), 7))
+    with pytest.raises(RuntimeError, match="words out of range"):
+        call(chunks=m.chunks.clone().index_fill_(1, torch.tensor([1]), 1000))
+    with pytest.raises(RuntimeError, match="src"):
+        call(src=m.src.clone().fill_(64))
+    with pytest.raises(RuntimeError, match="qw must be"):
+        call(qw=m.qw.float())
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.q_matmul(x.half(), m.qw, m.chunks, m.scales, None, m.src, None, 32, 8)
+    with pytest.raises(RuntimeError, match="unknown instruction set"):
+        kernels.set_isa("sse2")
+
+
+def test_layout_shapes():
+    kern, _ = exl2_pair(100, 33, [6, 3], 32)
+    m = kern.cpu_matrix()
+    assert m.qw.shape[0] == 3 and m.qw.shape[2] == cpu_layout.BLOCK             # 33 columns -> 3 blocks
+    assert m.src.numel() == m.chunks.shape[0] * cpu_layout.CHUNK_ROWS
+    assert sorted(m.src[m.src >= 0].tolist()) == list(range(100))
+    assert int(m.chunks[:, 0].sum()) == m.qw.shape[1]                          # a b-bit chunk is b words
+
+
+def _demo_logits(use_kernels: bool, monkeypatch) -> torch.Tensor:
+    monkeypatch.setattr(qlinear.QuantWeight, "use_cpu_kernels", use_kernels)
+    model = ExLlamaV2(ExLlamaV2Config(str(DEMO_EXL2)))
+    model.load()
+    ids = torch.randint(3, 2000, (1, 24), generator=torch.Generator().manual_seed(5))
+    cache = ExLlamaV2Cache(model, max_seq_len=32)
+    parts = [model.forward(ids[:, :16], cache)] + [model.forward(ids[:, i : i + 1], cache) for i in range(16, 24)]
+    head = model.modules[-1]
+    assert (head.q.cpu_matrix() is not None) == use_kernels
+    return torch.cat(parts, 1)
+
+
+def test_demo_model_logits_match_the_twin(monkeypatch, isa):
+    """The bundled EXL2 demo model (4.0 bpw, 6-bit head): prefill and decode logits through the kernels equal
+    the twin's to fp32 rounding, and every layer runs on the kernels."""
+    with_kernels = _demo_logits(True, monkeypatch)
+    twin = _demo_logits(False, monkeypatch)
+    torch.testing.assert_close(with_kernels, twin, rtol=1e-4, atol=1e-4)
+    assert (with_kernels.argmax(-1) == twin.argmax(-1)).all()
