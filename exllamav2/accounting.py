@@ -7,9 +7,12 @@ would give wrong output, so it is refused before any weight is read.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 
 from .errors import CheckpointError
+
+log = logging.getLogger(__name__)
 
 # Buffers some checkpoints store that are recomputed from config.json, never read.
 _DERIVED_TENSORS = (".rotary_emb.inv_freq",)
@@ -28,8 +31,15 @@ def unaccounted_tensors(names: Iterable[str], owners: Mapping[str, tuple[str, ..
 
 
 def check_tensors_accounted(names: Iterable[str], owners: Mapping[str, tuple[str, ...]], architecture: str,
-                            files: list[str]) -> None:
-    left = unaccounted_tensors(names, owners)
+                            files: list[str], vision_prefixes: tuple[str, ...] = ()) -> None:
+    """Refuse tensors the layout does not read; a multimodal checkpoint's vision tower and projector (under
+    `vision_prefixes`) are set apart as the vision model's, and said so once."""
+    names = list(names)
+    vision = [n for n in names if n.startswith(vision_prefixes)] if vision_prefixes else []
+    if vision:
+        log.info("%s: %d vision tower and projector tensors are the vision model's; the text model does not read "
+                 "them", architecture, len(vision))
+    left = unaccounted_tensors((n for n in names if not vision or not n.startswith(vision_prefixes)), owners)
     if not left:
         return
     shown = ", ".join(left[:_LISTED]) + (f" and {len(left) - _LISTED} more" if len(left) > _LISTED else "")

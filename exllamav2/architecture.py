@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field, replace
 from enum import Enum
+from typing import Callable
 
 from .errors import ArchitectureError
 
@@ -40,12 +41,27 @@ class ArchParams:
     post_mlp_norm: str | None = None
     alternating_swa: bool = False         # even layers sliding, odd global (when layer_types absent)
     default_tie_word_embeddings: bool = False
-    keys: dict = field(default_factory=lambda: {
-        "embed": "model.embed_tokens",
-        "layers": "model.layers",
-        "norm": "model.norm",
-        "head": "lm_head",
-    })
+    keys: dict = field(default_factory=lambda: dict(_CAUSAL_LM_KEYS))
+    alt_keys: tuple = ()                  # other key layouts a checkpoint of this architecture may use
+    # Key prefixes of a multimodal checkpoint's vision tower and projector: accounted for at load, not read
+    # by the text model
+    vision_prefixes: tuple = ()
+
+    def with_keys_for(self, has: Callable[[str], bool]) -> "ArchParams":
+        """This row with the key layout the checkpoint uses (the first whose embedding is present)."""
+        for keys in (self.keys, *self.alt_keys):
+            if has(f"{keys['embed']}.weight"):
+                return replace(self, keys=keys)
+        return self
+
+
+_CAUSAL_LM_KEYS = {"embed": "model.embed_tokens", "layers": "model.layers", "norm": "model.norm", "head": "lm_head"}
+# A multimodal checkpoint's text model: transformers < 4.52 nested the causal LM under language_model.,
+# later versions nest the base model under model.language_model. and keep lm_head at the top.
+_NESTED_LM_KEYS = {"embed": "language_model.model.embed_tokens", "layers": "language_model.model.layers",
+                   "norm": "language_model.model.norm", "head": "language_model.lm_head"}
+_NESTED_BASE_KEYS = {"embed": "model.language_model.embed_tokens", "layers": "model.language_model.layers",
+                     "norm": "model.language_model.norm", "head": "lm_head"}
 
 
 _LLAMA = ArchParams()
@@ -71,13 +87,48 @@ ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
     replace(_LLAMA, name="Phi3ForCausalLM", fused_qkv="qkv_proj", fused_gate_up="gate_up_proj"),
 )}
 
+# text_config.model_type -> the causal LM row of a multimodal checkpoint's text model
+TEXT_MODEL_TYPES = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM", "phi3": "Phi3ForCausalLM",
+    # Qwen2-VL's MRoPE equals plain RoPE for text, whose three position components are equal
+    "qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM",
+}
+_TOWER = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+_VISUAL = ("visual.", "model.visual.")
+# multimodal architecture -> (its text model's default model_type, vision key prefixes)
+MULTIMODAL = {
+    "Gemma3ForConditionalGeneration": ("gemma3_text", _TOWER),
+    "Mistral3ForConditionalGeneration": ("mistral", _TOWER),
+    "LlavaForConditionalGeneration": ("llama", _TOWER),
+    "Qwen2VLForConditionalGeneration": ("qwen2_vl_text", _VISUAL),
+    "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl_text", _VISUAL),
+}
 
-def arch_params_for(arch: object, allow_unknown: bool = False, source: str = "config.json") -> ArchParams:
-    """The row for `arch`; an architecture missing from the table is refused unless `allow_unknown`,
-    when it loads as Llama with a warning."""
+
+def _multimodal_row(arch: str, text_model_type: str | None, source: str) -> ArchParams:
+    default_type, prefixes = MULTIMODAL[arch]
+    text_type = text_model_type or default_type
+    if text_type not in TEXT_MODEL_TYPES:
+        raise ArchitectureError(
+            f"{source}: {arch} with a text model of type {text_type!r} is not supported (supported text models: "
+            f"{', '.join(TEXT_MODEL_TYPES)})"
+        )
+    text = ARCHITECTURES[TEXT_MODEL_TYPES[text_type]]
+    return replace(text, name=arch, keys=_NESTED_LM_KEYS, alt_keys=(_NESTED_BASE_KEYS, _CAUSAL_LM_KEYS),
+                   vision_prefixes=prefixes)
+
+
+def arch_params_for(arch: object, allow_unknown: bool = False, source: str = "config.json",
+                    text_model_type: str | None = None) -> ArchParams:
+    """The row for `arch` (for a multimodal one, its text model's, from `text_model_type`); an architecture
+    missing from the table is refused unless `allow_unknown`, when it loads as Llama with a warning."""
     if isinstance(arch, str) and arch in ARCHITECTURES:
         return ARCHITECTURES[arch]
-    supported = ", ".join(ARCHITECTURES)
+    if isinstance(arch, str) and arch in MULTIMODAL:
+        return _multimodal_row(arch, text_model_type, source)
+    supported = ", ".join([*ARCHITECTURES, *MULTIMODAL])
     if not allow_unknown:
         raise ArchitectureError(
             f"{source}: architecture {arch!r} is not supported (supported: {supported}). Loading it as Llama "

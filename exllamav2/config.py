@@ -164,7 +164,9 @@ class ExLlamaV2Config:
             raise ConfigError(f"{cfg_path}: expected exactly one architecture, found {archs}")
         self.architecture = archs[0]
         allow = self.allow_unknown_arch or _env_allows_unknown_arch()
-        self.arch = arch_params_for(self.architecture, allow_unknown=allow, source=str(cfg_path))
+        text_type = (raw.get("text_config") or {}).get("model_type")
+        self.arch = arch_params_for(self.architecture, allow_unknown=allow, source=str(cfg_path),
+                                    text_model_type=text_type)
 
     def _read_sizes(self, read: "_Reader", cfg_path: Path) -> None:
         self.hidden_size = int(read("hidden_size", "d_model", required=True))
@@ -301,6 +303,7 @@ class ExLlamaV2Config:
         self.tensor_files = files
         self.index = SafetensorsIndex(files)
         self.tensor_file_map = {name: self.index.file_of(name) for name in self.index.keys()}
+        self.arch = self.arch.with_keys_for(self.index.has)
 
     # compatibility ---------------------------------------------------------------------------
 

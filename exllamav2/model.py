@@ -74,7 +74,7 @@ class ExLlamaV2:
         self.modules: list[ExLlamaV2Module] = self._build()
         if config.index is not None:     # before any weight is read: refuse tensors the layout leaves unread
             check_tensors_accounted(config.index.keys(), checkpoint_keys_of(self.modules), config.architecture,
-                                    config.index.files)
+                                    config.index.files, config.arch.vision_prefixes)
         # by checkpoint key, as upstream: the layers and every linear and norm inside them
         self.modules_dict = {s.key: s for m in self.modules for s in (m, *getattr(m, "submodules", list)())}
         self.head_layer_idx = len(self.modules) - 1

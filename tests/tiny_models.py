@@ -22,7 +22,18 @@ _COMMON = dict(
     initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
 )
 
-ARCH_SPECS: dict[str, tuple[str, dict]] = {
+# local and global layers, each with its own RoPE (the global one linearly scaled), windows of 8
+_GEMMA3 = {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 3,
+           "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+           "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                               "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}}
+
+
+def _vision(**kw) -> dict:
+    return dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, **kw)
+
+
+ARCH_SPECS: dict[str, tuple] = {
     "llama": ("LlamaConfig", {}),
     "llama_mha": ("LlamaConfig", {"num_key_value_heads": 4, "attention_bias": True}),
     "llama3_rope": ("LlamaConfig", {"rope_parameters": {
@@ -42,26 +53,42 @@ ARCH_SPECS: dict[str, tuple[str, dict]] = {
         "long_factor": [1.0 + 0.7 * i for i in range(8)], "original_max_position_embeddings": 32}}),
     "qwen3": ("Qwen3Config", {"head_dim": 16}),
     "gemma": ("GemmaConfig", {"head_dim": 16}),
-    # local and global layers, each with its own RoPE (the global one linearly scaled), windows of 8
-    "gemma3": ("Gemma3TextConfig", {
-        "head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8, "num_hidden_layers": 3,
-        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
-        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6}}}),
+    "gemma3": ("Gemma3TextConfig", _GEMMA3),
     "granite": ("GraniteConfig", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
                                   "attention_multiplier": 0.1, "logits_scaling": 2.0}),
     "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
+    # multimodal checkpoints, run as text models: (config class, text_config overrides, top-level keys)
+    "gemma3_mm": ("Gemma3Config", {**_GEMMA3, "model_type": "gemma3_text"}, {
+        "vision_config": _vision(image_size=28, patch_size=14), "mm_tokens_per_image": 4,
+        "image_token_index": 255, "boi_token_index": 253, "eoi_token_index": 254}),
+    "mistral3_mm": ("Mistral3Config", {"model_type": "mistral", "head_dim": 16, "sliding_window": 8}, {
+        "vision_config": _vision(model_type="pixtral", image_size=28, patch_size=14, head_dim=16),
+        "image_token_index": 255}),
+    "llava": ("LlavaConfig", {"model_type": "llama"}, {
+        "vision_config": _vision(model_type="clip_vision_model", image_size=28, patch_size=14),
+        "image_token_index": 255}),
+    "qwen2vl": ("Qwen2VLConfig", {"head_dim": 16, "rope_parameters": {
+        "rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}, {
+        "vision_config": {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2},
+        "image_token_id": 255, "video_token_id": 254, "vision_start_token_id": 253}),
 }
 
 
-def build_tiny_model(arch: str, out_dir: Path, seed: int = 0,
-                     spec: tuple[str, dict] | None = None) -> tuple[Path, torch.nn.Module]:
+def _build(spec: tuple) -> torch.nn.Module:
+    """(config class, overrides) makes a causal LM; (config class, text overrides, top-level keys) a
+    multimodal model whose text_config gets the overrides."""
+    cls = getattr(transformers, spec[0])
+    if len(spec) == 2:
+        config = cls(**{**_COMMON, **spec[1]})
+        return transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    config = cls(text_config={**_COMMON, **spec[1]}, **spec[2])
+    return transformers.AutoModelForImageTextToText.from_config(config, attn_implementation="eager")
+
+
+def build_tiny_model(arch: str, out_dir: Path, seed: int = 0, spec: tuple | None = None) -> tuple[Path, torch.nn.Module]:
     """The tiny model ARCH_SPECS[arch] (or `spec`: a transformers config class name and its overrides)."""
-    cls_name, overrides = spec or ARCH_SPECS[arch]
-    config = getattr(transformers, cls_name)(**{**_COMMON, **overrides})
-    config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    model = _build(spec or ARCH_SPECS[arch])
     # norms start at exactly 1 (or 0 for Gemma's offset form); randomise them so they matter
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,0 +1,77 @@
+"""The text model of a multimodal checkpoint (Gemma 3, Mistral 3, Llava, Qwen2-VL), in both key layouts
+transformers writes, with its vision tower accounted for and not read. Logits, decode and batches against
+transformers are in tests/test_model.py (the `*_mm`, `llava` and `qwen2vl` architectures)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from exllamav2 import ExLlamaV2, ExLlamaV2Config
+from exllamav2.errors import ArchitectureError, CheckpointError
+
+VOCAB = 250
+
+
+def _rewrite(src, dst, rename=lambda k: k, config=lambda c: c) -> str:
+    shutil.copytree(src, dst)
+    for path in dst.glob("*.safetensors"):
+        save_file({rename(k): v for k, v in load_file(path).items()}, path)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(config(cfg)))
+    return str(dst)
+
+
+def _native(key: str) -> str:
+    """transformers >= 4.52's layout: the base model under model.language_model., lm_head at the top."""
+    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
+                     ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")):
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _logits(model_dir: str, ids: torch.Tensor) -> torch.Tensor:
+    model = ExLlamaV2(ExLlamaV2Config(model_dir))
+    model.load()
+    return model.forward(ids)[..., :VOCAB]
+
+
+@pytest.mark.parametrize("arch", ["gemma3_mm", "mistral3_mm", "llava"])
+def test_both_key_layouts_give_transformers_logits(arch, tiny_model_factory, tmp_path, caplog):
+    src, hf = tiny_model_factory(arch)
+    assert any(k.startswith("language_model.model.") for k in load_file(next(src.glob("*.safetensors"))))
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    native = _rewrite(src, tmp_path / "native", rename=_native)
+    with caplog.at_level("INFO"):
+        for model_dir in (str(src), native):
+            torch.testing.assert_close(_logits(model_dir, ids), ref, atol=1e-3, rtol=1e-3)
+    assert "vision tower and projector tensors" in caplog.text
+
+
+def test_unknown_text_model_is_refused(tiny_model_factory, tmp_path):
+    src, _ = tiny_model_factory("llava")
+
+    def text_type(cfg):
+        cfg["text_config"]["model_type"] = "mystery"
+        return cfg
+
+    with pytest.raises(ArchitectureError, match="LlavaForConditionalGeneration.*'mystery'"):
+        ExLlamaV2Config(_rewrite(src, tmp_path / "m", config=text_type))
+
+
+def test_unexpected_text_tensor_is_still_refused(tiny_model_factory, tmp_path):
+    src, _ = tiny_model_factory("gemma3_mm")
+    dst = _rewrite(src, tmp_path / "m")
+    path = next((tmp_path / "m").glob("*.safetensors"))
+    tensors = load_file(path)
+    tensors["language_model.model.layers.0.self_attn.extra_norm.weight"] = torch.ones(16, dtype=torch.float16)
+    save_file(tensors, path)
+    with pytest.raises(CheckpointError, match="extra_norm"):
+        ExLlamaV2(ExLlamaV2Config(dst))
