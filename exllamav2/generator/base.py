@@ -16,6 +16,7 @@ from .stop import decode_ids
 
 if TYPE_CHECKING:
     from ..cache import ExLlamaV2CacheBase
+    from ..lora import ExLlamaV2Lora
     from ..model import ExLlamaV2
     from ..tokenizer import ExLlamaV2Tokenizer
 
@@ -30,6 +31,15 @@ def check_room(cache: "ExLlamaV2CacheBase", prompt_len: int, new_tokens: int) ->
             f"of {cache.max_seq_len}; shorten the prompt, ask for fewer tokens or create the cache with a "
             f"larger max_seq_len"
         )
+
+
+def _mark_stops(stopped_at: list, token: torch.Tensor, end_filter: bool, stop_token: int | None, position: int) -> bool:
+    """Record where each row stopped (a stop token is left out of the text, a filter's end token kept);
+    True when every row has."""
+    for row, t in enumerate(token[:, 0].tolist()):
+        if stopped_at[row] is None and (t == stop_token or end_filter):
+            stopped_at[row] = position + (0 if t == stop_token else 1)
+    return None not in stopped_at
 
 
 class ExLlamaV2BaseGenerator:
@@ -58,7 +68,7 @@ class ExLlamaV2BaseGenerator:
         token_healing: bool = False,
         encode_special_tokens: bool = False,
         decode_special_tokens: bool = False,
-        loras: list | None = None,
+        loras: "ExLlamaV2Lora | list | None" = None,
         stop_token: int | None = -1,
         add_bos: bool = False,
         abort_event: threading.Event | None = None,
@@ -79,31 +89,13 @@ class ExLlamaV2BaseGenerator:
         rng = random.Random(seed)
         self.abort_event = abort_event
 
-        ids, offsets = self.tokenizer.encode(
-            prompt, encode_special_tokens=encode_special_tokens, return_offsets=True, add_bos=add_bos,
-            embeddings=input_embeddings,
-        )
+        ids, offsets, heal, embeds = self._encode_prompt(prompt, num_tokens, token_healing, encode_special_tokens,
+                                                         add_bos, input_embeddings)
         bsz = ids.shape[0]
-        if bsz > self.cache.batch_size:
-            raise ValueError(f"{bsz} prompts but the cache holds {self.cache.batch_size} sequences; "
-                             f"create the cache with batch_size={bsz}")
-        heal = None
-        if token_healing and ids.shape[-1] > 1:
-            heal, ids = ids[:, -1:], ids[:, :-1]
-        check_room(self.cache, ids.shape[-1], num_tokens)
         mask = self.tokenizer.padding_mask(ids) if bsz > 1 else None
         positions = offsets if bsz > 1 else None
-        ids, embeds = remap_embeddings(ids, input_embeddings)
-
-        self.cache.current_seq_len = 0
-        if ids.shape[-1] > 1:
-            self.model.forward(ids[:, :-1], self.cache, input_mask=mask, preprocess_only=True, loras=loras,
-                               position_offsets=positions, abort_event=abort_event, indexed_embeddings=embeds)
-            if abort_event is not None and abort_event.is_set():
-                return None
-        for f in filters:
-            f.background_drop()
-            f.begin("")
+        if not self._prefill(ids, mask, positions, embeds, loras, abort_event, filters):
+            return None
 
         prompt_len = ids.shape[-1]
         stopped_at = [None] * bsz
@@ -122,15 +114,53 @@ class ExLlamaV2BaseGenerator:
             self.sequence_ids = torch.cat((self.sequence_ids, token), dim=1)
             if mask is not None:
                 mask = torch.cat((mask, mask.new_zeros(bsz, 1)), dim=1)
-            for row in range(bsz):
-                if stopped_at[row] is None and (int(token[row, 0]) == stop_token or end_filter):
-                    stopped_at[row] = prompt_len + step + (0 if int(token[row, 0]) == stop_token else 1)
-            if all(s is not None for s in stopped_at):
+            if _mark_stops(stopped_at, token, end_filter, stop_token, prompt_len + step):
                 break
 
+        texts = self._texts(stopped_at, prompt_len if completion_only else None, offsets, decode_special_tokens)
+        return texts if batched else texts[0]
+
+    def _prefill(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
+                 embeds: torch.Tensor | None, loras: object, abort_event: threading.Event | None,
+                 filters: list[ExLlamaV2Filter]) -> bool:
+        """Write all prompt tokens but the last to the cache and start the filters; False if aborted."""
+        self.cache.current_seq_len = 0
+        if ids.shape[-1] > 1:
+            self.model.forward(ids[:, :-1], self.cache, input_mask=mask, preprocess_only=True, loras=loras,
+                               position_offsets=positions, abort_event=abort_event, indexed_embeddings=embeds)
+            if abort_event is not None and abort_event.is_set():
+                return False
+        for f in filters:
+            f.background_drop()
+            f.begin("")
+        return True
+
+    def _encode_prompt(self, prompt: str | list[str], num_tokens: int, token_healing: bool,
+                       encode_special_tokens: bool, add_bos: bool, input_embeddings: list | None) -> tuple:
+        """(ids less a healed token, left-padding offsets, healed token or None, embedding table), or a
+        ValueError before any work when the prompts do not fit the cache."""
+        ids, offsets = self.tokenizer.encode(
+            prompt, encode_special_tokens=encode_special_tokens, return_offsets=True, add_bos=add_bos,
+            embeddings=input_embeddings,
+        )
+        bsz = ids.shape[0]
+        if bsz > self.cache.batch_size:
+            raise ValueError(f"{bsz} prompts but the cache holds {self.cache.batch_size} sequences; "
+                             f"create the cache with batch_size={bsz}")
+        heal = None
+        if token_healing and ids.shape[-1] > 1:
+            heal, ids = ids[:, -1:], ids[:, :-1]
+        check_room(self.cache, ids.shape[-1], num_tokens)
+        ids, embeds = remap_embeddings(ids, input_embeddings)
+        return ids, offsets, heal, embeds
+
+    def _texts(self, stopped_at: list, completion_start: int | None, offsets: torch.Tensor,
+               decode_special_tokens: bool) -> list[str]:
+        """Each row's text up to its stop: from `completion_start`, or from its first (unpadded) token."""
+        bsz = self.sequence_ids.shape[0]
         texts = []
         for row in range(bsz):
             end = stopped_at[row] if stopped_at[row] is not None else self.sequence_ids.shape[-1]
-            start = prompt_len if completion_only else int(-offsets[row]) if bsz > 1 else 0
+            start = completion_start if completion_start is not None else int(-offsets[row]) if bsz > 1 else 0
             texts.append(decode_ids(self.tokenizer, self.sequence_ids[row, start:end].tolist(), decode_special_tokens))
-        return texts if batched else texts[0]
+        return texts

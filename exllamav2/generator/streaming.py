@@ -138,33 +138,10 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         filters: list[ExLlamaV2Filter] | None = None,
         filter_prefer_eos: bool = False,
     ) -> None:
-        ids = input_ids.cpu().long()
-        if ids.dim() == 1:
-            ids = ids.unsqueeze(0)
-        bsz = ids.shape[0]
-        if bsz != (2 if gen_settings.cfg_scale is not None else 1):
-            raise ValueError(f"the streaming generator takes one sequence (two with cfg_scale set), got {bsz}")
-        if bsz > self.cache.batch_size:
-            raise ValueError(f"{bsz} sequences but the cache holds {self.cache.batch_size}; create it with batch_size={bsz}")
-        filters = as_filters(filters)
-        if banned_strings and filters:
-            raise ValueError("banned strings rewind the sequence, which filters cannot follow; use one or the other")
-        heal = None
-        if token_healing and ids.shape[-1] > 1:
-            heal, ids = ids[:, -1:], ids[:, :-1]
-        if ids.shape[-1] == 0:
-            raise ValueError("input_ids is empty; give at least one token (e.g. BOS)")
-        check_room(self.cache, ids.shape[-1], 1)
+        ids, heal, filters = self._check_stream_input(input_ids, gen_settings, token_healing, banned_strings, filters)
         ids, embeddings = remap_embeddings(ids, input_embeddings)
-
-        # Keys/values of a shared prefix carry over when neither stream masks or shifts positions and
-        # both use the same adapters (keys/values depend on them)
         loras = as_lora_list(loras, self.model)
-        reuse = 0
-        plain = (input_mask, position_offsets, embeddings, self.input_mask, self.position_offsets, self.indexed_embeddings)
-        same_loras = [id(x) for x in loras or []] == [id(x) for x in self.loras or []]
-        if self.sequence_ids is not None and same_loras and all(x is None for x in plain):
-            reuse = min(_common_prefix(self.sequence_ids, ids), self.cache.current_seq_len, ids.shape[-1] - 1)
+        reuse = self._reusable_prefix(ids, loras, input_mask, position_offsets, embeddings)
         self.indexed_embeddings = embeddings
 
         self.settings = gen_settings
@@ -199,13 +176,52 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.sequence_ids = ids
         self.ngram = None
         if self.speculative_ngram and self.draft_model is None:
-            check_ngram_settings(self.speculative_ngram_min, self.speculative_ngram_max,
-                                 self.speculative_ngram_max_inf, self.speculative_ngram_threshold)
-            self.ngram = NgramCache(self.speculative_ngram_min, self.speculative_ngram_max, self.ngram_preloaded)
-            self._ngram_seen = 0
+            self._new_ngram_cache()
         for f in self.filters:
             f.background_drop()
             f.begin("")
+
+    def _check_stream_input(self, input_ids: torch.Tensor, gen_settings: ExLlamaV2Sampler.Settings,
+                            token_healing: bool, banned_strings: list[str] | None,
+                            filters: list | None) -> tuple[torch.Tensor, torch.Tensor | None, list[ExLlamaV2Filter]]:
+        """(ids (bsz, n) on the CPU less a healed token, the healed token or None, the filters), or a
+        ValueError naming what cannot be streamed, before any work."""
+        ids = input_ids.cpu().long()
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        bsz = ids.shape[0]
+        if bsz != (2 if gen_settings.cfg_scale is not None else 1):
+            raise ValueError(f"the streaming generator takes one sequence (two with cfg_scale set), got {bsz}")
+        if bsz > self.cache.batch_size:
+            raise ValueError(f"{bsz} sequences but the cache holds {self.cache.batch_size}; create it with batch_size={bsz}")
+        filters = as_filters(filters)
+        if banned_strings and filters:
+            raise ValueError("banned strings rewind the sequence, which filters cannot follow; use one or the other")
+        if self.speculative_ngram:
+            check_ngram_settings(self.speculative_ngram_min, self.speculative_ngram_max,
+                                 self.speculative_ngram_max_inf, self.speculative_ngram_threshold)
+        heal = None
+        if token_healing and ids.shape[-1] > 1:
+            heal, ids = ids[:, -1:], ids[:, :-1]
+        if ids.shape[-1] == 0:
+            raise ValueError("input_ids is empty; give at least one token (e.g. BOS)")
+        check_room(self.cache, ids.shape[-1], 1)
+        return ids, heal, filters
+
+    def _reusable_prefix(self, ids: torch.Tensor, loras: list | None, input_mask: torch.Tensor | None,
+                         position_offsets: torch.Tensor | None, embeddings: torch.Tensor | None) -> int:
+        """Cached tokens of the previous stream this one can keep: its shared prefix, when neither stream
+        masks or shifts positions and both use the same adapters (keys/values depend on all of these)."""
+        plain = (input_mask, position_offsets, embeddings, self.input_mask, self.position_offsets, self.indexed_embeddings)
+        same_loras = [id(x) for x in loras or []] == [id(x) for x in self.loras or []]
+        if self.sequence_ids is None or not same_loras or any(x is not None for x in plain):
+            return 0
+        return min(_common_prefix(self.sequence_ids, ids), self.cache.current_seq_len, ids.shape[-1] - 1)
+
+    def _new_ngram_cache(self) -> None:
+        """Start counting this stream's n-grams on top of the preloaded ones."""
+        self.ngram = NgramCache(self.speculative_ngram_min, self.speculative_ngram_max, self.ngram_preloaded)
+        self._ngram_seen = 0
 
     def _mask(self, length: int) -> torch.Tensor | None:
         """The caller's input mask over the first `length` tokens, padded with 'attend' columns."""
@@ -344,8 +360,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         """Count the n-grams ending at tokens new since the last draft (the whole prompt at first), then
         draft from them. Ids of embeddings are context, never tokens to feed, so a draft stops there."""
         if self.ngram is None:      # speculative_ngram was switched on after begin_stream
-            self.ngram = NgramCache(self.speculative_ngram_min, self.speculative_ngram_max, self.ngram_preloaded)
-            self._ngram_seen = 0
+            self._new_ngram_cache()
         context = self.sequence_ids[0].tolist()
         self.ngram.update(context, start=min(self._ngram_seen, len(context)))
         self._ngram_seen = len(context)
