@@ -33,13 +33,18 @@ class ArchParams:
     fused_qkv: str | None = None          # checkpoint key of a fused q/k/v projection
     fused_gate_up: str | None = None      # checkpoint key of a fused gate/up projection
     embed_scale_sqrt_hidden: bool = False
-    qk_norm: bool = False                 # RMS norm over each head of q and k, before RoPE (self_attn.q_norm/k_norm)
-    # Norm keys inside a decoder layer; post_* are None where the architecture has none
-    attn_norm: str = "input_layernorm"
-    mlp_norm: str = "post_attention_layernorm"
+    # Norms of q and k before RoPE (self_attn.q_norm/k_norm): None, "head" (over each head: Qwen3, Gemma 3) or
+    # "full" (over the whole projection: Olmo 2)
+    qk_norm: str | None = None
+    # Norm keys inside a decoder layer; None where the architecture has none (Olmo 2 has only post-norms)
+    attn_norm: str | None = "input_layernorm"
+    mlp_norm: str | None = "post_attention_layernorm"
     post_attn_norm: str | None = None
     post_mlp_norm: str | None = None
     alternating_swa: bool = False         # even layers sliding, odd global (when layer_types absent)
+    global_nope: bool = False             # with a sliding window, the global layers have no RoPE (Exaone 4)
+    # MLP projection keys under <layer>.mlp: gate, up, down (gated) or in, out (plain: down(act(in(x))))
+    mlp_keys: tuple = ("gate_proj", "up_proj", "down_proj")
     default_tie_word_embeddings: bool = False
     keys: dict = field(default_factory=lambda: dict(_CAUSAL_LM_KEYS))
     alt_keys: tuple = ()                  # other key layouts a checkpoint of this architecture may use
@@ -71,6 +76,9 @@ _GEMMA = replace(_LLAMA, name="GemmaForCausalLM", norm_weight_offset=1.0, embed_
 _GEMMA2 = replace(_GEMMA, name="Gemma2ForCausalLM", activation_key="hidden_activation",
                   mlp_norm="pre_feedforward_layernorm", post_attn_norm="post_attention_layernorm",
                   post_mlp_norm="post_feedforward_layernorm", alternating_swa=True)
+# Olmo 2: norms after attention and MLP instead of before, q/k norms over the whole projection
+_OLMO2 = replace(_LLAMA, name="Olmo2ForCausalLM", qk_norm="full", attn_norm=None, mlp_norm=None,
+                 post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm")
 
 # Rows that differ from Llama only in config.json values (multipliers, no-RoPE layers, windows) are
 # Llama's row under their own name: those values are read generically by ExLlamaV2Config.
@@ -78,12 +86,16 @@ ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
     _LLAMA,
     replace(_LLAMA, name="MistralForCausalLM"),
     replace(_LLAMA, name="Qwen2ForCausalLM"),
-    replace(_LLAMA, name="Qwen3ForCausalLM", qk_norm=True),
+    replace(_LLAMA, name="Qwen3ForCausalLM", qk_norm="head"),
     replace(_LLAMA, name="GraniteForCausalLM"),
     replace(_LLAMA, name="SmolLM3ForCausalLM"),
     _GEMMA,
     _GEMMA2,
-    replace(_GEMMA2, name="Gemma3ForCausalLM", qk_norm=True),
+    replace(_GEMMA2, name="Gemma3ForCausalLM", qk_norm="head"),
+    _OLMO2,
+    replace(_OLMO2, name="Exaone4ForCausalLM", qk_norm="head", global_nope=True),
+    replace(_LLAMA, name="Starcoder2ForCausalLM", norm="layernorm", mlp_keys=("c_fc", "c_proj"),
+            default_tie_word_embeddings=True),
     replace(_LLAMA, name="Phi3ForCausalLM", fused_qkv="qkv_proj", fused_gate_up="gate_up_proj"),
 )}
 

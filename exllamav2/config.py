@@ -182,7 +182,8 @@ class ExLlamaV2Config:
         self.head_dim = int(read("head_dim", default=self.hidden_size // self.num_attention_heads))
         self.intermediate_size = int(read("intermediate_size", required=True))
         self.vocab_size = int(read("vocab_size", required=True))
-        self.norm_eps = float(read("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps", default=1e-5))
+        self.norm_eps = float(read("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps",
+                                   default=1e-5))
         self.tie_word_embeddings = bool(read("tie_word_embeddings", default=self.arch.default_tie_word_embeddings))
         self.torch_dtype = read("torch_dtype", "dtype", default="float16")
         act = read(self.arch.activation_key, default="silu")
@@ -292,6 +293,8 @@ class ExLlamaV2Config:
             raise ConfigError(f"{cfg_path}: no_rope_layers has {len(flags)} entries for "
                               f"{self.num_hidden_layers} layers")
         self.rope_layers = [bool(f) for f in flags[: self.num_hidden_layers]]
+        if self.arch.global_nope and self.sliding_window:       # hybrid models rotate only the sliding layers
+            self.rope_layers = [r and swa for r, swa in zip(self.rope_layers, self.swa_layers)]
 
     def _index_tensors(self, mdir: Path) -> None:
         files = sorted(glob.glob(str(mdir / "*.safetensors")))

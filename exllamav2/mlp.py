@@ -1,4 +1,5 @@
-"""Gated MLP: down(act(gate(x)) * up(x)), with the pre-norm and optional post-norm of the layer."""
+"""The MLP: gated, down(act(gate(x)) * up(x)), or plain, down(act(up(x))), with the layer's optional pre- and
+post-norms."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch.nn.functional as F
 
 from .linear import ExLlamaV2Linear
 from .module import ExLlamaV2CompositeModule, ExLlamaV2Module
-from .norm import make_norm
+from .norm import apply_norm, optional_norm
 
 # by the names config.ACTIVATIONS maps config.json's activation names to
 ACTIVATION_FUNCTIONS = {
@@ -28,11 +29,14 @@ class ExLlamaV2MLP(ExLlamaV2CompositeModule):
         self.layer_idx = layer_idx
         h, i = cfg.hidden_size, cfg.intermediate_size
         fused = f"{key}.mlp.{arch.fused_gate_up}" if arch.fused_gate_up else None
-        self.pre_norm = make_norm(model, f"{key}.{arch.mlp_norm}")
-        self.post_norm = make_norm(model, f"{key}.{arch.post_mlp_norm}") if arch.post_mlp_norm else None
-        self.gate_proj = ExLlamaV2Linear(model, f"{key}.mlp.gate_proj", h, i, fused=fused and (fused, 0, i))
-        self.up_proj = ExLlamaV2Linear(model, f"{key}.mlp.up_proj", h, i, fused=fused and (fused, i, 2 * i))
-        self.down_proj = ExLlamaV2Linear(model, f"{key}.mlp.down_proj", i, h)
+        self.pre_norm = optional_norm(model, key, arch.mlp_norm)
+        self.post_norm = optional_norm(model, key, arch.post_mlp_norm)
+        *gate_up, down = arch.mlp_keys
+        # a plain MLP (Starcoder 2, Phi-2) has no gate: its input projection is up_proj
+        self.gate_proj = (ExLlamaV2Linear(model, f"{key}.mlp.{gate_up[0]}", h, i, fused=fused and (fused, 0, i))
+                          if len(gate_up) == 2 else None)
+        self.up_proj = ExLlamaV2Linear(model, f"{key}.mlp.{gate_up[-1]}", h, i, fused=fused and (fused, i, 2 * i))
+        self.down_proj = ExLlamaV2Linear(model, f"{key}.mlp.{down}", i, h)
         self.act = ACTIVATION_FUNCTIONS[cfg.activation]
         self.residual_scale = cfg.residual_multiplier
 
@@ -40,9 +44,8 @@ class ExLlamaV2MLP(ExLlamaV2CompositeModule):
         return [m for m in (self.pre_norm, self.post_norm, self.gate_proj, self.up_proj, self.down_proj) if m]
 
     def forward(self, hidden_states: torch.Tensor, loras: list | None = None, **kwargs) -> torch.Tensor:
-        h = self.pre_norm.forward(hidden_states)
-        gate, up = self.gate_proj.forward(h, loras), self.up_proj.forward(h, loras)
-        h = self.down_proj.forward(self.act(gate) * up, loras)
-        if self.post_norm is not None:
-            h = self.post_norm.forward(h)
+        h = apply_norm(self.pre_norm, hidden_states)
+        up = self.up_proj.forward(h, loras)
+        a = self.act(up) if self.gate_proj is None else self.act(self.gate_proj.forward(h, loras)) * up
+        h = apply_norm(self.post_norm, self.down_proj.forward(a, loras))
         return torch.add(hidden_states, h, alpha=self.residual_scale)

@@ -83,3 +83,16 @@ class ExLlamaV2LayerNorm(_Norm):
 def make_norm(model, key: str, size: int | None = None) -> ExLlamaV2Module:
     cls = ExLlamaV2LayerNorm if model.config.arch.norm == "layernorm" else ExLlamaV2RMSNorm
     return cls(model, key, size)
+
+
+def optional_norm(model, prefix: str, name: str | None, size: int | None = None) -> ExLlamaV2Module | None:
+    """The norm `<prefix>.<name>`, or None where the architecture has none there (`name` None)."""
+    return make_norm(model, f"{prefix}.{name}", size) if name else None
+
+
+def apply_norm(norm: ExLlamaV2Module | None, x: torch.Tensor) -> torch.Tensor:
+    """x through `norm` over its last `norm.size` features (q/k norms act per head or on the whole
+    projection), or x itself where there is no norm."""
+    if norm is None:
+        return x
+    return norm.forward(x.view(*x.shape[:-1], -1, norm.size)).view(x.shape)

@@ -57,6 +57,11 @@ ARCH_SPECS: dict[str, tuple] = {
     "granite": ("GraniteConfig", {"embedding_multiplier": 3.0, "residual_multiplier": 0.5,
                                   "attention_multiplier": 0.1, "logits_scaling": 2.0}),
     "smollm3": ("SmolLM3Config", {"no_rope_layers": [1, 0]}),
+    "olmo2": ("Olmo2Config", {}),
+    # hybrid: sliding layers with RoPE, a global layer without
+    "exaone4": ("Exaone4Config", {"head_dim": 16, "sliding_window": 8, "num_hidden_layers": 3,
+                                  "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
+    "starcoder2": ("Starcoder2Config", {"sliding_window": 8}),
     # multimodal checkpoints, run as text models: (config class, text_config overrides, top-level keys)
     "gemma3_mm": ("Gemma3Config", {**_GEMMA3, "model_type": "gemma3_text"}, {
         "vision_config": _vision(image_size=28, patch_size=14), "mm_tokens_per_image": 4,

@@ -12,7 +12,7 @@ from .. import ext
 from ..architecture import RopeStyle
 from ..linear import ExLlamaV2Linear
 from ..module import ExLlamaV2CompositeModule, ExLlamaV2Module
-from ..norm import make_norm
+from ..norm import apply_norm, optional_norm
 from ..rope import RopeTables, apply_rope
 from .params import PagedParams, Params
 
@@ -55,11 +55,12 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         def proj(name: str, out: int, start: int) -> ExLlamaV2Linear:
             return ExLlamaV2Linear(model, f"{key}.self_attn.{name}", h, out, fused=fused and (fused, start, start + out))
 
-        self.pre_norm = make_norm(model, f"{key}.{arch.attn_norm}")
-        self.post_norm = make_norm(model, f"{key}.{arch.post_attn_norm}") if arch.post_attn_norm else None
-        # per-head norms of q and k, before RoPE (Qwen3, Gemma 3)
-        self.q_norm = make_norm(model, f"{key}.self_attn.q_norm", self.head_dim) if arch.qk_norm else None
-        self.k_norm = make_norm(model, f"{key}.self_attn.k_norm", self.head_dim) if arch.qk_norm else None
+        self.pre_norm = optional_norm(model, key, arch.attn_norm)
+        self.post_norm = optional_norm(model, key, arch.post_attn_norm)
+        # norms of q and k before RoPE, per head (Qwen3, Gemma 3) or over the whole projection (Olmo 2)
+        full = arch.qk_norm == "full"
+        self.q_norm = optional_norm(model, f"{key}.self_attn", arch.qk_norm and "q_norm", qd if full else self.head_dim)
+        self.k_norm = optional_norm(model, f"{key}.self_attn", arch.qk_norm and "k_norm", kd if full else self.head_dim)
         self.q_proj = proj("q_proj", qd, 0)
         self.k_proj = proj("k_proj", kd, qd)
         self.v_proj = proj("v_proj", kd, qd + kd)
@@ -88,12 +89,10 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
     def forward(self, hidden_states: torch.Tensor, cache=None, attn_params=None, loras: list | None = None,
                 **kwargs) -> torch.Tensor:
         bsz, q_len, _ = hidden_states.shape
-        h = self.pre_norm.forward(hidden_states)
-        q = self.q_proj.forward(h, loras).view(bsz, q_len, self.num_heads, self.head_dim)
-        k = self.k_proj.forward(h, loras).view(bsz, q_len, self.num_kv_heads, self.head_dim)
+        h = apply_norm(self.pre_norm, hidden_states)
+        q = apply_norm(self.q_norm, self.q_proj.forward(h, loras)).view(bsz, q_len, self.num_heads, self.head_dim)
+        k = apply_norm(self.k_norm, self.k_proj.forward(h, loras)).view(bsz, q_len, self.num_kv_heads, self.head_dim)
         v = self.v_proj.forward(h, loras).view(bsz, q_len, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm.forward(q), self.k_norm.forward(k)
         q, k = rotate_qk(q, k, attn_params, self.model.rope_tables(self.device, self.rope_local), self.rope_style)
         opts = dict(scale=self.scale, window=self.window, softcap=self.softcap)
 
@@ -117,6 +116,4 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
             out = self.backend.attend(q, k, v, attn_params.metadata(self.device), **opts)
 
         o = self.o_proj.forward(out.reshape(bsz, q_len, self.num_heads * self.head_dim), loras)
-        if self.post_norm is not None:
-            o = self.post_norm.forward(o)
-        return torch.add(hidden_states, o, alpha=self.residual_scale)
+        return torch.add(hidden_states, apply_norm(self.post_norm, o), alpha=self.residual_scale)

@@ -29,7 +29,7 @@ from .compile import compile_model
 from .layers import forward_rows, is_layer, linears_of, module_name, record_hessians, role
 from .measure import attach, detach, measure_module, prepare_all, quantize_module_linear, relative_error
 from .optimize import choose
-from .qparams import ATTN_OPTIONS, HEAD_OPTIONS, MLP_OPTIONS, QParams
+from .qparams import ATTN_OPTIONS, HEAD_OPTIONS, QParams, mlp_options
 from .quantizer import Hessian
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class Converter:
         for i in tqdm(range(start, last + 1), desc="Measuring", unit="module", initial=start, total=last + 1):
             m = self._load(modules[i])
             if is_layer(m):
-                options = ATTN_OPTIONS if isinstance(m, ExLlamaV2Attention) else MLP_OPTIONS
+                options = ATTN_OPTIONS if isinstance(m, ExLlamaV2Attention) else mlp_options(m.gate_proj is not None)
                 job["measurement"][module_name(m)], states = measure_module(m, states, self.device, options)
             else:
                 states = forward_rows(m, states, self.device)

@@ -99,6 +99,14 @@ MLP_OPTIONS: list[tuple[QParams, ...]] = [
     (Q(128, [8], [1]),) * 3,
 ]
 
+
+
+def mlp_options(gated: bool) -> list[tuple[QParams, ...]]:
+    """The MLP candidates; a plain MLP (no gate: Starcoder 2, Phi-2) gives its in and out projections the
+    parameters a gated one gives up and down."""
+    return MLP_OPTIONS if gated else [option[1:] for option in MLP_OPTIONS]
+
+
 # -hb choices for the output head (upstream's set of head bit rates)
 HEAD_OPTIONS: dict[int, QParams] = {
     2: Q(32, [4, 2], [0.3, 0.7]),

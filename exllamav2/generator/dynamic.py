@@ -75,6 +75,22 @@ class _Sequence:
         self.draft_pending = []
 
 
+def _check_job_args(rows: list[torch.Tensor], settings: ExLlamaV2Sampler.Settings, max_new_tokens: int,
+                    banned_strings: list[str] | None, filters: list[ExLlamaV2Filter]) -> None:
+    """A ValueError naming the problem for a job that cannot run, before it is queued."""
+    for ids in rows:
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise ValueError(f"input_ids must be (1, n) tensors, got shape {tuple(ids.shape)}")
+        if ids.shape[-1] == 0:
+            raise ValueError("input_ids is empty; give at least one token (e.g. BOS)")
+    if len(rows) != (2 if settings.cfg_scale is not None else 1):
+        raise ValueError("give one input_ids tensor, or a list of two with gen_settings.cfg_scale set for CFG")
+    if banned_strings and filters:
+        raise ValueError("banned strings rewind the sequence, which filters cannot follow; use one or the other")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+
+
 class ExLlamaV2DynamicJob:
     def __init__(
         self,
@@ -100,35 +116,12 @@ class ExLlamaV2DynamicJob:
         settings' cfg_scale). Stop conditions are token ids or strings; like upstream, EOS only
         stops a job when it is listed. Until `min_new_tokens` are out, stop tokens are blocked."""
         rows = input_ids if isinstance(input_ids, list) else [input_ids]
-        for ids in rows:
-            if ids.dim() != 2 or ids.shape[0] != 1:
-                raise ValueError(f"input_ids must be (1, n) tensors, got shape {tuple(ids.shape)}")
-            if ids.shape[-1] == 0:
-                raise ValueError("input_ids is empty; give at least one token (e.g. BOS)")
         self.settings = (gen_settings or ExLlamaV2Sampler.Settings()).clone()
-        if len(rows) != (2 if self.settings.cfg_scale is not None else 1):
-            raise ValueError("give one input_ids tensor, or a list of two with gen_settings.cfg_scale set for CFG")
         filters = as_filters(filters)
-        if banned_strings and filters:
-            raise ValueError("banned strings rewind the sequence, which filters cannot follow; use one or the other")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-
+        _check_job_args(rows, self.settings, max_new_tokens, banned_strings, filters)
         self.input_ids = [ids.cpu().long() for ids in rows]
-        self.heal = None
-        if token_healing and all(ids.shape[-1] > 1 for ids in rows):
-            self.heal = torch.cat([ids[:, -1:] for ids in self.input_ids], dim=0)
-            rows = [ids[:, :-1] for ids in self.input_ids]
-        else:
-            rows = self.input_ids
         self.embeddings = list(embeddings or [])
-        self.embedding_table = None
-        remapped = []
-        for ids in rows:
-            ids, table = remap_embeddings(ids, self.embeddings)
-            remapped.append(ids[0].tolist())
-            self.embedding_table = table if table is not None else self.embedding_table
-        self.sequences = [_Sequence(ids) for ids in remapped]
+        self._make_sequences(token_healing)
 
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min_new_tokens
@@ -143,7 +136,10 @@ class ExLlamaV2DynamicJob:
         self.filters = filters
         self.filter_prefer_eos = filter_prefer_eos
         self.identifier = identifier
+        self._init_progress()
 
+    def _init_progress(self) -> None:
+        """State that the generator fills in while the job is queued and runs."""
         self.generator: ExLlamaV2DynamicGenerator | None = None
         self.serial_number: int | None = None
         self.skips = 0
@@ -161,6 +157,21 @@ class ExLlamaV2DynamicJob:
         self.time_first_token: float | None = None
         self.time_last_token: float | None = None
         self.finished = False
+
+    def _make_sequences(self, token_healing: bool) -> None:
+        """The job's sequences from its prompts: less the healed last token, embeddings remapped to ids."""
+        self.heal = None
+        rows = self.input_ids
+        if token_healing and all(ids.shape[-1] > 1 for ids in rows):
+            self.heal = torch.cat([ids[:, -1:] for ids in rows], dim=0)
+            rows = [ids[:, :-1] for ids in rows]
+        self.embedding_table = None
+        remapped = []
+        for ids in rows:
+            ids, table = remap_embeddings(ids, self.embeddings)
+            remapped.append(ids[0].tolist())
+            self.embedding_table = table if table is not None else self.embedding_table
+        self.sequences = [_Sequence(ids) for ids in remapped]
 
     def __repr__(self) -> str:
         return f"ExLlamaV2DynamicJob #{self.serial_number}" if self.serial_number is not None else "ExLlamaV2DynamicJob (new)"
@@ -469,17 +480,7 @@ class ExLlamaV2DynamicGenerator:
         self.max_chunk_size = max_chunk_size if max_chunk_size is not None else cfg.max_input_len
         if self.max_chunk_size > cfg.max_input_len:
             raise ValueError(f"max_chunk_size {self.max_chunk_size} exceeds the model's max_input_len {cfg.max_input_len}")
-        if not paged:
-            self.max_batch_size = 1
-        elif max_batch_size:
-            if max_batch_size * max_q_size > cfg.max_batch_size * cfg.max_input_len:
-                raise ValueError(
-                    f"max_batch_size * max_q_size = {max_batch_size} * {max_q_size} exceeds the model's "
-                    f"max_batch_size * max_input_len = {cfg.max_batch_size} * {cfg.max_input_len}"
-                )
-            self.max_batch_size = max_batch_size
-        else:
-            self.max_batch_size = max(1, cfg.max_input_len // max_q_size)
+        self.max_batch_size = self._batch_size(max_batch_size, max_q_size)
         self.draft_model = draft_model
         self.draft_cache = draft_cache
         self.use_ngram_draft = use_ngram_draft
@@ -496,6 +497,20 @@ class ExLlamaV2DynamicGenerator:
         self.active_jobs: list[ExLlamaV2DynamicJob] = []
         self.filter_pool = ThreadPoolExecutor(max_workers=4) if filter_background_eval else None
         log.info("dynamic generator: %s", self._describe_path())
+
+    def _batch_size(self, max_batch_size: int | None, max_q_size: int) -> int:
+        """Sequences decoded together: 1 unpaged; else as asked, within the model's input budget."""
+        cfg = self.model.config
+        if not self.paged:
+            return 1
+        if not max_batch_size:
+            return max(1, cfg.max_input_len // max_q_size)
+        if max_batch_size * max_q_size > cfg.max_batch_size * cfg.max_input_len:
+            raise ValueError(
+                f"max_batch_size * max_q_size = {max_batch_size} * {max_q_size} exceeds the model's "
+                f"max_batch_size * max_input_len = {cfg.max_batch_size} * {cfg.max_input_len}"
+            )
+        return max_batch_size
 
     def _check_speculative(self, max_q_size: int) -> None:
         """Refuse draft settings that cannot work, naming the fix."""
@@ -814,8 +829,21 @@ class ExLlamaV2DynamicGenerator:
                 seed += 1
             order[self.enqueue(job)] = idx
 
-        completions = [""] * len(prompts)
-        last: list[dict | None] = [None] * len(prompts)
+        if (done := self._run_to_end(order, len(prompts), abort_event)) is None:
+            return None
+        completions, last = done
+        if not completion_only:
+            completions = [(p[0] if isinstance(p, tuple) else p) + c for p, c in zip(prompts, completions)]
+        if not batched:
+            completions, last = completions[0], last[0]
+        return (completions, last) if return_last_results else completions
+
+    def _run_to_end(self, order: dict[int, int], count: int,
+                    abort_event: threading.Event | None) -> tuple[list[str], list[dict | None]] | None:
+        """Iterate until every queued job ends: each prompt's completion text and last result, by the
+        prompt index `order` maps job serials to; None (queue cleared) if `abort_event` is set."""
+        completions = [""] * count
+        last: list[dict | None] = [None] * count
         while self.num_remaining_jobs():
             for r in self.iterate():
                 idx = order[r["serial"]]
@@ -826,8 +854,4 @@ class ExLlamaV2DynamicGenerator:
             if abort_event is not None and abort_event.is_set():
                 self.clear_queue()
                 return None
-        if not completion_only:
-            completions = [(p[0] if isinstance(p, tuple) else p) + c for p, c in zip(prompts, completions)]
-        if not batched:
-            completions, last = completions[0], last[0]
-        return (completions, last) if return_last_results else completions
+        return completions, last
