@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import GenerationArgumentError
 from .dynamic_embeddings import remap_embeddings
 from .filters.base import ExLlamaV2Filter  # re-exported: filter libraries import it from here
 from .filters.base import as_filters, feed_filters
@@ -26,11 +27,22 @@ __all__ = ["ExLlamaV2BaseGenerator", "ExLlamaV2Filter"]
 def check_room(cache: "ExLlamaV2CacheBase", prompt_len: int, new_tokens: int) -> None:
     """A clear error before any work when a generation cannot fit the cache."""
     if prompt_len + new_tokens > cache.max_seq_len:
-        raise ValueError(
+        raise GenerationArgumentError(
             f"prompt of {prompt_len} tokens plus {new_tokens} new tokens exceeds the cache's max_seq_len "
             f"of {cache.max_seq_len}; shorten the prompt, ask for fewer tokens or create the cache with a "
             f"larger max_seq_len"
         )
+
+
+def _check_simple_args(gen_settings: object, batched: bool, filters: list | None) -> list[ExLlamaV2Filter]:
+    """generate_simple's filters as ExLlamaV2Filters, or an error naming an argument it cannot take."""
+    if not isinstance(gen_settings, ExLlamaV2Sampler.Settings):
+        raise GenerationArgumentError(f"gen_settings must be an ExLlamaV2Sampler.Settings, got "
+                                      f"{type(gen_settings).__name__}; e.g. ExLlamaV2Sampler.Settings()")
+    filters = as_filters(filters)
+    if batched and filters:
+        raise GenerationArgumentError("filters constrain one sequence; generate batched prompts without filters")
+    return filters
 
 
 def _mark_stops(stopped_at: list, token: torch.Tensor, end_filter: bool, stop_token: int | None, position: int) -> bool:
@@ -81,9 +93,7 @@ class ExLlamaV2BaseGenerator:
         Stops a row at `stop_token` (-1: the tokenizer's EOS; None: never). Returns the decoded
         prompt plus completion (or the completion alone), or None if `abort_event` was set."""
         batched = isinstance(prompt, list)
-        filters = as_filters(filters)
-        if batched and filters:
-            raise ValueError("filters constrain one sequence; generate batched prompts without filters")
+        filters = _check_simple_args(gen_settings, batched, filters)
         if stop_token == -1:
             stop_token = self.tokenizer.eos_token_id
         rng = random.Random(seed)
@@ -145,7 +155,7 @@ class ExLlamaV2BaseGenerator:
         )
         bsz = ids.shape[0]
         if bsz > self.cache.batch_size:
-            raise ValueError(f"{bsz} prompts but the cache holds {self.cache.batch_size} sequences; "
+            raise GenerationArgumentError(f"{bsz} prompts but the cache holds {self.cache.batch_size} sequences; "
                              f"create the cache with batch_size={bsz}")
         heal = None
         if token_healing and ids.shape[-1] > 1:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from ..errors import GenerationArgumentError
+
 if TYPE_CHECKING:
     from ..model import ExLlamaV2
     from ..tokenizer import ExLlamaV2Tokenizer
@@ -22,7 +24,7 @@ def check_draft_vocab(draft_model: "ExLlamaV2", model: "ExLlamaV2", tokenizer: "
     since real pairs sharing a tokenizer often differ there (e.g. Qwen2.5 0.5B vs 7B)."""
     draft_vocab, vocab = draft_model.config.vocab_size, tokenizer.get_vocab_size()
     if draft_vocab < vocab:
-        raise ValueError(
+        raise GenerationArgumentError(
             f"the draft model's vocabulary has {draft_vocab} tokens but the tokenizer's has {vocab}; the "
             f"draft model must use the same tokenizer as the main model"
         )
@@ -89,9 +91,9 @@ class NgramCache:
 def check_ngram_settings(min_len: int, max_len: int, max_inf: int, threshold: int) -> None:
     """Refuse n-gram settings that could never draft, naming the setting."""
     if not 1 <= min_len <= max_len:
-        raise ValueError(f"speculative_ngram_min ({min_len}) must be at least 1 and at most "
+        raise GenerationArgumentError(f"speculative_ngram_min ({min_len}) must be at least 1 and at most "
                          f"speculative_ngram_max ({max_len})")
     if max_inf < min_len:
-        raise ValueError(f"speculative_ngram_max_inf ({max_inf}) must be at least speculative_ngram_min ({min_len})")
+        raise GenerationArgumentError(f"speculative_ngram_max_inf ({max_inf}) must be at least speculative_ngram_min ({min_len})")
     if threshold < 1:
-        raise ValueError(f"speculative_ngram_threshold must be at least 1, got {threshold}")
+        raise GenerationArgumentError(f"speculative_ngram_threshold must be at least 1, got {threshold}")

@@ -29,6 +29,7 @@ import torch
 from ..attn.params import PagedParams
 from ..cache import PAGE_SIZE
 from ..embedding import EMBEDDING_INDEX
+from ..errors import GenerationArgumentError
 from ..lora import as_lora_list
 from .drafting import check_draft_vocab, ngram_draft
 from .dynamic_embeddings import ExLlamaV2MMEmbedding, remap_embeddings
@@ -80,15 +81,15 @@ def _check_job_args(rows: list[torch.Tensor], settings: ExLlamaV2Sampler.Setting
     """A ValueError naming the problem for a job that cannot run, before it is queued."""
     for ids in rows:
         if ids.dim() != 2 or ids.shape[0] != 1:
-            raise ValueError(f"input_ids must be (1, n) tensors, got shape {tuple(ids.shape)}")
+            raise GenerationArgumentError(f"input_ids must be (1, n) tensors, got shape {tuple(ids.shape)}")
         if ids.shape[-1] == 0:
-            raise ValueError("input_ids is empty; give at least one token (e.g. BOS)")
+            raise GenerationArgumentError("input_ids is empty; give at least one token (e.g. BOS)")
     if len(rows) != (2 if settings.cfg_scale is not None else 1):
-        raise ValueError("give one input_ids tensor, or a list of two with gen_settings.cfg_scale set for CFG")
+        raise GenerationArgumentError("give one input_ids tensor, or a list of two with gen_settings.cfg_scale set for CFG")
     if banned_strings and filters:
-        raise ValueError("banned strings rewind the sequence, which filters cannot follow; use one or the other")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise GenerationArgumentError("banned strings rewind the sequence, which filters cannot follow; use one or the other")
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise GenerationArgumentError(f"max_new_tokens must be an integer of at least 1, got {max_new_tokens!r}")
 
 
 class ExLlamaV2DynamicJob:
@@ -187,18 +188,18 @@ class ExLlamaV2DynamicJob:
         extra = 1 if self.heal is not None else 0
         room = generator.num_draft_tokens       # a verification pass writes this far past the last token
         if self.embedding_table is not None and generator.draft_model is not None:
-            raise ValueError("a job with embeddings cannot run with a draft model (it cannot take them); use a "
+            raise GenerationArgumentError("a job with embeddings cannot run with a draft model (it cannot take them); use a "
                              "generator without draft_model, or use_ngram_draft")
         for seq in self.sequences:
             total = seq.prompt_len + self.max_new_tokens + extra
             if total > generator.max_seq_len:
-                raise ValueError(
+                raise GenerationArgumentError(
                     f"job needs {total} tokens (prompt {seq.prompt_len + extra} + max_new_tokens "
                     f"{self.max_new_tokens}) but the generator's max_seq_len is {generator.max_seq_len}; "
                     f"shorten the prompt or lower max_new_tokens"
                 )
             if seq.prompt_len and seq.ids[-1] >= EMBEDDING_INDEX:
-                raise ValueError("the prompt ends inside an embedding; put at least one text token after it")
+                raise GenerationArgumentError("the prompt ends inside an embedding; put at least one text token after it")
             seq.total_pages = -(-(total + room) // ps)
             seq.prompt_hashes = []
             h = None
@@ -208,13 +209,13 @@ class ExLlamaV2DynamicJob:
         pages = sum(s.total_pages for s in self.sequences)
         if pages > generator.table.num_pages:
             drafts = f" (with room for {room} draft tokens)" if room else ""
-            raise ValueError(
+            raise GenerationArgumentError(
                 f"job needs {pages} cache pages of {ps} tokens{drafts} but the cache has "
                 f"{generator.table.num_pages} ({generator.cache.max_seq_len} tokens); create the cache with a "
                 f"larger max_seq_len or lower max_new_tokens"
             )
         if len(self.sequences) > generator.max_batch_size:
-            raise ValueError(f"a CFG job needs batch size 2 but the generator's max_batch_size is {generator.max_batch_size}")
+            raise GenerationArgumentError(f"a CFG job needs batch size 2 but the generator's max_batch_size is {generator.max_batch_size}")
         self.generator = generator
         self.serial_number = serial
         self.time_enqueue = time.time()
@@ -465,21 +466,21 @@ class ExLlamaV2DynamicGenerator:
         self.cache = cache
         self.tokenizer = tokenizer
         if cache.batch_size != 1:
-            raise ValueError(f"the dynamic generator needs a cache with batch_size=1 (it pages it), got {cache.batch_size}")
+            raise GenerationArgumentError(f"the dynamic generator needs a cache with batch_size=1 (it pages it), got {cache.batch_size}")
         self.paged = paged
         if paged:
             if cache.max_seq_len % PAGE_SIZE:
-                raise ValueError(f"paged generation needs cache.max_seq_len to be a multiple of {PAGE_SIZE}, "
+                raise GenerationArgumentError(f"paged generation needs cache.max_seq_len to be a multiple of {PAGE_SIZE}, "
                                  f"got {cache.max_seq_len}; round it up or use paged=False")
             self.page_size = PAGE_SIZE
         else:
             self.page_size = cache.max_seq_len
         self.max_seq_len = max_seq_len if max_seq_len is not None else cfg.max_seq_len
         if self.max_seq_len > cfg.max_seq_len:
-            raise ValueError(f"max_seq_len {self.max_seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
+            raise GenerationArgumentError(f"max_seq_len {self.max_seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
         self.max_chunk_size = max_chunk_size if max_chunk_size is not None else cfg.max_input_len
         if self.max_chunk_size > cfg.max_input_len:
-            raise ValueError(f"max_chunk_size {self.max_chunk_size} exceeds the model's max_input_len {cfg.max_input_len}")
+            raise GenerationArgumentError(f"max_chunk_size {self.max_chunk_size} exceeds the model's max_input_len {cfg.max_input_len}")
         self.max_batch_size = self._batch_size(max_batch_size, max_q_size)
         self.draft_model = draft_model
         self.draft_cache = draft_cache
@@ -506,7 +507,7 @@ class ExLlamaV2DynamicGenerator:
         if not max_batch_size:
             return max(1, cfg.max_input_len // max_q_size)
         if max_batch_size * max_q_size > cfg.max_batch_size * cfg.max_input_len:
-            raise ValueError(
+            raise GenerationArgumentError(
                 f"max_batch_size * max_q_size = {max_batch_size} * {max_q_size} exceeds the model's "
                 f"max_batch_size * max_input_len = {cfg.max_batch_size} * {cfg.max_input_len}"
             )
@@ -515,19 +516,19 @@ class ExLlamaV2DynamicGenerator:
     def _check_speculative(self, max_q_size: int) -> None:
         """Refuse draft settings that cannot work, naming the fix."""
         if self.draft_model is not None and self.use_ngram_draft:
-            raise ValueError("give either a draft model or use_ngram_draft=True, not both")
+            raise GenerationArgumentError("give either a draft model or use_ngram_draft=True, not both")
         if (self.draft_model is None) != (self.draft_cache is None):
-            raise ValueError("speculative decoding with a draft model needs both draft_model and draft_cache")
+            raise GenerationArgumentError("speculative decoding with a draft model needs both draft_model and draft_cache")
         if not 1 <= self.num_draft_tokens <= max_q_size:
-            raise ValueError(f"num_draft_tokens must be between 1 and max_q_size ({max_q_size}), "
+            raise GenerationArgumentError(f"num_draft_tokens must be between 1 and max_q_size ({max_q_size}), "
                              f"got {self.num_draft_tokens}")
         if self.use_ngram_draft and self.max_ngram < 1:
-            raise ValueError(f"max_ngram must be at least 1, got {self.max_ngram}")
+            raise GenerationArgumentError(f"max_ngram must be at least 1, got {self.max_ngram}")
         if self.draft_model is None:
             return
         dc = self.draft_cache
         if dc.batch_size != 1 or dc.max_seq_len != self.cache.max_seq_len:
-            raise ValueError(
+            raise GenerationArgumentError(
                 f"the draft cache shares the main cache's pages, so it needs batch_size=1 and max_seq_len="
                 f"{self.cache.max_seq_len}; got batch_size={dc.batch_size}, max_seq_len={dc.max_seq_len}"
             )
@@ -553,7 +554,7 @@ class ExLlamaV2DynamicGenerator:
         plans = [model.attn_plan.device_plan(d) for d in model.get_cache_devices()]
         missing = [p.device.label for p in plans if not p.paged]
         if self.paged and missing:
-            raise ValueError(f"paged attention is not available on {', '.join(missing)}; create the generator "
+            raise GenerationArgumentError(f"paged attention is not available on {', '.join(missing)}; create the generator "
                              f"with paged=False")
         return ", ".join(f"{p.device.label} {p.backend}" + (f" ({p.paged_impl})" if self.paged else "") for p in plans)
 
@@ -807,15 +808,15 @@ class ExLlamaV2DynamicGenerator:
         filters = filters or [None] * len(prompts)
         embeddings = embeddings or [None] * len(prompts)
         if len(filters) != len(prompts) or len(embeddings) != len(prompts):
-            raise ValueError("with a list of prompts, give one filter list and one embedding list (or None) per prompt")
+            raise GenerationArgumentError("with a list of prompts, give one filter list and one embedding list (or None) per prompt")
         if isinstance(gen_settings, list) and len(gen_settings) != len(prompts):
-            raise ValueError(f"{len(gen_settings)} gen_settings for {len(prompts)} prompts")
+            raise GenerationArgumentError(f"{len(gen_settings)} gen_settings for {len(prompts)} prompts")
 
         order: dict[int, int] = {}
         for idx, p in enumerate(prompts):
             texts = list(p) if isinstance(p, tuple) else [p]
             if not all(isinstance(t, str) for t in texts):
-                raise ValueError(f"a prompt is a string or a tuple of two strings (CFG), got {type(p).__name__}")
+                raise GenerationArgumentError(f"a prompt is a string or a tuple of two strings (CFG), got {type(p).__name__}")
             ids = [self.tokenizer.encode(t, encode_special_tokens=encode_special_tokens, add_bos=add_bos,
                                          embeddings=embeddings[idx]) for t in texts]
             settings = gen_settings[idx] if isinstance(gen_settings, list) else gen_settings

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..embedding import EMBEDDING_INDEX
+from ..errors import GenerationArgumentError
 from ..lora import as_lora_list
 from .base import ExLlamaV2BaseGenerator, check_room
 from .drafting import NgramCache, check_draft_vocab, check_ngram_settings
@@ -54,7 +55,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
     ) -> None:
         super().__init__(model, cache, tokenizer)
         if (draft_model is None) != (draft_cache is None):
-            raise ValueError("speculative decoding needs both draft_model and draft_cache")
+            raise GenerationArgumentError("speculative decoding needs both draft_model and draft_cache")
         if draft_model is not None:
             check_draft_vocab(draft_model, model, tokenizer)
         self.draft_model = draft_model
@@ -191,12 +192,12 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
             ids = ids.unsqueeze(0)
         bsz = ids.shape[0]
         if bsz != (2 if gen_settings.cfg_scale is not None else 1):
-            raise ValueError(f"the streaming generator takes one sequence (two with cfg_scale set), got {bsz}")
+            raise GenerationArgumentError(f"the streaming generator takes one sequence (two with cfg_scale set), got {bsz}")
         if bsz > self.cache.batch_size:
-            raise ValueError(f"{bsz} sequences but the cache holds {self.cache.batch_size}; create it with batch_size={bsz}")
+            raise GenerationArgumentError(f"{bsz} sequences but the cache holds {self.cache.batch_size}; create it with batch_size={bsz}")
         filters = as_filters(filters)
         if banned_strings and filters:
-            raise ValueError("banned strings rewind the sequence, which filters cannot follow; use one or the other")
+            raise GenerationArgumentError("banned strings rewind the sequence, which filters cannot follow; use one or the other")
         if self.speculative_ngram:
             check_ngram_settings(self.speculative_ngram_min, self.speculative_ngram_max,
                                  self.speculative_ngram_max_inf, self.speculative_ngram_threshold)
@@ -204,7 +205,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         if token_healing and ids.shape[-1] > 1:
             heal, ids = ids[:, -1:], ids[:, :-1]
         if ids.shape[-1] == 0:
-            raise ValueError("input_ids is empty; give at least one token (e.g. BOS)")
+            raise GenerationArgumentError("input_ids is empty; give at least one token (e.g. BOS)")
         check_room(self.cache, ids.shape[-1], 1)
         return ids, heal, filters
 
@@ -253,7 +254,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         if self.sequence_ids is None or self.text is None:
             raise RuntimeError("call begin_stream_ex() before stream_ex()")
         if self.sequence_ids.shape[-1] >= self.cache.max_seq_len:
-            raise ValueError(
+            raise GenerationArgumentError(
                 f"the sequence has reached the cache's max_seq_len of {self.cache.max_seq_len} tokens; start a "
                 f"new stream with a shorter context or create the cache with a larger max_seq_len"
             )
