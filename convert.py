@@ -33,6 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-mr", "--measurement_rows", type=int, default=16, help="calibration rows for measurement")
     p.add_argument("-l", "--length", type=int, default=2048, help="tokens per calibration row")
     p.add_argument("-ml", "--measurement_length", type=int, default=2048, help="tokens per measurement row")
+    p.add_argument("-v", "--debug", action="store_true", help="show the traceback of an error instead of one line")
     return p.parse_args(argv)
 
 
@@ -40,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=" -- %(message)s")
     args = parse_args(argv)
     from exllamav2.conversion.pipeline import Converter, open_job
+    from exllamav2.errors import ExLlamaV2Error
 
     if args.output_measurement and args.compile_full:
-        print(" ## -om (measure only) and -cf (compile) cannot be combined", file=sys.stderr)
+        print(" ## Error: -om (measure only) and -cf (compile) cannot be combined", file=sys.stderr)
         return 2
     if not 2.0 <= args.bits <= 8.0:
         logging.warning("target of %.3f bits per weight is outside 2..8 and will likely not be met", args.bits)
@@ -61,9 +63,10 @@ def main(argv: list[str] | None = None) -> int:
         work_dir = Path(args.out_dir)
         job = open_job(work_dir, settings, args.resume, args.no_resume)
         Converter(job, work_dir).run()
-    except (ValueError, FileNotFoundError, ImportError) as e:      # bad input: the message says what to fix
-        logging.debug("conversion stopped", exc_info=True)
-        print(f" ## {e}", file=sys.stderr)
+    except (ExLlamaV2Error, ValueError, FileNotFoundError, ImportError) as e:   # bad input: the message says the fix
+        if args.debug:
+            raise
+        print(f" ## Error: {e}", file=sys.stderr)
         return 1
     return 0
 

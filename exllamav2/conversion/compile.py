@@ -1,20 +1,23 @@
 """Write the converted model: quantized layers plus the unquantized tensors, in shards, with the
-input's config (plus quantization_config) and its tokenizer and other small files."""
+input's config (plus quantization_config) and its tokenizer and other small files.
+
+config.json is written last: until it is there, the output directory does not look like a model, so a
+compile that is killed or runs out of disk never leaves something that loads as a finished model. A
+resumed compile first removes what the interrupted one wrote."""
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ..version import __version__
+from . import files
 from .layers import linears_of
 
 log = logging.getLogger(__name__)
@@ -55,8 +58,8 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, sha
     paths: list[Path] = []
 
     def flush(shard: dict[str, torch.Tensor]) -> None:
-        path = out_dir / f"output-{len(paths) + 1:05d}.tmp"      # not globbed as weights until renamed
-        save_file(shard, str(path), metadata={"format": "pt"})
+        path = out_dir / f"output-{len(paths) + 1:05d}.part"      # not globbed as weights until renamed
+        files.save_tensors(shard, path, metadata={"format": "pt"})
         paths.append(path)
 
     shard: dict[str, torch.Tensor] = {}
@@ -75,10 +78,14 @@ def write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out_dir: Path, sha
 
 def compile_model(job: dict, model, tensor_dir: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
+    files.remove_outputs(out_dir)
     shard_bytes = int(job["shard_size"] * 1024**2)
-    paths = write_shards(tqdm(_output_tensors(model, tensor_dir), desc="Writing", unit="tensor", leave=False),
-                          out_dir, shard_bytes)
+    paths = write_shards(tqdm(_output_tensors(model, tensor_dir), desc="Writing", unit="tensor"),
+                         out_dir, shard_bytes)
     in_dir = Path(job["in_dir"])
+    for f in sorted(in_dir.iterdir()):
+        if f.is_file() and f.name != "config.json" and not f.name.endswith(_SKIP_FILES):
+            files.copy_file(f, out_dir / f.name)
     config = json.loads((in_dir / "config.json").read_text(encoding="utf-8"))
     config["quantization_config"] = {
         "quant_method": "exl2",
@@ -87,9 +94,6 @@ def compile_model(job: dict, model, tensor_dir: Path, out_dir: Path) -> None:
         "head_bits": job["head_bits"],
         "calibration": {"rows": job["dataset_rows"], "length": job["length"], "dataset": job["cal_dataset_name"]},
     }
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    for f in sorted(in_dir.iterdir()):
-        if f.is_file() and f.name != "config.json" and not f.name.endswith(_SKIP_FILES):
-            shutil.copy2(f, out_dir / f.name)
+    files.write_text(out_dir / "config.json", json.dumps(config, indent=2))    # last: now it is a model
     log.info("wrote %s (%d shard%s) to %s", ", ".join(p.name for p in paths), len(paths),
              "" if len(paths) == 1 else "s", out_dir)

@@ -1,9 +1,13 @@
 """The conversion job: measure -> optimize -> quantize -> compile, resumable after every module.
 
 State lives in the work directory: job_new.json (settings, progress, measurement, chosen layout),
-measurement.json, state/ (calibration tokens and the current hidden states) and out_tensor/ (one
-safetensors file per quantized module). Progress runs through: begin, measure, optimize, quant,
-compile, finished.
+measurement.json, state/ (calibration tokens and the hidden states entering the next module, one file
+per stage and module index) and out_tensor/ (one safetensors file per quantized module). Progress runs
+through: begin, measure, optimize, quant, compile, finished.
+
+Every file is written whole or not at all (files.py), and a module's hidden states are written before
+the job file says the module is done, under a name that includes the module index, so a job killed at
+any point resumes from its job file and produces the same bytes as an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -14,22 +18,21 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
-from ..attn.layer import ExLlamaV2Attention
 from ..config import ExLlamaV2Config
 from ..errors import ConversionError  # noqa: F401  (re-exported: callers import it from here)
 from ..linear import ExLlamaV2Linear
 from ..model import ExLlamaV2
 from ..module import ExLlamaV2Module
 from ..tokenizer import ExLlamaV2Tokenizer
-from . import calibration
+from . import calibration, files
 from .compile import compile_model
-from .layers import forward_rows, is_layer, linears_of, module_name, record_hessians, role
+from .layers import forward_rows, is_layer, linears_of, module_name, options_for, record_hessians, role
 from .measure import attach, detach, measure_module, prepare_all, quantize_module_linear, relative_error
 from .optimize import choose
-from .qparams import ATTN_OPTIONS, HEAD_OPTIONS, QParams, mlp_options
+from .qparams import HEAD_OPTIONS, QParams
 from .quantizer import Hessian
 
 log = logging.getLogger(__name__)
@@ -125,10 +128,7 @@ class Converter:
         self.save()
 
     def save(self) -> None:
-        path = self.work_dir / JOB_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.job, indent=2), encoding="utf-8")
-        tmp.replace(path)
+        files.write_text(self.work_dir / JOB_FILE, json.dumps(self.job, indent=2))
 
     def run(self) -> None:
         stages = {"begin": self.tokenize, "measure": self.measure, "optimize": self.optimize,
@@ -154,7 +154,7 @@ class Converter:
                     f"the tokenizer produced id {int(t.max())} but the model's vocabulary has {vocab} entries; "
                     f"the tokenizer files do not belong to this model"
                 )
-        save_file(tokens, str(self.state_dir / "tokens.safetensors"))
+        files.save_tensors(tokens, self.state_dir / "tokens.safetensors")
         if "measurement" in job:
             log.info("reusing measurement from %s", job.get("measurement_file"))
             job["progress"] = "optimize"
@@ -171,17 +171,16 @@ class Converter:
         for i in tqdm(range(start, last + 1), desc="Measuring", unit="module", initial=start, total=last + 1):
             m = self._load(modules[i])
             if is_layer(m):
-                options = ATTN_OPTIONS if isinstance(m, ExLlamaV2Attention) else mlp_options(m.gate_proj is not None)
-                job["measurement"][module_name(m)], states = measure_module(m, states, self.device, options)
+                job["measurement"][module_name(m)], states = measure_module(m, states, self.device, options_for(m))
             else:
                 states = forward_rows(m, states, self.device)
             m.unload()
             self._checkpoint(states, "measure_idx", i + 1)
         result = {"measurement": job["measurement"], "last_module_idx": last}
         text = json.dumps(result, indent=2)
-        (self.work_dir / "measurement.json").write_text(text, encoding="utf-8")
+        files.write_text(self.work_dir / "measurement.json", text)
         if job.get("output_measurement"):
-            Path(job["output_measurement"]).write_text(text, encoding="utf-8")
+            files.write_text(Path(job["output_measurement"]), text)
             log.info("measurement saved to %s; stopping (-om)", job["output_measurement"])
             job["progress"] = "finished"
         else:
@@ -221,15 +220,35 @@ class Converter:
         m.load()
         return m
 
+    def _states_file(self, which: str, index: int) -> Path:
+        """The hidden states entering module `index` in stage `which` (measure or quant)."""
+        return self.state_dir / f"{which}_states_{index:05d}.safetensors"
+
     def _states(self, which: str, start: int) -> torch.Tensor:
         if start == 0:
             return load_file(str(self.state_dir / "tokens.safetensors"))[which]
-        return load_file(str(self.state_dir / "hidden_states.safetensors"))["states"]
+        path = self._states_file(which, start)
+        legacy = self.state_dir / "hidden_states.safetensors"     # work directories of earlier versions
+        if not path.exists() and legacy.exists():
+            path = legacy
+        if not path.exists():
+            raise ConversionError(
+                f"the job in {self.work_dir} resumes {which} at module {start}, but its hidden states "
+                f"({path.name}) are missing; the work directory is damaged: run again with -nr to start over"
+            )
+        return load_file(str(path))["states"]
 
     def _checkpoint(self, states: torch.Tensor, counter: str, value: int) -> None:
-        save_file({"states": states.contiguous()}, str(self.state_dir / "hidden_states.safetensors"))
+        """States first, then the job file: killed in between, the job resumes at the previous module,
+        whose input states are still on disk (older files are removed only after the job is saved)."""
+        which = counter.removesuffix("_idx")
+        current = self._states_file(which, value)
+        files.save_tensors({"states": states.contiguous()}, current)
         self.job[counter] = value
         self.save()
+        for old in self.state_dir.glob("*_states_*.safetensors"):
+            if old != current:
+                old.unlink(missing_ok=True)
 
     def _quantize_module(self, m: ExLlamaV2Module, states: torch.Tensor) -> torch.Tensor:
         """Quantize a layer (with its chosen candidate) or the head (with -hb), save its tensors,
@@ -252,7 +271,7 @@ class Converter:
             ql = quantize_module_linear(lin, prepared[role(lin)], params[role(lin)])
             attach(lin, ql, self.device)
             tensors.update({f"{lin.key}.{name}": t for name, t in ql.tensors.items()})
-        save_file(tensors, str(self.tensor_dir / f"{module_name(m)}.safetensors"))
+        files.save_tensors(tensors, self.tensor_dir / f"{module_name(m)}.safetensors")
         if ref is None:
             detach(m)
             return states
