@@ -216,7 +216,7 @@ def init(
     max_input_len: int | None = None,
     max_output_len: int | None = None,
     progress: bool = False,
-):
+) -> tuple[ExLlamaV2, ExLlamaV2Tokenizer]:
     """Config, model (loaded unless `skip_load` or -gs auto) and tokenizer from parsed args. A bad model
     directory, config or flag exits with one line (see one_line_errors)."""
     with one_line_errors(args):
@@ -254,7 +254,8 @@ def _apply_config_args(config: ExLlamaV2Config, args: argparse.Namespace) -> Non
 
 
 def _init(args: argparse.Namespace, quiet: bool, allow_auto_split: bool, skip_load: bool, benchmark: bool,
-          max_batch_size: int | None, max_input_len: int | None, max_output_len: int | None, progress: bool):
+          max_batch_size: int | None, max_input_len: int | None, max_output_len: int | None,
+          progress: bool) -> tuple[ExLlamaV2, ExLlamaV2Tokenizer]:
     apply_attn_backend(getattr(args, "attn_backend", None))
     config = ExLlamaV2Config(args.model_dir)
     _apply_config_args(config, args)

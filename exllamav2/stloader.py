@@ -14,6 +14,7 @@ import json
 import math
 import os
 import struct
+from collections.abc import KeysView
 from pathlib import Path
 
 import torch
@@ -149,7 +150,7 @@ class SafetensorsIndex:
                 self.entries[name] = (file, info)
         self._handles: dict[str, object] = {}
 
-    def keys(self):
+    def keys(self) -> KeysView[str]:
         return self.entries.keys()
 
     def has(self, name: str) -> bool:
