@@ -45,6 +45,10 @@ class ArchParams:
     global_nope: bool = False             # with a sliding window, the global layers have no RoPE (Exaone 4)
     # MLP projection keys under <layer>.mlp: gate, up, down (gated) or in, out (plain: down(act(in(x))))
     mlp_keys: tuple = ("gate_proj", "up_proj", "down_proj")
+    o_proj_key: str = "o_proj"            # the attention's output projection under <layer>.self_attn
+    # x + attn(norm(x)) + mlp(norm(x)) with one norm (attn_norm), as Cohere and Phi-2; else sequential
+    parallel_block: bool = False
+    refuse_if: tuple = ()                 # config.json switches of this family whose parts are not built
     default_tie_word_embeddings: bool = False
     keys: dict = field(default_factory=lambda: dict(_CAUSAL_LM_KEYS))
     alt_keys: tuple = ()                  # other key layouts a checkpoint of this architecture may use
@@ -80,6 +84,14 @@ _GEMMA2 = replace(_GEMMA, name="Gemma2ForCausalLM", activation_key="hidden_activ
 _OLMO2 = replace(_LLAMA, name="Olmo2ForCausalLM", qk_norm="full", attn_norm=None, mlp_norm=None,
                  post_attn_norm="post_attention_layernorm", post_mlp_norm="post_feedforward_layernorm")
 
+# Cohere: LayerNorm without bias, interleaved (GPT-J) RoPE, attention and MLP in parallel, tied head
+_COHERE = replace(_LLAMA, name="CohereForCausalLM", norm="layernorm", rope_style=RopeStyle.GPTJ,
+                  parallel_block=True, mlp_norm=None, default_tie_word_embeddings=True, refuse_if=("use_qk_norm",))
+# Phi-2: parallel block, LayerNorm with bias, plain fc1/fc2 MLP, partial rotary, biased head
+_PHI = replace(_LLAMA, name="PhiForCausalLM", norm="layernorm", parallel_block=True, mlp_norm=None,
+               mlp_keys=("fc1", "fc2"), o_proj_key="dense", refuse_if=("qk_layernorm",),
+               keys={**_CAUSAL_LM_KEYS, "norm": "model.final_layernorm"})
+
 # Rows that differ from Llama only in config.json values (multipliers, no-RoPE layers, windows) are
 # Llama's row under their own name: those values are read generically by ExLlamaV2Config.
 ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
@@ -94,6 +106,9 @@ ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
     replace(_GEMMA2, name="Gemma3ForCausalLM", qk_norm="head"),
     _OLMO2,
     replace(_OLMO2, name="Exaone4ForCausalLM", qk_norm="head", global_nope=True),
+    _COHERE,
+    replace(_COHERE, name="Cohere2ForCausalLM", global_nope=True),
+    _PHI,
     replace(_LLAMA, name="Starcoder2ForCausalLM", norm="layernorm", mlp_keys=("c_fc", "c_proj"),
             default_tie_word_embeddings=True),
     replace(_LLAMA, name="Phi3ForCausalLM", fused_qkv="qkv_proj", fused_gate_up="gate_up_proj"),

@@ -167,6 +167,10 @@ class ExLlamaV2Config:
         text_type = (raw.get("text_config") or {}).get("model_type")
         self.arch = arch_params_for(self.architecture, allow_unknown=allow, source=str(cfg_path),
                                     text_model_type=text_type)
+        for switch in self.arch.refuse_if:
+            if _Reader(raw, cfg_path)(switch):
+                raise ConfigError(f"{cfg_path}: {switch}: true is not supported for {self.architecture} (its extra "
+                                  f"parts are not built, so the output would be wrong)")
 
     def _read_sizes(self, read: "_Reader", cfg_path: Path) -> None:
         self.hidden_size = int(read("hidden_size", "d_model", required=True))
@@ -194,13 +198,13 @@ class ExLlamaV2Config:
 
     def _read_scales(self, read: "_Reader") -> None:
         """Softcaps and the multipliers some architectures apply (Granite's four, Gemma's embedding scale)."""
-        self.partial_rotary_factor = float(read("partial_rotary_factor", default=1.0))
         self.attn_logit_softcapping = read("attn_logit_softcapping", default=None)
         self.final_logit_softcapping = read("final_logit_softcapping", default=None)
         self.query_pre_attn_scalar = read("query_pre_attn_scalar", default=None)
         self.attention_multiplier = read("attention_multiplier", default=None)
         self.residual_multiplier = float(read("residual_multiplier", default=1.0))
-        self.logit_scale = 1.0 / float(read("logits_scaling", default=1.0))
+        # Cohere multiplies the logits by logit_scale, Granite divides them by logits_scaling
+        self.logit_scale = float(read("logit_scale", default=1.0)) / float(read("logits_scaling", default=1.0))
         sqrt_hidden = self.hidden_size**0.5 if self.arch.embed_scale_sqrt_hidden else 1.0
         self.embed_scale = sqrt_hidden * float(read("embedding_multiplier", default=1.0))
 
@@ -242,6 +246,9 @@ class ExLlamaV2Config:
         if scaling:
             params.update(scaling)
         self.rotary_embedding_base = float(params.get("rope_theta", read("rope_theta", default=10000.0)))
+        # transformers 5 moved Phi's partial_rotary_factor into rope_parameters
+        self.partial_rotary_factor = float(params.get("partial_rotary_factor") or
+                                           read("partial_rotary_factor", default=1.0))
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(

@@ -44,8 +44,11 @@ class ExLlamaV2MLP(ExLlamaV2CompositeModule):
         return [m for m in (self.pre_norm, self.post_norm, self.gate_proj, self.up_proj, self.down_proj) if m]
 
     def forward(self, hidden_states: torch.Tensor, loras: list | None = None, **kwargs) -> torch.Tensor:
-        h = apply_norm(self.pre_norm, hidden_states)
+        h = apply_norm(self.post_norm, self.project(apply_norm(self.pre_norm, hidden_states), loras))
+        return torch.add(hidden_states, h, alpha=self.residual_scale)
+
+    def project(self, h: torch.Tensor, loras: list | None = None) -> torch.Tensor:
+        """The MLP of the normed input `h` (no residual)."""
         up = self.up_proj.forward(h, loras)
         a = self.act(up) if self.gate_proj is None else self.act(self.gate_proj.forward(h, loras)) * up
-        h = apply_norm(self.post_norm, self.down_proj.forward(a, loras))
-        return torch.add(hidden_states, h, alpha=self.residual_scale)
+        return self.down_proj.forward(a, loras)

@@ -29,6 +29,7 @@ from .linear import ExLlamaV2Linear
 from .mlp import ExLlamaV2MLP
 from .module import ExLlamaV2Module, checkpoint_keys_of
 from .norm import make_norm
+from .parallel import ExLlamaV2ParallelDecoder
 from .rope import RopeTables
 from .tensor_p import tensor_parallel_missing
 
@@ -37,6 +38,13 @@ log = logging.getLogger(__name__)
 _GB = 1024**3
 _PAD_LOGIT = -65504.0   # logits of the vocabulary padding, as upstream
 _AUTOSPLIT_RESERVE = 96 * 1024**2   # bytes left free on each GPU by load_autosplit unless told otherwise
+
+
+def attention_of(module: ExLlamaV2Module) -> ExLlamaV2Attention | None:
+    """The attention layer a module of the model's list is or holds (a parallel decoder holds one)."""
+    if isinstance(module, ExLlamaV2Attention):
+        return module
+    return module.attn if isinstance(module, ExLlamaV2ParallelDecoder) else None
 
 
 def _visible_devices() -> list[torch.device]:
@@ -78,8 +86,8 @@ class ExLlamaV2:
         # by checkpoint key, as upstream: the layers and every linear and norm inside them
         self.modules_dict = {s.key: s for m in self.modules for s in (m, *getattr(m, "submodules", list)())}
         self.head_layer_idx = len(self.modules) - 1
-        self.attention_layers = [m for m in self.modules if isinstance(m, ExLlamaV2Attention)]   # by layer index
-        self.last_kv_layer_idx = self.modules.index(self.attention_layers[-1])
+        self.attention_layers = [a for m in self.modules if (a := attention_of(m))]   # by layer index
+        self.last_kv_layer_idx = max(i for i, m in enumerate(self.modules) if attention_of(m))
         self.loaded = False
         self.tp_context = None
         self.cache_map: dict[int, str] = {}      # layer index -> device of its attention (and cache), as upstream
@@ -92,8 +100,10 @@ class ExLlamaV2:
         mods: list[ExLlamaV2Module] = [ExLlamaV2Embedding(self, keys["embed"])]
         for i in range(cfg.num_hidden_layers):
             prefix = f"{keys['layers']}.{i}"
-            mods.append(ExLlamaV2Attention(self, prefix, i))
-            mods.append(ExLlamaV2MLP(self, prefix, i))
+            if cfg.arch.parallel_block:
+                mods.append(ExLlamaV2ParallelDecoder(self, prefix, i))
+            else:
+                mods += [ExLlamaV2Attention(self, prefix, i), ExLlamaV2MLP(self, prefix, i)]
         mods.append(make_norm(self, keys["norm"]))
         mods.append(ExLlamaV2Linear(self, keys["head"], cfg.hidden_size, cfg.vocab_size,
                                     alt_key=keys["embed"] if cfg.tie_word_embeddings else None))
@@ -126,7 +136,7 @@ class ExLlamaV2:
         remaining = list(budgets)      # a GPU left without modules keeps its whole budget
         gpu, left = 0, budgets[0] - device_reserve
         for m in self.modules[1:]:
-            need = m.weight_footprint() + (cache_bytes_per_layer if isinstance(m, ExLlamaV2Attention) else 0)
+            need = m.weight_footprint() + (cache_bytes_per_layer if attention_of(m) else 0)
             need += head_reserve if m is self.modules[-1] else 0
             while need > left and gpu + 1 < len(budgets):
                 gpu += 1
@@ -299,7 +309,7 @@ class ExLlamaV2:
 
     def is_quant(self) -> bool:
         return self.modules[-1].is_quant() or any(
-            isinstance(m, ExLlamaV2Attention) and m.q_proj.is_quant() for m in self.modules
+            a.q_proj.is_quant() for a in self.attention_layers
         )
 
     # forward -------------------------------------------------------------------------------

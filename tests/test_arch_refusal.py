@@ -161,3 +161,17 @@ def test_derived_buffers_are_not_unexpected(tiny_model_factory, tmp_path):
     model = ExLlamaV2(ExLlamaV2Config(str(dst)))
     model.load()
     assert model.loaded
+
+
+@pytest.mark.parametrize("arch,switch", [("cohere", "use_qk_norm"), ("phi", "qk_layernorm")])
+def test_switches_of_unbuilt_parts_are_refused(tiny_model_factory, tmp_path, arch, switch):
+    """Cohere's per-head q/k LayerNorms and Phi's qk_layernorm are not built: a checkpoint that turns them on is
+    refused, not run without them."""
+    src, _ = tiny_model_factory(arch)
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg[switch] = True
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=f"{switch}: true is not supported"):
+        ExLlamaV2Config(str(dst))

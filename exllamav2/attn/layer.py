@@ -64,7 +64,7 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         self.q_proj = proj("q_proj", qd, 0)
         self.k_proj = proj("k_proj", kd, qd)
         self.v_proj = proj("v_proj", kd, qd + kd)
-        self.o_proj = ExLlamaV2Linear(model, f"{key}.self_attn.o_proj", qd, h)
+        self.o_proj = ExLlamaV2Linear(model, f"{key}.self_attn.{arch.o_proj_key}", qd, h)
         self.scale = cfg.attn_scale
         self.softcap = float(cfg.attn_logit_softcapping or 0.0)
         self.window = cfg.sliding_window if cfg.swa_layers[layer_idx] else 0
@@ -88,8 +88,12 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
 
     def forward(self, hidden_states: torch.Tensor, cache=None, attn_params=None, loras: list | None = None,
                 **kwargs) -> torch.Tensor:
-        bsz, q_len, _ = hidden_states.shape
-        h = apply_norm(self.pre_norm, hidden_states)
+        o = self.attend(apply_norm(self.pre_norm, hidden_states), cache, attn_params, loras)
+        return torch.add(hidden_states, apply_norm(self.post_norm, o), alpha=self.residual_scale)
+
+    def attend(self, h: torch.Tensor, cache, attn_params, loras: list | None = None) -> torch.Tensor:
+        """Attention of the normed input `h` through the cache, after the output projection (no residual)."""
+        bsz, q_len, _ = h.shape
         q = apply_norm(self.q_norm, self.q_proj.forward(h, loras)).view(bsz, q_len, self.num_heads, self.head_dim)
         k = apply_norm(self.k_norm, self.k_proj.forward(h, loras)).view(bsz, q_len, self.num_kv_heads, self.head_dim)
         v = self.v_proj.forward(h, loras).view(bsz, q_len, self.num_kv_heads, self.head_dim)
@@ -115,5 +119,4 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         else:
             out = self.backend.attend(q, k, v, attn_params.metadata(self.device), **opts)
 
-        o = self.o_proj.forward(out.reshape(bsz, q_len, self.num_heads * self.head_dim), loras)
-        return torch.add(hidden_states, apply_norm(self.post_norm, o), alpha=self.residual_scale)
+        return self.o_proj.forward(out.reshape(bsz, q_len, self.num_heads * self.head_dim), loras)

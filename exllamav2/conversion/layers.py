@@ -18,6 +18,8 @@ from ..embedding import ExLlamaV2Embedding
 from ..linear import ExLlamaV2Linear
 from ..mlp import ExLlamaV2MLP
 from ..module import ExLlamaV2Module
+from ..parallel import ExLlamaV2ParallelDecoder
+from .qparams import ATTN_OPTIONS, QParams, mlp_options, parallel_options
 from .quantizer import Hessian
 
 TOKENS_PER_BATCH = 4096
@@ -25,7 +27,16 @@ TOKENS_PER_BATCH = 4096
 
 def is_layer(module: ExLlamaV2Module) -> bool:
     """Modules whose linears the measurement pass chooses parameters for."""
-    return isinstance(module, (ExLlamaV2Attention, ExLlamaV2MLP))
+    return isinstance(module, (ExLlamaV2Attention, ExLlamaV2MLP, ExLlamaV2ParallelDecoder))
+
+
+def options_for(module: ExLlamaV2Module) -> list[tuple[QParams, ...]]:
+    """The measurement candidates of a layer, one QParams per linear in linears_of's order."""
+    if isinstance(module, ExLlamaV2Attention):
+        return ATTN_OPTIONS
+    if isinstance(module, ExLlamaV2MLP):
+        return mlp_options(module.gate_proj is not None)
+    return parallel_options(module.mlp.gate_proj is not None)
 
 
 def module_name(module: ExLlamaV2Module) -> str:

@@ -107,6 +107,14 @@ def mlp_options(gated: bool) -> list[tuple[QParams, ...]]:
     return MLP_OPTIONS if gated else [option[1:] for option in MLP_OPTIONS]
 
 
+def parallel_options(gated: bool) -> list[tuple[QParams, ...]]:
+    """Candidates for a parallel block (attention and MLP in one module): each attention candidate with the
+    MLP candidate at the same place in the cheap-to-precise order."""
+    mlp = mlp_options(gated)
+    steps = len(ATTN_OPTIONS) - 1
+    return [attn + mlp[round(i * (len(mlp) - 1) / steps)] for i, attn in enumerate(ATTN_OPTIONS)]
+
+
 # -hb choices for the output head (upstream's set of head bit rates)
 HEAD_OPTIONS: dict[int, QParams] = {
     2: Q(32, [4, 2], [0.3, 0.7]),
