@@ -105,6 +105,7 @@ def test_bad_requests_get_an_error_reply(server_parts):
         {"action": "infer", "request_id": 1, "max_new_tokens": 4},
         {"action": "infer", "text": "a", "max_new_tokens": 4, "top_k": "many"},
         {"action": "lefttrim_token", "text": "a", "trimmed_length": -1},
+        {"action": "infer", "text": "a", "max_new_tokens": 4, "temperature": -1.0},   # refused by the sampler
         {"action": "echo"},                                   # the connection still works afterwards
     ]
     replies = run_session(server_parts, requests, [1] * len(requests))
@@ -114,7 +115,8 @@ def test_bad_requests_get_an_error_reply(server_parts):
     assert "needs the field 'text'" in errors[2] and replies[2][0]["request_id"] == 1
     assert "'top_k' must be a whole number" in errors[3]
     assert "trimmed_length must be at least 0" in errors[4]
-    assert replies[5] == [{"action": "echo"}]
+    assert "temperature" in errors[5]
+    assert replies[6] == [{"action": "echo"}]
 
 
 def test_serve_blocks_until_stop_signal(server_parts):

@@ -20,7 +20,9 @@ import json
 import logging
 from typing import TYPE_CHECKING, Any
 
+from ..errors import ExLlamaV2Error
 from ..generator import ExLlamaV2Sampler
+from ..inputs import check_sampler_settings
 
 if TYPE_CHECKING:
     from .websocket import ExLlamaV2WebSocketServer
@@ -75,7 +77,7 @@ async def dispatch(request: Any, ws: Any, server: "ExLlamaV2WebSocketServer") ->
         if action is None:
             raise RequestError(f"unknown action {request['action']!r}; known: {', '.join(ACTIONS)}")
         await action(request, ws, server, response)
-    except RequestError as e:
+    except (RequestError, ExLlamaV2Error) as e:     # the request's fault: tell the client, keep serving
         response["error"] = str(e)
     await ws.send(json.dumps(response))
 
@@ -105,6 +107,7 @@ def _settings(request: dict) -> ExLlamaV2Sampler.Settings:
     settings = ExLlamaV2Sampler.Settings()
     for key, (attr, kind, default) in SAMPLER_FIELDS.items():
         setattr(settings, attr, _field(request, key, kind) if key in request else default)
+    check_sampler_settings(settings)            # a negative temperature etc.: an error reply, not garbage
     return settings
 
 
