@@ -31,6 +31,7 @@ from exllamav2.norm import layer_norm, rms_norm
 from exllamav2.rope import apply_rope
 from tests.test_ext import decode_like_the_kernels, exl2_weight, gptq_weight
 from tests.test_model import VOCAB, assert_matches
+from tests.tiny_models import ARCH_SPECS
 
 PROMPT = 12
 PAGE = 256
@@ -367,15 +368,18 @@ def model_logits(model, ids: torch.Tensor, paged: bool, prefill: int) -> torch.T
 
 
 @pytest.mark.parametrize("paged", [False, True])
-@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+@pytest.mark.parametrize("arch", sorted(ARCH_SPECS))
 def test_extension_matches_pytorch_path(arch, paged, real_kernels, tiny_model_factory, monkeypatch):
+    """Every architecture of the tiny set through the real kernels (norms incl. q/k norms, RoPE styles, partial
+    rotary, paged attention) against the PyTorch twins and transformers."""
     load, kernels = real_kernels
     monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "sdpa" if arch == "llama" else "matmul")   # not flash: the gather path
     model_dir, hf = tiny_model_factory(arch)
     ids = torch.randint(3, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(6))
-    with_kernels = model_logits(load(model_dir), ids, paged, prefill=6)
-    layers = hf.config.num_hidden_layers
-    assert kernels.calls["rope_"] == 2 * layers * (1 + (PROMPT - 6) * paged)
+    model = load(model_dir)
+    with_kernels = model_logits(model, ids, paged, prefill=6)
+    layers = model.config.num_hidden_layers
+    assert kernels.calls["rope_"] == 2 * sum(model.config.rope_layers) * (1 + (PROMPT - 6) * paged)
     assert kernels.calls["paged_attention"] == layers * (1 + PROMPT - 6) * paged      # q_len <= 8 steps, prefill too
     monkeypatch.setattr(ext, "kernels_for", lambda device: None)
     without = model_logits(load(model_dir), ids, paged, prefill=6)
