@@ -156,11 +156,25 @@ def check_args(args: argparse.Namespace) -> None:
                  f"point -m at a HuggingFace-layout model directory")
     with one_line_errors(args):
         check_attn_args(args)
+        check_number_args(args)
         if args.tensor_parallel:
             raise UsageError("-tp: tensor parallelism is not implemented in this fork; drop -tp "
                              "(-gs splits the layers across GPUs instead)")
         if args.gpu_split is not None:
             parse_gpu_split(args.gpu_split)
+
+
+# flag -> (args attribute, what it is): values that must be positive (0 or less would fail deep in the load)
+_POSITIVE_FLAGS = (("-l", "length", "tokens of context"), ("-chunk", "chunk_size", "tokens per prefill chunk"),
+                   ("-rs", "rope_scale", "a RoPE scaling factor"), ("-ra", "rope_alpha", "an NTK alpha"),
+                   ("-ry", "rope_yarn", "a YaRN factor"), ("-ept", "experts_per_token", "experts per token"))
+
+
+def check_number_args(args: argparse.Namespace) -> None:
+    for flag, attr, what in _POSITIVE_FLAGS:
+        value = getattr(args, attr, None)
+        if value is not None and not value > 0:
+            raise UsageError(f"{flag} {value}: must be a positive number ({what}); leave it out for the model's default")
 
 
 def check_attn_args(args: argparse.Namespace) -> None:

@@ -251,6 +251,9 @@ def test_truncated_safetensors_is_one_line(chat_error, broken_model):
      "--attn-backend sdpa forces sdpa, but EXLLAMA_NO_SDPA=1 disables it"),
     (["-nsdpa"], {"EXLLAMA_ATTN_BACKEND": "sdpa"}, "EXLLAMA_ATTN_BACKEND=sdpa forces sdpa, but -nsdpa disables it"),
     (["-tp"], {}, "-tp: tensor parallelism is not implemented"),
+    (["-l", "-5"], {}, "-l -5: must be a positive number"),
+    (["-rs", "-1"], {}, "-rs -1.0: must be a positive number"),
+    (["-chunk", "0"], {}, "-chunk 0: must be a positive number"),
 ])
 def test_attention_mistakes_in_the_users_words(chat_error, argv, env, expected):
     code, lines = chat_error(*argv, env=env)
