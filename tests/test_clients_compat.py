@@ -30,6 +30,9 @@ from exllamav2.tokenizer import ExLlamaV2Tokenizer
 from tests.test_lora import make_adapter, merged_reference
 
 GREEDY = ExLlamaV2Sampler.Settings.greedy
+# With and without the test adapter, every greedy step on this prompt leads its runner-up by >= 0.07 in
+# transformers' logits (measured), so an implementation difference of ~1e-5 cannot flip a token.
+LORA_PROMPT = "format the string with the given keyword arguments"
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +208,7 @@ def lora_setup(loaded, tmp_path_factory):
 def test_single_lora_object_is_accepted_everywhere(loaded, lora_setup):
     model, tok, _ = loaded
     lora, merged = lora_setup
-    ids = tok.encode("The function returns the value of the", add_bos=True)
+    ids = tok.encode(LORA_PROMPT, add_bos=True)
     want = hf_greedy(merged, ids, 10)
     with torch.no_grad():
         ref = merged(ids).logits
@@ -214,7 +217,7 @@ def test_single_lora_object_is_accepted_everywhere(loaded, lora_setup):
         assert (ours - ref).abs().max() < 1e-3 * ref.abs().max()
 
     base = ExLlamaV2BaseGenerator(model, ExLlamaV2Cache(model, max_seq_len=256), tok)
-    base.generate_simple("The function returns the value of the", GREEDY(), 10, add_bos=True, loras=lora,
+    base.generate_simple(LORA_PROMPT, GREEDY(), 10, add_bos=True, loras=lora,
                          stop_token=None)
     assert base.sequence_ids[0, ids.shape[-1]:].tolist() == want
 
@@ -229,7 +232,7 @@ def test_single_lora_object_is_accepted_everywhere(loaded, lora_setup):
 
     dyn = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, max_seq_len=256), tok)
     dyn.set_loras(lora)
-    out = dyn.generate("The function returns the value of the", max_new_tokens=10, gen_settings=GREEDY(),
+    out = dyn.generate(LORA_PROMPT, max_new_tokens=10, gen_settings=GREEDY(),
                        add_bos=True, completion_only=True)
     dyn.set_loras(None)
     assert out == tok.decode(torch.tensor(want))
@@ -238,7 +241,7 @@ def test_single_lora_object_is_accepted_everywhere(loaded, lora_setup):
 def test_streaming_reuses_cached_prefix_only_under_the_same_adapters(loaded, lora_setup):
     model, tok, hf = loaded
     lora, merged = lora_setup
-    ids = tok.encode("The function returns the value of the", add_bos=True)
+    ids = tok.encode(LORA_PROMPT, add_bos=True)
     stream = ExLlamaV2StreamingGenerator(model, ExLlamaV2Cache(model, max_seq_len=256), tok)
     stream.set_stop_conditions([])
     for loras, reference in ((lora, merged), (None, hf), (lora, merged)):   # same prompt, adapters switched

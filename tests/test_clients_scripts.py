@@ -44,6 +44,7 @@ from tests.test_lora import make_adapter, merged_reference
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo_model"
 CHAT_PROMPT = "User: How do I use json.dumps?\nChatbort:"
 PROMPT = "The function returns the value of the"
+LORA_PROMPT = "format the string with the given keyword arguments"   # greedy margins >= 0.07 with and without the adapter
 
 
 def hf_greedy(hf, ids: torch.Tensor, n: int) -> list[int]:
@@ -209,14 +210,14 @@ def test_lora_as_tabby_loads_it(tiny_loaded, tmp_path):
     model, tok, hf = tiny_loaded
     tensors = make_adapter(tmp_path / "lora", hf)
     lora = ExLlamaV2Lora.from_directory(model, str(tmp_path / "lora"), 1.0)
-    ids = tok.encode(PROMPT, add_bos=True)
+    ids = tok.encode(LORA_PROMPT, add_bos=True)
     gen = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, max_seq_len=512), tok)
     gen.set_loras([lora])
     assert gen.current_loras == [lora]
-    with_lora = gen.generate(PROMPT, max_new_tokens=8, gen_settings=ExLlamaV2Sampler.Settings.greedy(),
+    with_lora = gen.generate(LORA_PROMPT, max_new_tokens=8, gen_settings=ExLlamaV2Sampler.Settings.greedy(),
                              completion_only=True, add_bos=True)
     gen.set_loras([])
-    without = gen.generate(PROMPT, max_new_tokens=8, gen_settings=ExLlamaV2Sampler.Settings.greedy(),
+    without = gen.generate(LORA_PROMPT, max_new_tokens=8, gen_settings=ExLlamaV2Sampler.Settings.greedy(),
                            completion_only=True, add_bos=True)
     lora.unload()
     assert with_lora == tok.decode(torch.tensor(hf_greedy(merged_reference(hf, tensors, 2.0), ids, 8)))
@@ -283,12 +284,13 @@ def test_quantized_caches_with_autosplit_on_the_demo_model(demo_fp16_hf):
     first = ExLlamaV2Cache_Q8(model, max_seq_len=256, lazy=True)
     model.load_autosplit(first, reserve_vram=[96 * 1024**2])          # Tabby's one-entry autosplit_reserve
     ids = tok.encode(CHAT_PROMPT, add_bos=True)
-    want = tok.decode(torch.tensor(hf_greedy(demo_fp16_hf, ids, 8)))
+    # 6 tokens: at each of them the top logit leads the runner-up by >= 0.1 under FP16, Q8, Q6 and Q4 caches
+    # (measured); the 7th and 8th are near ties (0.05, 0.006) that rounding could flip on another CPU
+    want = tok.decode(torch.tensor(hf_greedy(demo_fp16_hf, ids, 6)))
     greedy = ExLlamaV2Sampler.Settings.greedy()
     for cache in (first, ExLlamaV2Cache_Q6(model, max_seq_len=256), ExLlamaV2Cache_Q4(model, max_seq_len=256)):
         gen = ExLlamaV2DynamicGenerator(model, cache, tok)
-        text = gen.generate(CHAT_PROMPT, max_new_tokens=8, gen_settings=greedy, completion_only=True, add_bos=True)
-        # the demo model's 8-token greedy reply is stable under Q8/Q6/Q4 keys and values (measured)
+        text = gen.generate(CHAT_PROMPT, max_new_tokens=6, gen_settings=greedy, completion_only=True, add_bos=True)
         assert text == want, type(cache).__name__
 
 
