@@ -48,13 +48,13 @@ TOLERATED_VALUEERROR_FILES = {
     "cache.py": "cache: overflow should raise InputError",
     "model.py": "model.forward cache handling: batch above the cache's should raise InputError",
     "params.py": "attn params: a mask of the wrong width should raise InputError",
-    "dynamic.py": "generator/dynamic.py: argument checks should raise GenerationArgumentError",
 }
 # Cases that still end in a raw error from a file owned elsewhere, each reported to its owner (issue 18).
 # They are run and listed in the warning; remove an entry once its owner has fixed it.
 OPEN_FINDINGS = {
-    "dynamic max_new_tokens='4'": "generator/dynamic.py:114 compares a str max_new_tokens with an int (raw TypeError)",
-    "simple gen_settings=None": "generator/sampler.py:187 reads None.cfg_scale (raw AttributeError)",
+    case: "generator/sampler.py: wrong sampler settings are accepted silently; the generators should call "
+          "exllamav2.inputs.check_sampler_settings(settings) where a job or stream begins"
+    for case in ("dynamic temperature=-1", "dynamic top_p=1.5", "simple top_k=-3")
 }
 KNOWN: list[str] = []
 
@@ -159,7 +159,7 @@ def run_cases(cases: list[tuple[str, Mutation, list[str]]], base: Path, tmp: Pat
 
 def report(problems: list[str], count: int) -> None:
     if KNOWN:
-        warnings.warn(f"{len(KNOWN)} cases end in a plain ValueError from a file owned elsewhere "
+        warnings.warn(f"{len(KNOWN)} cases end in a known finding in a file owned elsewhere "
                       f"(tolerated, reported):\n" + "\n".join(KNOWN[:20]))
         KNOWN.clear()
     assert not problems, f"{len(problems)} of {count} cases failed (FUZZ_SEED={SEED}):\n" + "\n".join(problems)
@@ -536,6 +536,12 @@ def generator_cases(model: ExLlamaV2, tok: ExLlamaV2Tokenizer) -> list[tuple[str
                                    **kwargs})
         return run
 
+    def must_raise(run: Callable[[], Any]) -> Callable[[], Any]:
+        def strict():
+            run()
+            raise AssertionError("accepted silently: a wrong setting must be refused")
+        return strict
+
     def settings(**values) -> ExLlamaV2Sampler.Settings:
         s = ExLlamaV2Sampler.Settings()
         for k, v in values.items():
@@ -548,11 +554,11 @@ def generator_cases(model: ExLlamaV2, tok: ExLlamaV2Tokenizer) -> list[tuple[str
         ("dynamic prompt=None", dynamic(prompt=None), ["prompt"]),
         ("dynamic prompt=5", dynamic(prompt=5), ["prompt"]),
         ("dynamic prompt too long", dynamic(prompt="word " * 400), ["max_seq_len", "cache", "prompt", "context"]),
-        ("dynamic temperature=-1", dynamic(gen_settings=settings(temperature=-1.0)), ["temperature"]),
-        ("dynamic top_p=1.5", dynamic(gen_settings=settings(top_p=1.5)), ["top_p"]),
+        ("dynamic temperature=-1", must_raise(dynamic(gen_settings=settings(temperature=-1.0))), ["temperature"]),
+        ("dynamic top_p=1.5", must_raise(dynamic(gen_settings=settings(top_p=1.5))), ["top_p"]),
         ("simple num_tokens=-5", simple(num_tokens=-5), ["num_tokens"]),
         ("simple prompt=None", simple(prompt=None), ["prompt", "text"]),
-        ("simple top_k=-3", simple(gen_settings=settings(top_k=-3)), ["top_k"]),
+        ("simple top_k=-3", must_raise(simple(gen_settings=settings(top_k=-3))), ["top_k"]),
         ("simple gen_settings=None", simple(gen_settings=None), ["gen_settings", "settings"]),
     ]
 
@@ -579,7 +585,7 @@ def test_fuzz_runtime_misuse(loaded):
     problems = []
     for case_id, run, culprits in cases:
         problem = outcome(case_id, run, culprits)
-        if problem and case_id in OPEN_FINDINGS:
+        if problem and case_id in OPEN_FINDINGS and "accepted silently" in problem:
             KNOWN.append(f"{problem} [open finding: {OPEN_FINDINGS[case_id]}]")
         elif problem:
             problems.append(problem)
