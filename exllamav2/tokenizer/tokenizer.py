@@ -147,31 +147,7 @@ class ExLlamaV2Tokenizer:
             piece: idx for piece, idx in added.unspecial.items() if not self._backend_has(piece, idx)
         }
 
-        self.unk_token_id = backend.unk_id()
-        self.bos_token_id = self._resolve_id("bos_token", getattr(config, "bos_token_id", None), 1)
-        self.eos_token_id = self._resolve_id("eos_token", getattr(config, "eos_token_id", None), 2)
-        self.pad_token_id = self._resolve_id("pad_token", getattr(config, "pad_token_id", None), None)
-        if self.pad_token_id is None:
-            self.pad_token_id = self._fallback_pad_id()
-
-        self.extended_id_to_piece = {idx: piece for piece, idx in self.extended_piece_to_id.items()}
-        self.unspecial_id_to_piece = {idx: piece for piece, idx in self.unspecial_piece_to_id.items()}
-
-        self.unk_token = backend.unk_token() or self._token_text(self.unk_token_id)
-        self.bos_token = self._token_text(self.bos_token_id)
-        self.eos_token = self._token_text(self.eos_token_id)
-        self.pad_token = self._token_text(self.pad_token_id)
-        # Control tokens must be recognisable in text with encode_special_tokens=True. An id
-        # that is ordinary text to the backend (a default BOS 1 in a byte-level vocab) stays text.
-        for piece, idx in (
-            (self.unk_token, self.unk_token_id),
-            (self.bos_token, self.bos_token_id),
-            (self.eos_token, self.eos_token_id),
-        ):
-            if piece and idx is not None and self._is_control(idx):
-                self.extended_piece_to_id[piece] = idx
-                self.extended_id_to_piece[idx] = piece
-
+        self._resolve_special_tokens(config)
         self.actual_vocab_size = 1 + max(
             [*self.extended_id_to_piece, *self.unspecial_id_to_piece, backend.vocab_size() - 1]
         )
@@ -208,6 +184,34 @@ class ExLlamaV2Tokenizer:
         return self.tokenizer_model
 
     # setup helpers ---------------------------------------------------------------------------
+
+    def _resolve_special_tokens(self, config: Any) -> None:
+        """BOS/EOS/PAD/UNK ids (the model config first, then tokenizer_config.json) and their pieces."""
+        backend = self.tokenizer_model
+        self.unk_token_id = backend.unk_id()
+        self.bos_token_id = self._resolve_id("bos_token", getattr(config, "bos_token_id", None), 1)
+        self.eos_token_id = self._resolve_id("eos_token", getattr(config, "eos_token_id", None), 2)
+        self.pad_token_id = self._resolve_id("pad_token", getattr(config, "pad_token_id", None), None)
+        if self.pad_token_id is None:
+            self.pad_token_id = self._fallback_pad_id()
+
+        self.extended_id_to_piece = {idx: piece for piece, idx in self.extended_piece_to_id.items()}
+        self.unspecial_id_to_piece = {idx: piece for piece, idx in self.unspecial_piece_to_id.items()}
+
+        self.unk_token = backend.unk_token() or self._token_text(self.unk_token_id)
+        self.bos_token = self._token_text(self.bos_token_id)
+        self.eos_token = self._token_text(self.eos_token_id)
+        self.pad_token = self._token_text(self.pad_token_id)
+        # Control tokens must be recognisable in text with encode_special_tokens=True. An id
+        # that is ordinary text to the backend (a default BOS 1 in a byte-level vocab) stays text.
+        for piece, idx in (
+            (self.unk_token, self.unk_token_id),
+            (self.bos_token, self.bos_token_id),
+            (self.eos_token, self.eos_token_id),
+        ):
+            if piece and idx is not None and self._is_control(idx):
+                self.extended_piece_to_id[piece] = idx
+                self.extended_id_to_piece[idx] = piece
 
     def _backend_has(self, piece: str, idx: int) -> bool:
         if idx >= self.tokenizer_model.vocab_size():
@@ -397,7 +401,7 @@ class ExLlamaV2Tokenizer:
                                  f"pass token ids, e.g. tokenizer.decode(output_ids[0])")
         if ids.dim() > 2:
             raise InputError(f"decode() takes 1-D or 2-D ids, got shape {tuple(ids.shape)}")
-        if ids.is_floating_point() or ids.is_complex():
+        if (ids.is_floating_point() or ids.is_complex()) and ids.numel():     # torch.tensor([]) is float32
             raise InputTypeError(f"decode() takes integer token ids, got dtype {ids.dtype}; convert with ids.long()")
         if ids.dim() == 2:
             return [self._decode_seq(row, decode_special_tokens) for row in ids.tolist()]
