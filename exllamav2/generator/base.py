@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import GenerationArgumentError
+from ..inputs import check_sampler_settings
 from .dynamic_embeddings import remap_embeddings
 from .filters.base import ExLlamaV2Filter  # re-exported: filter libraries import it from here
 from .filters.base import as_filters, feed_filters
@@ -39,6 +40,7 @@ def _check_simple_args(gen_settings: object, batched: bool, filters: list | None
     if not isinstance(gen_settings, ExLlamaV2Sampler.Settings):
         raise GenerationArgumentError(f"gen_settings must be an ExLlamaV2Sampler.Settings, got "
                                       f"{type(gen_settings).__name__}; e.g. ExLlamaV2Sampler.Settings()")
+    check_sampler_settings(gen_settings)
     filters = as_filters(filters)
     if batched and filters:
         raise GenerationArgumentError("filters constrain one sequence; generate batched prompts without filters")

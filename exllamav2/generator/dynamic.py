@@ -30,6 +30,7 @@ from ..attn.params import PagedParams
 from ..cache import PAGE_SIZE
 from ..embedding import EMBEDDING_INDEX
 from ..errors import GenerationArgumentError
+from ..inputs import check_sampler_settings
 from ..lora import as_lora_list
 from .drafting import check_draft_vocab, ngram_draft
 from .dynamic_embeddings import ExLlamaV2MMEmbedding, remap_embeddings
@@ -118,6 +119,7 @@ class ExLlamaV2DynamicJob:
         stops a job when it is listed. Until `min_new_tokens` are out, stop tokens are blocked."""
         rows = input_ids if isinstance(input_ids, list) else [input_ids]
         self.settings = (gen_settings or ExLlamaV2Sampler.Settings()).clone()
+        check_sampler_settings(self.settings)     # a negative temperature etc. would sample garbage
         filters = as_filters(filters)
         _check_job_args(rows, self.settings, max_new_tokens, banned_strings, filters)
         self.input_ids = [ids.cpu().long() for ids in rows]

@@ -18,6 +18,7 @@ import torch
 
 from ..embedding import EMBEDDING_INDEX
 from ..errors import GenerationArgumentError
+from ..inputs import check_sampler_settings
 from ..lora import as_lora_list
 from .base import ExLlamaV2BaseGenerator, check_room
 from .drafting import NgramCache, check_draft_vocab, check_ngram_settings
@@ -195,6 +196,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
             raise GenerationArgumentError(f"the streaming generator takes one sequence (two with cfg_scale set), got {bsz}")
         if bsz > self.cache.batch_size:
             raise GenerationArgumentError(f"{bsz} sequences but the cache holds {self.cache.batch_size}; create it with batch_size={bsz}")
+        check_sampler_settings(gen_settings)
         filters = as_filters(filters)
         if banned_strings and filters:
             raise GenerationArgumentError("banned strings rewind the sequence, which filters cannot follow; use one or the other")
