@@ -53,6 +53,9 @@ BAD = [
     ({"hidden_size": None, "text_config": {"hidden_size": 12.5}}, r"text_config\.hidden_size is 12\.5"),
     ({"quantization_config": "exl2"}, r"quantization_config is 'exl2', but must be an object"),
     ({"rope_theta": 0}, r"rope_theta is 0, but must be a positive number"),
+    ({"rms_norm_eps": None, "norm_epsilon": "tiny"}, r"norm_epsilon is 'tiny'"),
+    ({"logit_scale": "big"}, r"logit_scale is 'big'"),
+    ({"original_max_position_embeddings": -8}, r"original_max_position_embeddings is -8"),
     # rope_scaling / rope_parameters
     ({"rope_scaling": "linear"}, r"rope_scaling is 'linear', but must be an object"),
     ({"rope_scaling": ["linear", 2.0]}, r"rope_scaling is \['linear', 2\.0\], but must be an object"),
