@@ -26,6 +26,7 @@ from exllamav2.generator import (
     ExLlamaV2Sampler,
     ExLlamaV2StreamingGenerator,
 )
+from exllamav2.generator.filters import ExLlamaV2Filter
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
 from tests.test_lora import make_adapter, merged_reference
 
@@ -85,6 +86,32 @@ class RegexFilter:
         return {t for t, p in enumerate(self.pieces) if p and any(o.startswith(text + p) for o in options)}
 
 
+class BackgroundRegexFilter(ExLlamaV2Filter):
+    """The shape of upstream's examples/inference_lmfe.py wrapper: an ExLlamaV2Filter subclass whose next()
+    returns a sorted list, evaluated on the generator's background worker, fed int(token[0][0])."""
+
+    def __init__(self, model, tokenizer, pattern: str):
+        super().__init__(model, tokenizer)
+        self.inner = RegexFilter(tokenizer, pattern)
+
+    @property
+    def token_sequence(self) -> list[int]:
+        return self.inner.token_sequence
+
+    def begin(self, prefix_str: str = "") -> None:
+        self.inner.begin(prefix_str)
+
+    def feed(self, token) -> None:
+        self.inner.feed(token)
+
+    def next(self):
+        allowed, _ = self.inner.next()
+        return sorted(allowed), []
+
+    def use_background_worker(self) -> bool:
+        return True
+
+
 def lmfe_filter(tokenizer):
     lmfe = pytest.importorskip("lmformatenforcer", reason="lm-format-enforcer not installed (test extra)")
     from lmformatenforcer.integrations.exllamav2 import ExLlamaV2TokenEnforcerFilter
@@ -120,10 +147,12 @@ def run_three_generators(model, tok, make_filter) -> dict[str, tuple[str, list[i
     return out
 
 
-@pytest.mark.parametrize("kind", ["lm-format-enforcer", "written-like-it"])
+@pytest.mark.parametrize("kind", ["lm-format-enforcer", "written-like-it", "upstream-example-subclass"])
 def test_duck_typed_filter_gets_a_tensor_token_from_every_generator(loaded, kind):
     model, tok, _ = loaded
-    make = lmfe_filter if kind == "lm-format-enforcer" else (lambda t: RegexFilter(t, PATTERN))
+    make = {"lm-format-enforcer": lmfe_filter,
+            "written-like-it": lambda t: RegexFilter(t, PATTERN),
+            "upstream-example-subclass": lambda t: BackgroundRegexFilter(model, t, PATTERN)}[kind]
     for name, (text, fed) in run_three_generators(model, tok, make).items():
         assert re.fullmatch(PATTERN, text), f"{name}: {text!r} breaks the filter's pattern"
         # every sampled token reached the filter, in order (EOS, which ends the text, may follow)
