@@ -244,6 +244,36 @@ def test_fuzz_config_json(base_llama, tmp_path):
     report(run_cases(cases, base_llama, tmp_path, with_tokenizer=True), len(cases))
 
 
+def rope_field_cases(rng: random.Random, params: dict, n: int) -> list[tuple[str, Mutation, list[str]]]:
+    """The rope_parameters of a scaled-RoPE checkpoint: a field removed, retyped or out of range."""
+    cases = []
+    for _ in range(n):
+        field = rng.choice(sorted(params))
+        value = rng.choice(["DELETE", None, "x", -1.0, 0, [], {}, True])
+
+        def mutate(d: Path, field=field, value=value) -> None:
+            cfg = json.loads((d / "config.json").read_text())
+            rope = dict(cfg["rope_parameters"])
+            if value == "DELETE":
+                del rope[field]
+            else:
+                rope[field] = value
+            cfg["rope_parameters"] = rope
+            rewrite(d / "config.json", json.dumps(cfg))
+
+        cases.append((f"rope_parameters.{field}={value!r}", mutate, [field, "rope"]))
+    return cases
+
+
+@pytest.mark.parametrize("arch", ["llama3_rope", "llama_yarn"])
+def test_fuzz_rope_fields(tiny_model_factory, tmp_path, arch):
+    rng = random.Random(SEED + 4)
+    src, _ = tiny_model_factory(arch)
+    params = json.loads((src / "config.json").read_text())["rope_parameters"]
+    cases = rope_field_cases(rng, params, 15)
+    report(run_cases(cases, src, tmp_path, with_tokenizer=False), len(cases))
+
+
 # safetensors ----------------------------------------------------------------------------------------------------
 
 
