@@ -40,6 +40,12 @@ struct S {
         return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
                 _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
     }
+    static inline __attribute__((always_inline)) F magic(I v) {   // 2^23 + v for 0 <= v < 2^23
+        __m256i m = _mm256_set1_epi32(0x4B000000);
+        return {_mm256_castsi256_ps(_mm256_or_si256(v.lo, m)), _mm256_castsi256_ps(_mm256_or_si256(v.hi, m))};
+    }
+    static inline __attribute__((always_inline)) F set1_f(float v) { __m256 s = _mm256_set1_ps(v); return {s, s}; }
+    static inline __attribute__((always_inline)) F sub(F a, F b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
     static inline __attribute__((always_inline)) F load_f(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
     static inline __attribute__((always_inline)) F to_f(I v) { return {_mm256_cvtepi32_ps(v.lo), _mm256_cvtepi32_ps(v.hi)}; }
     static inline __attribute__((always_inline)) F mul(F a, F b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }

@@ -34,6 +34,11 @@ struct S {
     static inline __attribute__((always_inline)) F load_h(const uint16_t* p) {
         return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     }
+    static inline __attribute__((always_inline)) F magic(I v) {   // 2^23 + v for 0 <= v < 2^23
+        return _mm512_castsi512_ps(_mm512_or_si512(v, _mm512_set1_epi32(0x4B000000)));
+    }
+    static inline __attribute__((always_inline)) F set1_f(float v) { return _mm512_set1_ps(v); }
+    static inline __attribute__((always_inline)) F sub(F a, F b) { return _mm512_sub_ps(a, b); }
     static inline __attribute__((always_inline)) F load_f(const float* p) { return _mm512_loadu_ps(p); }
     static inline __attribute__((always_inline)) F to_f(I v) { return _mm512_cvtepi32_ps(v); }
     static inline __attribute__((always_inline)) F mul(F a, F b) { return _mm512_mul_ps(a, b); }

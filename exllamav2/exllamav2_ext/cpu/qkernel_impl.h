@@ -11,14 +11,22 @@
 #define EXL_INLINE inline __attribute__((always_inline))
 
 // One dequantized row (16 columns) of a chunk goes to a sink: FMA into accumulators, or a store.
+// NA accumulators per activation row, taking rows in turn: one FMA chain would wait on the FMA latency
+// (4 cycles) for every row of a one-row decode.
 template <class S, int MR>
 struct FmaSink {
-    typename S::F acc[MR];
+    static constexpr int NA = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+    typename S::F acc[MR][NA];
     const float* x;     // x of the chunk's first row, for MR activation rows kpad apart
     int64_t kpad;
     template <int R>
     EXL_INLINE void put(typename S::F w) {
-        for (int r = 0; r < MR; ++r) acc[r] = S::fma(w, x[r * kpad + R], acc[r]);
+        for (int r = 0; r < MR; ++r) acc[r][R % NA] = S::fma(w, x[r * kpad + R], acc[r][R % NA]);
+    }
+    EXL_INLINE typename S::F sum(int r) const {
+        typename S::F s = acc[r][0];
+        for (int a = 1; a < NA; ++a) s = S::add(s, acc[r][a]);
+        return s;
     }
 };
 
@@ -35,23 +43,25 @@ struct StoreSink {
 
 // Row R of a B-bit chunk: the B bits at stream bit R*B of each column, straddling two words for B = 3, 5, 6.
 template <class S, int B, int R, class Sink>
-EXL_INLINE void chunk_row(const int32_t* w, typename S::F scale, typename S::I zero, Sink& sink) {
+EXL_INLINE void chunk_row(const int32_t* w, typename S::F scale, typename S::F zero, Sink& sink) {
     constexpr int pos = R * B, wi = pos / 32, sh = pos % 32;
     typename S::I c = S::template srl<sh>(S::load_i(w + wi * kBlock));
     if constexpr (sh + B > 32) c = S::or_i(c, S::template sll<32 - sh>(S::load_i(w + (wi + 1) * kBlock)));
     c = S::and_i(c, (1 << B) - 1);
-    // the exact fp16 weight: fp32 product of an integer (|.| <= 255) and an fp16 scale, rounded once
-    sink.template put<R>(S::round_h(S::mul(S::to_f(S::sub_i(c, zero)), scale)));
+    // code - zero exactly, without an int->float conversion: 2^23 + code is the float with code in its low
+    // mantissa bits, and `zero` holds 2^23 + zero. Then the exact fp16 weight: the fp32 product of an integer
+    // (|.| <= 255) and an fp16 scale is exact, rounded once to fp16.
+    sink.template put<R>(S::round_h(S::mul(S::sub(S::magic(c), zero), scale)));
 }
 
 template <class S, int B, class Sink, int... R>
-EXL_INLINE void chunk_rows(const int32_t* w, typename S::F scale, typename S::I zero, Sink& sink,
+EXL_INLINE void chunk_rows(const int32_t* w, typename S::F scale, typename S::F zero, Sink& sink,
                            std::integer_sequence<int, R...>) {
     (chunk_row<S, B, R>(w, scale, zero, sink), ...);
 }
 
 template <class S, int B, class Sink>
-EXL_INLINE void chunk(const int32_t* w, typename S::F scale, typename S::I zero, Sink& sink) {
+EXL_INLINE void chunk(const int32_t* w, typename S::F scale, typename S::F zero, Sink& sink) {
     chunk_rows<S, B>(w, scale, zero, sink, std::make_integer_sequence<int, kChunkRows>{});
 }
 
@@ -67,7 +77,7 @@ EXL_INLINE void each_chunk(const QArgs& a, int64_t cb, Sink& sink, SetChunk set_
         const int32_t* w = blk + int64_t(ch[1]) * kBlock;
         const int64_t g = ch[2];
         typename S::F scale = S::load_h(sc + g * kBlock);
-        typename S::I zero = zr ? S::load_u8(zr + g * kBlock) : S::set1_i(1 << (bits - 1));
+        typename S::F zero = zr ? S::magic(S::load_u8(zr + g * kBlock)) : S::set1_f(8388608.f + (1 << (bits - 1)));
         set_chunk(sink, c);
         switch (bits) {
             case 2: chunk<S, 2>(w, scale, zero, sink); break;
@@ -84,12 +94,13 @@ template <class S, int MR>
 void q_block_rows(const QArgs& a, int64_t cb, const float* x, int64_t kpad, const float* bias, float* y,
                   int64_t ldy, int ncol) {
     FmaSink<S, MR> sink;
-    for (int r = 0; r < MR; ++r) sink.acc[r] = S::zero();
+    for (int r = 0; r < MR; ++r)
+        for (int a = 0; a < sink.NA; ++a) sink.acc[r][a] = S::zero();
     sink.kpad = kpad;
     each_chunk<S>(a, cb, sink, [x](FmaSink<S, MR>& s, int64_t c) { s.x = x + c * kChunkRows; });
     alignas(64) float tmp[kBlock];
     for (int r = 0; r < MR; ++r) {
-        S::store(tmp, sink.acc[r]);
+        S::store(tmp, sink.sum(r));
         float* yr = y + r * ldy;
         for (int j = 0; j < ncol; ++j) yr[j] = bias ? tmp[j] + bias[j] : tmp[j];
     }
