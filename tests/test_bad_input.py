@@ -183,6 +183,24 @@ def test_non_finite_weight_is_named_at_load(model_copy):
         model.load()
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2"])
+def test_nonfinite_scan_matches_isfinite(dtype):
+    import torch
+
+    from exllamav2.stloader import has_nonfinite
+
+    dt = getattr(torch, dtype)
+    x = torch.randn(3, 1 << 20).clamp(-100, 100).to(dt)        # three chunks
+    assert not has_nonfinite(x)
+    edge = x.clone()
+    edge.view(-1)[:2] = torch.tensor([torch.finfo(dt).max, -torch.finfo(dt).max], dtype=torch.float64).to(dt)
+    assert not has_nonfinite(edge)                               # the largest finite values are finite
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        y = x.clone()
+        y.view(-1)[(2 << 20) + 5] = bad                          # in the last chunk
+        assert has_nonfinite(y) == (not bool(torch.isfinite(y.float()).all())), (dtype, bad)
+
+
 def test_layer_count_beyond_the_tensors(model_copy):
     from exllamav2.errors import CheckpointError
 
