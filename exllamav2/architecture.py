@@ -92,6 +92,9 @@ _PHI = replace(_LLAMA, name="PhiForCausalLM", norm="layernorm", parallel_block=T
                mlp_keys=("fc1", "fc2"), o_proj_key="dense", refuse_if=("qk_layernorm",),
                keys={**_CAUSAL_LM_KEYS, "norm": "model.final_layernorm"})
 
+# GLM: interleaved partial RoPE, fused gate_up_proj (GLM-4 adds norms after attention and MLP)
+_GLM = replace(_LLAMA, name="GlmForCausalLM", rope_style=RopeStyle.GPTJ, fused_gate_up="gate_up_proj")
+
 # Rows that differ from Llama only in config.json values (multipliers, no-RoPE layers, windows) are
 # Llama's row under their own name: those values are read generically by ExLlamaV2Config.
 ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
@@ -109,6 +112,9 @@ ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
     _COHERE,
     replace(_COHERE, name="Cohere2ForCausalLM", global_nope=True),
     _PHI,
+    _GLM,
+    replace(_GLM, name="Glm4ForCausalLM", post_attn_norm="post_self_attn_layernorm",
+            post_mlp_norm="post_mlp_layernorm"),
     replace(_LLAMA, name="Starcoder2ForCausalLM", norm="layernorm", mlp_keys=("c_fc", "c_proj"),
             default_tie_word_embeddings=True),
     replace(_LLAMA, name="Phi3ForCausalLM", fused_qkv="qkv_proj", fused_gate_up="gate_up_proj"),

@@ -66,6 +66,8 @@ ARCH_SPECS: dict[str, tuple] = {
     "cohere2": ("Cohere2Config", {"logit_scale": 0.5, "sliding_window": 8, "num_hidden_layers": 3,
                                   "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
     "phi": ("PhiConfig", {"partial_rotary_factor": 0.5}),
+    "glm": ("GlmConfig", {"head_dim": 16, "attention_bias": True}),
+    "glm4": ("Glm4Config", {"head_dim": 16, "attention_bias": True}),
     # multimodal checkpoints, run as text models: (config class, text_config overrides, top-level keys)
     "gemma3_mm": ("Gemma3Config", {**_GEMMA3, "model_type": "gemma3_text"}, {
         "vision_config": _vision(image_size=28, patch_size=14), "mm_tokens_per_image": 4,
