@@ -44,6 +44,7 @@ _NONFINITE_BITS = {
     torch.float8_e5m2: (torch.uint8, 0x7F, 0x7C),
 }
 _CHUNK = 1 << 20
+_MAX_HEADER = 100_000_000        # the safetensors library refuses larger headers
 
 
 def has_nonfinite(tensor: torch.Tensor) -> bool:
@@ -118,6 +119,8 @@ def read_header(path: str | os.PathLike) -> dict:
         if len(head) < 8:
             raise TensorFileError(f"{path}: file is {size} bytes, too short to be safetensors; re-download it")
         (hlen,) = struct.unpack("<Q", head)
+        if hlen > _MAX_HEADER:
+            raise TensorFileError(f"{path}: header claims {hlen} bytes (safetensors allows {_MAX_HEADER}); {_FIX}")
         if hlen > size - 8:
             raise TensorFileError(
                 f"{path}: header claims {hlen} bytes but the file has {size}; the file is truncated or "
