@@ -34,3 +34,13 @@ def test_chat_command_targets_the_bundled_demo_model():
     assert chat.endswith("python examples/chat.py")          # no -m: the demo model
     assert (ROOT / "examples" / "demo_model" / "fp16" / "config.json").exists()
     assert (ROOT / "examples" / "demo_model" / "exl2" / "config.json").exists()
+
+
+def test_every_supported_architecture_is_in_the_readme():
+    """The README's architecture table lists every row of the table the loader accepts, and nothing else."""
+    from exllamav2.architecture import ARCHITECTURES, MULTIMODAL
+
+    text = (ROOT / "README.md").read_text()
+    table = text.split("### Architectures", 1)[1].split("**Verified for every row**", 1)[0]
+    listed = set(re.findall(r"`(\w+For(?:CausalLM|ConditionalGeneration))`", table))
+    assert listed == set(ARCHITECTURES) | set(MULTIMODAL)
