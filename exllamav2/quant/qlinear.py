@@ -19,6 +19,7 @@ from typing import Protocol
 import torch
 
 from .. import ext
+from ..errors import CheckpointError, ExLlamaV2Error
 from . import cpu_layout, exl2, gptq
 
 log = logging.getLogger(__name__)
@@ -379,10 +380,17 @@ def load_quantized(
     """The quantized weight stored under `key` (EXL2 if `<key>.q_weight` exists, GPTQ if
     `<key>.qweight` does), or None when the layer is not quantized."""
     device = torch.device(device)
-    if tensors.has(f"{key}.q_weight"):
-        t = _gather(key, tensors, _EXL2_NAMES, ("bias",))
-        return Exl2Weight(key, t, in_features, out_features, prescale, device)
-    if tensors.has(f"{key}.qweight"):
-        t = _gather(key, tensors, _GPTQ_NAMES, ("g_idx", "bias"))
-        return GptqWeight(key, t, in_features, out_features, prescale, device, gptq_v2)
+    try:
+        if tensors.has(f"{key}.q_weight"):
+            t = _gather(key, tensors, _EXL2_NAMES, ("bias",))
+            return Exl2Weight(key, t, in_features, out_features, prescale, device)
+        if tensors.has(f"{key}.qweight"):
+            t = _gather(key, tensors, _GPTQ_NAMES, ("g_idx", "bias"))
+            return GptqWeight(key, t, in_features, out_features, prescale, device, gptq_v2)
+    except ValueError as e:
+        if isinstance(e, ExLlamaV2Error):
+            raise
+        # The format checks (here and in exl2.parse_groups) name the tensor and the fix: to callers they
+        # are checkpoint errors, one line in the CLIs (issue 18), and still ValueErrors.
+        raise CheckpointError(str(e)) from e
     return None
