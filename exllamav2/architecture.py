@@ -24,6 +24,25 @@ class RopeStyle(Enum):
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """A mixture-of-experts MLP's layout and routing (exllamav2/moe.py). Keys are relative to the decoder layer
+    (block, stacked, alt_routers) or to the block (router, experts, shared_expert, shared_gate)."""
+    block: str = "mlp"                    # the sparse block under <layer> (Mixtral: block_sparse_moe)
+    router: str = "gate"                  # the router linear under the block, [experts, hidden], kept FP16
+    alt_routers: tuple = ()               # the router under <layer> in other layouts (transformers 5's mlp.gate)
+    experts: str = "experts"              # per-expert keys: <block>.<experts>.<n>.<gate|up|down>
+    expert_keys: tuple = ("gate_proj", "up_proj", "down_proj")
+    # stacked layouts under <layer>: (gate_up, down) tensors [experts, 2 x inter (gate rows first), hidden] and
+    # [experts, hidden, inter]; transformers 5 writes these with save_original_format=False
+    stacked: tuple = (("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),)
+    # "softmax_topk": softmax over all experts, then top-k; "topk_softmax": softmax over the top-k logits
+    scoring: str = "softmax_topk"
+    renormalize: bool | None = None       # top-k weights renormalised to sum 1; None: config.json's norm_topk_prob
+    shared_expert: str | None = None      # a dense expert every token runs (Qwen2-MoE), under the block
+    shared_gate: str | None = None        # its sigmoid gate, [1, hidden], under the block
+
+
+@dataclass(frozen=True)
 class ArchParams:
     name: str = "LlamaForCausalLM"
     norm: str = "rmsnorm"                 # or "layernorm"
@@ -45,7 +64,11 @@ class ArchParams:
     global_nope: bool = False             # with a sliding window, the global layers have no RoPE (Exaone 4)
     # MLP projection keys under <layer>.mlp: gate, up, down (gated) or in, out (plain: down(act(in(x))))
     mlp_keys: tuple = ("gate_proj", "up_proj", "down_proj")
-    o_proj_key: str = "o_proj"            # the attention's output projection under <layer>.self_attn
+    attn_key: str = "self_attn"           # the attention's projections are under <layer>.<attn_key>
+    o_proj_key: str = "o_proj"            # the attention's output projection under <layer>.<attn_key>
+    transposed_weights: bool = False      # layers store (in, out) weights (GPT-2's Conv1D)
+    default_intermediate_mult: int | None = None   # intermediate size as a multiple of hidden when absent
+    kv_heads_key: str | None = "num_key_value_heads"   # None: the family decides (multi_query or MHA)
     # x + attn(norm(x)) + mlp(norm(x)) with one norm (attn_norm), as Cohere and Phi-2; else sequential
     parallel_block: bool = False
     refuse_if: tuple = ()                 # config.json switches of this family whose parts are not built
@@ -55,6 +78,7 @@ class ArchParams:
     # Key prefixes of a multimodal checkpoint's vision tower and projector: accounted for at load, not read
     # by the text model
     vision_prefixes: tuple = ()
+    moe: MoESpec | None = None            # the sparse MLP's layout; None for a dense model
 
     def with_keys_for(self, has: Callable[[str], bool]) -> "ArchParams":
         """This row with the key layout the checkpoint uses (the first whose embedding is present)."""
@@ -92,13 +116,42 @@ _PHI = replace(_LLAMA, name="PhiForCausalLM", norm="layernorm", parallel_block=T
                mlp_keys=("fc1", "fc2"), o_proj_key="dense", refuse_if=("qk_layernorm",),
                keys={**_CAUSAL_LM_KEYS, "norm": "model.final_layernorm"})
 
+# GPT-2 and GPTBigCode: learned positions (keys["pos_embed"]), no RoPE, LayerNorm with bias, fused c_attn,
+# plain c_fc/c_proj MLP (4 x hidden unless n_inner says), biases, tied head; GPT-2 stores its weights transposed
+_GPT_KEYS = {"embed": "transformer.wte", "pos_embed": "transformer.wpe", "layers": "transformer.h",
+             "norm": "transformer.ln_f", "head": "lm_head"}
+_GPT_BIGCODE = replace(_LLAMA, name="GPTBigCodeForCausalLM", norm="layernorm", rope_style=RopeStyle.NONE,
+                       activation_key="activation_function", fused_qkv="c_attn", attn_key="attn", o_proj_key="c_proj",
+                       attn_norm="ln_1", mlp_norm="ln_2", mlp_keys=("c_fc", "c_proj"), default_intermediate_mult=4,
+                       default_tie_word_embeddings=True, keys=_GPT_KEYS, kv_heads_key=None,
+                       refuse_if=("scale_attn_by_inverse_layer_idx",))
+
 # GLM: interleaved partial RoPE, fused gate_up_proj (GLM-4 adds norms after attention and MLP)
 _GLM = replace(_LLAMA, name="GlmForCausalLM", rope_style=RopeStyle.GPTJ, fused_gate_up="gate_up_proj")
+
+# Mixtures of experts (exllamav2/moe.py): which layers are sparse and the sizes come from config.json
+_MIXTRAL = replace(_LLAMA, name="MixtralForCausalLM", moe=MoESpec(
+    block="block_sparse_moe", alt_routers=("mlp.gate",), expert_keys=("w1", "w3", "w2"), renormalize=True))
+_QWEN_MOE = MoESpec()
+# Granite-MoE stores its experts stacked: input_linear [experts, 2 x inter, hidden] (gate rows first), output_linear
+_GRANITE_MOE = MoESpec(block="block_sparse_moe", router="router.layer", alt_routers=("block_sparse_moe.router",),
+                       stacked=(("block_sparse_moe.input_linear.weight", "block_sparse_moe.output_linear.weight"),
+                                ("block_sparse_moe.experts.gate_up_proj", "block_sparse_moe.experts.down_proj")),
+                       scoring="topk_softmax")
+_MOE_ROWS = (
+    _MIXTRAL,
+    replace(_LLAMA, name="Qwen3MoeForCausalLM", qk_norm="head", moe=_QWEN_MOE),
+    replace(_LLAMA, name="Qwen2MoeForCausalLM",
+            moe=replace(_QWEN_MOE, shared_expert="shared_expert", shared_gate="shared_expert_gate")),
+    replace(_LLAMA, name="GraniteMoeForCausalLM", moe=_GRANITE_MOE),
+    replace(_LLAMA, name="OlmoeForCausalLM", qk_norm="full", refuse_if=("clip_qkv",), moe=_QWEN_MOE),
+)
 
 # Rows that differ from Llama only in config.json values (multipliers, no-RoPE layers, windows) are
 # Llama's row under their own name: those values are read generically by ExLlamaV2Config.
 ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
     _LLAMA,
+    *_MOE_ROWS,
     replace(_LLAMA, name="MistralForCausalLM"),
     replace(_LLAMA, name="Qwen2ForCausalLM"),
     replace(_LLAMA, name="Qwen3ForCausalLM", qk_norm="head"),
@@ -113,6 +166,8 @@ ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
     replace(_COHERE, name="Cohere2ForCausalLM", global_nope=True),
     _PHI,
     _GLM,
+    _GPT_BIGCODE,
+    replace(_GPT_BIGCODE, name="GPT2LMHeadModel", transposed_weights=True),
     replace(_GLM, name="Glm4ForCausalLM", post_attn_norm="post_self_attn_layernorm",
             post_mlp_norm="post_mlp_layernorm"),
     replace(_LLAMA, name="Starcoder2ForCausalLM", norm="layernorm", mlp_keys=("c_fc", "c_proj"),

@@ -140,6 +140,7 @@ class ExLlamaV2Config:
 
         self._read_architecture(raw, cfg_path)
         self._read_sizes(read, cfg_path)
+        self._read_moe(read, cfg_path)
         self._read_scales(read)
         self._read_token_ids(read, gen)
         self.max_seq_len = int(read("max_position_embeddings", "max_sequence_length", "n_positions", default=2048))
@@ -173,10 +174,13 @@ class ExLlamaV2Config:
                                   f"parts are not built, so the output would be wrong)")
 
     def _read_sizes(self, read: "_Reader", cfg_path: Path) -> None:
-        self.hidden_size = int(read("hidden_size", "d_model", required=True))
+        self.hidden_size = int(read("hidden_size", "d_model", "n_embd", required=True))
         self.num_hidden_layers = int(read("num_hidden_layers", "n_layer", required=True))
         self.num_attention_heads = int(read("num_attention_heads", "n_head", required=True))
-        self.num_key_value_heads = int(read("num_key_value_heads", default=self.num_attention_heads))
+        if self.arch.kv_heads_key:
+            self.num_key_value_heads = int(read(self.arch.kv_heads_key, default=self.num_attention_heads))
+        else:                                                  # GPT-2: MHA; GPTBigCode: multi_query, one kv head
+            self.num_key_value_heads = 1 if read("multi_query", default=False) else self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
                 f"{cfg_path}: num_attention_heads {self.num_attention_heads} is not a multiple of "
@@ -184,7 +188,9 @@ class ExLlamaV2Config:
             )
         self.num_key_value_groups = self.num_attention_heads // self.num_key_value_heads
         self.head_dim = int(read("head_dim", default=self.hidden_size // self.num_attention_heads))
-        self.intermediate_size = int(read("intermediate_size", required=True))
+        mult = self.arch.default_intermediate_mult      # GPT-2's n_inner: null means mult x hidden
+        self.intermediate_size = int(read("n_inner", default=mult * self.hidden_size) if mult else
+                                     read("intermediate_size", required=True))
         self.vocab_size = int(read("vocab_size", required=True))
         self.norm_eps = float(read("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps",
                                    default=1e-5))
@@ -195,6 +201,33 @@ class ExLlamaV2Config:
             raise ConfigError(f"{cfg_path}: {self.arch.activation_key} {act!r} is not supported "
                               f"(supported: {', '.join(ACTIVATIONS)})")
         self.activation = ACTIVATIONS[act]
+
+    def _read_moe(self, read: "_Reader", cfg_path: Path) -> None:
+        """Mixture-of-experts sizes, read for every model as upstream does (clients read num_experts and
+        num_experts_per_token); checked and completed only where the row has an MoE layout (exllamav2/moe.py)."""
+        self.num_experts = read("num_local_experts", "num_experts", "moe_num_experts", default=None)
+        self.num_experts_per_token = read("num_experts_per_tok", "moe_top_k", default=None)
+        self.default_experts_per_token = self.num_experts_per_token
+        if self.arch.moe is None:
+            return
+        for name, value in (("num_local_experts/num_experts", self.num_experts),
+                            ("num_experts_per_tok", self.num_experts_per_token)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{cfg_path}: {self.architecture} needs {name} as a positive integer, got {value!r}")
+        if self.num_experts_per_token > self.num_experts:
+            raise ConfigError(f"{cfg_path}: num_experts_per_tok {self.num_experts_per_token} exceeds the "
+                              f"{self.num_experts} experts")
+        self.moe_intermediate_size = int(read("moe_intermediate_size", default=self.intermediate_size))
+        self.shared_expert_intermediate_size = int(read("shared_expert_intermediate_size",
+                                                        default=self.intermediate_size))
+        spec_norm = self.arch.moe.renormalize
+        self.moe_norm_topk_prob = bool(read("norm_topk_prob", default=False)) if spec_norm is None else spec_norm
+        # Qwen-MoE: every decoder_sparse_step-th layer is sparse, except mlp_only_layers
+        step = int(read("decoder_sparse_step", default=1))
+        dense = set(read("mlp_only_layers", default=[]))
+        if step < 1:
+            raise ConfigError(f"{cfg_path}: decoder_sparse_step must be at least 1, got {step}")
+        self.moe_layers = [i not in dense and (i + 1) % step == 0 for i in range(self.num_hidden_layers)]
 
     def _read_scales(self, read: "_Reader") -> None:
         """Softcaps and the multipliers some architectures apply (Granite's four, Gemma's embedding scale)."""

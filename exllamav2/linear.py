@@ -36,6 +36,7 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         prescale: float = 1.0,
         fused: tuple[str, int, int] | None = None,
         alt_key: str | None = None,
+        transposed: bool = False,
     ) -> None:
         super().__init__(model, key)
         self.in_features = in_features
@@ -43,6 +44,7 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         self.prescale = prescale
         self.fused = fused            # (fused key, first row, end row) when the checkpoint fuses projections
         self.alt_key = alt_key        # e.g. the embedding for a tied head
+        self.transposed = transposed  # the checkpoint stores (in, out), as GPT-2's Conv1D layers
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.q: object | None = None  # quantized weight object (exllamav2.quant)
@@ -74,18 +76,7 @@ class ExLlamaV2Linear(ExLlamaV2Module):
             )
             return
         dtype = self.model.dtype
-        if self.fused and key == self.fused[0]:
-            _, start, end = self.fused
-            w = self.load_tensor(f"{key}.weight")
-            if w.shape[1] != self.in_features or w.shape[0] < end:
-                raise TensorShapeError(
-                    f"tensor '{key}.weight' in {self.index.file_of(key + '.weight')} has shape {tuple(w.shape)}, "
-                    f"expected at least ({end}, {self.in_features}): config.json and the weights disagree"
-                )
-            rows, bias_shape = slice(start, end), None
-        else:
-            w = self.load_tensor(f"{key}.weight", (self.out_features, self.in_features))
-            rows, bias_shape = slice(None), (self.out_features,)
+        w, rows, bias_shape = self._read_weight(key)
         self._cpu_f16 = (self.device.type == "cpu" and dtype == torch.float32 and w.dtype == torch.float16
                          and ext.cpu_kernels() is not None)
         if self._cpu_f16:
@@ -95,6 +86,23 @@ class ExLlamaV2Linear(ExLlamaV2Module):
             self.bias = self.load_tensor(f"{key}.bias", bias_shape)[rows].to(self.device, self.model.dtype)
         if self.prescale != 1.0:
             self.weight.mul_(self.prescale)
+
+    def _read_weight(self, key: str) -> tuple[torch.Tensor, slice, tuple[int, ...] | None]:
+        """The (out, in) weight under `key` (GPT-2's Conv1D layers store it transposed), the rows of it this
+        layer takes (a slice of a fused tensor) and the bias shape to check (None for a fused tensor)."""
+        name = f"{key}.weight"
+        fused = self.fused is not None and key == self.fused[0]
+        start, end = (self.fused[1], self.fused[2]) if fused else (0, self.out_features)
+        w = self.load_tensor(name)
+        if self.transposed:
+            w = w.T
+        if w.dim() != 2 or w.shape[1] != self.in_features or (w.shape[0] < end if fused else w.shape[0] != end):
+            want = f"at least ({end}, {self.in_features})" if fused else str((self.out_features, self.in_features))
+            raise TensorShapeError(
+                f"tensor {name!r} in {self.index.file_of(name)} has shape {tuple(w.shape)}, but config.json implies "
+                f"{want}: config.json and the weights disagree (wrong config or corrupt file)"
+            )
+        return w, slice(start, end) if fused else slice(None), None if fused else (self.out_features,)
 
     def unload(self) -> None:
         self.weight = self.bias = self.q = None

@@ -26,7 +26,7 @@ from .device import ExLlamaV2DeviceContext
 from .embedding import ExLlamaV2Embedding
 from .inputs import check_input_ids
 from .linear import ExLlamaV2Linear
-from .mlp import ExLlamaV2MLP
+from .moe import make_mlp
 from .module import ExLlamaV2Module, checkpoint_keys_of
 from .norm import make_norm
 from .parallel import ExLlamaV2ParallelDecoder
@@ -97,13 +97,13 @@ class ExLlamaV2:
 
     def _build(self) -> list[ExLlamaV2Module]:
         cfg, keys = self.config, self.config.arch.keys
-        mods: list[ExLlamaV2Module] = [ExLlamaV2Embedding(self, keys["embed"])]
+        mods: list[ExLlamaV2Module] = [ExLlamaV2Embedding(self, keys["embed"], keys.get("pos_embed"))]
         for i in range(cfg.num_hidden_layers):
             prefix = f"{keys['layers']}.{i}"
             if cfg.arch.parallel_block:
                 mods.append(ExLlamaV2ParallelDecoder(self, prefix, i))
             else:
-                mods += [ExLlamaV2Attention(self, prefix, i), ExLlamaV2MLP(self, prefix, i)]
+                mods += [ExLlamaV2Attention(self, prefix, i), make_mlp(self, prefix, i)]
         mods.append(make_norm(self, keys["norm"]))
         mods.append(ExLlamaV2Linear(self, keys["head"], cfg.hidden_size, cfg.vocab_size,
                                     alt_key=keys["embed"] if cfg.tie_word_embeddings else None))
@@ -375,7 +375,7 @@ class ExLlamaV2:
 
     def _forward_chunk(self, input_ids, cache, params, preprocess_only, last_id_only, loras,
                        return_last_state, cpu_logits, **kwargs):
-        x = self.modules[0].forward(input_ids, indexed_embeddings=kwargs.get("indexed_embeddings"))
+        x = self.modules[0].forward(input_ids, indexed_embeddings=kwargs.get("indexed_embeddings"), attn_params=params)
         for idx, m in enumerate(self.modules[1:-1], start=1):
             x = m.forward(x.to(m.device), cache=cache, attn_params=params, loras=loras)
             if preprocess_only and idx == self.last_kv_layer_idx:

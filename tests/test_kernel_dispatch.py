@@ -379,7 +379,8 @@ def test_extension_matches_pytorch_path(arch, paged, real_kernels, tiny_model_fa
     model = load(model_dir)
     with_kernels = model_logits(model, ids, paged, prefill=6)
     layers = model.config.num_hidden_layers
-    assert kernels.calls["rope_"] == 2 * sum(model.config.rope_layers) * (1 + (PROMPT - 6) * paged)
+    rotating = sum(a.rope_style != RopeStyle.NONE for a in model.attention_layers)
+    assert kernels.calls["rope_"] == 2 * rotating * (1 + (PROMPT - 6) * paged)
     assert kernels.calls["paged_attention"] == layers * (1 + PROMPT - 6) * paged      # q_len <= 8 steps, prefill too
     monkeypatch.setattr(ext, "kernels_for", lambda device: None)
     without = model_logits(load(model_dir), ids, paged, prefill=6)

@@ -42,5 +42,5 @@ def test_every_supported_architecture_is_in_the_readme():
 
     text = (ROOT / "README.md").read_text()
     table = text.split("### Architectures", 1)[1].split("**Verified for every row**", 1)[0]
-    listed = set(re.findall(r"`(\w+For(?:CausalLM|ConditionalGeneration))`", table))
+    listed = set(re.findall(r"`(\w+(?:ForCausalLM|ForConditionalGeneration|LMHeadModel))`", table))
     assert listed == set(ARCHITECTURES) | set(MULTIMODAL)

@@ -66,8 +66,22 @@ ARCH_SPECS: dict[str, tuple] = {
     "cohere2": ("Cohere2Config", {"logit_scale": 0.5, "sliding_window": 8, "num_hidden_layers": 3,
                                   "layer_types": ["sliding_attention", "sliding_attention", "full_attention"]}),
     "phi": ("PhiConfig", {"partial_rotary_factor": 0.5}),
+    "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}),
+    "gpt_bigcode": ("GPTBigCodeConfig", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256,
+                                         "multi_query": True}),
     "glm": ("GlmConfig", {"head_dim": 16, "attention_bias": True}),
     "glm4": ("Glm4Config", {"head_dim": 16, "attention_bias": True}),
+    # mixtures of experts: 4 experts, top-2 (Qwen3-MoE: one dense layer among sparse ones; Qwen2-MoE: the shared
+    # expert and its gate; Granite-MoE: stacked experts and Granite's multipliers)
+    "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2,
+                                     "moe_intermediate_size": 48, "norm_topk_prob": True, "num_hidden_layers": 3,
+                                     "mlp_only_layers": [1]}),
+    "qwen2_moe": ("Qwen2MoeConfig", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                                     "shared_expert_intermediate_size": 96}),
+    "granitemoe": ("GraniteMoeConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0,
+                                        "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 2.0}),
+    "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
     # multimodal checkpoints, run as text models: (config class, text_config overrides, top-level keys)
     "gemma3_mm": ("Gemma3Config", {**_GEMMA3, "model_type": "gemma3_text"}, {
         "vision_config": _vision(image_size=28, patch_size=14), "mm_tokens_per_image": 4,

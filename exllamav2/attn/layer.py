@@ -50,21 +50,23 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         self.layer_idx = layer_idx
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         h, qd, kd = cfg.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        fused = f"{key}.self_attn.{arch.fused_qkv}" if arch.fused_qkv else None
+        sub = f"{key}.{arch.attn_key}"
+        fused = f"{sub}.{arch.fused_qkv}" if arch.fused_qkv else None
 
         def proj(name: str, out: int, start: int) -> ExLlamaV2Linear:
-            return ExLlamaV2Linear(model, f"{key}.self_attn.{name}", h, out, fused=fused and (fused, start, start + out))
+            return ExLlamaV2Linear(model, f"{sub}.{name}", h, out, fused=fused and (fused, start, start + out),
+                                   transposed=arch.transposed_weights)
 
         self.pre_norm = optional_norm(model, key, arch.attn_norm)
         self.post_norm = optional_norm(model, key, arch.post_attn_norm)
         # norms of q and k before RoPE, per head (Qwen3, Gemma 3) or over the whole projection (Olmo 2)
         full = arch.qk_norm == "full"
-        self.q_norm = optional_norm(model, f"{key}.self_attn", arch.qk_norm and "q_norm", qd if full else self.head_dim)
-        self.k_norm = optional_norm(model, f"{key}.self_attn", arch.qk_norm and "k_norm", kd if full else self.head_dim)
+        self.q_norm = optional_norm(model, sub, arch.qk_norm and "q_norm", qd if full else self.head_dim)
+        self.k_norm = optional_norm(model, sub, arch.qk_norm and "k_norm", kd if full else self.head_dim)
         self.q_proj = proj("q_proj", qd, 0)
         self.k_proj = proj("k_proj", kd, qd)
         self.v_proj = proj("v_proj", kd, qd + kd)
-        self.o_proj = ExLlamaV2Linear(model, f"{key}.self_attn.{arch.o_proj_key}", qd, h)
+        self.o_proj = ExLlamaV2Linear(model, f"{sub}.{arch.o_proj_key}", qd, h, transposed=arch.transposed_weights)
         self.scale = cfg.attn_scale
         self.softcap = float(cfg.attn_logit_softcapping or 0.0)
         self.window = cfg.sliding_window if cfg.swa_layers[layer_idx] else 0

@@ -107,6 +107,12 @@ def mlp_options(gated: bool) -> list[tuple[QParams, ...]]:
     return MLP_OPTIONS if gated else [option[1:] for option in MLP_OPTIONS]
 
 
+def moe_options(num_experts: int, shared_expert: bool) -> list[tuple[QParams, ...]]:
+    """Candidates for a mixture-of-experts MLP: each MLP candidate for every expert (gate, up, down in expert
+    order), then for the shared expert if there is one. Experts share a candidate, as upstream measures them."""
+    return [option * (num_experts + int(shared_expert)) for option in MLP_OPTIONS]
+
+
 def parallel_options(gated: bool) -> list[tuple[QParams, ...]]:
     """Candidates for a parallel block (attention and MLP in one module): each attention candidate with the
     MLP candidate at the same place in the cheap-to-precise order."""
