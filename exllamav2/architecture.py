@@ -166,6 +166,14 @@ ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
     replace(_COHERE, name="Cohere2ForCausalLM", global_nope=True),
     _PHI,
     _GLM,
+    # Yi's first checkpoints name the norms ln1/ln2; later ones are saved as Llama
+    replace(_LLAMA, name="YiForCausalLM", attn_norm="ln1", mlp_norm="ln2"),
+    # StableLM 2 and Orion: Llama with LayerNorm (with bias); StableLM's optional parts are refused
+    replace(_LLAMA, name="StableLmForCausalLM", norm="layernorm",
+            refuse_if=("use_parallel_residual", "qk_layernorm")),
+    replace(_LLAMA, name="OrionForCausalLM", norm="layernorm"),
+    # MiniCPM: Llama with scale_emb, scale_depth and dim_model_base (read generically), tied head
+    replace(_LLAMA, name="MiniCPMForCausalLM", default_tie_word_embeddings=True),
     _GPT_BIGCODE,
     replace(_GPT_BIGCODE, name="GPT2LMHeadModel", transposed_weights=True),
     replace(_GLM, name="Glm4ForCausalLM", post_attn_norm="post_self_attn_layernorm",

@@ -235,11 +235,18 @@ class ExLlamaV2Config:
         self.final_logit_softcapping = read("final_logit_softcapping", default=None)
         self.query_pre_attn_scalar = read("query_pre_attn_scalar", default=None)
         self.attention_multiplier = read("attention_multiplier", default=None)
-        self.residual_multiplier = float(read("residual_multiplier", default=1.0))
-        # Cohere multiplies the logits by logit_scale, Granite divides them by logits_scaling
-        self.logit_scale = float(read("logit_scale", default=1.0)) / float(read("logits_scaling", default=1.0))
+        # Granite's residual_multiplier; MiniCPM's scale_depth / sqrt(layers)
+        depth = read("scale_depth", default=None)
+        self.residual_multiplier = float(read("residual_multiplier", default=1.0)) * (
+            1.0 if depth is None else float(depth) / self.num_hidden_layers**0.5)
+        # Cohere multiplies the logits by logit_scale, Granite divides them by logits_scaling, MiniCPM by
+        # hidden_size / dim_model_base
+        base = read("dim_model_base", default=None)
+        self.logit_scale = float(read("logit_scale", default=1.0)) / float(read("logits_scaling", default=1.0)) * (
+            1.0 if base is None else float(base) / self.hidden_size)
         sqrt_hidden = self.hidden_size**0.5 if self.arch.embed_scale_sqrt_hidden else 1.0
-        self.embed_scale = sqrt_hidden * float(read("embedding_multiplier", default=1.0))
+        # Granite's embedding_multiplier, MiniCPM's scale_emb
+        self.embed_scale = sqrt_hidden * float(read("embedding_multiplier", "scale_emb", default=1.0))
 
     def _read_token_ids(self, read: "_Reader", gen: dict) -> None:
         # None when the checkpoint does not say: the tokenizer then reads tokenizer_config.json

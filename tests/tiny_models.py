@@ -69,6 +69,7 @@ ARCH_SPECS: dict[str, tuple] = {
     "gpt2": ("GPT2Config", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256}),
     "gpt_bigcode": ("GPTBigCodeConfig", {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256,
                                          "multi_query": True}),
+    "stablelm": ("StableLmConfig", {"partial_rotary_factor": 0.25, "use_qkv_bias": True}),
     "glm": ("GlmConfig", {"head_dim": 16, "attention_bias": True}),
     "glm4": ("Glm4Config", {"head_dim": 16, "attention_bias": True}),
     # mixtures of experts: 4 experts, top-2 (Qwen3-MoE: one dense layer among sparse ones; Qwen2-MoE: the shared
