@@ -558,3 +558,280 @@ def test_bad_shapes_are_named():
         ExLlamaV2Sampler.sample(torch.zeros(1, 2, 4), plain(), torch.zeros((1, 0), dtype=torch.long), 0.5, None)
     with pytest.raises(ValueError, match="masked"):
         ExLlamaV2Sampler.sample(torch.full((1, 1, 4), -math.inf), plain(), torch.zeros((1, 0), dtype=torch.long), 0.5, None)
+
+
+# each step alone --------------------------------------------------------------------------------
+# Every step of the pipeline (exllamav2.generator.sampler) on its own input, against a direct
+# implementation of its definition on PROBS or on plain lists.
+
+from exllamav2.generator import sampler as steps  # noqa: E402
+
+
+def candidates(probs: dict[int, float] = PROBS) -> "steps.Candidates":
+    ranked = by_prob(probs)
+    p = torch.tensor([[q for _, q in ranked]])
+    order = torch.tensor([[t for t, _ in ranked]])
+    return steps.Candidates(p, p > 0, order, torch.arange(len(ranked)).expand(1, -1))
+
+
+def kept(c: "steps.Candidates") -> dict[int, float]:
+    return {int(t): float(q) for t, q, k in zip(c.order[0], c.p[0], c.keep[0]) if k}
+
+
+def ref_top_p(probs, top_p):
+    head, mass = {}, 0.0
+    for t, p in by_prob(probs):
+        if mass >= top_p:
+            break
+        head[t] = p
+        mass += p
+    return normalized(head)
+
+
+def ref_tail_free(probs, z):
+    ranked = by_prob(probs)
+    p = [q for _, q in ranked]
+    d = [abs(p[i] - 2 * p[i + 1] + p[i + 2]) for i in range(len(p) - 2)]
+    count, acc = 0, 0.0
+    for di in d:
+        acc += di / sum(d)
+        if acc > z:
+            break
+        count += 1
+    return normalized(dict(ranked[: count + 1]))
+
+
+def ref_typical(probs, mass):
+    entropy = -sum(p * math.log(p) for p in probs.values())
+    kept_, acc = {}, 0.0
+    for t in sorted(probs, key=lambda t: (abs(-math.log(probs[t]) - entropy), t)):
+        if acc >= mass:
+            break
+        kept_[t] = probs[t]
+        acc += probs[t]
+    return normalized(kept_)
+
+
+PMAX = max(PROBS.values())
+REFERENCES = {
+    steps.top_k_step: lambda k: normalized(dict(by_prob(PROBS)[:k])),
+    steps.top_p_step: lambda top_p: ref_top_p(PROBS, top_p),
+    steps.top_a_step: lambda a: normalized({t: p for t, p in PROBS.items() if p >= a * PMAX * PMAX}),
+    steps.min_p_step: lambda m: normalized({t: p for t, p in PROBS.items() if p >= m * PMAX}),
+    steps.tail_free_step: lambda z: ref_tail_free(PROBS, z),
+    steps.typical_step: lambda mass: ref_typical(PROBS, mass),
+}
+# values just either side of a cut, so a step that is off by a little keeps or drops a token too many
+TRUNCATION_STEPS = [
+    (steps.top_k_step, 1), (steps.top_k_step, 3),
+    (steps.top_p_step, 0.25), (steps.top_p_step, 0.6), (steps.top_p_step, 0.9),
+    (steps.top_a_step, 0.5), (steps.top_a_step, 0.9),
+    (steps.min_p_step, 0.31), (steps.min_p_step, 0.5),
+    (steps.tail_free_step, 0.3), (steps.tail_free_step, 0.7), (steps.tail_free_step, 0.9),
+    (steps.typical_step, 0.3), (steps.typical_step, 0.5), (steps.typical_step, 0.8),
+]
+
+
+@pytest.mark.parametrize("step,value", TRUNCATION_STEPS, ids=[f"{s.__name__}-{v}" for s, v in TRUNCATION_STEPS])
+def test_each_truncation_step_alone(step, value):
+    c = candidates()
+    before = (c.p.clone(), c.keep.clone())
+    out = step(c, value)
+    assert_dist(kept(out), REFERENCES[step](value))
+    assert len(kept(out)) < V, "the case should cut something"
+    assert torch.equal(c.p, before[0]) and torch.equal(c.keep, before[1]), "a step leaves its input as it was"
+
+
+@pytest.mark.parametrize("step,off", [
+    (steps.top_k_step, 0), (steps.top_k_step, V), (steps.top_p_step, 0.0), (steps.top_p_step, 1.0),
+    (steps.top_a_step, 0.0), (steps.min_p_step, 0.0), (steps.tail_free_step, 1.0), (steps.typical_step, 0.0),
+])
+def test_truncation_steps_are_off_at_their_neutral_setting(step, off):
+    c = candidates()
+    assert step(c, off) is c
+
+
+def test_truncation_steps_respect_earlier_cuts():
+    # min-p after top-k 2 sees the renormalised head: pmax is 0.30 / 0.52, and 0.22 / 0.52 >= 0.7 * that
+    c = steps.min_p_step(steps.top_k_step(candidates(), 2), 0.7)
+    assert_dist(kept(c), normalized({3: PROBS[3], 6: PROBS[6]}))
+
+
+def test_mirostat_steps_alone():
+    mu = steps.mirostat_target([0.0, 3.5], tau=1.5, device=torch.device("cpu"))
+    assert mu.tolist() == [3.0, 3.5]                                  # a fresh row starts at 2 tau
+    two = steps.Candidates(*(torch.cat([t, t]) for t in (candidates().p, candidates().keep, candidates().order, candidates().rank)))
+    out = steps.mirostat_step(two, mu)
+    for row, m in enumerate([3.0, 3.5]):
+        want = normalized({t: p for t, p in PROBS.items() if -math.log2(p) <= m})
+        got = {int(t): float(q) for t, q, k in zip(out.order[row], out.p[row], out.keep[row]) if k}
+        assert_dist(got, want)
+    new = steps.mirostat_update(mu, torch.tensor([[0.25], [0.5]]), tau=1.5, eta=0.1)
+    assert new == pytest.approx([3.0 + 0.1 * (1.5 - 2.0), 3.5 + 0.1 * (1.5 - 1.0)])
+
+
+def test_late_temperature_step_alone():
+    head = steps.top_k_step(candidates(), 3)
+    t = 1.7
+    want = normalized({tok: p ** (1 / t) for tok, p in by_prob(PROBS)[:3]})
+    assert_dist(kept(steps.late_temperature_step(head, t, 0.0, 0.0, 1.0)), want)
+    lo, hi, e = 0.4, 2.0, 0.8
+    h = normalized(dict(by_prob(PROBS)[:3]))
+    entropy = -sum(p * math.log(p) for p in h.values())
+    dyn = lo + (hi - lo) * (entropy / math.log(3)) ** e
+    assert_dist(kept(steps.late_temperature_step(head, 1.0, lo, hi, e)), normalized({k: p ** (1 / dyn) for k, p in h.items()}))
+    assert steps.late_temperature_step(head, 1.0, 0.0, 0.0, 1.0) is head
+
+
+def test_xtc_step_alone():
+    removable = torch.tensor([[t != 0 for t, _ in by_prob(PROBS)]])     # token 0 is never removed
+    above = [t for t, p in by_prob(PROBS) if p >= 0.1 and t != 0]       # 3, 6, 5: all but 5 go
+    want = normalized({t: p for t, p in PROBS.items() if t not in above[:-1]})
+    out = steps.xtc_step(candidates(), removable, 1.0, 0.1)
+    assert_dist({t: p for t, p in kept(out).items() if p > 0}, want)
+    c = candidates()
+    assert steps.xtc_step(c, removable, 0.0, 0.1) is c
+
+
+def test_skew_randoms_alone():
+    r = torch.tensor([0.2, 0.6, 0.9])
+    assert torch.allclose(steps.skew_randoms(r, 0.7), torch.tensor([x ** math.exp(-0.7) for x in (0.2, 0.6, 0.9)]))
+    assert steps.skew_randoms(r, 0.0) is r
+
+
+def test_pick_alone_is_the_inverse_cdf_over_kept_candidates():
+    c = steps.top_k_step(candidates(), 4)
+    head = normalized(dict(by_prob(PROBS)[:4]))
+    cum = 0.0
+    for t, p in head.items():
+        for r in (cum + 1e-4, cum + p - 1e-4):
+            tok, prob = steps.pick(c, torch.tensor([r]))
+            assert int(tok) == t and float(prob) == pytest.approx(p, abs=1e-5)
+        cum += p
+    tok, _ = steps.pick(c, torch.tensor([0.99999994]))
+    assert int(tok) in head, "a random point at the end never falls past the last kept candidate"
+    top_t, top_p = steps.top_candidates(c, 6)
+    assert top_t[0, 0].tolist()[:4] == list(head) and top_p[0, 0].tolist()[4:] == [0.0, 0.0]
+
+
+def test_temper_and_rank_candidates_alone():
+    x = torch.log(torch.tensor([[PROBS[t] for t in range(V)]]))
+    c = steps.rank_candidates(steps.temper(x, 0.5, 0.0), 0, 0)
+    assert c.order[0].tolist() == [t for t, _ in by_prob(PROBS)]
+    assert_dist(kept(c), normalized({t: p ** 2 for t, p in PROBS.items()}))
+    top = math.log(PMAX)
+    smooth = steps.rank_candidates(steps.temper(x, 2.0, 0.6), 0, 0)
+    assert_dist(kept(smooth), normalized({t: math.exp(-(math.log(p) - top) ** 2 * 0.6 / 2.0) for t, p in PROBS.items()}))
+    assert steps.rank_candidates(steps.temper(x, 1.0, 0.0), 3, 5).width == 5   # top-k sorts only what is asked for
+    with pytest.raises(ValueError, match="masked out"):
+        steps.temper(torch.full((1, 4), -math.inf), 1.0, 0.0)
+
+
+def test_logit_steps_alone():
+    torch.manual_seed(5)
+    base = torch.randn(2, 12)
+    lp = torch.log_softmax(base, -1)
+    mixed, seq = steps.cfg_mix(base.clone(), torch.tensor([[1, 2], [3, 4]]), 1.5)
+    assert torch.allclose(mixed, 1.5 * lp[0:1] - 0.5 * lp[1:2]) and seq.tolist() == [[1, 2]]
+    x = base[:1].clone()
+    steps.block_tokens(x, [2, 5, 99])
+    assert [i for i in range(12) if x[0, i] == -math.inf] == [2, 5]
+    x = base[:1].clone()
+    steps.apply_token_bias(x, torch.arange(32, dtype=torch.float))
+    assert torch.allclose(x, base[:1] + torch.arange(12))
+    x = torch.zeros(1, 40)
+    steps.mask_padding(x, FakeTokenizer([f"t{i}" for i in range(33)]))
+    assert (x[0, :33] == 0).all() and (x[0, 33:] == -math.inf).all()
+
+
+def test_penalty_and_dry_steps_alone():
+    torch.manual_seed(6)
+    base = (torch.randn(12) * 2).tolist()
+    seq = [3, 5, 3, 7, 1, 5, 9, 3, 11, 2, 5]
+    x = torch.tensor([base])
+    steps.apply_repetition_penalties(x, torch.tensor([seq]), plain(token_repetition_penalty=1.2, token_repetition_range=5,
+                                     token_repetition_decay=3, token_frequency_penalty=0.1, token_presence_penalty=0.3))
+    assert x[0].tolist() == pytest.approx(reference_penalties(base, seq, 1.2, 5, 3, 0.1, 0.3), abs=1e-5)
+    dry_seq = [4, 5, 6, 9, 4, 5, 6, 10, 4, 5, 6]
+    x = torch.tensor([base])
+    steps.apply_dry(x, torch.tensor([dry_seq]), plain(dry_multiplier=0.8, dry_sequence_breakers=set()), None)
+    pen = reference_dry(dry_seq, 12, 0.8, 1.75, 2, set(), 20)
+    assert x[0].tolist() == pytest.approx([b - q for b, q in zip(base, pen)], abs=1e-5)
+    untouched = torch.tensor([base])
+    steps.apply_dry(untouched, torch.tensor([dry_seq]), plain(), None)        # multiplier 0: off
+    steps.apply_repetition_penalties(untouched, torch.tensor([seq]), plain())  # neutral: off
+    assert untouched[0].tolist() == base
+
+
+def test_mask_steps_alone():
+    pieces = ["<eos>", "y", "ye", "yes", "n", "no", "s", "o", "x"]
+    tok = FakeTokenizer(pieces, eos=0)
+    f = ExLlamaV2SelectFilter(None, tok, ["yes", "no"])
+    f.begin("")
+    _, limits = steps.filter_constraints(torch.zeros(1, 9), [f], tok, False)
+    assert [i for i in range(9) if limits.allowed[0, i]] == [1, 2, 3, 4, 5] and limits.only is None
+    assert limits.end_tokens == {3, 5}
+    f.begin("")
+    f.feed(2)
+    _, limits = steps.filter_constraints(torch.zeros(1, 9), [f], tok, False)
+    assert limits.only == 6
+    heal_tok = FakeTokenizer(["a", " th", " the", " then", " x", "the"])
+    mask = steps.healing_mask(heal_tok, torch.tensor([[1], [4]]), 2, 6, torch.device("cpu"))
+    assert [[i for i in range(6) if mask[r, i]] for r in range(2)] == [[1, 2, 3], [4]]
+    assert steps.healing_mask(heal_tok, None, 1, 6, torch.device("cpu")) is None
+
+
+def test_sample_with_state_passes_mirostat_mu_and_leaves_settings_alone():
+    s = plain(mirostat=True, mirostat_tau=1.5, mirostat_eta=0.1)
+    seq = torch.zeros((1, 0), dtype=torch.long)
+    (tok, _, _, prob, _), mu = steps.sample_with_state(logits_of(PROBS), s, seq, 0.0, TOK, None)
+    assert s.mirostat_mu is None
+    assert mu == pytest.approx([3.0 + 0.1 * (1.5 + math.log2(float(prob)))], abs=1e-5)
+    # the returned mu is the next call's: a lower target cuts more
+    low = [2.5]
+    (tok, t, p, prob, _), mu2 = steps.sample_with_state(logits_of(PROBS), s, seq, 0.9, TOK, low, return_top_tokens=V)
+    assert {int(a) for a, b in zip(t[0, 0], p[0, 0]) if b > 0} == {3, 6}   # p >= 2^-2.5 = 0.177
+    assert int(tok) == 6 and mu2 == pytest.approx([2.5 + 0.1 * (1.5 + math.log2(0.22 / 0.52))], abs=1e-5)
+    assert low == [2.5] and s.mirostat_mu is None
+    (_, _, _, _, _), same = steps.sample_with_state(logits_of(PROBS), plain(), seq, 0.5, TOK, [2.0])
+    assert same == [2.0], "without mirostat the state passes through"
+
+
+@pytest.fixture(scope="module")
+def tiny_generators(tiny):
+    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+    from exllamav2.tokenizer import ExLlamaV2Tokenizer
+
+    config = ExLlamaV2Config(str(tiny[0]))
+    config.max_seq_len = 512
+    model = ExLlamaV2(config)
+    model.load()
+    return model, ExLlamaV2Tokenizer(config)
+
+
+def test_generators_keep_mirostat_state_off_the_callers_settings(tiny_generators):
+    from exllamav2.generator import (ExLlamaV2BaseGenerator, ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob,
+                                     ExLlamaV2StreamingGenerator)
+    from exllamav2 import ExLlamaV2Cache
+
+    model, tokenizer = tiny_generators
+    s = Settings(mirostat=True, mirostat_tau=2.0, mirostat_eta=0.3, top_k=0, top_p=0.0)
+    ids = tokenizer.encode("The function returns")
+    gen = ExLlamaV2DynamicGenerator(model, ExLlamaV2Cache(model, max_seq_len=512), tokenizer, paged=False)
+    job = ExLlamaV2DynamicJob(ids, max_new_tokens=3, gen_settings=s, seed=1)
+    gen.enqueue(job)
+    while gen.num_remaining_jobs():
+        gen.iterate()
+    assert s.mirostat_mu is None
+    assert len(job.mirostat_mu) == 1 and job.mirostat_mu[0] != 0.0 and job.mirostat_mu[0] != 2 * 2.0
+
+    stream = ExLlamaV2StreamingGenerator(model, ExLlamaV2Cache(model, max_seq_len=512), tokenizer)
+    s.mirostat_mu = [5.0]                           # a mu the caller seeds is where the stream starts
+    stream.begin_stream_ex(ids, s)
+    assert stream.mirostat_mu == [5.0]
+    stream.stream_ex()
+    assert s.mirostat_mu == [5.0] and stream.mirostat_mu != [5.0]
+
+    s.mirostat_mu = None
+    ExLlamaV2BaseGenerator(model, ExLlamaV2Cache(model, max_seq_len=512), tokenizer).generate_simple("The", s, 3, seed=1)
+    assert s.mirostat_mu is None

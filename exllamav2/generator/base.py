@@ -13,7 +13,7 @@ from ..inputs import check_sampler_settings
 from .dynamic_embeddings import remap_embeddings
 from .filters.base import ExLlamaV2Filter  # re-exported: filter libraries import it from here
 from .filters.base import as_filters, feed_filters
-from .sampler import ExLlamaV2Sampler
+from .sampler import ExLlamaV2Sampler, sample_with_state
 from .stop import decode_ids
 
 if TYPE_CHECKING:
@@ -112,14 +112,15 @@ class ExLlamaV2BaseGenerator:
         prompt_len = ids.shape[-1]
         stopped_at = [None] * bsz
         self.sequence_ids = ids
+        mirostat_mu = gen_settings.mirostat_mu          # this call's, never written into gen_settings
         for step in range(num_tokens):
             if abort_event is not None and abort_event.is_set():
                 return None
             logits = self.model.forward(self.sequence_ids[:, -1:], self.cache, input_mask=mask, loras=loras,
                                         position_offsets=positions, indexed_embeddings=embeds)
-            token, _, _, _, end_filter = ExLlamaV2Sampler.sample(
+            (token, _, _, _, end_filter), mirostat_mu = sample_with_state(
                 logits[:, -1:].float().cpu(), gen_settings, self.sequence_ids, [rng.random() for _ in range(bsz)],
-                self.tokenizer, prefix_token=heal if step == 0 else None, filters=filters,
+                self.tokenizer, mirostat_mu, prefix_token=heal if step == 0 else None, filters=filters,
                 filter_prefer_eos=filter_prefer_eos,
             )
             feed_filters(filters, int(token[0, 0]))

@@ -12,6 +12,15 @@ job's context) proposes `num_draft_tokens` tokens per job before the decode step
 each sequence's last token and its job's proposals in one pass. Every fed position is sampled in
 turn with the job's settings, and proposals are kept only while they equal what was sampled, so the
 output is token for token what plain decoding gives (with the same seed).
+
+The job and the generator use only each other's public methods:
+- the generator calls the job's `prepare_for_queue` (at enqueue), `pages_needed` (admission),
+  `activate`, `is_prefill_done`, `prefill_chunk`, `verify` (one decode step's logits) and
+  `deallocate_pages` (end or cancel);
+- the job calls the generator's `caches`, `write_prompt_tokens` (prefill) and `record_written`
+  (decoded tokens), and reads its settings (`tokenizer`, `page_size`, `table`, `cache`, `max_seq_len`,
+  `max_batch_size`, `num_draft_tokens`, `draft_model`).
+Mirostat's running target is job state (`job.mirostat_mu`), never written into the caller's settings.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from .dynamic_embeddings import ExLlamaV2MMEmbedding, remap_embeddings
 from .filters.base import ExLlamaV2Filter, as_filters, feed_filters
 from .hooks import run_post_sampling_hooks
 from .pages import Page, PageTable, chain_hash, common_prefix
-from .sampler import ExLlamaV2Sampler
+from .sampler import ExLlamaV2Sampler, sample_with_state
 from .stop import StreamStep, TextStream, TokenExtras, join_extras, split_stop_conditions
 
 if TYPE_CHECKING:
@@ -155,6 +164,9 @@ class ExLlamaV2DynamicJob:
         self.cached_tokens = 0
         self.accepted_draft_tokens = 0
         self.rejected_draft_tokens = 0
+        # mirostat's running target, per row: job state, so the caller's settings are never written
+        # (a mu the caller put in the settings is where it starts)
+        self.mirostat_mu: list[float] | None = self.settings.mirostat_mu
         self.time_enqueue: float | None = None
         self.time_first_prefill: float | None = None
         self.time_first_token: float | None = None
@@ -183,9 +195,11 @@ class ExLlamaV2DynamicJob:
         if self.generator is not None:
             self.generator.cancel(self)
 
-    # queueing --------------------------------------------------------------------------------
+    # the generator's side of the interface (see the module docstring) --------------------------
 
-    def _prepare(self, generator: "ExLlamaV2DynamicGenerator", serial: int) -> None:
+    def prepare_for_queue(self, generator: "ExLlamaV2DynamicGenerator", serial_number: int) -> None:
+        """At enqueue: check that the job can ever fit this generator (an error naming the limit
+        otherwise), plan its pages and take its serial number."""
         ps = generator.page_size
         extra = 1 if self.heal is not None else 0
         room = generator.num_draft_tokens       # a verification pass writes this far past the last token
@@ -219,10 +233,10 @@ class ExLlamaV2DynamicJob:
         if len(self.sequences) > generator.max_batch_size:
             raise GenerationArgumentError(f"a CFG job needs batch size 2 but the generator's max_batch_size is {generator.max_batch_size}")
         self.generator = generator
-        self.serial_number = serial
+        self.serial_number = serial_number
         self.time_enqueue = time.time()
 
-    def _pages_needed(self, table: PageTable) -> int:
+    def pages_needed(self, table: PageTable) -> int:
         """Free pages this job would take now (cached prefix pages others hold cost nothing)."""
         needed = 0
         for seq in self.sequences:
@@ -235,9 +249,9 @@ class ExLlamaV2DynamicJob:
             needed += seq.total_pages - shared
         return needed
 
-    # activation ------------------------------------------------------------------------------
-
-    def _activate(self, results: list[dict]) -> None:
+    def activate(self, results: list[dict]) -> None:
+        """Start running: take the cached prefix pages it can reuse and allocate the rest, start the
+        text stream and the filters, and append the 'started' result."""
         gen = self.generator
         table, ps = gen.table, gen.page_size
         self.time_first_prefill = time.time()
@@ -259,7 +273,7 @@ class ExLlamaV2DynamicJob:
                 seq.pages.append(src)
             elif src is not None:
                 dst = table.allocate()
-                for cache in gen._caches():
+                for cache in gen.caches():
                     cache.copy_states(cache, src.index * ps, n, dst.index * ps, n, 0, 1, 0, 1)
                 dst.tokens = src.tokens[:n]
                 dst.prev_hash = src.prev_hash
@@ -278,19 +292,19 @@ class ExLlamaV2DynamicJob:
             f.begin("")
         results.append(self._result("started"))
 
-    # prefill ---------------------------------------------------------------------------------
-
     def is_prefill_done(self) -> bool:
+        """True once every prompt token but the last is in the cache (the last is fed by decode)."""
         return all(seq.kv_position >= len(seq.ids) - 1 for seq in self.sequences)
 
-    def _prefill(self, budget: int, results: list[dict]) -> int:
+    def prefill_chunk(self, budget: int, results: list[dict]) -> int:
+        """Write up to `budget` more prompt tokens to the cache; returns how many were written."""
         gen = self.generator
         used = 0
         for seq in self.sequences:
             target = len(seq.ids) - 1
             while seq.kv_position < target and used < budget:
                 n = min(target - seq.kv_position, budget - used)
-                gen._ingest(seq, seq.ids[seq.kv_position : seq.kv_position + n], self.embedding_table)
+                gen.write_prompt_tokens(seq, seq.ids[seq.kv_position : seq.kv_position + n], self.embedding_table)
                 used += n
         if used:
             results.append(self._result(
@@ -311,9 +325,9 @@ class ExLlamaV2DynamicJob:
         blocked = set(self.bans.get(len(seq.ids), ()))
         if 0 <= self.new_tokens < self.min_new_tokens:
             blocked |= self.stop_tokens
-        token, k_tokens, k_probs, prob, end_filter = ExLlamaV2Sampler.sample(
+        (token, k_tokens, k_probs, prob, end_filter), self.mirostat_mu = sample_with_state(
             logits, self.settings, torch.tensor([seq.ids], dtype=torch.long), self.rng.random(),
-            self.generator.tokenizer, prefix_token=self.heal if healing else None,
+            self.generator.tokenizer, self.mirostat_mu, prefix_token=self.heal if healing else None,
             return_top_tokens=self.return_top_tokens, blocked_tokens=sorted(blocked),
             filters=None if healing else self.filters, filter_prefer_eos=self.filter_prefer_eos,
         )
@@ -349,14 +363,14 @@ class ExLlamaV2DynamicJob:
         results.append(self._result("streaming", step))
         return False
 
-    def _verify(self, drafts: list[int], fed: list[list[int]], logits: torch.Tensor, results: list[dict]) -> bool:
+    def verify(self, drafts: list[int], fed: list[list[int]], logits: torch.Tensor, results: list[dict]) -> bool:
         """Sample the fed positions in turn from logits (n, q, vocab): the last token's, then one more
         per draft token while the drafts equal what was sampled. True when the job has ended."""
         gen = self.generator
         first = self.sequences[0]
         for i in range(len(drafts) + 1):
             for seq, row in zip(self.sequences, fed):
-                gen._written(seq, [row[i]], final=False)
+                gen.record_written(seq, [row[i]], final=False)
             length = len(first.ids)
             if self._receive(logits[:, i : i + 1], results):
                 return True
@@ -427,7 +441,8 @@ class ExLlamaV2DynamicJob:
         results.append(r)
         return True
 
-    def _release_pages(self) -> None:
+    def deallocate_pages(self) -> None:
+        """Give the job's pages back (ended or cancelled); full ones stay registered for reuse."""
         gen = self.generator
         table, ps = gen.table, gen.page_size
         for seq in self.sequences:
@@ -536,7 +551,7 @@ class ExLlamaV2DynamicGenerator:
             )
         check_draft_vocab(self.draft_model, self.model, self.tokenizer)
 
-    def _caches(self) -> list["ExLlamaV2CacheBase"]:
+    def caches(self) -> list["ExLlamaV2CacheBase"]:
         """The caches that share the page table: the model's, and the draft model's if there is one."""
         return [self.cache] if self.draft_cache is None else [self.cache, self.draft_cache]
 
@@ -568,7 +583,7 @@ class ExLlamaV2DynamicGenerator:
     def enqueue(self, job: ExLlamaV2DynamicJob | list[ExLlamaV2DynamicJob]) -> int | list[int]:
         if isinstance(job, list):
             return [self.enqueue(j) for j in job]
-        job._prepare(self, self.job_serial)
+        job.prepare_for_queue(self, self.job_serial)
         self.job_serial += 1
         self.pending_jobs.append(job)
         return job.serial_number
@@ -577,12 +592,12 @@ class ExLlamaV2DynamicGenerator:
         if job in self.pending_jobs:
             self.pending_jobs.remove(job)
         elif job in self.active_jobs:
-            job._release_pages()
+            job.deallocate_pages()
             self.active_jobs.remove(job)
 
     def clear_queue(self) -> None:
         for job in list(self.active_jobs):
-            job._release_pages()
+            job.deallocate_pages()
         self.active_jobs.clear()
         self.pending_jobs.clear()
 
@@ -622,7 +637,7 @@ class ExLlamaV2DynamicGenerator:
             if budget <= 0:
                 break
             if not job.is_prefill_done():
-                budget -= job._prefill(budget, results)
+                budget -= job.prefill_chunk(budget, results)
         ready = [j for j in self.active_jobs if j.is_prefill_done()]
         if ready:
             self._decode(ready, results)
@@ -634,7 +649,7 @@ class ExLlamaV2DynamicGenerator:
         rows = sum(len(j.sequences) for j in self.active_jobs)
         waiting: list[ExLlamaV2DynamicJob] = []
         for job in list(self.pending_jobs):
-            fits = rows + len(job.sequences) <= self.max_batch_size and job._pages_needed(self.table) <= self.table.free_count()
+            fits = rows + len(job.sequences) <= self.max_batch_size and job.pages_needed(self.table) <= self.table.free_count()
             if not fits:
                 waiting.append(job)
                 continue
@@ -644,7 +659,7 @@ class ExLlamaV2DynamicGenerator:
                 w.skips += 1
             self.pending_jobs.remove(job)
             self.active_jobs.append(job)
-            job._activate(results)
+            job.activate(results)
             rows += len(job.sequences)
 
     def _decode(self, ready: list[ExLlamaV2DynamicJob], results: list[dict]) -> None:
@@ -666,13 +681,13 @@ class ExLlamaV2DynamicGenerator:
         ended, row = [], 0
         for job, d in zip(ready, drafts):
             n = len(job.sequences)
-            if job._verify(d, fed[row : row + n], logits[row : row + n], results):
+            if job.verify(d, fed[row : row + n], logits[row : row + n], results):
                 ended.append(job)
             row += n
         if self.draft_model is not None:
             self._settle_draft(ready, ended)
         for job in ended:
-            job._release_pages()
+            job.deallocate_pages()
             self.active_jobs.remove(job)
 
     # speculative decoding ----------------------------------------------------------------------
@@ -733,14 +748,14 @@ class ExLlamaV2DynamicGenerator:
                 else:
                     f.background_next(self.filter_pool)
 
-    def _ingest(self, seq: _Sequence, tokens: list[int], indexed_embeddings: torch.Tensor | None) -> None:
+    def write_prompt_tokens(self, seq: _Sequence, tokens: list[int], indexed_embeddings: torch.Tensor | None) -> None:
         """Prefill `tokens` after the sequence's cached tokens, in the draft cache too."""
         ids = torch.tensor([tokens], dtype=torch.long)
         self._forward([seq], ids, [seq.kv_position], preprocess_only=True, indexed_embeddings=indexed_embeddings)
         if self.draft_model is not None:
             self._forward([seq], ids, [seq.draft_kv], draft=True, preprocess_only=True)
             seq.draft_kv += len(tokens)
-        self._written(seq, tokens, final=True)
+        self.record_written(seq, tokens, final=True)
 
     def _forward(self, seqs: list[_Sequence], ids: torch.Tensor, past: list[int], *, draft: bool = False,
                  preprocess_only: bool = False, indexed_embeddings: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -762,7 +777,7 @@ class ExLlamaV2DynamicGenerator:
         return model.forward(ids, cache, preprocess_only=preprocess_only, loras=loras, attn_params=params,
                              indexed_embeddings=indexed_embeddings)
 
-    def _written(self, seq: _Sequence, tokens: list[int], final: bool) -> None:
+    def record_written(self, seq: _Sequence, tokens: list[int], final: bool) -> None:
         """Record that the keys/values of `tokens` now sit after the sequence's cached tokens.
         Pages filled with final (prompt) tokens are offered for reuse at once."""
         ps = self.page_size

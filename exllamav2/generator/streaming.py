@@ -25,7 +25,7 @@ from .drafting import NgramCache, check_draft_vocab, check_ngram_settings
 from .dynamic_embeddings import remap_embeddings
 from .filters.base import ExLlamaV2Filter, as_filters, feed_filters
 from .hooks import ExLlamaV2PostSamplingResult, run_post_sampling_hooks
-from .sampler import ExLlamaV2Sampler
+from .sampler import ExLlamaV2Sampler, sample_with_state
 from .stop import TextStream, TokenExtras, join_extras, split_stop_conditions
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.stop_strings: list[str] = []
         self.reset_sd_stats()
         self.settings: ExLlamaV2Sampler.Settings | None = None
+        self.mirostat_mu: list[float] | None = None     # the stream's, never written into self.settings
         self.text: TextStream | None = None
         self.input_mask: torch.Tensor | None = None
         self.position_offsets: torch.Tensor | None = None
@@ -147,6 +148,8 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.indexed_embeddings = embeddings
 
         self.settings = gen_settings
+        # mirostat starts from a mu the caller put in the settings, as upstream; it then lives here
+        self.mirostat_mu = None if gen_settings.mirostat_mu is None else list(gen_settings.mirostat_mu)
         self.loras = loras
         self.input_mask = input_mask
         self.position_offsets = position_offsets
@@ -291,8 +294,8 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         position = self.sequence_ids.shape[-1]
         blocked = set(ban_tokens or ()) | self.bans.get(position, set())
         healing = self.heal is not None
-        token, k_tokens, k_probs, prob, end_filter = ExLlamaV2Sampler.sample(
-            logits, self.settings, self.sequence_ids, random.random(), self.tokenizer,
+        (token, k_tokens, k_probs, prob, end_filter), self.mirostat_mu = sample_with_state(
+            logits, self.settings, self.sequence_ids, random.random(), self.tokenizer, self.mirostat_mu,
             prefix_token=self.heal[:1] if healing else None, return_top_tokens=self.return_top_tokens,
             blocked_tokens=sorted(blocked), filters=None if healing else self.filters,
             filter_prefer_eos=self.filter_prefer_eos,
