@@ -321,6 +321,8 @@ class ExLlamaV2:
                 position_offsets: torch.Tensor | None = None, abort_event: threading.Event | None = None,
                 cpu_logits: bool = False, **kwargs):
         # cache: one cache, or a list with one per batch row
+        from .forward_args import check_forward_kwargs
+        check_forward_kwargs(self.forward, kwargs)      # an unknown keyword is an error, not ignored
         from .lora import as_lora_list
         from .multicache import forward_per_row_caches
 

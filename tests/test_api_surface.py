@@ -363,6 +363,24 @@ def loaded(tiny):
     return model
 
 
+def test_forward_refuses_unknown_keywords_and_takes_upstreams(loaded):
+    from exllamav2.forward_args import FORWARD_KWARGS
+
+    ids = torch.tensor([[1, 2, 3]])
+    cache = ExLlamaV2Cache(loaded, max_seq_len=256)
+    with pytest.raises(TypeError, match=r"keyword argument 'input_masks'; it takes input_ids, cache, input_mask, "
+                                        r"preprocess_only.*cpu_logits, attn_params, indexed_embeddings"):
+        loaded.forward(ids, cache, input_masks=None)        # a misspelt input_mask upstream ignored silently
+    with pytest.raises(TypeError, match=r"arguments 'bogus', 'past_len'"):
+        loaded.forward(ids, cache, past_len=0, bogus=1)
+    assert cache.current_seq_len == 0, "refused before any work"
+    # upstream's forward passes these on to forward_chunk / the modules: each is still taken
+    assert set(FORWARD_KWARGS) == {"attn_params", "indexed_embeddings", "extract_state_indices"}
+    want = loaded.forward(ids)
+    for name in FORWARD_KWARGS:
+        assert torch.equal(loaded.forward(ids, **{name: None}), want), name
+
+
 def test_config_defaults_and_client_spellings():
     cfg = ExLlamaV2Config()
     assert cfg.model_dir is None and cfg.vision_model_type is None
