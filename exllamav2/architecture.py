@@ -65,6 +65,8 @@ class ArchParams:
     # MLP projection keys under <layer>.mlp: gate, up, down (gated) or in, out (plain: down(act(in(x))))
     mlp_keys: tuple = ("gate_proj", "up_proj", "down_proj")
     attn_key: str = "self_attn"           # the attention's projections are under <layer>.<attn_key>
+    mlp_key: str = "mlp"                  # the MLP's projections are under <layer>.<mlp_key>
+    qkv_grouped: bool = False             # fused_qkv holds each kv group's q heads, k head, v head in turn
     o_proj_key: str = "o_proj"            # the attention's output projection under <layer>.<attn_key>
     transposed_weights: bool = False      # layers store (in, out) weights (GPT-2's Conv1D)
     default_intermediate_mult: int | None = None   # intermediate size as a multiple of hidden when absent
@@ -172,6 +174,10 @@ ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
     replace(_LLAMA, name="StableLmForCausalLM", norm="layernorm",
             refuse_if=("use_parallel_residual", "qk_layernorm")),
     replace(_LLAMA, name="OrionForCausalLM", norm="layernorm"),
+    # InternLM2: Llama under other names, q/k/v fused per kv group
+    replace(_LLAMA, name="InternLM2ForCausalLM", attn_key="attention", fused_qkv="wqkv", qkv_grouped=True,
+            o_proj_key="wo", mlp_key="feed_forward", mlp_keys=("w1", "w3", "w2"), attn_norm="attention_norm",
+            mlp_norm="ffn_norm", keys={**_CAUSAL_LM_KEYS, "embed": "model.tok_embeddings", "head": "output"}),
     # MiniCPM: Llama with scale_emb, scale_depth and dim_model_base (read generically), tied head
     replace(_LLAMA, name="MiniCPMForCausalLM", default_tie_word_embeddings=True),
     _GPT_BIGCODE,

@@ -37,6 +37,7 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         fused: tuple[str, int, int] | None = None,
         alt_key: str | None = None,
         transposed: bool = False,
+        fused_rows: torch.Tensor | None = None,
     ) -> None:
         super().__init__(model, key)
         self.in_features = in_features
@@ -45,6 +46,8 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         self.fused = fused            # (fused key, first row, end row) when the checkpoint fuses projections
         self.alt_key = alt_key        # e.g. the embedding for a tied head
         self.transposed = transposed  # the checkpoint stores (in, out), as GPT-2's Conv1D layers
+        # the rows of the fused tensor this layer takes where they are not one range (InternLM2's grouped wqkv)
+        self.fused_rows = fused_rows
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.q: object | None = None  # quantized weight object (exllamav2.quant)
@@ -102,7 +105,8 @@ class ExLlamaV2Linear(ExLlamaV2Module):
                 f"tensor {name!r} in {self.index.file_of(name)} has shape {tuple(w.shape)}, but config.json implies "
                 f"{want}: config.json and the weights disagree (wrong config or corrupt file)"
             )
-        return w, slice(start, end) if fused else slice(None), None if fused else (self.out_features,)
+        rows = (slice(start, end) if self.fused_rows is None else self.fused_rows) if fused else slice(None)
+        return w, rows, None if fused else (self.out_features,)
 
     def unload(self) -> None:
         self.weight = self.bias = self.q = None

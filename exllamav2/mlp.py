@@ -28,17 +28,17 @@ class ExLlamaV2MLP(ExLlamaV2CompositeModule):
         cfg, arch = model.config, model.config.arch
         self.layer_idx = layer_idx
         h, i = cfg.hidden_size, cfg.intermediate_size
-        fused = f"{key}.mlp.{arch.fused_gate_up}" if arch.fused_gate_up else None
+        fused = f"{key}.{arch.mlp_key}.{arch.fused_gate_up}" if arch.fused_gate_up else None
         self.pre_norm = optional_norm(model, key, arch.mlp_norm)
         self.post_norm = optional_norm(model, key, arch.post_mlp_norm)
         *gate_up, down = arch.mlp_keys
         # a plain MLP (Starcoder 2, Phi-2) has no gate: its input projection is up_proj
         t = arch.transposed_weights
-        self.gate_proj = (ExLlamaV2Linear(model, f"{key}.mlp.{gate_up[0]}", h, i, fused=fused and (fused, 0, i),
+        self.gate_proj = (ExLlamaV2Linear(model, f"{key}.{arch.mlp_key}.{gate_up[0]}", h, i, fused=fused and (fused, 0, i),
                                           transposed=t) if len(gate_up) == 2 else None)
-        self.up_proj = ExLlamaV2Linear(model, f"{key}.mlp.{gate_up[-1]}", h, i, fused=fused and (fused, i, 2 * i),
+        self.up_proj = ExLlamaV2Linear(model, f"{key}.{arch.mlp_key}.{gate_up[-1]}", h, i, fused=fused and (fused, i, 2 * i),
                                        transposed=t)
-        self.down_proj = ExLlamaV2Linear(model, f"{key}.mlp.{down}", i, h, transposed=t)
+        self.down_proj = ExLlamaV2Linear(model, f"{key}.{arch.mlp_key}.{down}", i, h, transposed=t)
         self.act = ACTIVATION_FUNCTIONS[cfg.activation]
         self.residual_scale = cfg.residual_multiplier
 

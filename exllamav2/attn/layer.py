@@ -38,6 +38,18 @@ def rotate_qk(
     return q, k
 
 
+def _grouped_qkv_rows(heads: int, kv_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
+    """Rows of q, k and v in a fused qkv tensor laid out per kv group: the group's query heads, then its key head,
+    then its value head (InternLM2's wqkv)."""
+    group = heads // kv_heads
+    block = (group + 2) * head_dim
+    starts = torch.arange(kv_heads).view(-1, 1) * block
+    span = torch.arange(group * head_dim)
+    head = torch.arange(head_dim)
+    return {"q_proj": (starts + span).flatten(), "k_proj": (starts + group * head_dim + head).flatten(),
+            "v_proj": (starts + (group + 1) * head_dim + head).flatten()}
+
+
 class ExLlamaV2Attention(ExLlamaV2CompositeModule):
     name = "Attention"
     Params = Params
@@ -53,9 +65,11 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         sub = f"{key}.{arch.attn_key}"
         fused = f"{sub}.{arch.fused_qkv}" if arch.fused_qkv else None
 
+        grouped = _grouped_qkv_rows(self.num_heads, self.num_kv_heads, self.head_dim) if arch.qkv_grouped else {}
+
         def proj(name: str, out: int, start: int) -> ExLlamaV2Linear:
             return ExLlamaV2Linear(model, f"{sub}.{name}", h, out, fused=fused and (fused, start, start + out),
-                                   transposed=arch.transposed_weights)
+                                   transposed=arch.transposed_weights, fused_rows=grouped.get(name))
 
         self.pre_norm = optional_norm(model, key, arch.attn_norm)
         self.post_norm = optional_norm(model, key, arch.post_attn_norm)
