@@ -134,8 +134,6 @@ def test_module_constants_and_flags():
         assert not attn.has_flash_attn and not attn.has_flash_attn_with_paged
     if importlib.util.find_spec("xformers") is None:
         assert not attn.has_xformers
-    # every backend here has a paged path (README: attention plan), so the guard passes without flash-attn
-    attn.assert_paged_attn()
 
 
 # 2. parameter names, in upstream's order (positional callers depend on the order) ---------------
@@ -363,6 +361,55 @@ def loaded(tiny):
     return model
 
 
+def test_assert_paged_attn_agrees_with_the_attention_plan(loaded):
+    """Upstream's guard asserted flash-attn 2.5.7+ before paged generation. Here every backend pages
+    (README: attention plan), so it passes without flash-attn, and the plan backs that: every cache
+    device has a paged path and a paged dynamic generator can be built on it."""
+    from exllamav2 import attn
+    from exllamav2.generator import ExLlamaV2DynamicGenerator
+
+    assert attn.assert_paged_attn() is None
+    plans = [loaded.attn_plan.device_plan(d) for d in loaded.get_cache_devices()]
+    assert plans and all(p.paged and p.paged_impl in ("block_table", "gather", "kernel") for p in plans)
+    gen = ExLlamaV2DynamicGenerator(loaded, ExLlamaV2Cache(loaded, max_seq_len=512), ExLlamaV2Tokenizer(loaded.config))
+    assert gen.paged and gen.page_size == 256 and gen.table.num_pages == 2
+
+
+def test_arch_compat_overrides_leaves_a_softcap_sliding_window_config_as_it_was(tiny_model_factory):
+    """Upstream switched backends off here for models with logit softcapping or sliding windows (Gemma 2);
+    here the attention selector weighs those needs per device, so the config must stay as it was."""
+    cfg = ExLlamaV2Config(str(tiny_model_factory("gemma2")[0]))
+    assert cfg.attn_logit_softcapping and cfg.sliding_window
+    before = dict(vars(cfg))
+    for kw in ({}, {"quiet": True}, {"warn_only": True}):
+        cfg.arch_compat_overrides(**kw)
+        assert vars(cfg) == before, kw
+    assert not (cfg.no_flash_attn or cfg.no_xformers or cfg.no_sdpa)
+
+
+def test_dynamic_job_and_generator_use_only_each_others_public_methods():
+    """generator/dynamic.py: the job and the generator reach each other (and anything else) only through
+    public members; a private one is touched through `self` alone. The interface they use is documented
+    in the module docstring and exists on both classes."""
+    import ast
+
+    from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob
+    from exllamav2.generator import dynamic
+
+    tree = ast.parse(inspect.getsource(dynamic))
+    private = [f"line {n.lineno}: {ast.unparse(n)}" for n in ast.walk(tree)
+               if isinstance(n, ast.Attribute) and n.attr.startswith("_") and not n.attr.startswith("__")
+               and not (isinstance(n.value, ast.Name) and n.value.id == "self")]
+    assert private == []
+    job_side = ("prepare_for_queue", "pages_needed", "activate", "is_prefill_done", "prefill_chunk", "verify",
+                "deallocate_pages")
+    generator_side = ("caches", "write_prompt_tokens", "record_written")
+    for cls, names in ((ExLlamaV2DynamicJob, job_side), (ExLlamaV2DynamicGenerator, generator_side)):
+        for name in names:
+            assert callable(getattr(cls, name)) and getattr(cls, name).__doc__, name
+            assert f"`{name}`" in dynamic.__doc__, name
+
+
 def test_forward_refuses_unknown_keywords_and_takes_upstreams(loaded):
     from exllamav2.forward_args import FORWARD_KWARGS
 
@@ -412,7 +459,9 @@ def test_prepared_config_attributes_clients_read(tiny):
     cfg = ExLlamaV2Config()
     cfg.model_dir = str(tiny[0])                            # TabbyAPI / text-generation-webui order
     cfg.prepare()
+    before = dict(vars(cfg))
     cfg.arch_compat_overrides()
+    assert vars(cfg) == before                              # nothing to override: the selector decides
     for ours, theirs in (("hidden_size", "hidden_size"), ("intermediate_size", "intermediate_size"),
                          ("num_attention_heads", "num_attention_heads"), ("num_hidden_layers", "num_hidden_layers"),
                          ("num_key_value_heads", "num_key_value_heads"), ("vocab_size", "vocab_size"),
@@ -622,7 +671,8 @@ def test_tokenizer_attributes_and_tabby_class_reset(tiny, monkeypatch):
     ref = Tokenizer.from_file(str(tiny[0] / "tokenizer.json"))
     assert (tok.bos_token_id, tok.eos_token_id) == (cfg.bos_token_id, cfg.eos_token_id)
     assert (tok.bos_token, tok.eos_token, tok.unk_token) == ("<s>", "</s>", "<unk>")
-    assert tok.pad_token_id is not None and tok.unk_token_id == ref.token_to_id("<unk>")
+    assert tok.pad_token_id == cfg.pad_token_id == 0        # config.json's pad_token_id comes first, as upstream
+    assert tok.unk_token_id == ref.token_to_id("<unk>")
     assert tok.newline_token == "\n" and tok.space_token == " "
     for name in ("extended_id_to_piece", "extended_piece_to_id", "unspecial_id_to_piece", "unspecial_piece_to_id",
                  "tokenizer_config_dict"):
@@ -687,7 +737,9 @@ def test_tabbyapi_flow(tiny):
     config.model_dir = str(model_dir.resolve())
     config.max_seq_len = 4096
     config.prepare()
+    before = dict(vars(config))
     config.arch_compat_overrides()
+    assert vars(config) == before
     assert not config.vision_model_type
     config.max_output_len = 16
     config.max_input_len, config.max_attention_size = 256, 256**2

@@ -385,6 +385,9 @@ def test_fake_flash_on_turing_is_rejected_and_never_imported(fakes, monkeypatch)
 
     assert attn.has_flash_attn is False and attn.has_flash_attn_with_paged is False
     assert "flash_attn" not in sys.modules
+    # upstream's guard raised here (no paged flash-attn); here it passes because the plan still pages, by gathering
+    assert attn.assert_paged_attn() is None
+    assert (plan.devices[0].paged, plan.devices[0].paged_impl) == (True, "gather")
 
 
 def test_has_flags_on_an_ampere_machine_import_flash(fakes, monkeypatch):
@@ -396,7 +399,10 @@ def test_has_flags_on_an_ampere_machine_import_flash(fakes, monkeypatch):
     assert attn.has_flash_attn_with_window and attn.has_flash_attn_with_softcap
     assert "flash_attn" in sys.modules
     assert attn.has_lower_right_sdpa
-    attn.assert_paged_attn()
+    # upstream's guard passes here as upstream's did, because the plan pages through flash-attn's block tables
+    assert attn.assert_paged_attn() is None
+    plan = plan_attention(rig((8, 6)), AttnFlags(), {}, find_installed(), ModelNeeds()).devices[0]
+    assert (plan.backend, plan.paged, plan.paged_impl) == ("flash_attn", True, "block_table")
 
 
 def test_has_flags_respect_the_environment(fakes, monkeypatch):

@@ -125,14 +125,17 @@ class _FakeGenerator:
         return results
 
 
-def test_decode_window_times_only_full_batch_steps():
+def test_decode_window_times_only_full_batch_steps(monkeypatch):
+    # a clock that reads i * i after iteration i, so the seconds name the two iterations timed
+    ticks = iter(range(100))
+    monkeypatch.setattr(bench_gpu, "stamp", lambda device: float(next(ticks) ** 2))
     jobs = [_FakeJob(start, 10) for start in (0, 1, 2)]
     w = bench_gpu.decode_window(_FakeGenerator(), jobs, prompt_len=100, warmup_steps=2, device=torch.device("cpu"))
     # all three have a token after iteration 2; the window opens 2 later (counts 5, 4, 3) and closes
     # at iteration 9, where job 0 finishes (counts 10, 9, 8): 5 steps of 3 tokens
     assert w["steps"] == 5 and w["tokens"] == 15
     assert w["mean_context"] == pytest.approx(100 + (4 + 9) / 2)
-    assert w["seconds"] >= 0
+    assert w["seconds"] == 9 ** 2 - 4 ** 2                     # from after iteration 4 to after iteration 9
 
 
 def test_decode_window_too_short_is_an_error():

@@ -445,11 +445,35 @@ def test_prefix_dicts_and_tries(toks, kind):
         assert found == expected
 
 
+def trie_entries(trie) -> dict[str, list[int]]:
+    """Every string a char trie holds, with its token ids."""
+    found, stack = {}, [("", trie)]
+    while stack:
+        prefix, node = stack.pop()
+        if node.leaf:
+            found[prefix] = sorted(node.leaf)
+        stack += [(prefix + c, child) for c, child in node.children.items()]
+    return found
+
+
 def test_lazy_init_false_builds_views(dirs):
+    """lazy_init=False builds every view at construction, and each equals what a lazy tokenizer's
+    getter builds on first use; a lazy tokenizer builds none up front."""
     tok = ExLlamaV2Tokenizer(make_config(dirs["metaspace"]), lazy_init=False)
-    for attr in ("id_to_ord", "id_to_piece", "id_to_piece_with_special", "piece_to_id",
-                 "prefix_to_ids", "prefix_id_to_ids", "char_trie", "char_trie_ci"):
-        assert getattr(tok, attr) is not None, attr
+    lazy = ExLlamaV2Tokenizer(make_config(dirs["metaspace"]))
+    views = ("id_to_ord", "id_to_piece", "id_to_piece_with_special", "piece_to_id",
+             "prefix_to_ids", "prefix_id_to_ids", "char_trie", "char_trie_ci")
+    built = {attr: getattr(tok, attr) for attr in views}            # read before any getter runs
+    assert all(getattr(lazy, attr) is None for attr in views)
+    assert built["id_to_ord"] == lazy.get_id_to_ord_list()
+    assert built["id_to_piece"] == lazy.get_id_to_piece_list()
+    assert built["id_to_piece_with_special"] == lazy.get_id_to_piece_list(include_special_tokens=True)
+    assert built["piece_to_id"] == lazy.get_piece_to_id_dict()
+    assert built["prefix_to_ids"] == lazy.get_prefix_to_ids_dict() and len(built["prefix_to_ids"]) > 100
+    assert built["prefix_id_to_ids"] == lazy.get_prefix_id_to_ids_dict()
+    assert trie_entries(built["char_trie"]) == trie_entries(lazy.get_char_trie())
+    assert trie_entries(built["char_trie_ci"]) == trie_entries(lazy.get_char_trie_ci())
+    assert trie_entries(built["char_trie"]) != trie_entries(built["char_trie_ci"])
 
 
 def test_prefix_id_dict_covers_config_vocab(dirs):
