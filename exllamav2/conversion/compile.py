@@ -26,12 +26,16 @@ _SKIP_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".safetensors.ind
 
 
 def replaced_tensors(model) -> set[str]:
-    """Input tensors that quantized layers replace: each linear's own weight and bias, or the fused
-    checkpoint tensor it was sliced from. A tied head replaces nothing (the embedding stays)."""
+    """Input tensors that quantized layers replace: each linear's own weight and bias, or the fused (or stacked
+    expert) checkpoint tensor it was sliced from. A tied head replaces nothing (the embedding stays)."""
     index = model.config.index
     names: set[str] = set()
     for module in model.modules[1:]:
         for lin in linears_of(module):
+            stacked = getattr(lin, "stacked_source", lambda: None)()     # an expert sliced from a stacked tensor
+            if stacked is not None:
+                names.add(stacked[0])
+                continue
             for key in (lin.key, lin.fused[0] if lin.fused else None):
                 if key and index.has(f"{key}.weight"):
                     names.update({f"{key}.weight", f"{key}.bias"})
