@@ -147,9 +147,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         reuse = self._reusable_prefix(ids, loras, input_mask, position_offsets, embeddings)
         self.indexed_embeddings = embeddings
 
-        self.settings = gen_settings
-        # mirostat starts from a mu the caller put in the settings, as upstream; it then lives here
-        self.mirostat_mu = None if gen_settings.mirostat_mu is None else list(gen_settings.mirostat_mu)
+        self._use_settings(gen_settings)
         self.loras = loras
         self.input_mask = input_mask
         self.position_offsets = position_offsets
@@ -185,6 +183,12 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         for f in self.filters:
             f.background_drop()
             f.begin("")
+
+    def _use_settings(self, gen_settings: ExLlamaV2Sampler.Settings) -> None:
+        """The stream's sampler settings, and mirostat's running target: it starts from a mu the caller
+        put in the settings, as upstream, and then lives here, so the caller's settings are never written."""
+        self.settings = gen_settings
+        self.mirostat_mu = None if gen_settings.mirostat_mu is None else list(gen_settings.mirostat_mu)
 
     def _check_stream_input(self, input_ids: torch.Tensor, gen_settings: ExLlamaV2Sampler.Settings,
                             token_healing: bool, banned_strings: list[str] | None,
