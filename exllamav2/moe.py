@@ -254,20 +254,31 @@ class ExLlamaV2MoEMLP(ExLlamaV2MLP):
                     loras: list | None = None) -> torch.Tensor:
         """Σ_k weight_k · expert_k(x) per token. The (token, k) pairs are sorted by expert so that each expert
         used runs once, one matmul per projection over all of its tokens; experts no token chose never run."""
+        if x.shape[0] == 1:                         # one token (decode): its k experts in turn, nothing to group
+            w = weights[0].to(x.dtype)
+            out = None
+            for j, e in enumerate(chosen[0].tolist()):
+                y = self.experts[e].project(x, loras) * w[j]
+                out = y if out is None else out.add_(y)
+            return out
         k = chosen.shape[-1]
         flat = chosen.reshape(-1)
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         tokens = order // k
         w = weights.reshape(-1)[order].to(x.dtype).unsqueeze(-1)
-        out = torch.zeros_like(x)
+        # each expert's weighted outputs in sorted order, then put back in (token, k) order and summed over k:
+        # one scatter for the layer instead of one index_add per expert
+        rows_out = x.new_empty(flat.shape[0], x.shape[-1])
         start = 0
         for e, n in enumerate(counts):
             if n:
-                rows = tokens[start : start + n]
-                out.index_add_(0, rows, self.experts[e].project(x[rows], loras) * w[start : start + n])
-                start += n
-        return out
+                end = start + n
+                torch.mul(self.experts[e].project(x[tokens[start:end]], loras), w[start:end], out=rows_out[start:end])
+                start = end
+        out = torch.empty_like(rows_out)
+        out[order] = rows_out
+        return out.view(x.shape[0], k, x.shape[-1]).sum(dim=1)
 
 
 def make_mlp(model, layer_key: str, layer_idx: int) -> ExLlamaV2MLP:
