@@ -18,7 +18,13 @@ import torch
 
 import convert
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q8, ExLlamaV2Config
-from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+from exllamav2.generator import (
+    ExLlamaV2BaseGenerator,
+    ExLlamaV2DynamicGenerator,
+    ExLlamaV2DynamicJob,
+    ExLlamaV2Sampler,
+    ExLlamaV2StreamingGenerator,
+)
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
 from tests.tiny_models import build_tiny_model, write_tokenizer
 
@@ -111,6 +117,30 @@ def test_fp16_greedy_through_the_dynamic_generator_matches_transformers(arch, co
     want = hf.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
                        attention_mask=torch.ones_like(PROMPT))[0, PROMPT.shape[1]:].tolist()
     assert dynamic_greedy(model, tokenizer) == want
+
+
+def test_fp16_greedy_through_the_base_and_streaming_generators(arch, converted):
+    src, _, hf = converted(arch)
+    model, tokenizer = load(src)
+    want = hf.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+                       attention_mask=torch.ones_like(PROMPT))[0, PROMPT.shape[1]:].tolist()
+    settings = ExLlamaV2Sampler.Settings.greedy()
+    text = "The function returns the value of the"     # the base generator takes text
+    ids = tokenizer.encode(text, add_bos=True)
+    text_want = hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
+                            attention_mask=torch.ones_like(ids))[0, ids.shape[1]:].tolist()
+    eos = tokenizer.eos_token_id
+    text_want = text_want[: text_want.index(eos)] if eos in text_want else text_want
+    base = ExLlamaV2BaseGenerator(model, ExLlamaV2Cache(model, max_seq_len=256), tokenizer)
+    base.generate_simple(text, settings, NEW_TOKENS, add_bos=True)
+    assert base.sequence_ids[0, ids.shape[1]:].tolist()[: len(text_want)] == text_want
+    stream = ExLlamaV2StreamingGenerator(model, ExLlamaV2Cache(model, max_seq_len=256), tokenizer)
+    stream.set_stop_conditions([])
+    stream.begin_stream_ex(PROMPT, settings)
+    got = []
+    while len(got) < NEW_TOKENS:
+        got += stream.stream_ex()["chunk_token_ids"][0].tolist()
+    assert got[:NEW_TOKENS] == want
 
 
 @pytest.mark.parametrize("cache_class", [ExLlamaV2Cache_Q8, ExLlamaV2Cache_Q4])

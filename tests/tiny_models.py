@@ -47,10 +47,10 @@ ARCH_SPECS: dict[str, tuple] = {
     "gemma2": ("Gemma2Config", {"head_dim": 16, "query_pre_attn_scalar": 16, "sliding_window": 8,
                                 "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0}),
     "phi3": ("Phi3Config", {}),
-    # 128k Phi-3 / Phi-3.5 / Phi-4-mini: LongRoPE, short factors up to 32 positions, long ones beyond
-    "phi3_longrope": ("Phi3Config", {"original_max_position_embeddings": 32, "rope_parameters": {
+    # 128k Phi-3 / Phi-3.5 / Phi-4-mini: LongRoPE, short factors up to 64 positions, long ones beyond
+    "phi3_longrope": ("Phi3Config", {"original_max_position_embeddings": 64, "rope_parameters": {
         "rope_type": "longrope", "rope_theta": 10000.0, "short_factor": [1.0 + 0.1 * i for i in range(8)],
-        "long_factor": [1.0 + 0.7 * i for i in range(8)], "original_max_position_embeddings": 32}}),
+        "long_factor": [1.0 + 0.7 * i for i in range(8)], "original_max_position_embeddings": 64}}),
     "qwen3": ("Qwen3Config", {"head_dim": 16}),
     "gemma": ("GemmaConfig", {"head_dim": 16}),
     "gemma3": ("Gemma3TextConfig", _GEMMA3),
