@@ -30,7 +30,7 @@ def assert_matches(ours: torch.Tensor, ref: torch.Tensor) -> None:
     tol = 1e-2 * ref.abs().max().item()
     assert (ours - ref).abs().max().item() < tol
     agree = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert agree >= 0.98
+    assert agree >= 0.99
 
 
 def test_full_prompt(arch, tiny_model_factory):
