@@ -377,3 +377,35 @@ def test_extension_matches_pytorch_path(arch, paged, real_kernels, tiny_model_fa
     assert (with_kernels - without)[~moved].abs().max().item() < 1e-2 * without.abs().max().item()
     with torch.no_grad():
         assert (with_kernels.argmax(-1) == hf(ids).logits.argmax(-1)).float().mean().item() >= 0.9
+
+
+def test_speculative_decoding_with_a_dense_draft(tiny_model_factory, tmp_path):
+    """An MoE main model drafted by a dense model (the tiny Llama, same vocabulary): greedy output equals the
+    generator's without drafting (the main model verifies several tokens per pass through the grouped path)."""
+    import shutil
+
+    from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+    from exllamav2.tokenizer import ExLlamaV2Tokenizer
+
+    dirs = []
+    for arch in ("mixtral", "llama"):
+        shutil.copytree(tiny_model_factory(arch)[0], tmp_path / arch)
+        write_tokenizer(tmp_path / arch)
+        dirs.append(tmp_path / arch)
+    main, draft = load(dirs[0]), load(dirs[1])
+    tok = ExLlamaV2Tokenizer(main.config)
+    ids = prompt(12, seed=9)
+
+    def run(**kw) -> list[int]:
+        gen = ExLlamaV2DynamicGenerator(main, ExLlamaV2Cache(main, max_seq_len=256), tok, **kw)
+        gen.enqueue(ExLlamaV2DynamicJob(ids, 24, gen_settings=ExLlamaV2Sampler.Settings.greedy(), stop_conditions=[]))
+        out = []
+        while gen.num_remaining_jobs():
+            for r in gen.iterate():
+                if r["stage"] == "streaming":
+                    out += r["token_ids"][0].tolist()
+        return out
+
+    plain = run()
+    drafted = run(draft_model=draft, draft_cache=ExLlamaV2Cache(draft, max_seq_len=256), num_draft_tokens=4)
+    assert len(plain) == 24 and drafted == plain
