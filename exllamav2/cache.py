@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .tensor_p import tensor_parallel_missing
+from .errors import InputError
 
 if TYPE_CHECKING:
     from .model import ExLlamaV2
@@ -143,7 +144,7 @@ class ExLlamaV2CacheBase:
 
     def check_room(self, new_tokens: int) -> None:
         if self.current_seq_len + new_tokens > self.max_seq_len:
-            raise ValueError(
+            raise InputError(
                 f"cache overflow: {self.current_seq_len} tokens held + {new_tokens} new > "
                 f"max_seq_len {self.max_seq_len}; create the cache with a larger max_seq_len "
                 f"or drop old context"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .module import ExLlamaV2Module, TensorShapeError
+from .errors import InputError
 
 EMBEDDING_INDEX = 1_000_000_000   # ids at or above this index refer to supplied embeddings (upstream)
 
@@ -45,7 +46,7 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
         plain = ids if extra is None else ids.masked_fill(extra, 0)
         if plain.numel() and (int(plain.min()) < 0 or int(plain.max()) >= vocab):
             bad = int(plain.min()) if int(plain.min()) < 0 else int(plain.max())
-            raise ValueError(
+            raise InputError(
                 f"token id {bad} is outside the vocabulary (size {vocab}); check the tokenizer matches the model"
             )
         x = self.weight[plain].to(dtype)
@@ -57,7 +58,7 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
         if self.pos_weight is not None:
             positions = attn_params.positions_on(self.pos_weight.device)
             if int(positions.max()) >= self.pos_weight.shape[0]:
-                raise ValueError(f"position {int(positions.max())} is past the {self.pos_weight.shape[0]} learned "
+                raise InputError(f"position {int(positions.max())} is past the {self.pos_weight.shape[0]} learned "
                                  f"positions of this model (max_position_embeddings)")
             x = x + self.pos_weight[positions].to(x.device, dtype)
         return x

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from . import ext
 from .module import ExLlamaV2Module, TensorShapeError
+from .errors import MissingTensorError
 
 
 _KERNEL_MAX_ROWS = 16       # rows up to which the CPU fp16-weight kernel beats converting for a GEMM
@@ -59,7 +60,7 @@ class ExLlamaV2Linear(ExLlamaV2Module):
                 return key
         if self.fused and self.has(f"{self.fused[0]}.weight"):
             return self.fused[0]
-        raise KeyError(
+        raise MissingTensorError(
             f"no weights for linear layer {self.key!r} (looked for .weight, .q_weight, .qweight) in "
             f"{', '.join(self.index.files)}"
         )

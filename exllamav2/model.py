@@ -32,6 +32,7 @@ from .norm import make_norm
 from .parallel import ExLlamaV2ParallelDecoder
 from .rope import RopeTables
 from .tensor_p import tensor_parallel_missing
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +331,7 @@ class ExLlamaV2:
         if not self.loaded:
             raise RuntimeError("model is not loaded: call model.load() (or load_autosplit) before forward()")
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+            raise InputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         loras = as_lora_list(loras, self)       # one adapter or a list, as upstream takes it
         if isinstance(cache, (list, tuple)):    # one cache per batch row (upstream's multi-cache form)
             return forward_per_row_caches(self, input_ids, cache, input_mask, preprocess_only, last_id_only, loras,
@@ -345,7 +346,7 @@ class ExLlamaV2:
             return self._forward_chunk(input_ids, None, params, preprocess_only, last_id_only,
                                        loras, return_last_state, cpu_logits, **kwargs)
         if bsz > cache.batch_size:
-            raise ValueError(f"batch of {bsz} sequences but the cache holds {cache.batch_size}; "
+            raise InputError(f"batch of {bsz} sequences but the cache holds {cache.batch_size}; "
                              f"create the cache with batch_size={bsz}")
         cache.check_room(length)
         past0 = cache.current_seq_len

@@ -21,7 +21,6 @@ import shutil
 import signal
 import struct
 import traceback
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -38,24 +37,6 @@ CASE_SECONDS = 20                 # a case slower than this counts as a hang
 DEMO_EXL2 = Path(__file__).resolve().parents[1] / "examples" / "demo_model" / "exl2"
 RAW = (KeyError, IndexError, AttributeError, TypeError)
 
-# (file owned by others, builtin error) raised there that names the culprit but is not yet an ExLlamaV2Error:
-# tolerated for now, each reported to its owner (issue 18) and collected in KNOWN so the test summary
-# shows them. Anything else raw (RAW), unnamed, non-finite or hanging fails.
-TOLERATED = {
-    ("embedding.py", ValueError): "embedding: token id outside the vocabulary should raise InputError",
-    ("cache.py", ValueError): "cache: overflow should raise InputError",
-    ("model.py", ValueError): "model.forward cache handling: batch above the cache's should raise InputError",
-    ("params.py", ValueError): "attn params: a mask of the wrong width should raise InputError",
-    ("linear.py", KeyError): "linear._source_key: a layer without weights should raise MissingTensorError",
-}
-# Cases that still end in a raw error from a file owned elsewhere, each reported to its owner (issue 18).
-# They are run and listed in the warning; remove an entry once its owner has fixed it.
-OPEN_FINDINGS = {
-    case: "generator/sampler.py: wrong sampler settings are accepted silently; the generators should call "
-          "exllamav2.inputs.check_sampler_settings(settings) where a job or stream begins"
-    for case in ("dynamic temperature=-1", "dynamic top_p=1.5", "simple top_k=-3")
-}
-KNOWN: list[str] = []
 
 Mutation = Callable[[Path], None]
 
@@ -130,9 +111,6 @@ def outcome(case_id: str, run: Callable[[], None], culprits: list[str]) -> str |
     except (ValueError, KeyError) as e:
         frame = traceback.extract_tb(e.__traceback__)[-1]
         where = Path(frame.filename).name
-        if (where, type(e)) in TOLERATED and any(c in str(e) for c in culprits):
-            KNOWN.append(f"{case_id}: {where}: {str(e)[:160]}")
-            return None
         kind = "raw " if isinstance(e, RAW) else ""
         return f"{case_id}: {kind}{type(e).__name__} at {where}:{frame.lineno}: {str(e)[:300]}"
     except Exception as e:  # noqa: BLE001: everything else is what the fuzz looks for
@@ -158,10 +136,6 @@ def run_cases(cases: list[tuple[str, Mutation, list[str]]], base: Path, tmp: Pat
 
 
 def report(problems: list[str], count: int) -> None:
-    if KNOWN:
-        warnings.warn(f"{len(KNOWN)} cases end in a known finding in a file owned elsewhere "
-                      f"(tolerated, reported):\n" + "\n".join(KNOWN[:20]))
-        KNOWN.clear()
     assert not problems, f"{len(problems)} of {count} cases failed (FUZZ_SEED={SEED}):\n" + "\n".join(problems)
 
 
@@ -626,9 +600,7 @@ def test_fuzz_runtime_misuse(loaded):
     problems = []
     for case_id, run, culprits in cases:
         problem = outcome(case_id, run, culprits)
-        if problem and case_id in OPEN_FINDINGS and "accepted silently" in problem:
-            KNOWN.append(f"{problem} [open finding: {OPEN_FINDINGS[case_id]}]")
-        elif problem:
+        if problem:
             problems.append(problem)
     report(problems, len(cases))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .metadata import AttnMetadata
+from ..errors import InputError
 
 
 def _key_mask(input_mask: torch.Tensor | None, k_len: int, q_len: int) -> torch.Tensor | None:
@@ -18,13 +19,13 @@ def _key_mask(input_mask: torch.Tensor | None, k_len: int, q_len: int) -> torch.
         return None
     mask = input_mask if input_mask.dtype == torch.bool else input_mask > -1.0
     if mask.dim() != 2:
-        raise ValueError(f"input_mask must be (batch, length), got shape {tuple(input_mask.shape)}")
+        raise InputError(f"input_mask must be (batch, length), got shape {tuple(input_mask.shape)}")
     width = mask.shape[1]
     if width >= k_len:
         return mask[:, :k_len]
     if width == q_len:   # mask covers only the new tokens: earlier (cached) keys are all valid
         return torch.cat((mask.new_ones(mask.shape[0], k_len - q_len), mask), dim=1)
-    raise ValueError(
+    raise InputError(
         f"input_mask has {width} columns but attention spans {k_len} keys ({k_len - q_len} cached + "
         f"{q_len} new); pass a mask covering the whole sequence or only the new tokens"
     )
