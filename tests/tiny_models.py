@@ -86,6 +86,11 @@ ARCH_SPECS: dict[str, tuple] = {
         "rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}, {
         "vision_config": {"depth": 1, "embed_dim": 32, "hidden_size": 64, "num_heads": 2},
         "image_token_id": 255, "video_token_id": 254, "vision_start_token_id": 253}),
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", {"head_dim": 16, "rope_parameters": {
+        "rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}}, {
+        "vision_config": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                          "out_hidden_size": 64, "fullatt_block_indexes": [0]},
+        "image_token_id": 255, "video_token_id": 254, "vision_start_token_id": 253}),
 }
 
 # Mixtures of experts: 4 experts, top-2 (Qwen3-MoE: a dense layer among sparse ones; Qwen2-MoE: the shared expert
