@@ -409,3 +409,50 @@ def test_speculative_decoding_with_a_dense_draft(tiny_model_factory, tmp_path):
     plain = run()
     drafted = run(draft_model=draft, draft_cache=ExLlamaV2Cache(draft, max_seq_len=256), num_draft_tokens=4)
     assert len(plain) == 24 and drafted == plain
+
+
+def _gptq(w: torch.Tensor, group: int = 32) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """4-bit GPTQ tensors of weight `w` [out, in] (symmetric per group and column: zero 7, so w = (q - 8) * scale),
+    and the weight they dequantize to, in fp16 arithmetic as the loader does."""
+    from exllamav2.quant.exl2 import pack_codes
+
+    wt = w.T.float()                                                   # [K, N]
+    k, n = wt.shape
+    scales = (wt.view(k // group, group, n).abs().amax(1) / 7).clamp_min(1e-4).half()      # [G, N]
+    per_row = scales.float().repeat_interleave(group, 0)
+    q = (wt / per_row).round().clamp(-8, 7).to(torch.int64) + 8
+    zeros = torch.full((n, k // group), 7, dtype=torch.int64)
+    tensors = {"qweight": pack_codes(q, 4), "qzeros": pack_codes(zeros, 4).T.contiguous(), "scales": scales}
+    dq = ((q - 8).half() * scales.repeat_interleave(group, 0)).T      # fp16(q - (z + 1)) * scale, in fp16
+    return tensors, dq
+
+
+def test_gptq_experts_load(tiny_model_factory, tmp_path):
+    """A GPTQ MoE checkpoint (every expert 4-bit GPTQ, router FP16) loads, experts through the GPTQ path, and
+    matches transformers running the dequantized weights."""
+    from safetensors.torch import load_file, save_file
+
+    import shutil
+
+    import transformers
+
+    model_dir, _ = tiny_model_factory("mixtral")
+    tensors = load_file(str(next(Path(model_dir).glob("*.safetensors"))))
+    out = {}
+    for name, t in tensors.items():
+        if ".experts." in name and name.endswith(".weight"):
+            q, dq = _gptq(t)
+            out.update({name.removesuffix("weight") + s: v for s, v in q.items()})
+            tensors[name] = dq
+        else:
+            out[name] = t
+    for name, layout in (("gptq", out), ("dequantized", tensors)):
+        shutil.copytree(model_dir, tmp_path / name, ignore=shutil.ignore_patterns("*.safetensors"))
+        save_file(layout, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dequantized", dtype=torch.float32,
+                                                           attn_implementation="eager")
+    model = load(tmp_path / "gptq")
+    assert all(lin.is_quant() for m in moe_modules(model) for e in m.experts for lin in e.linears())
+    ids = prompt(seed=13)
+    with torch.no_grad():
+        assert_matches(model.forward(ids), hf(ids).logits)
