@@ -456,3 +456,25 @@ def test_gptq_experts_load(tiny_model_factory, tmp_path):
     ids = prompt(seed=13)
     with torch.no_grad():
         assert_matches(model.forward(ids), hf(ids).logits)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_exl2_experts_through_the_kernels(paged, real_kernels, converted, monkeypatch):
+    """The 4.0 bpw Mixtral's experts through the extension's quantized matmul, one QMatrix per expert projection
+    (emulated CUDA on the CPU, or a GPU), against the PyTorch twins in float16: within 2% on the tokens routed
+    alike (the bound test_kernel_dispatch.py holds the EXL2 demo model to), few rerouted."""
+    import exllamav2.ext as ext
+
+    load_kernels, kernels = real_kernels
+    monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "matmul")
+    exl2_dir = converted("mixtral")[1][4.0]
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(6))
+    model = load_kernels(exl2_dir)
+    with_kernels, routes_k = routed_logits(model, lambda m: model_logits(m, ids, paged, 6))
+    experts = sum(len(m.experts) for m in moe_modules(model))
+    assert kernels.calls["QMatrix"] >= 3 * experts - 3 * 2     # every expert a token reached (expert 3 may not be)
+    monkeypatch.setattr(ext, "kernels_for", lambda device: None)
+    without, routes = routed_logits(load_kernels(exl2_dir), lambda m: model_logits(m, ids, paged, 6))
+    moved = flipped(routes, routes_k, ids.shape)
+    assert moved.float().mean() <= MAX_FLIPS
+    assert (with_kernels - without)[~moved].abs().max().item() < 2e-2 * without.abs().max().item()
