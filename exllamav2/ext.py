@@ -5,18 +5,27 @@ Importing this module does no work and never raises. The first call of `load_ext
 access of upstream's `exllamav2.ext.exllamav2_ext` / `ext_c`) decides once per process and logs one line
 saying which path is in use; a JIT build logs its progress and is cached by torch across processes.
 A failed import or build is recorded as a reason (`unavailable_reason()`), never raised.
+
+The CPU kernels (`cpu_kernels()`) are built once per key (sources, torch, Python ABI, compiler, flags) into
+cache_root() (EXLLAMA_CACHE_DIR, default ~/.cache/exllamav2), shared by every venv and checkout, under a lock
+that a killed builder cannot keep (see `cached_build`). EXLLAMA_CPU_ISA=avx2 forces the AVX2 kernels.
 """
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import logging
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -102,6 +111,10 @@ def kernels_for_tensor(t: torch.Tensor) -> ModuleType | None:
 _cpu_resolved = False
 _cpu_module: ModuleType | None = None
 CPU_ISA_VAR = "EXLLAMA_CPU_ISA"     # auto (default), avx2 or avx512: which CPU kernels run (avx2 to test that path)
+CACHE_VAR = "EXLLAMA_CACHE_DIR"     # where CPU kernel builds are kept (default ~/.cache/exllamav2)
+BUILD_WAIT_VAR = "EXLLAMA_BUILD_WAIT_S"
+DEFAULT_BUILD_WAIT_S = 900.0        # longest wait for another process's build of the same key
+COMPLETE_MARKER = "complete"
 
 
 def cpu_kernels() -> ModuleType | None:
@@ -152,15 +165,83 @@ def _build_cpu() -> ModuleType:
 
     if not cpp_extension.is_ninja_available():
         raise _Unavailable("ninja is not installed (pip install ninja)")
-    with _progress(f"building {build.CPU_EXT_NAME} (CPU kernels)"):
-        return cpp_extension.load(
-            name=build.CPU_EXT_NAME,
-            sources=build.cpu_sources(),
-            # the headers' hash in the flags: torch's cache key covers only the .cpp files
-            extra_cflags=build.CPU_CXX_FLAGS + [f"-DEXL_CPU_SOURCES={build.cpu_source_hash()}"],
-            extra_ldflags=build.CPU_LD_FLAGS,
-            verbose=log.isEnabledFor(logging.DEBUG),
-        )
+    # the headers' hash in the flags too: torch's own check covers only the .cpp files
+    flags = build.CPU_CXX_FLAGS + [f"-DEXL_CPU_SOURCES={build.cpu_source_hash()}"]
+    return cached_build(build.CPU_EXT_NAME, build.cpu_sources(), flags, build.CPU_LD_FLAGS)
+
+
+def cache_root() -> Path:
+    explicit = os.environ.get(CACHE_VAR)
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exllamav2"
+
+
+def _compiler_id() -> str:
+    cxx = os.environ.get("CXX", "c++")
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return f"{cxx}: {out.splitlines()[0] if out else 'unknown'}"
+
+
+def cached_build(name: str, sources: list[str], cflags: list[str], ldflags: list[str]) -> ModuleType:
+    """Build (or load the finished build of) a CPU extension in cache_root()/<name>-<key>, the key hashing what
+    the build depends on, so every venv and checkout with the same inputs shares one build. One process builds
+    at a time, under an flock the kernel drops when its holder dies; a build directory without the marker of a
+    finished build (its builder was killed) is cleared and built again."""
+    from torch.utils import cpp_extension
+
+    python_tag = f"{sys.implementation.cache_tag}-{sys.abiflags}"
+    key = build.cpu_build_key(torch.__version__, python_tag, _compiler_id(), [*cflags, "|", *ldflags])
+    directory = cache_root() / f"{name}-{key}"
+    wait_s = float(os.environ.get(BUILD_WAIT_VAR) or DEFAULT_BUILD_WAIT_S)
+    with _build_lock(directory.with_name(directory.name + ".lock"), wait_s, directory):
+        finished = (directory / COMPLETE_MARKER).exists()
+        if not finished:
+            shutil.rmtree(directory, ignore_errors=True)       # a killed build's leftovers, torch's lock file included
+            directory.mkdir(parents=True)
+        (directory / "lock").unlink(missing_ok=True)   # torch's own build lock: stale if left, as we hold ours
+        what = f"loading {name} from {directory}" if finished else f"building {name} (CPU kernels) in {directory}"
+        with _progress(what):
+            module = cpp_extension.load(name=name, sources=sources, extra_cflags=cflags, extra_ldflags=ldflags,
+                                        build_directory=str(directory), verbose=log.isEnabledFor(logging.DEBUG))
+        (directory / COMPLETE_MARKER).write_text(f"{torch.__version__}\n")
+    return module
+
+
+@contextmanager
+def _build_lock(path: Path, wait_s: float, directory: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path`. A holder that dies releases it with its process, so a killed build
+    cannot block later ones; a live holder is waited for at most `wait_s` seconds, then the error says whom and
+    what to delete."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        start = time.monotonic()
+        announced = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                waited = time.monotonic() - start
+                holder = path.read_text().strip() or "another process"
+                if waited > wait_s:
+                    raise _Unavailable(
+                        f"waited {waited:.0f} s for {holder} to finish building {directory}; if no such build is "
+                        f"running, delete {path} and {directory} (or raise {BUILD_WAIT_VAR})"
+                    ) from None
+                if not announced:
+                    log.warning("waiting for %s, which is building %s", holder, directory)
+                    announced = True
+                time.sleep(0.2)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)      # releases the lock
 
 
 def __getattr__(name: str):

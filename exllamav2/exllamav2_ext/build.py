@@ -54,6 +54,15 @@ def cpu_source_hash() -> str:
     return h.hexdigest()[:16]
 
 
+def cpu_build_key(torch_version: str, python_tag: str, compiler: str, flags: Iterable[str]) -> str:
+    """What a CPU kernel build depends on, hashed: the sources (headers included), torch, the Python ABI, the
+    compiler and its flags. Builds with the same key are interchangeable, across venvs and checkouts."""
+    h = hashlib.sha256()
+    for part in (cpu_source_hash(), torch_version, python_tag, compiler, *flags):
+        h.update(part.encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def nocompile(environ: Mapping[str, str]) -> bool:
     """EXLLAMA_NOCOMPILE read by value: unset, empty, 0/false/no/off mean compile; anything else means don't."""
     return environ.get(NOCOMPILE_VAR, "").strip().lower() not in _FALSE

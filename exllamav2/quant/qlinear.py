@@ -14,6 +14,7 @@ the twin). A layer already prepared for the extension's QMatrix keeps that form 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Protocol
 
 import torch
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_DQ_ELEMENTS = 1 << 24        # scratch size cap (elements); wider layers go in column chunks
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_cpu_form_lock = threading.Lock()
 
 
 def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -106,13 +108,15 @@ class QuantWeight:
         """The CPU kernels' layout, built on first use on the CPU where the kernels load; then the file's packed
         tensors are dropped (the layout replaces them, so resident memory stays near the packed size)."""
         if not self._cpu_checked:
-            self._cpu_checked = True
-            if self.device.type == "cpu" and self.use_cpu_kernels and self._kernel_matrix is None:
-                kernels = ext.cpu_kernels()
-                if kernels is not None:
-                    self._cpu = self._cpu_layout()
-                    self._cpu_kernels = kernels
-                    self._release_packed()
+            with _cpu_form_lock:      # two threads' first forwards: one builds, neither sees half-released tensors
+                if not self._cpu_checked and self.device.type == "cpu" and self.use_cpu_kernels \
+                        and self._kernel_matrix is None:
+                    kernels = ext.cpu_kernels()
+                    if kernels is not None:
+                        self._cpu = self._cpu_layout()
+                        self._cpu_kernels = kernels
+                        self._release_packed()
+                self._cpu_checked = True
         return self._cpu
 
     def _cpu_layout(self) -> cpu_layout.CpuQMatrix:
