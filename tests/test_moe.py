@@ -28,7 +28,12 @@ from exllamav2.errors import CheckpointError, ConfigError
 from exllamav2.moe import ExLlamaV2MoEMLP, ExLlamaV2Router
 from tests.test_kernel_dispatch import model_logits, real_kernels  # noqa: F401  (fixture)
 from tests.test_model import (  # noqa: F401  (collected here over the MoE specs: `arch` below)
-    assert_matches, backend, test_full_prompt, test_left_padded_batch, test_prefill_then_decode)
+    assert_matches,
+    backend,
+    test_full_prompt,
+    test_left_padded_batch,
+    test_prefill_then_decode,
+)
 from tests.tiny_models import MOE_SPECS, build_tiny_model, write_tokenizer
 
 VOCAB = 250
@@ -297,7 +302,7 @@ def test_eight_bpw_tracks_fp16(arch, converted):
 
 
 def test_routers_stay_fp16_and_unrouted_experts_are_quantized(converted):
-    src, out, _ = converted("mixtral")
+    out = converted("mixtral")[1]
     with safe_open(str(out[4.0] / "output.safetensors"), "pt") as f:
         names = set(f.keys())
         assert f.get_tensor("model.layers.0.block_sparse_moe.gate.weight").dtype == torch.float16
@@ -317,18 +322,18 @@ def test_quantized_greedy_through_the_dynamic_generator(arch, bpw, converted):
     assert dynamic_greedy(model, tokenizer) == forward_greedy(model)
 
 
-@pytest.mark.parametrize("backend", ["sdpa", "matmul"])
-def test_fp16_greedy_through_the_dynamic_generator_matches_transformers(arch, backend, tiny_model_factory,
+@pytest.mark.parametrize("attn_backend", ["sdpa", "matmul"])
+def test_fp16_greedy_through_the_dynamic_generator_matches_transformers(arch, attn_backend, tiny_model_factory,
                                                                          monkeypatch, tmp_path):
+    import shutil
+
     from tests.test_arch_exl2 import NEW_TOKENS, PROMPT, dynamic_greedy
     from tests.test_arch_exl2 import load as load_with_tokenizer
-
-    import shutil
 
     model_dir, hf = tiny_model_factory(arch)
     shutil.copytree(model_dir, tmp_path / "m")
     write_tokenizer(tmp_path / "m")
-    monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", backend)
+    monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", attn_backend)
     model, tokenizer = load_with_tokenizer(tmp_path / "m")
     want = hf.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0,
                        attention_mask=torch.ones_like(PROMPT))[0, PROMPT.shape[1]:].tolist()
@@ -360,10 +365,10 @@ def test_quantized_cache_tracks_the_fp16_cache(arch, cache_class, bound, max_fli
 
 
 @pytest.mark.parametrize("paged", [False, True])
-def test_extension_matches_pytorch_path(arch, paged, real_kernels, tiny_model_factory, monkeypatch):
+def test_extension_matches_pytorch_path(arch, paged, real_kernels, tiny_model_factory, monkeypatch):  # noqa: F811
     """The MoE models through the real kernels (emulated CUDA on the CPU, or a GPU) against the PyTorch twins,
     both in float16: within 1% on the tokens routed alike, few rerouted; top-1 against transformers >= 90%."""
-    import exllamav2.ext as ext
+    from exllamav2 import ext
 
     load_kernels, _ = real_kernels
     monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "matmul")
@@ -384,7 +389,11 @@ def test_speculative_decoding_with_a_dense_draft(tiny_model_factory, tmp_path):
     generator's without drafting (the main model verifies several tokens per pass through the grouped path)."""
     import shutil
 
-    from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+    from exllamav2.generator import (
+        ExLlamaV2DynamicGenerator,
+        ExLlamaV2DynamicJob,
+        ExLlamaV2Sampler,
+    )
     from exllamav2.tokenizer import ExLlamaV2Tokenizer
 
     dirs = []
@@ -430,11 +439,10 @@ def _gptq(w: torch.Tensor, group: int = 32) -> tuple[dict[str, torch.Tensor], to
 def test_gptq_experts_load(tiny_model_factory, tmp_path):
     """A GPTQ MoE checkpoint (every expert 4-bit GPTQ, router FP16) loads, experts through the GPTQ path, and
     matches transformers running the dequantized weights."""
-    from safetensors.torch import load_file, save_file
-
     import shutil
 
     import transformers
+    from safetensors.torch import load_file, save_file
 
     model_dir, _ = tiny_model_factory("mixtral")
     tensors = load_file(str(next(Path(model_dir).glob("*.safetensors"))))
@@ -459,11 +467,11 @@ def test_gptq_experts_load(tiny_model_factory, tmp_path):
 
 
 @pytest.mark.parametrize("paged", [False, True])
-def test_exl2_experts_through_the_kernels(paged, real_kernels, converted, monkeypatch):
+def test_exl2_experts_through_the_kernels(paged, real_kernels, converted, monkeypatch):  # noqa: F811
     """The 4.0 bpw Mixtral's experts through the extension's quantized matmul, one QMatrix per expert projection
     (emulated CUDA on the CPU, or a GPU), against the PyTorch twins in float16: within 2% on the tokens routed
     alike (the bound test_kernel_dispatch.py holds the EXL2 demo model to), few rerouted."""
-    import exllamav2.ext as ext
+    from exllamav2 import ext
 
     load_kernels, kernels = real_kernels
     monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "matmul")
