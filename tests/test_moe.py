@@ -486,3 +486,40 @@ def test_exl2_experts_through_the_kernels(paged, real_kernels, converted, monkey
     moved = flipped(routes, routes_k, ids.shape)
     assert moved.float().mean() <= MAX_FLIPS
     assert (with_kernels - without)[~moved].abs().max().item() < 2e-2 * without.abs().max().item()
+
+
+@pytest.mark.parametrize("moe_arch", ["mixtral", "qwen2_moe"])
+def test_base_and_streaming_generators(moe_arch, tiny_model_factory, tmp_path):
+    """The other two generators on an MoE model: greedy equals transformers' generate (base: a left-padded batch of
+    two equals each prompt alone; streaming: 20 tokens)."""
+    import shutil
+
+    from exllamav2.generator import (
+        ExLlamaV2BaseGenerator,
+        ExLlamaV2Sampler,
+        ExLlamaV2StreamingGenerator,
+    )
+    from exllamav2.tokenizer import ExLlamaV2Tokenizer
+    from tests.test_generators import hf_greedy
+
+    model_dir, hf = tiny_model_factory(moe_arch)
+    shutil.copytree(model_dir, tmp_path / "m")
+    write_tokenizer(tmp_path / "m")
+    model = load(tmp_path / "m")
+    tok = ExLlamaV2Tokenizer(model.config)
+    greedy = ExLlamaV2Sampler.Settings.greedy
+    prompts = ["Return the value", "Split the string at each separator and"]
+    base = ExLlamaV2BaseGenerator(model, ExLlamaV2Cache(model, batch_size=2, max_seq_len=256), tok)
+    batch = base.generate_simple(prompts, greedy(), 12, add_bos=True, completion_only=True, stop_token=None)
+    single = [base.generate_simple(p, greedy(), 12, add_bos=True, completion_only=True, stop_token=None)
+              for p in prompts]
+    assert batch == single
+    ids = tok.encode(prompts[1], add_bos=True)
+    want = hf_greedy(hf, ids, 20)
+    stream = ExLlamaV2StreamingGenerator(model, ExLlamaV2Cache(model, max_seq_len=256), tok)
+    stream.set_stop_conditions([])
+    stream.begin_stream_ex(ids, greedy())
+    got: list[int] = []
+    while len(got) < 20:
+        got += stream.stream_ex()["chunk_token_ids"][0].tolist()
+    assert got[:20] == want
