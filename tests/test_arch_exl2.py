@@ -161,3 +161,47 @@ def test_quantized_cache_tracks_the_fp16_cache(arch, converted, cache_class):
     got = run(cache_class(model, max_seq_len=64))
     rel_rms = ((got - ref).pow(2).mean().sqrt() / ref.std()).item()
     assert rel_rms < (0.03 if cache_class is ExLlamaV2Cache_Q8 else 0.35)
+
+
+def test_lora_on_every_architecture(arch, converted, tmp_path):
+    """A PEFT-format adapter on each layer's attention output and MLP down projections (never fused in any
+    checkpoint layout) equals transformers with the adapter merged into its weights."""
+    import copy
+    import json
+
+    from safetensors.torch import save_file
+
+    from exllamav2 import ExLlamaV2Lora
+    from exllamav2.model import attention_of
+
+    src, _, hf = converted(arch)
+    model, _ = load(src)
+    merged = copy.deepcopy(hf)
+    params = dict(merged.named_parameters())
+    gen = torch.Generator().manual_seed(13)
+    tensors, r, alpha = {}, 4, 8.0
+    for m in model.modules:
+        attn = attention_of(m)
+        if attn is None:
+            continue
+        mlp = m.mlp if hasattr(m, "mlp") else model.modules[model.modules.index(m) + 1]
+        for lin in (attn.o_proj, mlp.down_proj):
+            a = torch.randn(r, lin.in_features, generator=gen) * 0.1
+            b = torch.randn(lin.out_features, r, generator=gen) * 0.1
+            tensors[f"base_model.model.{lin.key}.lora_A.weight"] = a
+            tensors[f"base_model.model.{lin.key}.lora_B.weight"] = b
+            layers = model.config.arch.keys["layers"]        # transformers' names differ above the layer list
+            tail = layers.rsplit(".", 1)[-1] + lin.key[len(layers):] + ".weight"
+            (name,) = [n for n in params if n.endswith("." + tail) or n == tail]
+            delta = (alpha / r) * (b @ a)
+            with torch.no_grad():
+                params[name] += delta.T if lin.transposed else delta      # GPT-2's Conv1D stores (in, out)
+    save_file(tensors, str(tmp_path / "adapter_model.safetensors"))
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": r, "lora_alpha": alpha}))
+    lora = ExLlamaV2Lora.from_directory(model, str(tmp_path))
+    ids = torch.randint(3, VOCAB, (1, 16), generator=gen)
+    ours = model.forward(ids, loras=[lora])[..., :VOCAB]
+    with torch.no_grad():
+        ref = merged(ids).logits
+        assert (ours - ref).abs().max().item() < 1e-2 * ref.abs().max().item()
+        assert (hf(ids).logits - ref).abs().max().item() > 1e-2 * ref.abs().max().item()   # the adapter matters
