@@ -148,7 +148,8 @@ def measure_copy_bandwidth(device, nbytes: int, repeats: int, warmup: int = 3) -
     seconds = [event_timed(lambda: dst.copy_(src), device) for _ in range(warmup + repeats)][warmup:]
     if not torch.equal(dst, src):
         raise RuntimeError("the bandwidth copy did not reproduce its source")
-    del src, dst
+    src.set_()          # free both buffers before emptying the cache
+    dst.set_()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {

@@ -14,7 +14,6 @@ at once, with the case id and the seed to replay it.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -113,7 +112,7 @@ def outcome(case_id: str, run: Callable[[], None], culprits: list[str]) -> str |
         where = Path(frame.filename).name
         kind = "raw " if isinstance(e, RAW) else ""
         return f"{case_id}: {kind}{type(e).__name__} at {where}:{frame.lineno}: {str(e)[:300]}"
-    except Exception as e:  # noqa: BLE001: everything else is what the fuzz looks for
+    except Exception as e:  # noqa: BLE001 (everything else is what the fuzz looks for)
         where = traceback.extract_tb(e.__traceback__)[-1]
         kind = "raw " if isinstance(e, RAW) else ""
         return (f"{case_id}: {kind}{type(e).__name__} at {Path(where.filename).name}:{where.lineno}: "

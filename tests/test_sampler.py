@@ -799,7 +799,7 @@ def test_sample_with_state_passes_mirostat_mu_and_leaves_settings_alone():
 
 @pytest.fixture(scope="module")
 def tiny_generators(tiny):
-    from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+    from exllamav2 import ExLlamaV2, ExLlamaV2Config
     from exllamav2.tokenizer import ExLlamaV2Tokenizer
 
     config = ExLlamaV2Config(str(tiny[0]))

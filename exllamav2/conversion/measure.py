@@ -99,5 +99,5 @@ def measure_module(module: ExLlamaV2Module, states: torch.Tensor, device: torch.
         detach(module)
     best = max(records, key=lambda r: r["accuracy"])
     log.info("%s: accuracy %.5f at %.2f bpw (best candidate)", name, best["accuracy"],
-             best["total_bits"] / sum(l.in_features * l.out_features for l in linears))
+             best["total_bits"] / sum(lin.in_features * lin.out_features for lin in linears))
     return records, ref

@@ -187,7 +187,7 @@ class Converter:
             job["progress"] = "optimize"
 
     def optimize(self) -> None:
-        numel = {module_name(m): sum(l.in_features * l.out_features for l in linears_of(m))
+        numel = {module_name(m): sum(lin.in_features * lin.out_features for lin in linears_of(m))
                  for m in self.model.modules if is_layer(m)}
         self.job["strategy"] = choose(self.job["measurement"], numel, self.job["bits"])
         self.job["progress"] = "quant"

@@ -10,7 +10,6 @@ vocabulary) are split out and mapped here.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import re
