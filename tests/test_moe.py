@@ -523,3 +523,15 @@ def test_base_and_streaming_generators(moe_arch, tiny_model_factory, tmp_path):
     while len(got) < 20:
         got += stream.stream_ex()["chunk_token_ids"][0].tolist()
     assert got[:20] == want
+
+
+def test_decoder_sparse_step(tmp_path):
+    """Qwen2-MoE with decoder_sparse_step 2: layers 1 and 3 sparse, 0 and 2 dense (intermediate_size), as
+    transformers builds them; logits match."""
+    spec = ("Qwen2MoeConfig", {**MOE_SPECS["qwen2_moe"][1], "decoder_sparse_step": 2, "num_hidden_layers": 4})
+    model_dir, hf = build_tiny_model("qwen2_moe_step", tmp_path, spec=spec)
+    model = load(model_dir)
+    assert [isinstance(m, ExLlamaV2MoEMLP) for m in model.modules[2:-2:2]] == [False, True, False, True]
+    ids = prompt(seed=21)
+    with torch.no_grad():
+        assert_matches(model.forward(ids), hf(ids).logits)
