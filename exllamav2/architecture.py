@@ -146,7 +146,7 @@ _MOE_ROWS = (
     replace(_LLAMA, name="Qwen2MoeForCausalLM",
             moe=replace(_QWEN_MOE, shared_expert="shared_expert", shared_gate="shared_expert_gate")),
     replace(_LLAMA, name="GraniteMoeForCausalLM", moe=_GRANITE_MOE),
-    replace(_LLAMA, name="OlmoeForCausalLM", qk_norm="full", refuse_if=("clip_qkv",), moe=_QWEN_MOE),
+    replace(_LLAMA, name="OlmoeForCausalLM", qk_norm="full", moe=_QWEN_MOE),
 )
 
 # Rows that differ from Llama only in config.json values (multipliers, no-RoPE layers, windows) are

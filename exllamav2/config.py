@@ -235,6 +235,8 @@ class ExLlamaV2Config:
         self.final_logit_softcapping = read("final_logit_softcapping", default=None)
         self.query_pre_attn_scalar = read("query_pre_attn_scalar", default=None)
         self.attention_multiplier = read("attention_multiplier", default=None)
+        clip = read("clip_qkv", default=None)              # OLMoE (DBRX: attn_config.clip_qkv)
+        self.clip_qkv = None if clip is None else float(clip)
         # Granite's residual_multiplier; MiniCPM's scale_depth / sqrt(layers)
         depth = read("scale_depth", default=None)
         self.residual_multiplier = float(read("residual_multiplier", default=1.0)) * (

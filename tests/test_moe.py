@@ -202,13 +202,18 @@ def test_checkpoint_and_config_disagreements_are_refused(changes, error, match, 
         ExLlamaV2(ExLlamaV2Config(str(tmp_path / "m")))
 
 
-def test_olmoe_clip_qkv_is_refused(tiny_model_factory, tmp_path):
-    import shutil
-
-    shutil.copytree(tiny_model_factory("olmoe")[0], tmp_path / "m")
-    _edit_config(tmp_path / "m", clip_qkv=8.0)
-    with pytest.raises(ConfigError, match="clip_qkv"):
-        ExLlamaV2Config(str(tmp_path / "m"))
+def test_olmoe_clip_qkv_matches_transformers(tmp_path):
+    """OLMoE's clip_qkv clamps q, k and v (after their norms); small enough here that it bites."""
+    cls, overrides = MOE_SPECS["olmoe"]
+    model_dir, hf = build_tiny_model("olmoe_clip", tmp_path / "m", spec=(cls, {**overrides, "clip_qkv": 0.5}))
+    ids = prompt(24, 31)
+    with torch.no_grad():
+        ref = hf(ids).logits
+        unclipped = hf.config.clip_qkv
+        hf.config.clip_qkv = None
+        assert (hf(ids).logits - ref).abs().max() > 0.1        # the clamp changes the output
+        hf.config.clip_qkv = unclipped
+    assert_matches(load(model_dir).forward(ids), ref)
 
 
 # --- routing-aware comparisons of two computations ------------------------------------------------

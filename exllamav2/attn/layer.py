@@ -83,6 +83,7 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         self.o_proj = ExLlamaV2Linear(model, f"{sub}.{arch.o_proj_key}", qd, h, transposed=arch.transposed_weights)
         self.scale = cfg.attn_scale
         self.softcap = float(cfg.attn_logit_softcapping or 0.0)
+        self.clip_qkv = cfg.clip_qkv
         self.window = cfg.sliding_window if cfg.swa_layers[layer_idx] else 0
         self.rope_style = arch.rope_style if cfg.rope_layers[layer_idx] else RopeStyle.NONE
         self.rope_local = cfg.rope_local(layer_idx)
@@ -113,6 +114,8 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         q = apply_norm(self.q_norm, self.q_proj.forward(h, loras)).view(bsz, q_len, self.num_heads, self.head_dim)
         k = apply_norm(self.k_norm, self.k_proj.forward(h, loras)).view(bsz, q_len, self.num_kv_heads, self.head_dim)
         v = self.v_proj.forward(h, loras).view(bsz, q_len, self.num_kv_heads, self.head_dim)
+        if self.clip_qkv is not None:           # OLMoE: q, k and v clamped after their norms
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         q, k = rotate_qk(q, k, attn_params, self.model.rope_tables(self.device, self.rope_local), self.rope_style)
         opts = dict(scale=self.scale, window=self.window, softcap=self.softcap)
 
