@@ -35,6 +35,10 @@ class MoESpec:
     # stacked layouts under <layer>: (gate_up, down) tensors [experts, 2 x inter (gate rows first), hidden] and
     # [experts, hidden, inter]; transformers 5 writes these with save_original_format=False
     stacked: tuple = (("mlp.experts.gate_up_proj", "mlp.experts.down_proj"),)
+    # stacked layouts of three tensors under <layer>: (gate, up, down), each [experts x rows, in] or
+    # [experts, rows, in]; DBRX stores down as [experts x inter, hidden], i.e. (in, out) per expert
+    stacked_glu: tuple = ()
+    stacked_down_transposed: bool = False
     # "softmax_topk": softmax over all experts, then top-k; "topk_softmax": softmax over the top-k logits
     scoring: str = "softmax_topk"
     renormalize: bool | None = None       # top-k weights renormalised to sum 1; None: config.json's norm_topk_prob
@@ -149,6 +153,16 @@ _MOE_ROWS = (
     replace(_LLAMA, name="OlmoeForCausalLM", qk_norm="full", moe=_QWEN_MOE),
 )
 
+# DBRX: fused Wqkv (clip_qkv read generically), LayerNorm without bias, experts stored as three flat tensors
+_DBRX_MOE = MoESpec(block="ffn", router="router.layer", experts="experts.mlp", expert_keys=("w1", "v1", "w2"),
+                    stacked=(), stacked_glu=(("ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2"),),
+                    stacked_down_transposed=True)
+_DBRX = replace(_LLAMA, name="DbrxForCausalLM", norm="layernorm", attn_key="norm_attn_norm.attn", fused_qkv="Wqkv",
+                o_proj_key="out_proj", attn_norm="norm_attn_norm.norm_1", mlp_norm="norm_attn_norm.norm_2",
+                kv_heads_key="kv_n_heads", activation_key="ffn_act_fn", moe=_DBRX_MOE,
+                keys={"embed": "transformer.wte", "layers": "transformer.blocks", "norm": "transformer.norm_f",
+                      "head": "lm_head"})
+
 # Rows that differ from Llama only in config.json values (multipliers, no-RoPE layers, windows) are
 # Llama's row under their own name: those values are read generically by ExLlamaV2Config.
 ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
@@ -168,6 +182,7 @@ ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
     replace(_COHERE, name="Cohere2ForCausalLM", global_nope=True),
     _PHI,
     _GLM,
+    _DBRX,
     # Yi's first checkpoints name the norms ln1/ln2; later ones are saved as Llama
     replace(_LLAMA, name="YiForCausalLM", attn_norm="ln1", mlp_norm="ln2"),
     # StableLM 2 and Orion: Llama with LayerNorm (with bias); StableLM's optional parts are refused

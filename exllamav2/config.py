@@ -58,7 +58,9 @@ class _Reader:
     """Reads a key from config.json, or from its text_config (multimodal checkpoints nest the text model)."""
 
     def __init__(self, raw: dict, path: Path) -> None:
-        self.sources = (raw, raw.get("text_config") or {})
+        # DBRX nests its attention and MLP settings in attn_config and ffn_config
+        self.sources = tuple(s for s in (raw, *(raw.get(k) for k in ("text_config", "attn_config", "ffn_config")))
+                             if isinstance(s, dict))
         self.path = path
 
     def __call__(self, *names: str, default: Any = None, required: bool = False) -> Any:
@@ -143,7 +145,8 @@ class ExLlamaV2Config:
         self._read_moe(read, cfg_path)
         self._read_scales(read)
         self._read_token_ids(read, gen)
-        self.max_seq_len = int(read("max_position_embeddings", "max_sequence_length", "n_positions", default=2048))
+        self.max_seq_len = int(read("max_position_embeddings", "max_sequence_length", "n_positions", "max_seq_len",
+                                    default=2048))
         self.original_max_seq_len = self.max_seq_len
         self._read_sliding_window(read)
         self._read_rope(read, cfg_path)
@@ -175,8 +178,8 @@ class ExLlamaV2Config:
 
     def _read_sizes(self, read: "_Reader", cfg_path: Path) -> None:
         self.hidden_size = int(read("hidden_size", "d_model", "n_embd", required=True))
-        self.num_hidden_layers = int(read("num_hidden_layers", "n_layer", required=True))
-        self.num_attention_heads = int(read("num_attention_heads", "n_head", required=True))
+        self.num_hidden_layers = int(read("num_hidden_layers", "n_layer", "n_layers", required=True))
+        self.num_attention_heads = int(read("num_attention_heads", "n_head", "n_heads", required=True))
         if self.arch.kv_heads_key:
             self.num_key_value_heads = int(read(self.arch.kv_heads_key, default=self.num_attention_heads))
         else:                                                  # GPT-2: MHA; GPTBigCode: multi_query, one kv head
@@ -190,13 +193,14 @@ class ExLlamaV2Config:
         self.head_dim = int(read("head_dim", default=self.hidden_size // self.num_attention_heads))
         mult = self.arch.default_intermediate_mult      # GPT-2's n_inner: null means mult x hidden
         self.intermediate_size = int(read("n_inner", default=mult * self.hidden_size) if mult else
-                                     read("intermediate_size", required=True))
+                                     read("intermediate_size", "ffn_hidden_size", required=True))
         self.vocab_size = int(read("vocab_size", required=True))
         self.norm_eps = float(read("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps",
                                    default=1e-5))
         self.tie_word_embeddings = bool(read("tie_word_embeddings", default=self.arch.default_tie_word_embeddings))
         self.torch_dtype = read("torch_dtype", "dtype", default="float16")
         act = read(self.arch.activation_key, default="silu")
+        act = act.get("name") if isinstance(act, dict) else act       # DBRX: ffn_act_fn {"name": "silu"}
         if act not in ACTIVATIONS:
             raise ConfigError(f"{cfg_path}: {self.arch.activation_key} {act!r} is not supported "
                               f"(supported: {', '.join(ACTIVATIONS)})")
@@ -217,11 +221,16 @@ class ExLlamaV2Config:
         if self.num_experts_per_token > self.num_experts:
             raise ConfigError(f"{cfg_path}: num_experts_per_tok {self.num_experts_per_token} exceeds the "
                               f"{self.num_experts} experts")
-        self.moe_intermediate_size = int(read("moe_intermediate_size", default=self.intermediate_size))
+        self.moe_intermediate_size = int(read("moe_intermediate_size", "ffn_hidden_size", default=self.intermediate_size))
         self.shared_expert_intermediate_size = int(read("shared_expert_intermediate_size",
                                                         default=self.intermediate_size))
         spec_norm = self.arch.moe.renormalize
         self.moe_norm_topk_prob = bool(read("norm_topk_prob", default=False)) if spec_norm is None else spec_norm
+        p = read("moe_normalize_expert_weights", default=None)      # DBRX: top-k weights over their p-norm
+        if p is not None:
+            if float(p) != 1.0:
+                raise ConfigError(f"{cfg_path}: moe_normalize_expert_weights {p} is not supported (only 1, the sum)")
+            self.moe_norm_topk_prob = True
         # Qwen-MoE: every decoder_sparse_step-th layer is sparse, except mlp_only_layers
         step = int(read("decoder_sparse_step", default=1))
         dense = set(read("mlp_only_layers", default=[]))

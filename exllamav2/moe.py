@@ -98,7 +98,9 @@ class _StackedTensors:
 
     def get(self, name: str) -> torch.Tensor:
         if name not in self.tensors:
-            self.tensors[name] = self.module.load_tensor(name)
+            t = self.module.load_tensor(name)
+            # DBRX stores [experts x rows, in]: seen as [experts, rows, in]
+            self.tensors[name] = t.view(self.module.num_experts, -1, t.shape[-1]) if t.dim() == 2 else t
         return self.tensors[name]
 
     def clear(self) -> None:
@@ -111,8 +113,8 @@ class ExLlamaV2ExpertLinear(ExLlamaV2Linear):
     stacked layouts as (tensor name, first row, end row); the first present in the checkpoint is used."""
 
     def __init__(self, model, key: str, in_features: int, out_features: int, expert: int,
-                 stacked: tuple[tuple[str, int, int], ...], source: _StackedTensors) -> None:
-        super().__init__(model, key, in_features, out_features)
+                 stacked: tuple[tuple[str, int, int], ...], source: _StackedTensors, transposed: bool = False) -> None:
+        super().__init__(model, key, in_features, out_features, transposed=transposed)
         self.expert = expert
         self.stacked = stacked
         self.source = source
@@ -145,7 +147,8 @@ class ExLlamaV2ExpertLinear(ExLlamaV2Linear):
             return super().load_tensor(name, shape)
         tensor_name, start, end = stacked
         w = self.source.get(tensor_name)
-        if w.dim() != 3 or self.expert >= w.shape[0] or w.shape[1] < end or w.shape[2] != self.in_features:
+        last = self.out_features if self.transposed else self.in_features      # stored (in, out) when transposed
+        if w.dim() != 3 or self.expert >= w.shape[0] or w.shape[1] < end or w.shape[2] != last:
             raise TensorShapeError(
                 f"tensor {tensor_name!r} in {self.index.file_of(tensor_name)} has shape {tuple(w.shape)}; expert "
                 f"{self.expert} needs (>{self.expert}, >={end}, {self.in_features}): config.json and the weights "
@@ -209,10 +212,15 @@ class ExLlamaV2MoEMLP(ExLlamaV2MLP):
         gate_k, up_k, down_k = (f"{self.key}.{spec.experts}.{e}.{k}" for k in spec.expert_keys)
         gate_up = tuple((f"{layer_key}.{gu}", 0, i) for gu, _ in spec.stacked)       # gate rows first, then up
         up = tuple((f"{layer_key}.{gu}", i, 2 * i) for gu, _ in spec.stacked)
+        down_rows = i if spec.stacked_down_transposed else h
         down = tuple((f"{layer_key}.{d}", 0, h) for _, d in spec.stacked)
+        gate_up += tuple((f"{layer_key}.{g}", 0, i) for g, _, _ in spec.stacked_glu)   # three separate tensors
+        up += tuple((f"{layer_key}.{u}", 0, i) for _, u, _ in spec.stacked_glu)
+        down += tuple((f"{layer_key}.{d}", 0, down_rows) for _, _, d in spec.stacked_glu)
         return _Expert(ExLlamaV2ExpertLinear(self.model, gate_k, h, i, e, gate_up, self.source),
                        ExLlamaV2ExpertLinear(self.model, up_k, h, i, e, up, self.source),
-                       ExLlamaV2ExpertLinear(self.model, down_k, i, h, e, down, self.source), self.act)
+                       ExLlamaV2ExpertLinear(self.model, down_k, i, h, e, down, self.source,
+                                             transposed=spec.stacked_down_transposed), self.act)
 
     def submodules(self) -> list[ExLlamaV2Module]:
         # the linears in the converter's order (linears_of): experts 0..n-1 (gate, up, down), then the shared one

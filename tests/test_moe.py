@@ -75,8 +75,10 @@ def test_layout_and_config(arch, tiny_model_factory):
     cfg = model.config
     assert (cfg.num_experts, cfg.num_experts_per_token) == (4, 2)
     sparse = [isinstance(m, ExLlamaV2MoEMLP) for m in model.modules[2:-2:2]]
-    want = [type(layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe).__name__.endswith(("Moe", "MoE",
-            "SparseMoeBlock")) for layer in hf.model.layers]
+    layers = hf.model.layers if hasattr(hf, "model") else hf.transformer.blocks      # DBRX: transformer.blocks
+    blocks = [next(getattr(layer, k) for k in ("mlp", "block_sparse_moe", "ffn") if hasattr(layer, k))
+              for layer in layers]
+    want = [type(b).__name__.endswith(("Moe", "MoE", "SparseMoeBlock", "DbrxFFN")) for b in blocks]
     assert sparse == want
     if arch == "qwen3_moe":
         assert sparse == [True, False, True]            # mlp_only_layers=[1]
@@ -285,7 +287,7 @@ def converted(tmp_path_factory):
     return make
 
 
-EXL2_ARCHS = ("mixtral", "qwen2_moe", "granitemoe")    # per-expert w1/w3/w2; shared expert; stacked source
+EXL2_ARCHS = ("mixtral", "qwen2_moe", "granitemoe", "dbrx")   # per-expert; shared expert; stacked; flat stacked
 
 
 @pytest.mark.parametrize("arch", EXL2_ARCHS)

@@ -107,6 +107,10 @@ MOE_SPECS: dict[str, tuple] = {
     "granitemoe": ("GraniteMoeConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0,
                                         "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 2.0}),
     "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
+    # fused Wqkv with clip_qkv, bias-free LayerNorm, experts as three flat tensors (down stored transposed)
+    "dbrx": ("DbrxConfig", {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 256,
+                            "attn_config": {"kv_n_heads": 2, "clip_qkv": 2.0, "rope_theta": 10000.0},
+                            "ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2}}),
 }
 
 
