@@ -1,6 +1,11 @@
-"""The CPU fp16-weight kernel against plain fp32 matmul (both instruction-set paths, 1 and 2 threads), the\nkernel lookup, and the model with and without it."""
+"""The CPU fp16-weight kernel against plain fp32 matmul (both instruction-set paths, 1 and 2 threads), the
+kernel lookup, and the model with and without it."""
 
 from __future__ import annotations
+
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -111,3 +116,23 @@ def test_fp16_weights_on_the_cpu_match_fp32_weights(tiny_model_factory, monkeypa
     model, without = _decode_logits(model_dir)
     assert model.modules[1].q_proj.weight.dtype == torch.float32
     torch.testing.assert_close(with_kernel, without, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernels
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
+def test_avx512_instructions_stay_in_the_avx512_kernels():
+    """The library must run on AVX2-only CPUs: AVX-512 registers and EVEX-only instructions may appear only in
+    functions of the exlcpu::avx512 namespace (reached after the run-time CPU check), never in shared code."""
+    listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", kernels.__file__],
+                             capture_output=True, text=True, check=True).stdout
+    evex = re.compile(r"zmm|[xy]mm(1[6-9]|2[0-9]|3[01])\b|\{1to|%k[0-7]|vpternlog|vpermt2|kmov")
+    function, offenders, seen = "", set(), 0
+    for line in listing.splitlines():
+        if line.endswith(">:"):
+            function = line
+        elif evex.search(line):
+            seen += 1
+            if "exlcpu::avx512::" not in function:
+                offenders.add(function)
+    assert not offenders
+    assert seen > 0 or kernels.isa() == "avx2"
