@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 
 from .. import ext
-from .metadata import AttnMetadata
+from .metadata import AttnMetadata, paged_metadata
 
 if TYPE_CHECKING:
     from .devices import DeviceInfo
@@ -93,7 +93,11 @@ class AttentionBackend:
         scale: float,
         window: int = 0,
         softcap: float = 0.0,
+        meta: AttnMetadata | None = None,
     ) -> torch.Tensor:
+        """Append k_new/v_new to the pages at cache_seqlens and attend over each sequence. `meta` is the paged
+        batch's metadata (PagedParams.paged_metadata, built once per forward); without it, it is built here,
+        which costs a host sync for the longest sequence."""
         kernels = paged_kernels_for(q, k_pages, v_pages)
         if kernels is not None:
             return kernels.paged_attention(
@@ -101,16 +105,10 @@ class AttentionBackend:
                 cache_seqlens, scale, window, softcap,
             )
         write_pages(k_pages, v_pages, k_new, v_new, block_table, cache_seqlens)
-        seqlens = cache_seqlens.long() + q.shape[1]
-        k, v = gather_pages(k_pages, v_pages, block_table, int(seqlens.max()))
-        meta = AttnMetadata(
-            batch_size=q.shape[0],
-            q_len=q.shape[1],
-            k_len=k.shape[1],
-            past_len=cache_seqlens.long(),
-            key_lengths=seqlens,
-        )
+        meta = meta or paged_metadata(cache_seqlens, q.shape[1])
+        k, v = gather_pages(k_pages, v_pages, block_table, meta.k_len)
         return self.attend(q, k, v, meta, scale=scale, window=window, softcap=softcap)
+
 
 
 def _slots(block_table: torch.Tensor, positions: torch.Tensor, page_size: int) -> torch.Tensor:

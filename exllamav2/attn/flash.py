@@ -136,12 +136,13 @@ class FlashAttnBackend(AttentionBackend):
         return out
 
     def attend_paged(
-        self, q, k_new, v_new, k_pages, v_pages, block_table, cache_seqlens, *, scale, window=0, softcap=0.0
+        self, q, k_new, v_new, k_pages, v_pages, block_table, cache_seqlens, *, scale, window=0, softcap=0.0,
+        meta=None,
     ):
         if not self.paged_native or k_pages.shape[1] % PAGE_MULTIPLE:
             return super().attend_paged(
                 q, k_new, v_new, k_pages, v_pages, block_table, cache_seqlens,
-                scale=scale, window=window, softcap=softcap,
+                scale=scale, window=window, softcap=softcap, meta=meta,
             )
         # appends k_new/v_new at cache_seqlens[b] in place, then attends over the whole sequence
         return self._kvcache(

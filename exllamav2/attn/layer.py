@@ -125,7 +125,8 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
             kc, vc = cache.get_kv_state(self.layer_idx, 1, 0, q_len, page, seqlens, block_table)
             k_pages = kc.view(-1, page, self.num_kv_heads, self.head_dim)
             v_pages = vc.view(-1, page, self.num_kv_heads, self.head_dim)
-            out = self.backend.attend_paged(q, k, v, k_pages, v_pages, block_table, seqlens, **opts)
+            out = self.backend.attend_paged(q, k, v, k_pages, v_pages, block_table, seqlens,
+                                            meta=attn_params.paged_metadata(self.device), **opts)
             cache.store_kv_state(self.layer_idx, 1, 0, q_len, page, seqlens, block_table)
         elif cache is not None:
             past = attn_params.past_len

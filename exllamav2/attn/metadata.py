@@ -70,3 +70,12 @@ class AttnMetadata:
         if self.key_mask is not None:
             vis = vis & self.key_mask.to(device).bool().unsqueeze(1)
         return vis.unsqueeze(1)
+
+
+def paged_metadata(cache_seqlens: torch.Tensor, q_len: int, max_key_len: int | None = None) -> AttnMetadata:
+    """The metadata of a paged batch: q_len new tokens after cache_seqlens[b] cached ones per sequence; keys
+    gathered up to the longest sequence (`max_key_len` when the caller knows it, else read from the tensor)."""
+    seqlens = cache_seqlens.long() + q_len
+    k_len = max_key_len if max_key_len is not None else int(seqlens.max())
+    return AttnMetadata(batch_size=cache_seqlens.shape[0], q_len=q_len, k_len=k_len,
+                        past_len=cache_seqlens.long(), key_lengths=seqlens)

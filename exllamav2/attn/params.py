@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .metadata import AttnMetadata
+from .metadata import AttnMetadata, paged_metadata
 from ..errors import InputError
 
 
@@ -113,10 +113,21 @@ class PagedParams(_PositionsMixin):
         self._rope: dict = {}
         self._positions: dict = {}
         self._dev: dict = {}
+        self._meta: dict = {}
 
     def positions(self) -> torch.Tensor:
         return self.cache_seqlens.cpu().long().view(-1, 1) + torch.arange(self.seq_len)
 
+
+    def paged_metadata(self, device: torch.device) -> AttnMetadata:
+        """The batch's metadata on `device`, built once per forward for every layer there: the longest
+        sequence comes from max_cache_seqlen (the generator knows it) or one read of the lengths, not one per
+        layer."""
+        if device not in self._meta:
+            if not self.max_cache_seqlen:
+                self.max_cache_seqlen = int(self.cache_seqlens.max())
+            self._meta[device] = paged_metadata(self.on(device)[1], self.seq_len, self.max_cache_seqlen + self.seq_len)
+        return self._meta[device]
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """block table and cache lengths on a device, moved once."""
