@@ -236,3 +236,27 @@ def test_longrope_switches_to_long_factors_past_the_original_length(tiny_model_f
     with torch.no_grad():
         assert_matches(model.forward(ids), hf(ids).logits)
         assert_matches(model.forward(ids[:, :20]), hf(ids[:, :20]).logits)
+
+
+def test_paged_forward_builds_its_metadata_once(tiny_model_factory, monkeypatch):
+    """A paged forward through the gather fallback: one metadata and one visibility mask for all layers, and
+    the longest sequence taken from the generator's max_cache_seqlen instead of read back per layer."""
+    import exllamav2.attn.params as params_module
+    from exllamav2.attn.metadata import AttnMetadata
+    from exllamav2.attn.params import PagedParams
+
+    monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "matmul")
+    model_dir, hf = tiny_model_factory("llama")
+    model = load(model_dir)
+    built, masks = [], []
+    original, visibility = params_module.paged_metadata, AttnMetadata._visibility
+    monkeypatch.setattr(params_module, "paged_metadata", lambda *a: built.append(a) or original(*a))
+    monkeypatch.setattr(AttnMetadata, "_visibility", lambda self, *a: masks.append(a) or visibility(self, *a))
+    ids = torch.randint(3, VOCAB, (1, 8), generator=torch.Generator().manual_seed(10))
+    cache = ExLlamaV2Cache(model, max_seq_len=256)
+    table = torch.zeros(1, 1, dtype=torch.int32)
+    params = PagedParams(1, table, torch.tensor([0], dtype=torch.int32), max_cache_seqlen=0, page_size=256, q_len=8)
+    logits = model.forward(ids, cache, attn_params=params)
+    assert model.config.num_hidden_layers > 1 and len(built) == 1 and len(masks) == 1
+    with torch.no_grad():
+        assert_matches(logits, hf(ids).logits)
