@@ -322,3 +322,17 @@ def test_dry_run_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "needs a CUDA GPU" in out and "generator b2/b1, ours sdpa" in out
     assert (tmp_path / "r-logs" / "ours-sdpa.log").is_file()
+
+
+def test_gpu_check_script_stops_clearly_without_a_gpu(tmp_path):
+    """benchmarks/gpu_check.sh on a machine without a GPU: exit 2 and one line saying why, before any build."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the script would run for minutes")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    run = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "out")})
+    assert run.returncode == 2
+    assert "no CUDA device: this check needs an NVIDIA GPU" in run.stderr
+    assert "build the extension" not in run.stdout
