@@ -93,3 +93,36 @@ def test_a_build_killed_midway_then_a_load(tmp_path):
     again = subprocess.run([sys.executable, "-c", BUILD, str(src)], env=env, capture_output=True, text=True,
                            timeout=300)
     assert "answer 42" in again.stdout and "building" not in again.stderr     # reused, not rebuilt
+
+
+@needs_compiler
+def test_two_environments_and_checkouts_share_one_build(tmp_path):
+    """A second virtual environment (its own sys.prefix; torch reached through a .pth file) running a second
+    checkout (a copy of the package elsewhere) finds the first one's build: the key holds no path."""
+    import venv
+
+    src = tmp_path / "tiny.cpp"
+    src.write_text(TINY)
+    env = dict(os.environ, EXLLAMA_CACHE_DIR=str(tmp_path / "cache"))
+    env.pop("CXX", None)
+    first = subprocess.run([sys.executable, "-c", BUILD, str(src)], env=dict(env, PYTHONPATH=str(REPO)),
+                           capture_output=True, text=True, timeout=300)
+    assert "answer 42" in first.stdout, first.stderr[-3000:]
+    (built,) = (tmp_path / "cache").glob("*/*.so")
+    stamp = built.stat().st_mtime_ns
+
+    checkout = tmp_path / "checkout"
+    shutil.copytree(REPO / "exllamav2", checkout / "exllamav2", ignore=shutil.ignore_patterns("__pycache__"))
+    other = tmp_path / "venv"
+    venv.EnvBuilder(with_pip=False).create(other)
+    python = other / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    import torch
+
+    (Path(purelib) / "parent_env.pth").write_text(str(Path(torch.__file__).parents[1]) + "\n")
+    second = subprocess.run([str(python), "-c", BUILD, str(src)], env=dict(env, PYTHONPATH=str(checkout)),
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert "answer 42" in second.stdout, second.stderr[-3000:]
+    assert list((tmp_path / "cache").glob("*/*.so")) == [built]     # the same build directory
+    assert built.stat().st_mtime_ns == stamp                       # reused, not rebuilt
