@@ -43,26 +43,7 @@ def parse_groups(key: str, q_groups: torch.Tensor, q_rows: int, in_features: int
 
     The last group's row count is K minus the earlier groups' rows (its word rows are rounded up
     when it is short), as the kernels do (§3.8a)."""
-    if in_features > MAX_IN_FEATURES:
-        raise ValueError(
-            f"{key}: in_features {in_features} > {MAX_IN_FEATURES}; EXL2 stores the permutation as "
-            f"uint16, so this layer cannot be EXL2 (re-quantize it as FP16 or split it)"
-        )
-    if q_groups.dim() != 1 or q_groups.numel() == 0 or q_groups.numel() % 2:
-        raise ValueError(
-            f"{key}.q_groups: expected a 1-D tensor of (bits, q_weight start row) pairs, "
-            f"got shape {tuple(q_groups.shape)}; the file is damaged, re-convert the model"
-        )
-    pairs = q_groups.tolist()
-    bits = pairs[0::2]
-    starts = pairs[1::2]
-    for g, b in enumerate(bits):
-        if b not in EXL2_BITS:
-            raise ValueError(
-                f"{key}.q_groups: group {g} has unsupported bit width {b}; EXL2 widths are {EXL2_BITS}"
-            )
-    if starts[0] != 0:
-        raise ValueError(f"{key}.q_groups: the first group must start at q_weight row 0, not {starts[0]}")
+    bits, starts = _group_pairs(key, q_groups, in_features)
     groups: list[Exl2Group] = []
     row = 0
     for g, (b, s0) in enumerate(zip(bits, starts)):
@@ -75,31 +56,9 @@ def parse_groups(key: str, q_groups: torch.Tensor, q_rows: int, in_features: int
                 f"group starts must increase and lie inside q_weight (truncated or damaged file)"
             )
         if last:
-            rows = in_features - row
-            if rows <= 0:
-                raise ValueError(
-                    f"{key}.q_groups: the groups before the last already hold {row} rows, but "
-                    f"in_features is {in_features}; q_groups does not match this layer"
-                )
-            words = -(-rows * b // 32)
-            if s1 - s0 < words:
-                raise ValueError(
-                    f"{key}.q_weight: truncated: {q_rows} rows, but q_groups and in_features="
-                    f"{in_features} need {s0 + words} (last group: {rows} rows at {b} bits)"
-                )
-            if s1 - s0 > words:
-                raise ValueError(
-                    f"{key}.q_weight: {q_rows} rows, but q_groups and in_features={in_features} "
-                    f"need exactly {s0 + words}; the rows of q_groups do not sum to in_features"
-                )
+            words, rows = _last_group_size(key, b, s0, s1, q_rows, row, in_features)
         else:
-            words = s1 - s0
-            if (words * 32) % b:
-                raise ValueError(
-                    f"{key}.q_groups: group {g} spans {words} q_weight rows, not a whole number of "
-                    f"{b}-bit rows; q_groups is inconsistent"
-                )
-            rows = words * 32 // b
+            words, rows = _group_size(key, g, b, s1 - s0)
         groups.append(Exl2Group(b, s0, words, row, rows))
         row += rows
         if row > in_features:
@@ -108,6 +67,62 @@ def parse_groups(key: str, q_groups: torch.Tensor, q_rows: int, in_features: int
                 f"the rows of q_groups do not sum to in_features"
             )
     return groups
+
+
+def _group_pairs(key: str, q_groups: torch.Tensor, in_features: int) -> tuple[list[int], list[int]]:
+    """(bit widths, q_weight start rows) of the groups, checked for shape, widths and the first start."""
+    if in_features > MAX_IN_FEATURES:
+        raise ValueError(
+            f"{key}: in_features {in_features} > {MAX_IN_FEATURES}; EXL2 stores the permutation as "
+            f"uint16, so this layer cannot be EXL2 (re-quantize it as FP16 or split it)"
+        )
+    if q_groups.dim() != 1 or q_groups.numel() == 0 or q_groups.numel() % 2:
+        raise ValueError(
+            f"{key}.q_groups: expected a 1-D tensor of (bits, q_weight start row) pairs, "
+            f"got shape {tuple(q_groups.shape)}; the file is damaged, re-convert the model"
+        )
+    pairs = q_groups.tolist()
+    bits, starts = pairs[0::2], pairs[1::2]
+    for g, b in enumerate(bits):
+        if b not in EXL2_BITS:
+            raise ValueError(
+                f"{key}.q_groups: group {g} has unsupported bit width {b}; EXL2 widths are {EXL2_BITS}"
+            )
+    if starts[0] != 0:
+        raise ValueError(f"{key}.q_groups: the first group must start at q_weight row 0, not {starts[0]}")
+    return bits, starts
+
+
+def _group_size(key: str, g: int, b: int, words: int) -> tuple[int, int]:
+    """(word rows, rows) of a group before the last: its word rows must hold whole b-bit rows."""
+    if (words * 32) % b:
+        raise ValueError(
+            f"{key}.q_groups: group {g} spans {words} q_weight rows, not a whole number of "
+            f"{b}-bit rows; q_groups is inconsistent"
+        )
+    return words, words * 32 // b
+
+
+def _last_group_size(key: str, b: int, s0: int, s1: int, q_rows: int, row: int, in_features: int) -> tuple[int, int]:
+    """(word rows, rows) of the last group: the rows left of in_features, in exactly the word rows left."""
+    rows = in_features - row
+    if rows <= 0:
+        raise ValueError(
+            f"{key}.q_groups: the groups before the last already hold {row} rows, but "
+            f"in_features is {in_features}; q_groups does not match this layer"
+        )
+    words = -(-rows * b // 32)
+    if s1 - s0 < words:
+        raise ValueError(
+            f"{key}.q_weight: truncated: {q_rows} rows, but q_groups and in_features="
+            f"{in_features} need {s0 + words} (last group: {rows} rows at {b} bits)"
+        )
+    if s1 - s0 > words:
+        raise ValueError(
+            f"{key}.q_weight: {q_rows} rows, but q_groups and in_features={in_features} "
+            f"need exactly {s0 + words}; the rows of q_groups do not sum to in_features"
+        )
+    return words, rows
 
 
 def unpack_codes(words: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
@@ -238,25 +253,7 @@ def pack_exl2(
     rows·bits a multiple of 32; scale_codes [G, N]: 0..15 (the scale is (s+1)^2·q_scale_max/256);
     q_scale_max [G]; perm [K]: stored row k holds input feature perm[k]; bias [N] (kept unpadded)."""
     k, n = codes.shape
-    if k > MAX_IN_FEATURES:
-        raise ValueError(f"pack_exl2: K = {k} > {MAX_IN_FEATURES}; EXL2 cannot store this layer")
-    bits_seq = [b for b, _ in groups]
-    if any(b not in EXL2_BITS for b in bits_seq):
-        raise ValueError(f"pack_exl2: bit widths {bits_seq} must come from {EXL2_BITS}")
-    if bits_seq != sorted(bits_seq, reverse=True):
-        raise ValueError(f"pack_exl2: group bit widths {bits_seq} must be in descending order")
-    if sum(r for _, r in groups) != k:
-        raise ValueError(f"pack_exl2: group rows sum to {sum(r for _, r in groups)}, codes have K = {k} rows")
-    if scale_codes.shape != (len(groups), n) or q_scale_max.shape != (len(groups),):
-        raise ValueError(
-            f"pack_exl2: scale_codes {tuple(scale_codes.shape)} / q_scale_max {tuple(q_scale_max.shape)} "
-            f"must be [{len(groups)}, {n}] / [{len(groups)}]"
-        )
-    if scale_codes.min() < 0 or scale_codes.max() > 15:
-        raise ValueError("pack_exl2: scale codes must lie in 0..15")
-    if perm.shape != (k,) or not torch.equal(torch.sort(perm.long()).values, torch.arange(k, device=perm.device)):
-        raise ValueError(f"pack_exl2: perm must be a permutation of 0..{k - 1}")
-
+    _check_pack_args(k, n, groups, scale_codes, q_scale_max, perm)
     np_ = padded_columns(n)
     q_weight, q_groups = [], []
     row = word = 0
@@ -285,6 +282,29 @@ def pack_exl2(
     if bias is not None:
         out["bias"] = bias.to(torch.float16)
     return out
+
+
+def _check_pack_args(k: int, n: int, groups: Sequence[tuple[int, int]], scale_codes: torch.Tensor,
+                     q_scale_max: torch.Tensor, perm: torch.Tensor) -> None:
+    """pack_exl2's arguments against the format: K, bit widths and their order, rows, scales, the permutation."""
+    if k > MAX_IN_FEATURES:
+        raise ValueError(f"pack_exl2: K = {k} > {MAX_IN_FEATURES}; EXL2 cannot store this layer")
+    bits_seq = [b for b, _ in groups]
+    if any(b not in EXL2_BITS for b in bits_seq):
+        raise ValueError(f"pack_exl2: bit widths {bits_seq} must come from {EXL2_BITS}")
+    if bits_seq != sorted(bits_seq, reverse=True):
+        raise ValueError(f"pack_exl2: group bit widths {bits_seq} must be in descending order")
+    if sum(r for _, r in groups) != k:
+        raise ValueError(f"pack_exl2: group rows sum to {sum(r for _, r in groups)}, codes have K = {k} rows")
+    if scale_codes.shape != (len(groups), n) or q_scale_max.shape != (len(groups),):
+        raise ValueError(
+            f"pack_exl2: scale_codes {tuple(scale_codes.shape)} / q_scale_max {tuple(q_scale_max.shape)} "
+            f"must be [{len(groups)}, {n}] / [{len(groups)}]"
+        )
+    if scale_codes.min() < 0 or scale_codes.max() > 15:
+        raise ValueError("pack_exl2: scale codes must lie in 0..15")
+    if perm.shape != (k,) or not torch.equal(torch.sort(perm.long()).values, torch.arange(k, device=perm.device)):
+        raise ValueError(f"pack_exl2: perm must be a permutation of 0..{k - 1}")
 
 
 # quantizing ---------------------------------------------------------------------------------------

@@ -35,7 +35,10 @@ def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tenso
     """A flat buffer of at least `numel` elements, shared per (device, dtype) and grown as needed."""
     buf = _scratch.get((device, dtype))
     if buf is None or buf.numel() < numel:
-        buf = torch.empty(numel, dtype=dtype, device=device)
+        # a normal tensor even when first asked for inside model.forward's inference mode: the buffer outlives
+        # that call, and an inference tensor could not be written to outside inference mode later
+        with torch.inference_mode(False):
+            buf = torch.empty(numel, dtype=dtype, device=device)
         _scratch[(device, dtype)] = buf
     return buf[:numel]
 
