@@ -19,38 +19,7 @@ kernels = ext.cpu_kernels()
 pytestmark = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2/F16C or no compiler)")
 
 
-def _isas() -> list[str]:
-    if kernels is None:
-        return []
-    previous = kernels.isa()
-    out = ["avx2"]
-    try:
-        kernels.set_isa("avx512")
-        out.append("avx512")
-    except RuntimeError:        # an AVX2-only CPU: the AVX-512 path cannot run here
-        pass
-    kernels.set_isa(previous)
-    return out
-
-
-ISAS = _isas()
 DEMO_EXL2 = Path(__file__).resolve().parent.parent / "examples" / "demo_model" / "exl2"
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    previous = kernels.isa()
-    kernels.set_isa(request.param)
-    yield request.param
-    kernels.set_isa(previous)
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
 
 
 class Source:

@@ -16,33 +16,6 @@ kernels = ext.cpu_kernels()
 needs_kernels = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2/F16C or no compiler)")
 
 
-def _isas() -> list[str]:
-    if kernels is None:
-        return []
-    previous, out = kernels.isa(), ["avx2"]
-    try:
-        kernels.set_isa("avx512")
-        out.append("avx512")
-    except RuntimeError:        # AVX2-only CPU
-        pass
-    kernels.set_isa(previous)
-    return out
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    previous = kernels.isa()
-    kernels.set_isa(request.param)
-    yield request.param
-    kernels.set_isa(previous)
-
-
-@pytest.fixture(params=[1, 2])
-def threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
 
 
 @needs_kernels

@@ -1,0 +1,41 @@
+"""Fixtures shared by the CPU kernel tests: each instruction-set path the CPU can run (AVX2 is forced on AVX-512
+CPUs through set_isa) and 1 or 2 torch threads, each restored afterwards. Import the fixtures into a test module."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from exllamav2 import ext
+
+kernels = ext.cpu_kernels()
+
+
+def cpu_isas() -> list[str]:
+    """The kernel paths this CPU runs: AVX2 always, AVX-512 where the CPU has it; none without the kernels."""
+    if kernels is None:
+        return []
+    previous, out = kernels.isa(), ["avx2"]
+    try:
+        kernels.set_isa("avx512")
+        out.append("avx512")
+    except RuntimeError:        # an AVX2-only CPU: the AVX-512 path cannot run here
+        pass
+    kernels.set_isa(previous)
+    return out
+
+
+@pytest.fixture(params=cpu_isas())
+def isa(request):
+    previous = kernels.isa()
+    kernels.set_isa(request.param)
+    yield request.param
+    kernels.set_isa(previous)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
