@@ -24,10 +24,13 @@ from .cache import ExLlamaV2CacheBase
 from .config import ExLlamaV2Config
 from .device import ExLlamaV2DeviceContext
 from .embedding import ExLlamaV2Embedding
+from .forward_args import check_forward_kwargs
 from .inputs import check_input_ids
+from .lora import as_lora_list
 from .linear import ExLlamaV2Linear
 from .moe import make_mlp
 from .module import ExLlamaV2Module, checkpoint_keys_of
+from .multicache import forward_per_row_caches
 from .norm import make_norm
 from .parallel import ExLlamaV2ParallelDecoder
 from .rope import RopeTables
@@ -321,17 +324,10 @@ class ExLlamaV2:
                 last_id_only: bool = False, loras: list | None = None, return_last_state: bool = False,
                 position_offsets: torch.Tensor | None = None, abort_event: threading.Event | None = None,
                 cpu_logits: bool = False, **kwargs):
-        # cache: one cache, or a list with one per batch row
-        from .forward_args import check_forward_kwargs
         check_forward_kwargs(self.forward, kwargs)      # an unknown keyword is an error, not ignored
-        from .lora import as_lora_list
-        from .multicache import forward_per_row_caches
-
         check_input_ids(input_ids)      # integer ids, (batch, length), at least one token: one clear error
         if not self.loaded:
             raise RuntimeError("model is not loaded: call model.load() (or load_autosplit) before forward()")
-        if input_ids.dim() != 2:
-            raise InputError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
         loras = as_lora_list(loras, self)       # one adapter or a list, as upstream takes it
         if isinstance(cache, (list, tuple)):    # one cache per batch row (upstream's multi-cache form)
             return forward_per_row_caches(self, input_ids, cache, input_mask, preprocess_only, last_id_only, loras,
