@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -32,6 +31,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_gpu import cpu_name  # noqa: E402  (a script beside this one; its module level is stdlib only)
 
 SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=4096,
@@ -39,16 +41,6 @@ SHAPE = dict(vocab_size=8192, hidden_size=512, intermediate_size=1024, num_hidde
 HF_DTYPES = ("float32", "bfloat16", "float16")
 HF_ATTN = ("eager", "sdpa")
 HF_EXPERTS = ("eager", "batched_mm", "grouped_mm")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def make_checkpoint(out: Path) -> int:

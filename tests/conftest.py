@@ -49,6 +49,14 @@ def tiny_model_factory(tmp_path_factory):
     return make
 
 
+@pytest.fixture
+def model_copy(tiny_model_factory, tmp_path):
+    """A writable copy of the tiny Llama's directory, for tests that damage it."""
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_model_factory("llama")[0], dst)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """(model_dir, hf_model): the tiny Llama with a 250-id BPE tokenizer, for tests that encode text."""

@@ -19,7 +19,7 @@ from exllamav2 import ExLlamaV2, ExLlamaV2Config
 from exllamav2.architecture import ARCHITECTURES
 from exllamav2.config import ALLOW_UNKNOWN_ARCH_VAR, ConfigError
 from exllamav2.errors import ArchitectureError, CheckpointError
-from tests.tiny_models import build_tiny_model
+from tests.tiny_models import build_tiny_model, rewrite_checkpoint
 
 # Decoders transformers ships that resemble Llama but differ in math or layout.
 CANDIDATES = {
@@ -73,13 +73,9 @@ def test_refusal_is_a_config_error(tiny_model_factory, tmp_path, no_opt_in):
 
 
 def _with_arch(tiny_model_factory, tmp_path, arch, source: str = "llama") -> str:
-    src, _ = tiny_model_factory(source)
-    dst = tmp_path / "model"
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["architectures"] = [arch]
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return str(dst)
+    # any value, None and "" included: the refusal of non-names is tested through this
+    return str(rewrite_checkpoint(tiny_model_factory(source)[0], tmp_path / "model",
+                                  edit=lambda cfg: cfg.update(architectures=[arch])))
 
 
 @pytest.mark.parametrize("arch", [42, None, "llama", ""])

@@ -13,12 +13,6 @@ from exllamav2.module import TensorShapeError
 from exllamav2.stloader import TensorFileError
 
 
-@pytest.fixture
-def model_copy(tiny_model_factory, tmp_path):
-    src, _ = tiny_model_factory("llama")
-    dst = tmp_path / "model"
-    shutil.copytree(src, dst)
-    return dst
 
 
 def test_missing_dir(tmp_path):

@@ -40,6 +40,7 @@ from exllamav2.generator import (
 )
 from tests.test_clients_compat import PATTERN, RegexFilter
 from tests.test_lora import make_adapter, merged_reference
+from tests.test_generators import hf_greedy, load
 
 DEMO = Path(__file__).resolve().parent.parent / "examples" / "demo_model"
 CHAT_PROMPT = "User: How do I use json.dumps?\nChatbort:"
@@ -47,23 +48,9 @@ PROMPT = "The function returns the value of the"
 LORA_PROMPT = "format the string with the given keyword arguments"   # greedy margins >= 0.07 with and without the adapter
 
 
-def hf_greedy(hf, ids: torch.Tensor, n: int) -> list[int]:
-    out = hf.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
-                      attention_mask=torch.ones_like(ids))
-    return out[0, ids.shape[-1]:].tolist()
-
-
-def load_tiny(model_dir: Path, max_seq_len: int = 512):
-    config = ExLlamaV2Config(str(model_dir))
-    config.max_seq_len = max_seq_len
-    model = ExLlamaV2(config)
-    model.load()
-    return model, ExLlamaV2Tokenizer(config)
-
-
 @pytest.fixture(scope="module")
 def tiny_loaded(tiny):
-    model, tok = load_tiny(tiny[0])
+    model, tok = load(tiny[0], 512)
     return model, tok, tiny[1]
 
 

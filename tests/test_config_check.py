@@ -4,7 +4,6 @@ the key and the value, raised by ExLlamaV2Config before any tensor is read."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
@@ -134,12 +133,6 @@ def test_eos_outside_vocab_warns(caplog):
 # through ExLlamaV2Config: the error comes before any tensor file is opened -----------------------
 
 
-@pytest.fixture
-def model_copy(tiny_model_factory, tmp_path):
-    src, _ = tiny_model_factory("llama")
-    dst = tmp_path / "model"
-    shutil.copytree(src, dst)
-    return dst
 
 
 @pytest.mark.parametrize("change,match", [

@@ -4,8 +4,6 @@ transformers are in tests/test_model.py (the `*_mm`, `llava` and `qwen2vl` archi
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import pytest
 import torch
@@ -13,17 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Config
 from exllamav2.errors import ArchitectureError, CheckpointError
+from tests.tiny_models import rewrite_checkpoint
 
 VOCAB = 250
-
-
-def _rewrite(src, dst, rename=lambda k: k, config=lambda c: c) -> str:
-    shutil.copytree(src, dst)
-    for path in dst.glob("*.safetensors"):
-        save_file({rename(k): v for k, v in load_file(path).items()}, path)
-    cfg = json.loads((dst / "config.json").read_text())
-    (dst / "config.json").write_text(json.dumps(config(cfg)))
-    return str(dst)
 
 
 def _native(key: str) -> str:
@@ -48,7 +38,7 @@ def test_both_key_layouts_give_transformers_logits(arch, tiny_model_factory, tmp
     ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = hf(ids).logits
-    native = _rewrite(src, tmp_path / "native", rename=_native)
+    native = str(rewrite_checkpoint(src, tmp_path / "native", rename=_native))
     with caplog.at_level("INFO"):
         for model_dir in (str(src), native):
             torch.testing.assert_close(_logits(model_dir, ids), ref, atol=1e-3, rtol=1e-3)
@@ -60,15 +50,14 @@ def test_unknown_text_model_is_refused(tiny_model_factory, tmp_path):
 
     def text_type(cfg):
         cfg["text_config"]["model_type"] = "mystery"
-        return cfg
 
     with pytest.raises(ArchitectureError, match="LlavaForConditionalGeneration.*'mystery'"):
-        ExLlamaV2Config(_rewrite(src, tmp_path / "m", config=text_type))
+        ExLlamaV2Config(str(rewrite_checkpoint(src, tmp_path / "m", edit=text_type)))
 
 
 def test_unexpected_text_tensor_is_still_refused(tiny_model_factory, tmp_path):
     src, _ = tiny_model_factory("gemma3_mm")
-    dst = _rewrite(src, tmp_path / "m")
+    dst = str(rewrite_checkpoint(src, tmp_path / "m"))
     path = next((tmp_path / "m").glob("*.safetensors"))
     tensors = load_file(path)
     tensors["language_model.model.layers.0.self_attn.extra_norm.weight"] = torch.ones(16, dtype=torch.float16)

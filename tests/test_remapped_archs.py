@@ -5,8 +5,6 @@ on the same weights are the reference."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -15,18 +13,7 @@ from safetensors.torch import load_file, save_file
 import convert
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 from tests.test_model import PROMPT, VOCAB, assert_matches
-from tests.tiny_models import build_tiny_model, write_tokenizer
-
-
-def rewrite(src: Path, dst: Path, arch: str, rename=lambda k: k, config=lambda c: None) -> Path:
-    shutil.copytree(src, dst)
-    for path in dst.glob("*.safetensors"):
-        save_file({rename(k): v.contiguous() for k, v in load_file(path).items()}, path)
-    cfg = json.loads((dst / "config.json").read_text())
-    cfg["architectures"] = [arch]
-    config(cfg)
-    (dst / "config.json").write_text(json.dumps(cfg))
-    return dst
+from tests.tiny_models import build_tiny_model, rewrite_checkpoint, write_tokenizer
 
 
 def check_against(model_dir: Path, hf) -> None:
@@ -53,7 +40,7 @@ def test_yi_norm_names(tiny_model_factory, tmp_path):
             key = key.replace(f".{old}.", f".{new}.")
         return key
 
-    check_against(rewrite(src, tmp_path / "yi", "YiForCausalLM", rename), hf)
+    check_against(rewrite_checkpoint(src, tmp_path / "yi", rename, architecture="YiForCausalLM"), hf)
 
 
 def test_orion_is_llama_with_layernorm(tmp_path):
@@ -61,7 +48,7 @@ def test_orion_is_llama_with_layernorm(tmp_path):
     exactly that math and Orion's key names."""
     spec = ("StableLmConfig", {"partial_rotary_factor": 1.0, "use_qkv_bias": False})
     src, hf = build_tiny_model("orion_ref", tmp_path / "ref", spec=spec)
-    check_against(rewrite(src, tmp_path / "orion", "OrionForCausalLM"), hf)
+    check_against(rewrite_checkpoint(src, tmp_path / "orion", architecture="OrionForCausalLM"), hf)
 
 
 def test_minicpm_scales(tmp_path):
@@ -78,7 +65,7 @@ def test_minicpm_scales(tmp_path):
             del cfg[key]
         cfg.update(scale_emb=scale_emb, scale_depth=scale_depth, dim_model_base=dim_model_base)
 
-    check_against(rewrite(src, tmp_path / "minicpm", "MiniCPMForCausalLM", config=config), hf)
+    check_against(rewrite_checkpoint(src, tmp_path / "minicpm", edit=config, architecture="MiniCPMForCausalLM"), hf)
 
 
 def test_internlm2_grouped_wqkv(tiny_model_factory, tmp_path):
@@ -92,7 +79,7 @@ def test_internlm2_grouped_wqkv(tiny_model_factory, tmp_path):
              ".mlp.down_proj": ".feed_forward.w2", ".input_layernorm": ".attention_norm",
              ".post_attention_layernorm": ".ffn_norm"}
     dst = tmp_path / "internlm2"
-    rewrite(src, dst, "InternLM2ForCausalLM")
+    rewrite_checkpoint(src, dst, architecture="InternLM2ForCausalLM")
     path = next(dst.glob("*.safetensors"))
     tensors = load_file(path)
     out = {}

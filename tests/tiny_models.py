@@ -160,3 +160,22 @@ def write_tokenizer(model_dir: Path) -> None:
     (model_dir / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
     )
+
+
+def rewrite_checkpoint(src: Path, dst: Path, rename=lambda key: key, edit=lambda cfg: None,
+                       architecture: str | None = None) -> Path:
+    """A copy of the model directory `src` at `dst` with its tensors renamed by `rename`, config.json changed in
+    place by `edit` and, if given, its `architectures` entry replaced (a checkpoint in another layout)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for path in dst.glob("*.safetensors"):
+        save_file({rename(k): v.contiguous() for k, v in load_file(path).items()}, path)
+    cfg = json.loads((dst / "config.json").read_text())
+    if architecture:
+        cfg["architectures"] = [architecture]
+    edit(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
