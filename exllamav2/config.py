@@ -140,7 +140,7 @@ class ExLlamaV2Config:
         validate_generation_config(gen, mdir / "generation_config.json")
         read = _Reader(raw, cfg_path)
 
-        self._read_architecture(raw, cfg_path)
+        self._read_architecture(raw, read, cfg_path)
         self._read_sizes(read, cfg_path)
         self._read_moe(read, cfg_path)
         self._read_scales(read)
@@ -158,7 +158,7 @@ class ExLlamaV2Config:
         if not no_tensors:
             self._index_tensors(mdir)
 
-    def _read_architecture(self, raw: dict, cfg_path: Path) -> None:
+    def _read_architecture(self, raw: dict, read: "_Reader", cfg_path: Path) -> None:
         archs = raw.get("architectures")
         if not archs:
             raise ConfigError(
@@ -172,7 +172,7 @@ class ExLlamaV2Config:
         self.arch = arch_params_for(self.architecture, allow_unknown=allow, source=str(cfg_path),
                                     text_model_type=text_type)
         for switch in self.arch.refuse_if:
-            if _Reader(raw, cfg_path)(switch):
+            if read(switch):
                 raise ConfigError(f"{cfg_path}: {switch}: true is not supported for {self.architecture} (its extra "
                                   f"parts are not built, so the output would be wrong)")
 
