@@ -1,32 +1,29 @@
-"""CPU prefill/decode speed and peak memory: exllamav2 (FP16 and EXL2) vs transformers on the same model.
+"""CPU prefill/decode speed: exllamav2 (FP16, EXL2) vs transformers (every dtype x attention) vs llama.cpp (GGUF).
 
-A Llama-shaped model with random weights (default ~125M parameters: hidden 768, 12 layers, GQA
-12/4 heads, MLP 2048, vocab 32000) is written once as an FP16 safetensors checkpoint. Each library
-then runs in its own child process (so peak memory is its own), with the same thread count:
+A Llama-shaped model with random weights (default ~125M parameters: hidden 768, 12 layers, GQA 12/4 heads,
+MLP 2048, vocab 32000) is written once as an FP16 safetensors checkpoint, and from it:
 
-- prefill: one forward over a prompt of --prompt-len tokens into an empty KV cache (median of
-  --repeats runs), reported as prompt tokens per second;
-- decode: --decode-len steps of one token each against the cache, greedy argmax, reported as
-  tokens per second (median of --repeats runs);
-- peak memory: the child's peak resident set size, and its growth over the size after imports.
+- EXL2 checkpoints (--exl2-bpw, default 2.5 4.0 6.0 8.0) made with this package's round-to-nearest EXL2
+  quantizer (exllamav2.quant.exl2: the converter's file format, group layout and act-order permutation, without
+  its calibration, which would take many minutes here), decoded through the CPU kernels; --before adds the first
+  width with the kernels off (dequantize on every forward, for --before-decode-len tokens since it is slow);
+- GGUF files (--gguf-types, default F16 Q8_0 Q4_0 Q4_K_M) for llama.cpp through llama-cpp-python: F16 exported
+  by benchmarks/gguf_export.py, the others quantized by llama.cpp's own quantizer. Without llama-cpp-python (an
+  optional benchmark dependency; benchmarks/README.md says how to build it) these rows are skipped, with why.
 
-EXL2 rows (--exl2-bpw, default 4.0) use checkpoints quantized from the same weights with this package's
-round-to-nearest EXL2 quantizer (exllamav2.quant.exl2: same file format, group layout and act-order
-permutation as the converter, without its calibration, which would take many minutes here), decoded through
-the CPU kernels; with --before, the first width also runs with the kernels switched off (the PyTorch
-dequantize-then-matmul path every earlier version ran, for --before-decode-len tokens since it is slow).
-llama.cpp rows need llama-cpp-python and a GGUF export, neither of which this script sets up: it says so.
+Every row runs in its own child process, at every --threads count, for every --batch-sizes (default 1 and 8:
+batch 8 is eight sequences prefilled and decoded together through each library's own batched path):
+a prefill of --prompt-len tokens per sequence into an empty KV cache, then --decode-len greedy steps, median of
+--repeats per child. Rows, thread counts and the bandwidth measurement alternate over --rounds; each metric
+reports its best round (--aggregate median for the median): on a shared machine other load only slows runs.
 
-The libraries alternate over --rounds child processes each; every metric reports its best round,
-since on a shared machine other load can only slow a run down. The machine's read bandwidth (a sum over a
-1 GiB fp32 tensor per thread count) is printed, with each row's decode share of its roofline (bytes of
-weights read per token / bandwidth).
+The machine's read bandwidth (a sum over a 1 GiB fp32 tensor, per thread count) is printed, and each row's decode
+share of that roofline: decode tokens/s x (weights read per step / batch + KV cache per sequence at the mean
+decode context) / bandwidth. Ratios against llama.cpp (the GGUF type nearest in size) and transformers' fastest
+configuration per metric follow, then the issue-16 targets, met or missed by how much. The CPU, its flags, the
+load average and every row's library version are printed, and written to --json when given.
 
-Both sides run the bare model forward with a KV cache (no sampler, no generator), in the dtype each
-uses on the CPU (recorded). The device (CPU model, cores, threads, library versions) is printed
-with the results and written to --json when given.
-
-    .venv/bin/python benchmarks/bench_cpu.py --threads 1
+    .venv/bin/python benchmarks/bench_cpu.py --json bench_cpu.json
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,6 +41,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))     # the helper modules beside this script
+
+import cpu_report  # noqa: E402
+import gguf_export  # noqa: E402
+
 log = logging.getLogger("bench_cpu")
 
 SHAPE = dict(
@@ -52,33 +53,25 @@ SHAPE = dict(
     num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=4096,
     rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
 )
+# for the tests: small enough that a child is mostly import time, big enough for every format's block sizes
+TINY_SHAPE = dict(SHAPE, vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2)
+EXL2_BITS = {2.5: [3, 2], 4.0: [4], 6.0: [6], 8.0: [8]}
 
 
-# the shared checkpoint ----------------------------------------------------------------------
+# the checkpoints (made in a setup child) ----------------------------------------------------------
 
 
-def make_checkpoint(out: Path, seed: int) -> int:
+def make_checkpoint(out: Path, seed: int, shape: dict) -> int:
     """Random-weight Llama checkpoint (FP16 safetensors + config.json); returns the parameter count."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPE))
+    model = LlamaForCausalLM(LlamaConfig(**shape))
     n_params = sum(p.numel() for p in model.parameters())
     model.to(torch.float16).save_pretrained(out)
     return n_params
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux reports KiB
-
-
-# the two runners (each in its own process) -------------------------------------------------
 
 
 def make_exl2(fp16_dir: Path, out: Path, bpw: float, seed: int) -> None:
@@ -89,9 +82,9 @@ def make_exl2(fp16_dir: Path, out: Path, bpw: float, seed: int) -> None:
 
     from exllamav2.quant import exl2
 
-    bits = {2.5: [3, 2], 4.0: [4], 6.0: [6], 8.0: [8]}.get(bpw)
+    bits = EXL2_BITS.get(bpw)
     if bits is None:
-        raise SystemExit(f"--exl2-bpw {bpw}: choose from 2.5, 4.0, 6.0, 8.0")
+        raise SystemExit(f"--exl2-bpw {bpw}: choose from {', '.join(map(str, EXL2_BITS))}")
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, w in load_file(fp16_dir / "model.safetensors").items():
@@ -116,314 +109,223 @@ def make_exl2(fp16_dir: Path, out: Path, bpw: float, seed: int) -> None:
     (out / "config.json").write_text((fp16_dir / "config.json").read_text())
 
 
-def weight_bytes(model_dir: Path) -> int:
-    """Bytes of the checkpoint's tensors read per decoded token: everything but the embedding table."""
-    from safetensors import safe_open
-
-    size = {"F16": 2, "BF16": 2, "F32": 4, "I32": 4, "I16": 2, "I64": 8}
-    total = 0
-    with safe_open(str(model_dir / "model.safetensors"), "pt") as f:
-        for name in f.keys():
-            if "embed_tokens" not in name:
-                t = f.get_slice(name)
-                n = 1
-                for d in t.get_shape():
-                    n *= d
-                total += n * size.get(t.get_dtype(), 4)
-    return total
-
-
-def read_bandwidth(threads: int) -> float:
-    """GB/s of a sum over a 1 GiB fp32 tensor (best of 5)."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a = torch.ones(2**28)
-    a.sum()
-    best = min(_timed(a.sum) for _ in range(5))
-    return a.nbytes / best / 1e9
-
-
-def _timed(fn) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
-
-
-class OursRunner:
-    name = "exllamav2"
-
-    def __init__(self, model_dir: Path, max_len: int, prompt_len: int, cpu_kernels: bool = True) -> None:
-        from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
-        from exllamav2.quant import QuantWeight
-
-        QuantWeight.use_cpu_kernels = cpu_kernels
-
-        config = ExLlamaV2Config(str(model_dir))
-        config.max_seq_len = max_len
-        config.max_input_len = prompt_len   # one prefill chunk, as the transformers side does
-        config.max_attention_size = prompt_len**2
-        self.model = ExLlamaV2(config)
-        self.model.load()
-        self.cache = ExLlamaV2Cache(self.model, max_seq_len=max_len)
-        self.dtype = str(self.model.dtype)
-        self.attention = ", ".join(f"{p.device.label}: {p.backend}" for p in self.model.attn_plan.devices)
-
-    def prefill(self, ids):
-        self.cache.current_seq_len = 0
-        return self.model.forward(ids, self.cache, last_id_only=True)[:, -1]
-
-    def step(self, token):
-        return self.model.forward(token, self.cache)[:, -1]
-
-
-class TransformersRunner:
-    name = "transformers"
-
-    def __init__(self, model_dir: Path, max_len: int, prompt_len: int, cpu_kernels: bool = True) -> None:
-        import torch
-        from transformers import LlamaForCausalLM
-
-        self.model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-        self.model.eval()
-        self.past = None
-        self.dtype = str(self.model.dtype)
-        self.attention = self.model.config._attn_implementation
-
-    def prefill(self, ids):
-        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        self.past = out.cache
-        return out.logits[:, -1]
-
-    def step(self, token):
-        out = self.model(input_ids=token, cache=self.past, use_cache=True, logits_to_keep=1)
-        self.past = out.cache
-        return out.logits[:, -1]
-
-
-RUNNERS = {r.name: r for r in (OursRunner, TransformersRunner)}
-
-
-def worker(args: argparse.Namespace) -> dict:
-    import torch
-
-    torch.set_num_threads(args.threads)
-    base_rss = rss_bytes()
-    gen = torch.Generator().manual_seed(args.seed)
-    prompt = torch.randint(3, SHAPE["vocab_size"], (1, args.prompt_len), generator=gen)
-    runner = RUNNERS[args.worker](args.model_dir, args.prompt_len + args.decode_len + 8, args.prompt_len,
-                                  cpu_kernels=not args.no_cpu_kernels)
-
-    with torch.inference_mode():
-        runner.prefill(prompt[:, :16])                                     # warm-up
-        prefill_s = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            logits = runner.prefill(prompt)
-            prefill_s.append(time.perf_counter() - t)
-        decode_s = []
-        first_tokens = None
-        for _ in range(args.repeats):
-            logits = runner.prefill(prompt)
-            token = logits.argmax(-1, keepdim=True)
-            tokens = []
-            t = time.perf_counter()
-            for _ in range(args.decode_len):
-                token = runner.step(token).argmax(-1, keepdim=True)
-                tokens.append(int(token))
-            decode_s.append(time.perf_counter() - t)
-            first_tokens = first_tokens or tokens[:8]
-
-    return {
-        "library": runner.name,
-        "dtype": runner.dtype,
-        "attention": runner.attention,
-        "threads": torch.get_num_threads(),
-        "prefill_tokens_per_s": args.prompt_len / statistics.median(prefill_s),
-        "decode_tokens_per_s": args.decode_len / statistics.median(decode_s),
-        "peak_rss_mib": peak_rss_bytes() / 2**20,
-        "rss_growth_mib": (peak_rss_bytes() - base_rss) / 2**20,
-        "first_greedy_tokens": first_tokens,
-    }
-
-
-# the parent: device, children, table -------------------------------------------------------
-
-
-def device_info(threads: int) -> dict:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "device": "cpu",
-        "cpu": cpu,
-        "logical_cores": os.cpu_count(),
-        "threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "load_average_at_start": os.getloadavg(),
-        "cpu_isa": _cpu_isa(),
-    }
-
-
-def _cpu_isa() -> str:
-    from exllamav2 import ext
-
-    kernels = ext.cpu_kernels()
-    return kernels.isa() if kernels is not None else "unavailable"
-
-
-def run_child(args: argparse.Namespace, variant: dict) -> dict:
-    cmd = [
-        sys.executable, __file__, "--worker", variant["library"], "--model-dir", str(variant["dir"]),
-        "--threads", str(args.threads), "--prompt-len", str(args.prompt_len),
-        "--decode-len", str(variant.get("decode_len", args.decode_len)), "--repeats", str(args.repeats),
-        "--seed", str(args.seed),
-    ] + (["--no-cpu-kernels"] if not variant.get("kernels", True) else [])
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{variant['label']} benchmark failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def best_of(runs: list[dict]) -> dict:
-    """Each metric's best over the rounds: on a shared machine other load only ever slows a run."""
-    best = dict(runs[0])
-    for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
-        best[key] = max(r[key] for r in runs)
-    for key in ("peak_rss_mib", "rss_growth_mib"):
-        best[key] = min(r[key] for r in runs)
-    return best
-
-
-def report(device: dict, n_params: int, args: argparse.Namespace, variants: list[dict], results: dict[str, dict],
-           bandwidth: float) -> str:
-    ref = results["transformers fp32"]
-    lines = [
-        f"device: {device['cpu']} ({device['logical_cores']} logical cores), {device['threads']} thread(s); "
-        f"torch {device['torch']}, transformers {device['transformers']}, python {device['python']}; "
-        f"CPU kernels: {device.get('cpu_isa')}",
-        f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, random weights; prompt {args.prompt_len} tokens, "
-        f"decode {args.decode_len} tokens; median of {args.repeats} per process, best of {args.rounds} "
-        f"alternating processes per row",
-        f"read bandwidth ({args.threads} thread(s), 1 GiB fp32 sum): {bandwidth:.1f} GB/s; roofline share = "
-        f"decode tok/s x bytes read per token / bandwidth",
-        "",
-        f"{'':<34}{'prefill tok/s':>14}{'decode tok/s':>13}{'vs transf.':>11}{'roofline':>9}{'peak MiB':>9}"
-        "  dtype / attention",
-    ]
-    for v in variants:
-        r = results[v["label"]]
-        share = r["decode_tokens_per_s"] * v["bytes"] / (bandwidth * 1e9)
-        lines.append(
-            f"{v['label']:<34}{r['prefill_tokens_per_s']:>14.1f}{r['decode_tokens_per_s']:>13.2f}"
-            f"{r['decode_tokens_per_s'] / ref['decode_tokens_per_s']:>10.2f}x{share:>8.0%}"
-            f"{r['peak_rss_mib']:>9.0f}  {r['dtype']} / {r['attention']}"
-        )
-    ours = results["exllamav2 FP16"]
-    same = ours["first_greedy_tokens"] == ref["first_greedy_tokens"]
-    lines.append(f"first greedy tokens agree (FP16 vs transformers): {same}")
-    try:
-        import llama_cpp  # noqa: F401
-        lines.append("llama-cpp-python is installed, but this script has no GGUF export yet: llama.cpp rows skipped")
-    except ImportError:
-        lines.append("llama.cpp rows skipped: llama-cpp-python is not installed (pip install llama-cpp-python)")
-    return "\n".join(lines)
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=1, help="torch threads for every row")
-    p.add_argument("--prompt-len", type=int, default=512)
-    p.add_argument("--decode-len", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2, help="processes per row, alternating")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--exl2-bpw", type=float, nargs="*", default=[4.0], help="EXL2 rows: 2.5, 4.0, 6.0, 8.0")
-    p.add_argument("--before", action=argparse.BooleanOptionalAction, default=True,
-                   help="also run the first EXL2 width without the CPU kernels")
-    p.add_argument("--before-decode-len", type=int, default=8)
-    p.add_argument("--json", type=Path, help="also write the results here")
-    p.add_argument("--worker", choices=sorted(RUNNERS), help=argparse.SUPPRESS)
-    p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--no-cpu-kernels", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--setup", type=Path, help=argparse.SUPPRESS)
-    return p.parse_args()
-
-
-def variants_for(args: argparse.Namespace, root: Path) -> list[dict]:
+def variants_for(args: argparse.Namespace, root: Path, gguf_files: dict[str, Path]) -> list[dict]:
+    """Every row of the table: (label, library, model path, the runner's options)."""
     fp16 = root / "fp16"
-    out = [dict(label="exllamav2 FP16", library="exllamav2", dir=fp16),
-           dict(label="transformers fp32", library="transformers", dir=fp16)]
+    out = [dict(label="exllamav2 FP16", library="exllamav2", path=str(fp16))]
     for i, bpw in enumerate(args.exl2_bpw):
         d = root / f"exl2_{bpw}"
-        log.info("quantizing EXL2 %.1f bpw ...", bpw)
-        make_exl2(fp16, d, bpw, args.seed)
-        out.append(dict(label=f"exllamav2 EXL2 {bpw:.1f} bpw", library="exllamav2", dir=d))
+        out.append(dict(label=f"exllamav2 EXL2 {bpw:.1f} bpw", library="exllamav2", path=str(d), bpw=bpw))
         if i == 0 and args.before:
-            out.append(dict(label=f"exllamav2 EXL2 {bpw:.1f} bpw, no kernel", library="exllamav2", dir=d,
+            out.append(dict(label=f"exllamav2 EXL2 {bpw:.1f} bpw, no kernel", library="exllamav2", path=str(d),
                             kernels=False, decode_len=args.before_decode_len))
-    for v in out:
-        v["bytes"] = weight_bytes(v["dir"])
+    for t, path in gguf_files.items():
+        out.append(dict(label=f"llama.cpp {t}", library="llama.cpp", path=str(path), gguf_type=t))
+    for dtype in args.transformers_dtypes:
+        for attn in args.attention:
+            out.append(dict(label=f"transformers {dtype} {attn}", library="transformers", path=str(fp16),
+                            dtype=dtype, attention=attn))
     return out
 
 
 def setup(args: argparse.Namespace, root: Path) -> dict:
-    """The checkpoints and the bandwidth measurement (run in a child process)."""
-    n_params = make_checkpoint(root / "fp16", args.seed)
-    variants = variants_for(args, root)
-    for v in variants:
-        v["dir"] = str(v["dir"])
-    return {"parameters": n_params, "bandwidth": read_bandwidth(args.threads), "variants": variants}
+    """The checkpoints and GGUF files (run in a child process, so that no measured child inherits its memory)."""
+    shape = TINY_SHAPE if args.tiny else SHAPE
+    n_params = make_checkpoint(root / "fp16", args.seed, shape)
+    for bpw in args.exl2_bpw:
+        log.info("quantizing EXL2 %.1f bpw ...", bpw)
+        make_exl2(root / "fp16", root / f"exl2_{bpw}", bpw, args.seed)
+    skipped = gguf_export.unavailable_reason() if args.gguf_types else None
+    gguf_files = {}
+    if args.gguf_types and skipped is None:
+        gguf_files = gguf_export.make_ggufs(root / "fp16", root / "gguf", args.gguf_types, max(args.threads))
+    return {"parameters": n_params, "llama_cpp_skipped": skipped,
+            "variants": variants_for(args, root, {k: str(v) for k, v in gguf_files.items()})}
+
+
+# the children -------------------------------------------------------------------------------------
+
+
+def read_bandwidth(threads: int, numel: int = 2**28) -> float:
+    """GB/s of a sum over a 1 GiB fp32 tensor (best of 5)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.ones(numel)
+    a.sum()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.nbytes / best / 1e9
+
+
+def make_runner(args: argparse.Namespace, max_len: int):
+    from cpu_runners import LlamaCppRunner, OursRunner, TransformersRunner
+
+    if args.worker == "exllamav2":
+        return OursRunner(args.model_dir, max_len, max(args.batch_sizes), cpu_kernels=not args.no_cpu_kernels)
+    if args.worker == "transformers":
+        return TransformersRunner(args.model_dir, args.dtype, args.attn)
+    return LlamaCppRunner(args.model_dir, args.threads[0], max_len, args.prompt_len)
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """One row at one thread count, every batch size (in a child process of its own)."""
+    import torch
+
+    from cpu_runners import timed_batch
+
+    threads = args.threads[0]
+    torch.set_num_threads(threads)
+    if args.worker == "bandwidth":
+        return {"bandwidth_gb_s": read_bandwidth(threads, 2**22 if args.tiny else 2**28)}
+    vocab = (TINY_SHAPE if args.tiny else SHAPE)["vocab_size"]
+    gen = torch.Generator().manual_seed(args.seed)
+    # the same prompts for every row; sequence 0 is the same at every batch size
+    prompts = torch.randint(3, vocab, (max(args.batch_sizes), args.prompt_len), generator=gen)
+    runner = make_runner(args, args.prompt_len + args.decode_len + 8)
+    batches = {}
+    with torch.inference_mode():
+        for b in args.batch_sizes:
+            batches[str(b)] = timed_batch(runner, prompts[:b], args.decode_len, args.repeats)
+            batches[str(b)]["kv_bytes_per_position"] = runner.kv_bytes_per_position
+    return {
+        "library": runner.library, "version": runner.version, "dtype": runner.dtype, "attention": runner.attention,
+        "threads": torch.get_num_threads() if runner.library != "llama.cpp" else threads,
+        "weight_bytes": runner.weight_bytes, "system_info": getattr(runner, "system_info", None),
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "batches": batches,
+    }
+
+
+def run_child(args: argparse.Namespace, variant: dict, threads: int) -> dict:
+    cmd = [sys.executable, __file__, "--worker", variant["library"], "--model-dir", variant["path"],
+           "--threads", str(threads), "--batch-sizes", *map(str, args.batch_sizes),
+           "--prompt-len", str(args.prompt_len), "--decode-len", str(variant.get("decode_len", args.decode_len)),
+           "--repeats", str(args.repeats), "--seed", str(args.seed)]
+    cmd += ["--dtype", variant["dtype"], "--attn", variant["attention"]] if "dtype" in variant else []
+    cmd += ["--no-cpu-kernels"] if variant.get("kernels") is False else []
+    cmd += ["--tiny"] if args.tiny else []
+    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(threads))
+    if done.returncode != 0:
+        raise RuntimeError(f"{variant['label']} at {threads} thread(s) failed (exit {done.returncode}):\n"
+                           f"{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return env
+
+
+# the parent ---------------------------------------------------------------------------------------
+
+
+def aggregate(runs: list[dict], how: str) -> dict:
+    """Each metric over the rounds: the best (other load on a shared machine only slows a run) or the median."""
+    pick = max if how == "best" else statistics.median
+    out = dict(runs[0], peak_rss_mib=min(r["peak_rss_mib"] for r in runs), batches={})
+    for b, first in runs[0]["batches"].items():
+        out["batches"][b] = dict(first, **{k: pick([r["batches"][b][k] for r in runs])
+                                           for k in ("prefill_tokens_per_s", "decode_tokens_per_s")})
+    return out
+
+
+def measure(args: argparse.Namespace, variants: list[dict]) -> tuple[dict, dict]:
+    """All rows at all thread counts, interleaved: rounds, then thread counts, then rows."""
+    runs: dict[tuple[str, int], list[dict]] = {}
+    bandwidth: dict[int, list[float]] = {t: [] for t in args.threads}
+    total = args.rounds * len(args.threads) * len(variants)
+    n = 0
+    for round_ in range(args.rounds):
+        for threads in args.threads:
+            bw = run_child(args, dict(label="bandwidth", library="bandwidth", path="-"), threads)
+            bandwidth[threads].append(bw["bandwidth_gb_s"])
+            for v in variants:
+                n += 1
+                log.info("[%d/%d] round %d, %d thread(s): %s", n, total, round_ + 1, threads, v["label"])
+                t = time.perf_counter()
+                runs.setdefault((v["label"], threads), []).append(run_child(args, v, threads))
+                log.info("    %.0f s", time.perf_counter() - t)
+    bw_best = {t: max(b) if args.aggregate == "best" else statistics.median(b) for t, b in bandwidth.items()}
+    return {k: aggregate(r, args.aggregate) for k, r in runs.items()}, {"runs": runs, "bandwidth": bw_best}
+
+
+def prepare(args: argparse.Namespace, root: Path) -> dict:
+    # in a child: the parent's peak RSS would be inherited by every measured child (ru_maxrss survives exec)
+    cmd = [sys.executable, __file__, "--setup", str(root), "--threads", *map(str, args.threads),
+           "--seed", str(args.seed), "--exl2-bpw", *map(str, args.exl2_bpw),
+           "--gguf-types", *args.gguf_types, "--transformers-dtypes", *args.transformers_dtypes,
+           "--attention", *args.attention, "--before-decode-len", str(args.before_decode_len)]
+    cmd += (["--before"] if args.before else []) + (["--tiny"] if args.tiny else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, env=child_env(max(args.threads)))
+    if done.returncode != 0:
+        raise RuntimeError(f"setup failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    device = cpu_report.device_info()
+    prepared = prepare(args, root)
+    variants = [v for v in prepared["variants"] if not args.rows or any(s in v["label"] for s in args.rows)]
+    results, extra = measure(args, variants)
+    device["load_average_at_end"] = os.getloadavg()
+    print(cpu_report.report(device, prepared, args, variants, results, extra["bandwidth"]))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "device": device, "parameters": prepared["parameters"], "bandwidth_gb_s": extra["bandwidth"],
+            "llama_cpp_skipped": prepared["llama_cpp_skipped"], "settings": cpu_report.settings(args),
+            "runs": {f"{label} @ {t}": r for (label, t), r in extra["runs"].items()},
+            "results": {f"{label} @ {t}": r for (label, t), r in results.items()},
+        }, indent=2) + "\n")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch / llama.cpp threads, each a run")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--decode-len", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=1, help="runs per child (their median)")
+    p.add_argument("--rounds", type=int, default=2, help="children per row and thread count, interleaved")
+    p.add_argument("--aggregate", choices=["best", "median"], default="best", help="over the rounds")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exl2-bpw", type=float, nargs="*", default=[2.5, 4.0, 6.0, 8.0])
+    p.add_argument("--gguf-types", nargs="*", default=list(gguf_export.FTYPES), choices=list(gguf_export.FTYPES))
+    p.add_argument("--transformers-dtypes", nargs="*", default=["float32", "bfloat16", "float16"])
+    p.add_argument("--attention", nargs="*", default=["eager", "sdpa"], help="transformers attn_implementation")
+    p.add_argument("--before", action=argparse.BooleanOptionalAction, default=False,
+                   help="also run the first EXL2 width without the CPU kernels")
+    p.add_argument("--before-decode-len", type=int, default=8)
+    p.add_argument("--rows", nargs="*", help="only the rows whose label contains one of these")
+    p.add_argument("--work-dir", type=Path, help="keep the checkpoints here (default: a temporary directory)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model (for the tests; the numbers mean nothing)")
+    p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--worker", choices=["exllamav2", "transformers", "llama.cpp", "bandwidth"], help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--dtype", help=argparse.SUPPRESS)
+    p.add_argument("--attn", help=argparse.SUPPRESS)
+    p.add_argument("--no-cpu-kernels", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--setup", type=Path, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
 
 
 def main() -> None:
     args = parse_args()
     sys.path.insert(0, str(REPO))
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     if args.worker:
         print(json.dumps(worker(args)))
-        return
-    if args.setup:
+    elif args.setup:
         print(json.dumps(setup(args, args.setup)))
-        return
-    device = device_info(args.threads)
-    with tempfile.TemporaryDirectory(prefix="bench_cpu_") as tmp:
-        root = Path(tmp)
-        # in a child: the parent's peak RSS would be inherited by every measured child (ru_maxrss survives exec)
-        cmd = [sys.executable, __file__, "--setup", str(root), "--threads", str(args.threads), "--seed", str(args.seed),
-               "--exl2-bpw", *map(str, args.exl2_bpw)] + ([] if args.before else ["--no-before"])
-        done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(REPO)))
-        if done.returncode != 0:
-            raise RuntimeError(f"setup failed:\n{done.stderr[-4000:]}")
-        prepared = json.loads(done.stdout.strip().splitlines()[-1])
-        n_params, bandwidth, variants = prepared["parameters"], prepared["bandwidth"], prepared["variants"]
-        for v in variants:
-            v["dir"] = Path(v["dir"])
-            if v.get("kernels") is False:
-                v["decode_len"] = args.before_decode_len
-        runs: dict[str, list[dict]] = {v["label"]: [] for v in variants}
-        for round_ in range(args.rounds):
-            for v in variants:
-                log.info("round %d/%d: %s ...", round_ + 1, args.rounds, v["label"])
-                runs[v["label"]].append(run_child(args, v))
-        results = {label: best_of(r) for label, r in runs.items()}
-    print(report(device, n_params, args, variants, results, bandwidth))
-    if args.json:
-        args.json.write_text(json.dumps({"device": device, "parameters": n_params, "bandwidth_gb_s": bandwidth,
-            "settings": {"prompt_len": args.prompt_len, "decode_len": args.decode_len, "repeats": args.repeats,
-                         "rounds": args.rounds}, "runs": runs, "results": results}, indent=2) + "\n")
+    elif args.work_dir:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        run(args, args.work_dir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench_cpu_") as tmp:
+            run(args, Path(tmp))
 
 
 if __name__ == "__main__":
