@@ -196,6 +196,7 @@ def worker(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads() if runner.library != "llama.cpp" else threads,
         "weight_bytes": runner.weight_bytes, "system_info": getattr(runner, "system_info", None),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "batches": batches,
+        "load_average": os.getloadavg()[0],             # how busy the machine was: for reading the figures
     }
 
 
@@ -226,7 +227,8 @@ def child_env(threads: int) -> dict:
 def aggregate(runs: list[dict], how: str) -> dict:
     """Each metric over the rounds: the best (other load on a shared machine only slows a run) or the median."""
     pick = max if how == "best" else statistics.median
-    out = dict(runs[0], peak_rss_mib=min(r["peak_rss_mib"] for r in runs), batches={})
+    out = dict(runs[0], peak_rss_mib=min(r["peak_rss_mib"] for r in runs), batches={},
+               load_averages=[r.get("load_average", 0.0) for r in runs])
     for b, first in runs[0]["batches"].items():
         out["batches"][b] = dict(first, **{k: pick([r["batches"][b][k] for r in runs])
                                            for k in ("prefill_tokens_per_s", "decode_tokens_per_s")})

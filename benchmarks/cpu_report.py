@@ -219,10 +219,12 @@ def header(device: dict, prepared: dict, args: argparse.Namespace, results: dict
     versions = sorted({r["version"] for r in results.values()})
     info = next((r["system_info"] for r in results.values() if r.get("system_info")), None)
     bw = ", ".join(f"{bandwidth[t]:.1f} GB/s at {t} thread(s)" for t in sorted(bandwidth))
+    loads = [x for r in results.values() for x in r.get("load_averages", [0.0])]
     lines = [
         f"CPU: {device['cpu']} ({device['logical_cores']} logical cores; {', '.join(device['cpu_flags'])}); "
         f"our CPU kernels: {device['our_cpu_kernels']}; load average {device['load_average_at_start'][0]:.1f} at "
-        f"start, {device['load_average_at_end'][0]:.1f} at end (other jobs on the machine slow every figure)",
+        f"start, {device['load_average_at_end'][0]:.1f} at end, {min(loads):.1f}-{max(loads):.1f} at the end "
+        f"of the rows' processes (on 2 cores, load from other jobs slows every figure it overlaps)",
         f"python {device['python']}, torch {device['torch']}; rows: {'; '.join(versions)}",
         f"model: Llama-shaped, {prepared['parameters'] / 1e6:.1f}M parameters, random weights; prompt "
         f"{args.prompt_len} tokens per sequence, {args.decode_len} new tokens; median of {args.repeats} per "

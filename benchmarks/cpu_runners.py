@@ -86,7 +86,9 @@ class OursRunner:
         self.cache = None                   # free the previous batch's cache before making the next
         self.cache = ExLlamaV2Cache(self.model, batch_size=batch, max_seq_len=self.max_len)
         # the cache's own element size: it need not be the activations' dtype
-        self.kv_bytes_per_position = _kv_bytes(self.hf_config, self.cache.key_states[0].element_size())
+        keys = getattr(self.cache, "key_states", None)
+        itemsize = keys[0].element_size() if keys and keys[0] is not None else self.model.dtype.itemsize
+        self.kv_bytes_per_position = _kv_bytes(self.hf_config, itemsize)
 
     def prefill(self, ids):
         self.cache.current_seq_len = 0

@@ -117,7 +117,7 @@ def test_tiny_end_to_end(tmp_path):
 @pytest.mark.skipif(gguf_export.unavailable_reason() is not None, reason="llama-cpp-python or gguf not installed")
 def test_gguf_export_reads_as_transformers(tmp_path):
     """llama.cpp's last-position logits from the exported F16 file match transformers' on the same FP16 weights
-    (a wrong rotary permutation or tensor name would not): within fp16 activation rounding."""
+    (a wrong rotary permutation or tensor name would not): within 1% of the largest logit."""
     import llama_cpp as lc
     from transformers import LlamaForCausalLM
 
@@ -133,7 +133,8 @@ def test_gguf_export_reads_as_transformers(tmp_path):
     model = LlamaForCausalLM.from_pretrained(tmp_path / "fp16", dtype=torch.float32)
     with torch.inference_mode():
         want = model(input_ids=ids).logits[:, -1].numpy()
-    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
+    # measured: 0.1% of the largest logit; 5.7% with the q/k rows left unpermuted
+    assert np.abs(got - want).max() < 0.01 * np.abs(want).max()
     assert runner.weight_bytes == sum(p.numel() * 2 for n, p in model.named_parameters()
                                       if "embed" not in n and p.ndim == 2) + sum(
         p.numel() * 4 for p in model.parameters() if p.ndim == 1)
