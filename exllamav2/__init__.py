@@ -1,12 +1,12 @@
 """exllamav2: EXL2/GPTQ/FP16 LLM inference on every NVIDIA GPU from Turing up, and on the CPU."""
 
 from .version import __version__
-from .cache import ExLlamaV2Cache, ExLlamaV2Cache_TP, ExLlamaV2CacheBase
-from .cache_quant import ExLlamaV2Cache_8bit, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_Q8
+from .cache.base import ExLlamaV2Cache, ExLlamaV2Cache_TP, ExLlamaV2CacheBase
+from .cache.quant import ExLlamaV2Cache_8bit, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_Q8
 from .config import ExLlamaV2Config
-from .model import ExLlamaV2
-from .module import Intervention
-from .lora import ExLlamaV2Lora
+from .model.model import ExLlamaV2
+from .model.module import Intervention
+from .model.lora import ExLlamaV2Lora
 from .tokenizer import ExLlamaV2Tokenizer
 from .util import SeqTensor, Timer
 from .vlm import ExLlamaV2MultimodalProjector, ExLlamaV2VisionTower

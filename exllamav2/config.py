@@ -49,7 +49,7 @@ def _read_json(path: Path, required: bool = True) -> dict:
         raise ConfigError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
 
 
-# config.json activation names -> the MLP's activation (exllamav2.mlp.ACTIVATION_FUNCTIONS)
+# config.json activation names -> the MLP's activation (exllamav2.model.mlp.ACTIVATION_FUNCTIONS)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh",
                "gelu_fast": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
@@ -88,6 +88,7 @@ class ExLlamaV2Config:
         self.no_flash_attn = False
         self.no_xformers = False
         self.no_sdpa = False
+        self.attn_backend: str | None = None   # 'auto' or a backend name: replaces EXLLAMA_ATTN_BACKEND (ours)
         self.no_graphs = False
         self.fasttensors = False          # accepted for compatibility; no effect (as upstream since 0.2.3)
         self.load_in_q4 = False

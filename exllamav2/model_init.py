@@ -16,16 +16,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .attn.env import VAR_BACKEND, VAR_NO, AttentionConfigError, parse_backend, parse_env
+from .attn.env import VAR_BACKEND, VAR_NO, AttentionConfigError, attn_environ, parse_backend, parse_env
 from .errors import ExLlamaV2Error, UsageError
 from .config import ExLlamaV2Config
-from .model import ExLlamaV2
+from .model.model import ExLlamaV2
 from .tokenizer import ExLlamaV2Tokenizer
 
 log = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ _ATTN_FLAGS = (("-nfa", "no_flash_attn", "flash_attn"), ("-nxf", "no_xformers", 
 def in_user_words(message: str, args: argparse.Namespace | None) -> str:
     """Rewrite the attention plan's wording into the flags the user typed.
 
-    --attn-backend works by setting EXLLAMA_ATTN_BACKEND and -nsdpa by setting config.no_sdpa, so the
+    --attn-backend works by setting config.attn_backend and -nsdpa by setting config.no_sdpa, so the
     selector's messages name those; a user who typed the flag should read the flag."""
     if args is None:
         return message
@@ -86,9 +85,9 @@ def in_user_words(message: str, args: argparse.Namespace | None) -> str:
     except AttentionConfigError:
         forced = None
     if forced:
-        message = message.replace(f"unset {VAR_BACKEND} (or set it to one of those)",
+        message = message.replace("set config.attn_backend to auto (or to one of those)",
                                   "drop --attn-backend (or give it one of those)")
-        message = message.replace(f"{VAR_BACKEND}={forced}", f"--attn-backend {typed}")
+        message = message.replace(f"config.attn_backend={forced}", f"--attn-backend {typed}")
     for flag, attr, _ in _ATTN_FLAGS:
         if getattr(args, attr, False):
             message = message.replace(f"config {attr}", flag)
@@ -180,7 +179,7 @@ def check_number_args(args: argparse.Namespace) -> None:
 def check_attn_args(args: argparse.Namespace) -> None:
     """--attn-backend, the -n* flags and the EXLLAMA_* variables, checked together before any work: the
     flag's value, a forced backend that a flag or variable also disables, an unparseable variable."""
-    environ = dict(os.environ)
+    environ = attn_environ()
     forced = parse_backend("--attn-backend", args.attn_backend)
     if args.attn_backend:
         environ.pop(VAR_BACKEND, None)        # the flag replaces the variable
@@ -212,12 +211,10 @@ def parse_gpu_split(text: str | None) -> list[float] | None | str:
     return split
 
 
-def apply_attn_backend(name: str | None) -> None:
-    """Set EXLLAMA_ATTN_BACKEND for this process; the attention plan reads it when the model is made."""
-    if not name:
-        return
-    backend = parse_backend("--attn-backend", name)
-    os.environ[VAR_BACKEND] = backend or "auto"
+def apply_attn_backend(config: ExLlamaV2Config, name: str | None) -> None:
+    """--attn-backend into config.attn_backend, which the attention plan reads in place of EXLLAMA_ATTN_BACKEND."""
+    if name:
+        config.attn_backend = parse_backend("--attn-backend", name) or "auto"
 
 
 def init(
@@ -270,8 +267,8 @@ def _apply_config_args(config: ExLlamaV2Config, args: argparse.Namespace) -> Non
 def _init(args: argparse.Namespace, quiet: bool, allow_auto_split: bool, skip_load: bool, benchmark: bool,
           max_batch_size: int | None, max_input_len: int | None, max_output_len: int | None,
           progress: bool) -> tuple[ExLlamaV2, ExLlamaV2Tokenizer]:
-    apply_attn_backend(getattr(args, "attn_backend", None))
     config = ExLlamaV2Config(args.model_dir)
+    apply_attn_backend(config, getattr(args, "attn_backend", None))
     _apply_config_args(config, args)
     if max_batch_size:
         config.max_batch_size = max_batch_size

@@ -21,29 +21,12 @@ import pytest
 import torch
 
 import exllamav2
-from exllamav2 import (
-    ExLlamaV2,
-    ExLlamaV2Cache,
-    ExLlamaV2Cache_8bit,
-    ExLlamaV2Cache_Q4,
-    ExLlamaV2Cache_Q6,
-    ExLlamaV2Cache_Q8,
-    ExLlamaV2Cache_TP,
-    ExLlamaV2Config,
-    ExLlamaV2Lora,
-    ExLlamaV2MultimodalProjector,
-    ExLlamaV2Tokenizer,
-    ExLlamaV2VisionTower,
-    Intervention,
-    SeqTensor,
-    Timer,
-)
-from exllamav2.generator import (
-    ExLlamaV2DynamicGeneratorAsync,
-    ExLlamaV2DynamicJobAsync,
-    ExLlamaV2Sampler,
-    ExLlamaV2StreamingGenerator,
-)
+from exllamav2 import (ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Cache_8bit, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6,
+                       ExLlamaV2Cache_Q8, ExLlamaV2Cache_TP, ExLlamaV2Config, ExLlamaV2Lora,
+                       ExLlamaV2MultimodalProjector, ExLlamaV2Tokenizer, ExLlamaV2VisionTower, Intervention,
+                       SeqTensor, Timer)
+from exllamav2.generator import (ExLlamaV2DynamicGeneratorAsync, ExLlamaV2DynamicJobAsync, ExLlamaV2Sampler,
+                                 ExLlamaV2StreamingGenerator)
 from tests.test_lora import make_adapter
 
 VOCAB = 250
@@ -94,7 +77,7 @@ def test_name_imports_from_upstream_path(module, name):
 
 
 def test_reexports_are_the_same_objects():
-    from exllamav2.attn.layer import ExLlamaV2Attention as layer_attn
+    from exllamav2.model.attention import ExLlamaV2Attention as layer_attn
     from exllamav2.generator import base, filters
 
     assert importlib.import_module("exllamav2.attn").ExLlamaV2Attention is layer_attn
@@ -121,7 +104,7 @@ def test_version_is_at_least_tabbys_minimum():
 def test_module_constants_and_flags():
     from exllamav2 import attn
     from exllamav2.architecture import RopeStyle
-    from exllamav2.embedding import EMBEDDING_INDEX
+    from exllamav2.model.embedding import EMBEDDING_INDEX
     from exllamav2.ext import none_tensor
 
     assert EMBEDDING_INDEX == 1_000_000_000
@@ -411,7 +394,7 @@ def test_dynamic_job_and_generator_use_only_each_others_public_methods():
 
 
 def test_forward_refuses_unknown_keywords_and_takes_upstreams(loaded):
-    from exllamav2.forward_args import FORWARD_KWARGS
+    from exllamav2.model.forward_args import FORWARD_KWARGS
 
     ids = torch.tensor([[1, 2, 3]])
     cache = ExLlamaV2Cache(loaded, max_seq_len=256)

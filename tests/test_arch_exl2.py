@@ -18,13 +18,8 @@ import torch
 
 import convert
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q8, ExLlamaV2Config
-from exllamav2.generator import (
-    ExLlamaV2BaseGenerator,
-    ExLlamaV2DynamicGenerator,
-    ExLlamaV2DynamicJob,
-    ExLlamaV2Sampler,
-    ExLlamaV2StreamingGenerator,
-)
+from exllamav2.generator import (ExLlamaV2BaseGenerator, ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob,
+                                 ExLlamaV2Sampler, ExLlamaV2StreamingGenerator)
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
 from tests.tiny_models import build_tiny_model, write_tokenizer
 
@@ -172,7 +167,7 @@ def test_lora_on_every_architecture(arch, converted, tmp_path):
     from safetensors.torch import save_file
 
     from exllamav2 import ExLlamaV2Lora
-    from exllamav2.model import attention_of
+    from exllamav2.model.model import attention_of
 
     src, _, hf = converted(arch)
     model, _ = load(src)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from exllamav2.attn.backend import AttentionBackend
-from exllamav2.attn.matmul import MatmulBackend
-from exllamav2.attn.metadata import AttnMetadata
-from exllamav2.attn.sdpa import SdpaBackend
+from exllamav2.attn.backends.backend import AttentionBackend
+from exllamav2.attn.backends.matmul import MatmulBackend
+from exllamav2.attn.backends.metadata import AttnMetadata
+from exllamav2.attn.backends.sdpa import SdpaBackend
 
 HEAD_DIM = 16
 
@@ -191,7 +191,7 @@ def test_paged_matches_dense_reference(backend_cls, window):
 
 
 def flash_backend(fallback=None):
-    from exllamav2.attn.flash import FlashAttnBackend
+    from exllamav2.attn.backends.flash import FlashAttnBackend
 
     return FlashAttnBackend("cpu", fallback=fallback)
 
@@ -232,7 +232,7 @@ def test_flash_paged_glue(fakes, page_size, window):
 
 
 def xformers_backend():
-    from exllamav2.attn.xformers import XformersBackend
+    from exllamav2.attn.backends.xformers import XformersBackend
 
     return XformersBackend("cpu")
 
@@ -255,7 +255,7 @@ def no_repeat(*args):
 @pytest.mark.parametrize("hq,hkv", [(4, 2), (4, 1)])
 def test_sdpa_decode_attends_to_the_cache_as_stored(monkeypatch, case, window, hq, hkv):
     """One query position: each kv head's query heads become rows, so the keys are never copied G times."""
-    from exllamav2.attn import sdpa
+    from exllamav2.attn.backends import sdpa
 
     monkeypatch.setattr(sdpa, "repeat_kv", no_repeat)
     check(SdpaBackend("cpu"), case, hq, hkv, torch.float32, window, 0.0)
@@ -264,7 +264,7 @@ def test_sdpa_decode_attends_to_the_cache_as_stored(monkeypatch, case, window, h
 @pytest.mark.parametrize("case", ["decode", "single_token"])
 @pytest.mark.parametrize("hq,hkv", [(4, 2), (4, 1)])
 def test_xformers_decode_attends_to_the_cache_as_stored(fakes, monkeypatch, case, hq, hkv):
-    from exllamav2.attn import xformers
+    from exllamav2.attn.backends import xformers
 
     fakes("reference")
     monkeypatch.setattr(xformers, "repeat_kv", no_repeat)
@@ -277,7 +277,7 @@ def test_xformers_paged_glue(fakes):
 
 
 def test_xformers_bias_rows_are_aligned_for_odd_key_counts():
-    from exllamav2.attn.xformers import additive_bias
+    from exllamav2.attn.backends.xformers import additive_bias
 
     vis = torch.ones(2, 1, 3, 7, dtype=torch.bool).tril(4)
     bias = additive_bias(vis, torch.float16, heads=4)
@@ -296,7 +296,7 @@ def gpu_backends():
     from exllamav2.attn.devices import describe_device
     from exllamav2.attn.installed import find_installed
     from exllamav2.attn.registry import backend_class
-    from exllamav2.attn.sdpa import allowed_kernels
+    from exllamav2.attn.backends.sdpa import allowed_kernels
     from exllamav2.attn.selector import ModelNeeds
 
     device = describe_device("cuda:0")

@@ -50,7 +50,7 @@ def test_mixed_rig_gets_a_plan_per_device(fakes, capsys):
 
 def test_flags_mirror_the_config(capsys):
     plan = run_json(capsys, "--assume-capability", "7.5", "--no-sdpa", "--no-flash-attention")
-    assert plan["flags"] == {"no_flash_attn": True, "no_xformers": False, "no_sdpa": True}
+    assert plan["flags"] == {"no_flash_attn": True, "no_xformers": False, "no_sdpa": True, "backend": None}
     assert plan["devices"][0]["backend"] == "matmul"
     assert plan["devices"][0]["rejected"]["sdpa"] == "disabled by config no_sdpa"
 

@@ -20,7 +20,7 @@ from exllamav2.attn import AttentionConfigError, AttnFlags, DeviceInfo, Installe
 from exllamav2.attn.env import parse_env
 from exllamav2.attn.installed import find_installed, version_tuple
 from exllamav2.attn.probe import probe
-from exllamav2.attn.sdpa import SdpaBackend
+from exllamav2.attn.backends.sdpa import SdpaBackend
 from tests.fakes import FAKES
 
 TORCH = "2.13.0"
@@ -363,7 +363,7 @@ def test_probe_runs_a_backend_and_reports_wrong_results():
 
 
 def test_probe_of_ampere_only_flash_reports_its_error(fakes):
-    from exllamav2.attn.flash import FlashAttnBackend
+    from exllamav2.attn.backends.flash import FlashAttnBackend
 
     fakes("ampere_only")
     reason = probe(lambda: FlashAttnBackend("cpu"), torch.float16, 64)
@@ -423,7 +423,7 @@ def test_broken_installs_are_not_available_and_do_not_raise(fakes, monkeypatch):
     assert (installed.flash_attn, installed.xformers) == ("2.8.3", "0.0.33")
     flags = resolve.machine_flags()
     assert flags["has_flash_attn"] is False and flags["has_xformers"] is False
-    from exllamav2.attn.flash import FlashAttnBackend
+    from exllamav2.attn.backends.flash import FlashAttnBackend
 
     assert probe(lambda: FlashAttnBackend("cpu"), torch.float16, 64).startswith("probe failed: ImportError: ")
 
@@ -444,8 +444,8 @@ def test_import_exllamav2_survives_broken_flash_attn_and_xformers():
 
 
 def test_probe_passes_working_flash_and_xformers_glue(fakes):
-    from exllamav2.attn.flash import FlashAttnBackend
-    from exllamav2.attn.xformers import XformersBackend
+    from exllamav2.attn.backends.flash import FlashAttnBackend
+    from exllamav2.attn.backends.xformers import XformersBackend
 
     fakes("reference")
     flash = lambda: FlashAttnBackend("cpu", paged_native=True, fallback=SdpaBackend("cpu"))  # noqa: E731
@@ -457,8 +457,8 @@ def test_probe_passes_working_flash_and_xformers_glue(fakes):
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_real_probe_on_this_gpu(monkeypatch):
-    from exllamav2.attn.matmul import MatmulBackend
-    from exllamav2.attn.metadata import AttnMetadata
+    from exllamav2.attn.backends.matmul import MatmulBackend
+    from exllamav2.attn.backends.metadata import AttnMetadata
 
     monkeypatch.setattr(resolve, "_probed", {})
     plan = resolve.resolve_attention(config(), ["cuda:0"], dtype=torch.float16)

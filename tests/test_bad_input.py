@@ -9,7 +9,7 @@ import pytest
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Config
 from exllamav2.config import ConfigError
-from exllamav2.module import TensorShapeError
+from exllamav2.model.module import TensorShapeError
 from exllamav2.stloader import TensorFileError
 
 

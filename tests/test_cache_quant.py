@@ -2,7 +2,7 @@
 touch (contiguous and paged), copying, and the effect on a tiny model's predictions.
 
 Token selection is checked against slots computed here from the block table (slot = page·page_size + offset);
-values against the round trip of exllamav2.kv_quant, itself checked against the format in test_kv_quant.py.
+values against the round trip of exllamav2.ops.kv_quant, itself checked against the format in test_kv_quant.py.
 GPU tests compare the extension's kernels with the PyTorch twin on the same cache operations.
 """
 
@@ -15,14 +15,10 @@ import pytest
 import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
-from exllamav2 import cache_quant, kv_quant
-from exllamav2.attn.params import PagedParams
-from exllamav2.cache_quant import (
-    ExLlamaV2Cache_8bit,
-    ExLlamaV2Cache_Q4,
-    ExLlamaV2Cache_Q6,
-    ExLlamaV2Cache_Q8,
-)
+from exllamav2 import ext
+from exllamav2.ops import build_ops, kv_quant
+from exllamav2.model.attn_params import PagedParams
+from exllamav2.cache.quant import ExLlamaV2Cache_8bit, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_Q8
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
 
 from tests.docstring_texts import TEXTS
@@ -34,7 +30,8 @@ BITS = {ExLlamaV2Cache_Q4: (4, 4), ExLlamaV2Cache_Q6: (8, 4), ExLlamaV2Cache_Q8:
 def fake_model(kv_heads=2, head_dim=16, layers=2, max_seq_len=64, dtype=torch.float32, device="cpu"):
     config = SimpleNamespace(max_seq_len=max_seq_len, num_key_value_heads=kv_heads, head_dim=head_dim,
                              num_hidden_layers=layers)
-    return SimpleNamespace(config=config, dtype=dtype, layer_device=lambda i: torch.device(device))
+    return SimpleNamespace(config=config, dtype=dtype, layer_device=lambda i: torch.device(device),
+                           ops=lambda device, dtype=dtype: build_ops(device, dtype))
 
 
 def round_trip(cls, x: torch.Tensor, is_value: bool) -> torch.Tensor:
@@ -275,7 +272,7 @@ def test_paged_decode_agrees_with_fp16_cache(demo, cls, minimum):
 def kernel_device(real_extension, monkeypatch) -> str:
     """The device whose caches meet the real kernels: a GPU, or the CPU through the CUDA emulator."""
     module, device = real_extension
-    monkeypatch.setattr(cache_quant.ext, "kernels_for", lambda d: module)
+    monkeypatch.setattr(ext, "kernels_for", lambda d: module)
     return device
 
 
@@ -284,10 +281,9 @@ def both_paths(cls, device, monkeypatch, make):
     results = []
     for use_kernels in (True, False):
         if use_kernels:
-            assert cache_quant.ext.kernels_for(device) is not None
+            assert ext.kernels_for(device) is not None
         else:
-            # cache_quant reaches the extension as ext.kernels_for (it has no kernels_for of its own)
-            monkeypatch.setattr(cache_quant.ext, "kernels_for", lambda device: None)
+            monkeypatch.setattr(ext, "kernels_for", lambda device: None)     # the ops table takes the twins
         cache = cls(fake_model(kv_heads=8, head_dim=128, max_seq_len=4 * 256, dtype=torch.float16,
                                device=device), max_seq_len=4 * 256)
         results.append(make(cache))

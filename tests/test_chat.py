@@ -82,9 +82,9 @@ def test_stdin_prompt_forced_backend_and_plan_on_stderr():
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
     # The attention plan is printed once, to stderr in non-interactive mode, and shows the
-    # backend --attn-backend forced through EXLLAMA_ATTN_BACKEND.
+    # backend --attn-backend forced through the config (config.attn_backend, not the environment).
     assert result.stderr.lower().count("attention plan") == 1, result.stderr
-    assert "EXLLAMA_ATTN_BACKEND=matmul" in result.stderr
+    assert "config.attn_backend=matmul" in result.stderr
     assert re.search(r"^cpu\s.*\bmatmul\b", result.stderr, re.MULTILINE), result.stderr
     if "\rLoading:" in result.stderr:    # shown only when loading takes a while: it must end at 100%
         final = result.stderr.split("\rLoading:")[-1].split("\n")[0]
@@ -160,12 +160,20 @@ def test_check_args_rejects_unknown_backend_and_bad_split(capsys):
             raise AssertionError(f"check_args accepted {argv}")
 
 
-def test_attn_backend_flag_sets_the_variable(monkeypatch):
-    # setenv first, so monkeypatch restores the variable after the test
-    monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "auto")
+def test_attn_backend_flag_reaches_the_plan_through_the_config(monkeypatch):
+    from types import SimpleNamespace
+
+    from exllamav2.attn.selector import AttnFlags
+
+    monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "matmul")
     model_init, _ = _model_args()
-    model_init.apply_attn_backend("SDPA")
-    assert os.environ["EXLLAMA_ATTN_BACKEND"] == "sdpa"
+    config = SimpleNamespace(attn_backend=None)
+    model_init.apply_attn_backend(config, "SDPA")
+    assert config.attn_backend == "sdpa" and os.environ["EXLLAMA_ATTN_BACKEND"] == "matmul"   # env untouched
+    assert AttnFlags.from_config(config).forced(os.environ) == ("sdpa", "config.attn_backend=sdpa")
+    model_init.apply_attn_backend(config, "auto")
+    assert AttnFlags.from_config(config).forced(os.environ) == (None, "config.attn_backend=None")
+    assert AttnFlags().forced(os.environ) == ("matmul", "EXLLAMA_ATTN_BACKEND=matmul")
 
 
 # one line per mistake, in process (a subprocess per case costs seconds of imports) ------------------------

@@ -19,13 +19,8 @@ import pytest
 import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Lora
-from exllamav2.generator import (
-    ExLlamaV2BaseGenerator,
-    ExLlamaV2DynamicGenerator,
-    ExLlamaV2DynamicJob,
-    ExLlamaV2Sampler,
-    ExLlamaV2StreamingGenerator,
-)
+from exllamav2.generator import (ExLlamaV2BaseGenerator, ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob,
+                                 ExLlamaV2Sampler, ExLlamaV2StreamingGenerator)
 from exllamav2.generator.filters import ExLlamaV2Filter
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
 from tests.test_lora import make_adapter, merged_reference

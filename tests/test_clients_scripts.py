@@ -18,26 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from exllamav2 import (
-    ExLlamaV2,
-    ExLlamaV2Cache,
-    ExLlamaV2Cache_Q4,
-    ExLlamaV2Cache_Q6,
-    ExLlamaV2Cache_Q8,
-    ExLlamaV2Config,
-    ExLlamaV2Lora,
-    ExLlamaV2Tokenizer,
-    model_init,
-)
-from exllamav2.generator import (
-    ExLlamaV2BaseGenerator,
-    ExLlamaV2DynamicGenerator,
-    ExLlamaV2DynamicGeneratorAsync,
-    ExLlamaV2DynamicJob,
-    ExLlamaV2DynamicJobAsync,
-    ExLlamaV2Sampler,
-    ExLlamaV2StreamingGenerator,
-)
+from exllamav2 import (ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_Q8,
+                       ExLlamaV2Config, ExLlamaV2Lora, ExLlamaV2Tokenizer, model_init)
+from exllamav2.generator import (ExLlamaV2BaseGenerator, ExLlamaV2DynamicGenerator, ExLlamaV2DynamicGeneratorAsync,
+                                 ExLlamaV2DynamicJob, ExLlamaV2DynamicJobAsync, ExLlamaV2Sampler,
+                                 ExLlamaV2StreamingGenerator)
 from tests.test_clients_compat import PATTERN, RegexFilter
 from tests.test_lora import make_adapter, merged_reference
 from tests.test_generators import hf_greedy, load

@@ -53,14 +53,13 @@ def test_hot_path_lookup_is_lock_free(monkeypatch):
     assert ext.cpu_kernels() is kernels
 
 
-def test_isa_variable_is_read_by_value(monkeypatch):
-    monkeypatch.setenv(ext.CPU_ISA_VAR, "AVX2 ")
-    assert ext._cpu_isa() == "avx2"
-    monkeypatch.setenv(ext.CPU_ISA_VAR, "")
-    assert ext._cpu_isa() == "auto"
-    monkeypatch.setenv(ext.CPU_ISA_VAR, "neon")
+def test_isa_variable_is_read_by_value():
+    from exllamav2.environment import build_settings
+
+    assert ext._cpu_isa(build_settings({"EXLLAMA_CPU_ISA": "AVX2 "})) == "avx2"
+    assert ext._cpu_isa(build_settings({"EXLLAMA_CPU_ISA": ""})) == "auto"
     with pytest.raises(ext._Unavailable, match="EXLLAMA_CPU_ISA='neon'"):
-        ext._cpu_isa()
+        ext._cpu_isa(build_settings({"EXLLAMA_CPU_ISA": "neon"}))
 
 
 @needs_kernels

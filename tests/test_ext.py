@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import exllamav2.ext as ext
-from exllamav2 import qmatrix
+from exllamav2.quant import qmatrix
 from exllamav2.exllamav2_ext import build
 from exllamav2.quant import group_layout, load_quantized, pack_exl2, quantize_rtn
 from exllamav2.quant.exl2 import pack_codes
@@ -67,7 +67,7 @@ def fake_cuda(monkeypatch, build_result):
     calls = []
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
-    def jit():
+    def jit(settings=None):
         calls.append(1)
         return build_result()
 
@@ -344,7 +344,7 @@ def check_chunks(p: qmatrix.PreparedQMatrix, group_rows: list[tuple[int, int]]) 
 ])
 def test_exl2_preparation_decodes_to_the_twin(k, n, bits, group_size):
     w = exl2_weight(k, n, bits, group_size, prescale=0.7)
-    p = qmatrix.prepare(w)
+    p = w.kernel_form()
     assert p.format == qmatrix.FORMAT_EXL2 and p.chunks.dtype == torch.int32 and p.chunks.shape[1] == 5
     check_chunks(p, [(g.row_start, g.rows) for g in w.groups])
     assert p.perm is not None and p.perm.dtype == torch.int32
@@ -352,7 +352,7 @@ def test_exl2_preparation_decodes_to_the_twin(k, n, bits, group_size):
 
 
 def test_exl2_identity_permutation_is_dropped():
-    p = qmatrix.prepare(exl2_weight(64, 32, [4], 32, perm=False))
+    p = exl2_weight(64, 32, [4], 32, perm=False).kernel_form()
     assert p.perm is None
 
 
@@ -364,7 +364,7 @@ def test_exl2_permutation_beyond_int16():
     t = pack_exl2(torch.randint(0, 16, (k, n), generator=g), layout, torch.randint(0, 16, (len(layout), n), generator=g),
                   torch.rand(len(layout), generator=g).half(), torch.randperm(k, generator=g))
     w = load_quantized("l", Source({f"l.{a}": v for a, v in t.items()}), k, n)
-    p = qmatrix.prepare(w)
+    p = w.kernel_form()
     assert p.perm.dtype == torch.int32 and int(p.perm.max()) == 39999
     assert torch.equal(p.perm.long(), w.perm)
 
@@ -375,7 +375,7 @@ def test_gptq_preparation_decodes_to_the_twin(case):
     g_idx = {"no_g_idx": None, "sequential": torch.arange(k) // 32,
              "act_order": (torch.randperm(k, generator=torch.Generator().manual_seed(4)) // 32)}[case]
     w = gptq_weight(k, n, groups, g_idx)
-    p = qmatrix.prepare(w)
+    p = w.kernel_form()
     assert p.format == qmatrix.FORMAT_GPTQ and p.zero_offset == 1
     assert (p.perm is not None) == (case == "act_order")
     check_chunks(p, [(g * 32, 32) for g in range(groups)])
@@ -385,7 +385,7 @@ def test_gptq_preparation_decodes_to_the_twin(case):
 def test_gptq_groups_not_on_word_boundaries_are_refused():
     g_idx = torch.tensor([0] * 12 + [1] * 20)                  # group 1 starts at row 12, inside a word
     with pytest.raises(ValueError, match="multiples of 8"):
-        qmatrix.prepare(gptq_weight(32, 16, 2, g_idx))
+        gptq_weight(32, 16, 2, g_idx).kernel_form()
 
 
 # --- kernels against their twins (GPU and emulated) ------------------------------------------------------------------
@@ -409,7 +409,7 @@ def kernels(real_extension):
 @pytest.mark.parametrize("wdtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("dim", [64, 4096, 5120 + 8])
 def test_norm_kernels_match_twins(kernels, wdtype, dim):
-    from exllamav2.norm import layer_norm, rms_norm
+    from exllamav2.ops.norm import layer_norm, rms_norm
 
     torch.manual_seed(dim)
     x = (torch.randn(3, 7, dim, device=kernels.device) * 4).half()
@@ -425,7 +425,7 @@ def test_norm_kernels_match_twins(kernels, wdtype, dim):
 @pytest.mark.parametrize("table_dtype", [torch.float32, torch.float16])
 def test_rope_kernel_matches_twin(kernels, style_name, head_dim, rot, table_dtype):
     from exllamav2.architecture import RopeStyle
-    from exllamav2.rope import apply_rope
+    from exllamav2.ops.rope import apply_rope
 
     style = RopeStyle[style_name]
     torch.manual_seed(head_dim + rot)
@@ -444,7 +444,7 @@ def test_rope_kernel_matches_twin(kernels, style_name, head_dim, rot, table_dtyp
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("feat", [1024, 96, 32])
 def test_kv_quant_kernels_match_twin_exactly(kernels, bits, feat):
-    from exllamav2 import kv_quant
+    from exllamav2.ops import kv_quant
 
     torch.manual_seed(feat)
     x = (torch.randn(2, 50, feat, device=kernels.device) * 3).half()
@@ -517,13 +517,11 @@ def test_gptq_kernels_match_twin(kernels, case, rows):
 
 
 @pytest.fixture
-def twin_paged(monkeypatch, kernels):
-    """MatmulBackend.attend_paged on its gather path: on a GPU, attend_paged would otherwise hand float16 decode
-    steps to the extension's paged kernel, the very kernel under test."""
-    from exllamav2.attn import backend
-    from exllamav2.attn.matmul import MatmulBackend
+def twin_paged(kernels):
+    """MatmulBackend.attend_paged on its gather path (no `kernel` from an ops table), the twin of the extension's
+    paged kernel."""
+    from exllamav2.attn.backends.matmul import MatmulBackend
 
-    monkeypatch.setattr(backend, "paged_kernels_for", lambda *args: None)
     return MatmulBackend(kernels.device).attend_paged
 
 

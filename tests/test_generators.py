@@ -17,15 +17,9 @@ import torch
 
 import exllamav2.ext as ext
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
-from exllamav2.generator import (
-    ExLlamaV2BaseGenerator,
-    ExLlamaV2DynamicGenerator,
-    ExLlamaV2DynamicGeneratorAsync,
-    ExLlamaV2DynamicJob,
-    ExLlamaV2DynamicJobAsync,
-    ExLlamaV2Sampler,
-    ExLlamaV2StreamingGenerator,
-)
+from exllamav2.generator import (ExLlamaV2BaseGenerator, ExLlamaV2DynamicGenerator, ExLlamaV2DynamicGeneratorAsync,
+                                 ExLlamaV2DynamicJob, ExLlamaV2DynamicJobAsync, ExLlamaV2Sampler,
+                                 ExLlamaV2StreamingGenerator)
 from exllamav2.generator.filters import ExLlamaV2SelectFilter
 from exllamav2.tokenizer import ExLlamaV2Tokenizer
 from tests.test_kernel_dispatch import CountingKernels

@@ -1,7 +1,7 @@
 """Where the model hands work to exllamav2_ext: norms, RoPE, quantized matmuls, paged decode attention.
 
 On the CPU a fake extension stands in for the real one (exllamav2.ext.kernels_for patched to return it for
-any device): each fake kernel checks the arguments the real binding would (ext_bindings.cpp: shapes, dtypes,
+any device, so the ops table (exllamav2/ops/table.py) takes its kernels): each fake kernel checks the arguments the real binding would (ext_bindings.cpp: shapes, dtypes,
 contiguity), records the call, and computes its result with a straightforward PyTorch implementation written
 here. The tiny models then run in float16 through the fakes and must still match transformers, and each
 dispatch must fall back to the PyTorch path where the kernel does not apply. At the end, the real extension runs
@@ -17,18 +17,16 @@ import pytest
 import torch
 
 import exllamav2.ext as ext
-from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, qmatrix
+from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
+from exllamav2.quant import qmatrix
 from exllamav2.architecture import RopeStyle
-from exllamav2.attn.backend import gather_pages, write_pages
-from exllamav2.attn.devices import DeviceInfo
-from exllamav2.attn.installed import InstalledBackends
-from exllamav2.attn.matmul import MatmulBackend
-from exllamav2.attn.metadata import AttnMetadata
-from exllamav2.attn.params import PagedParams
-from exllamav2.attn.resolve import with_paged_kernels
-from exllamav2.attn.selector import AttnFlags, ModelNeeds, plan_attention
-from exllamav2.norm import layer_norm, rms_norm
-from exllamav2.rope import apply_rope
+from exllamav2.attn.backends.backend import gather_pages, write_pages
+from exllamav2.attn.backends.matmul import MatmulBackend
+from exllamav2.attn.backends.metadata import AttnMetadata
+from exllamav2.model.attn_params import PagedParams
+from exllamav2.ops import build_ops, kv_cache
+from exllamav2.ops.norm import layer_norm, rms_norm
+from exllamav2.ops.rope import apply_rope, kernel_rotate_qk, rotate_qk
 from tests.test_ext import decode_like_the_kernels, exl2_weight, gptq_weight
 from tests.test_model import VOCAB, assert_matches
 from tests.tiny_models import ARCH_SPECS
@@ -89,6 +87,24 @@ class FakeKernels:
         var = (xf - mean).pow(2).mean(-1, keepdim=True)
         y = (xf - mean) / torch.sqrt(var + eps) * weight.float()
         return (y if bias is None else y + bias.float()).half()
+
+    # the KV-cache codecs: the cache tests hold the real kernels to their twins; here only the routing counts
+    def _codec(self, name, *args, **window):
+        assert all(t.is_contiguous() for t in args if isinstance(t, torch.Tensor))
+        self.calls.append((name,))
+        getattr(kv_cache, name)(*args, **window)
+
+    def fp8_to_fp16(self, *args, **window):
+        self._codec("fp8_to_fp16", *args, **window)
+
+    def fp16_to_fp8(self, *args, **window):
+        self._codec("fp16_to_fp8", *args, **window)
+
+    def q_to_fp16(self, *args, **window):
+        self._codec("q_to_fp16", *args, **window)
+
+    def fp16_to_q(self, *args, **window):
+        self._codec("fp16_to_q", *args, **window)
 
     def rope_(self, x, cos, sin, positions, neox):
         assert x.dtype == torch.float16 and x.dim() == 4 and x.is_contiguous()
@@ -213,9 +229,8 @@ def test_attend_paged_dispatch(fake, monkeypatch, q_len, head_dim, dtype, kernel
     args = paged_inputs(q_len, head_dim, dtype)
     opts = dict(scale=head_dim**-0.5, window=10, softcap=20.0)
     got_pages = [t.clone() for t in args[3:5]]
-    got = MatmulBackend().attend_paged(*args[:3], *got_pages, *args[5:], **opts)
+    got = MatmulBackend().attend_paged(*args[:3], *got_pages, *args[5:], kernel=fake.paged_attention, **opts)
     assert fake.names()["paged_attention"] == (1 if kernel else 0)
-    monkeypatch.setattr(ext, "kernels_for", lambda device: None)
     want_pages = [t.clone() for t in args[3:5]]
     want = MatmulBackend().attend_paged(*args[:3], *want_pages, *args[5:], **opts)
     assert all(torch.equal(a, b) for a, b in zip(got_pages, want_pages))   # same slots written
@@ -223,8 +238,9 @@ def test_attend_paged_dispatch(fake, monkeypatch, q_len, head_dim, dtype, kernel
 
 
 def test_rope_kernel_gets_contiguous_tensors_and_clamped_positions(fake):
-    from exllamav2.attn.layer import rotate_qk
-    from exllamav2.attn.params import Params
+    from exllamav2.model.attn_params import Params
+
+    rotate = kernel_rotate_qk(fake)
 
     class Tables:
         cos = torch.randn(40, 16)
@@ -244,31 +260,41 @@ def test_rope_kernel_gets_contiguous_tensors_and_clamped_positions(fake):
     for style in (RopeStyle.NEOX, RopeStyle.GPTJ):
         cos, sin = params.rope(tables)
         want = apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
-        got = rotate_qk(q, k, params, tables, style)
-        for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+        for got in (rotate(q, k, params, tables, style), rotate_qk(q, k, params, tables, style)):
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
     assert fake.names()["rope_"] == 4
-    assert rotate_qk(q, k, params, tables, RopeStyle.NONE) == (q, k)
+    assert rotate(q, k, params, tables, RopeStyle.NONE) == (q, k) == rotate_qk(q, k, params, tables, RopeStyle.NONE)
 
 
 @pytest.mark.parametrize("norm", ["rms", "layer"])
 def test_norm_dispatch_matches_twin(fake, norm):
-    from exllamav2.norm import ExLlamaV2LayerNorm, ExLlamaV2RMSNorm
+    from exllamav2.model.norm import ExLlamaV2LayerNorm, ExLlamaV2RMSNorm
 
     class Cfg:
         norm_eps = 1e-5
 
-    module = (ExLlamaV2RMSNorm if norm == "rms" else ExLlamaV2LayerNorm).__new__(
-        ExLlamaV2RMSNorm if norm == "rms" else ExLlamaV2LayerNorm)
-    module.model = type("M", (), {"config": Cfg})()
+    class Model:
+        config = Cfg
+
+        def __init__(self, dtype):
+            self.table = build_ops("cpu", dtype)
+
+        def ops(self, device):
+            return self.table
+
+    cls = ExLlamaV2RMSNorm if norm == "rms" else ExLlamaV2LayerNorm
+    module = cls.__new__(cls)
+    module.model, module.device = Model(torch.float16), torch.device("cpu")
     module.weight = 1 + torch.randn(48) * 0.1
     module.bias = torch.randn(48) * 0.1
     x = (torch.randn(3, 4, 48) * 3).half()
     want = rms_norm(x, module.weight, 1e-5) if norm == "rms" else layer_norm(x, module.weight, module.bias, 1e-5)
     torch.testing.assert_close(module.forward(x), want, rtol=2e-3, atol=4e-3)
     assert fake.names()[f"{norm}_norm"] == 1
-    module.forward(x.float())
-    assert fake.names()[f"{norm}_norm"] == 1                    # float32 input: the twin
+    module.model = Model(torch.float32)
+    torch.testing.assert_close(module.forward(x.float()), want.float(), rtol=2e-3, atol=4e-3)
+    assert fake.names()[f"{norm}_norm"] == 1                    # a float32 table: the twin
 
 
 @pytest.mark.parametrize("make", [
@@ -279,9 +305,9 @@ def test_quantized_layer_dispatch(fake, monkeypatch, make):
     x = torch.randn(5, make().in_features, generator=torch.Generator().manual_seed(1)).half() * 0.1
     with monkeypatch.context() as m:
         m.setattr(ext, "kernels_for", lambda device: None)
-        twin = make()
+        twin = make().bind(build_ops("cpu", torch.float16))
         want_y, want_w = twin.forward(x), twin.dequantize()
-    w = make()
+    w = make().bind(build_ops("cpu", torch.float16))
     got_w = w.dequantize()
     assert torch.equal(got_w.view(torch.int16), want_w.view(torch.int16))
     got_y = w.forward(x)
@@ -293,28 +319,26 @@ def test_quantized_layer_dispatch(fake, monkeypatch, make):
 
 def test_layout_the_kernels_cannot_address_stays_on_the_twin(fake):
     w = gptq_weight(32, 32, 2, torch.tensor([0] * 4 + [1] * 28))   # group 1 starts inside a packed word
+    w.bind(build_ops("cpu", torch.float16))
     x = torch.randn(3, 32).half()
     w.forward(x)
     w.dequantize()
     assert fake.calls == []
 
 
-# --- the plan's label -----------------------------------------------------------------------------
+# --- the ops table -----------------------------------------------------------------------------------
 
 
-def test_plan_says_kernel_where_the_extension_takes_paged_decode(fake, monkeypatch):
-    devices = (DeviceInfo.gpu(0, (7, 5)), DeviceInfo.gpu(1, (8, 6)), DeviceInfo.cpu())
-    installed = InstalledBackends(torch="2.13.0", flash_attn="2.8.3")
-    plan = plan_attention(devices, AttnFlags(), {}, installed, ModelNeeds(head_dim=128))
-    labels = [p.paged_impl for p in with_paged_kernels(plan).devices]
-    assert labels == ["kernel", "block_table", "gather"]
-    assert [p.paged_impl for p in with_paged_kernels(
-        plan_attention(devices, AttnFlags(), {}, installed, ModelNeeds(head_dim=12))).devices] == [
-        "gather", "gather", "gather"]                         # flash refuses head_dim 12 too
-    assert [p.paged_impl for p in with_paged_kernels(
-        plan_attention(devices, AttnFlags(), {}, installed, ModelNeeds(dtype="float32"))).devices][0] == "gather"
+def test_ops_table_takes_the_kernels_for_float16_only(fake, monkeypatch):
+    table = build_ops("cuda:0", torch.float16)
+    assert table.cuda is fake and table.paged_attention == fake.paged_attention
+    assert (table.rms_norm, table.layer_norm, table.q_to_fp16) == (fake.rms_norm, fake.layer_norm, fake.q_to_fp16)
+    assert table.rotate_qk is not rotate_qk
+    for twin in (build_ops("cuda:0", torch.float32), build_ops("cpu", torch.bfloat16)):
+        assert twin.cuda is None and twin.paged_attention is None
+        assert (twin.rms_norm, twin.rotate_qk, twin.fp16_to_fp8) == (rms_norm, rotate_qk, kv_cache.fp16_to_fp8)
     monkeypatch.setattr(ext, "kernels_for", lambda device: None)
-    assert [p.paged_impl for p in with_paged_kernels(plan).devices] == ["gather", "block_table", "gather"]
+    assert build_ops("cuda:0", torch.float16).rms_norm is rms_norm
 
 
 # --- the real extension against the PyTorch path: on a GPU, or on the CPU through the CUDA emulator -----------

@@ -1,4 +1,4 @@
-"""KV-cache quantization (exllamav2/kv_quant.py) against the format description (reference §7).
+"""KV-cache quantization (exllamav2/ops/kv_quant.py) against the format description (reference §7).
 
 The reference here is written independently of the package: the Hadamard matrix comes from the Sylvester
 recursion and is applied as a float64 matrix product, codes are computed per element, and the storage is
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from exllamav2 import kv_quant as kq
+from exllamav2.ops import kv_quant as kq
 
 
 def sylvester(n: int) -> torch.Tensor:

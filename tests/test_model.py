@@ -100,7 +100,7 @@ def test_left_padded_batch(arch, backend, tiny_model_factory):
 
 def test_padded_forward_builds_its_attention_mask_once(tiny_model_factory, monkeypatch):
     """Every layer of a forward sees the same keys: the mask is built once per device and window, not per layer."""
-    from exllamav2.attn.metadata import AttnMetadata
+    from exllamav2.attn.backends.metadata import AttnMetadata
 
     monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "matmul")
     model_dir, _ = tiny_model_factory("llama")
@@ -215,7 +215,7 @@ def test_softcapped_model_never_gets_sdpa(tiny_model_factory, monkeypatch):
 def test_indexed_embeddings_stand_in_for_tokens(tiny_model_factory):
     """ids >= EMBEDDING_INDEX read rows of `indexed_embeddings` (upstream's multimodal path): feeding a
     token's own embedding row that way gives the same logits as the token."""
-    from exllamav2.embedding import EMBEDDING_INDEX
+    from exllamav2.model.embedding import EMBEDDING_INDEX
 
     model_dir, _ = tiny_model_factory("llama")
     model = load(model_dir)
@@ -241,9 +241,9 @@ def test_longrope_switches_to_long_factors_past_the_original_length(tiny_model_f
 def test_paged_forward_builds_its_metadata_once(tiny_model_factory, monkeypatch):
     """A paged forward through the gather fallback: one metadata and one visibility mask for all layers, and
     the longest sequence taken from the generator's max_cache_seqlen instead of read back per layer."""
-    import exllamav2.attn.params as params_module
-    from exllamav2.attn.metadata import AttnMetadata
-    from exllamav2.attn.params import PagedParams
+    import exllamav2.model.attn_params as params_module
+    from exllamav2.attn.backends.metadata import AttnMetadata
+    from exllamav2.model.attn_params import PagedParams
 
     monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "matmul")
     model_dir, hf = tiny_model_factory("llama")

@@ -25,7 +25,7 @@ from safetensors import safe_open
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
 from exllamav2.errors import CheckpointError, ConfigError
-from exllamav2.moe import ExLlamaV2MoEMLP, ExLlamaV2Router
+from exllamav2.model.moe import ExLlamaV2MoEMLP, ExLlamaV2Router
 from tests.test_kernel_dispatch import model_logits, real_kernels  # noqa: F401  (fixture)
 from tests.test_model import (  # noqa: F401  (collected here over the MoE specs: `arch` below)
     assert_matches,
@@ -396,11 +396,7 @@ def test_speculative_decoding_with_a_dense_draft(tiny_model_factory, tmp_path):
     generator's without drafting (the main model verifies several tokens per pass through the grouped path)."""
     import shutil
 
-    from exllamav2.generator import (
-        ExLlamaV2DynamicGenerator,
-        ExLlamaV2DynamicJob,
-        ExLlamaV2Sampler,
-    )
+    from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
     from exllamav2.tokenizer import ExLlamaV2Tokenizer
 
     dirs = []
@@ -501,11 +497,7 @@ def test_base_and_streaming_generators(moe_arch, tiny_model_factory, tmp_path):
     two equals each prompt alone; streaming: 20 tokens)."""
     import shutil
 
-    from exllamav2.generator import (
-        ExLlamaV2BaseGenerator,
-        ExLlamaV2Sampler,
-        ExLlamaV2StreamingGenerator,
-    )
+    from exllamav2.generator import ExLlamaV2BaseGenerator, ExLlamaV2Sampler, ExLlamaV2StreamingGenerator
     from exllamav2.tokenizer import ExLlamaV2Tokenizer
     from tests.test_generators import hf_greedy
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config
-from exllamav2.attn.layer import ExLlamaV2Attention
-from exllamav2.cache_quant import ExLlamaV2Cache_8bit, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_Q8
-from exllamav2.model import autosplit_budgets
+from exllamav2.model.attention import ExLlamaV2Attention
+from exllamav2.cache.quant import ExLlamaV2Cache_8bit, ExLlamaV2Cache_Q4, ExLlamaV2Cache_Q6, ExLlamaV2Cache_Q8
+from exllamav2.model.model import autosplit_budgets
 
 
 def test_split_fills_gpus_in_order(tiny_model_factory):

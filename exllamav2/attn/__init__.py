@@ -3,18 +3,19 @@
 Importing this package probes nothing and imports no kernel package. Upstream's module flags
 (`has_flash_attn`, `has_flash_attn_with_paged`, `has_flash_attn_with_window`,
 `has_flash_attn_with_softcap`, `has_xformers`, `has_lower_right_sdpa`) are computed on first access
-(see `resolve.machine_flags`), and `ExLlamaV2Attention` is loaded from `.layer` on first access.
+(see `resolve.machine_flags`), and upstream's `ExLlamaV2Attention` (the model kit's attention layer) is
+loaded on first access.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .backend import AttentionBackend
+from .backends.backend import AttentionBackend
 from .devices import DeviceInfo
 from .env import AttentionConfigError
 from .installed import InstalledBackends
-from .metadata import AttnMetadata
+from .backends.metadata import AttnMetadata
 from .resolve import assert_paged_attn, resolve_attention
 from .selector import AttentionPlan, AttnFlags, DevicePlan, ModelNeeds, plan_attention
 
@@ -34,7 +35,7 @@ def __getattr__(name: str) -> Any:
 
         return machine_flags()[name]
     if name == "ExLlamaV2Attention":
-        from .layer import ExLlamaV2Attention
+        from ..model.attention import ExLlamaV2Attention
 
         return ExLlamaV2Attention
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,9 +9,9 @@ from typing import Callable
 
 import torch
 
-from .backend import AttentionBackend
-from .matmul import MatmulBackend
-from .metadata import AttnMetadata
+from .backends.backend import AttentionBackend
+from .backends.matmul import MatmulBackend
+from .backends.metadata import AttnMetadata
 
 _TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float32: 1e-3}
 _PROBE_WINDOW = 3      # small enough to cut into the probe's 7 keys

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import importlib
 
-from .backend import AttentionBackend
+from .backends.backend import AttentionBackend
 from .env import BACKEND_NAMES, AttentionConfigError
 
 _CLASS_PATHS = {
-    "flash_attn": "exllamav2.attn.flash:FlashAttnBackend",
-    "xformers": "exllamav2.attn.xformers:XformersBackend",
-    "sdpa": "exllamav2.attn.sdpa:SdpaBackend",
-    "matmul": "exllamav2.attn.matmul:MatmulBackend",
+    "flash_attn": "exllamav2.attn.backends.flash:FlashAttnBackend",
+    "xformers": "exllamav2.attn.backends.xformers:XformersBackend",
+    "sdpa": "exllamav2.attn.backends.sdpa:SdpaBackend",
+    "matmul": "exllamav2.attn.backends.matmul:MatmulBackend",
 }
 assert tuple(_CLASS_PATHS) == BACKEND_NAMES
 

@@ -11,8 +11,6 @@ from typing import Any, Sequence
 
 import torch
 
-from .. import ext
-from .backend import paged_kernel_supports
 from .devices import DeviceInfo, describe_devices, visible_devices
 from .env import attn_environ, parse_env
 from .installed import InstalledBackends, at_least, find_installed
@@ -71,24 +69,10 @@ def resolve_plan(
                 if reason:
                     new[(device_plan.device.label, device_plan.backend)] = reason
         if not new:
-            return with_paged_kernels(plan)
+            return plan
         for (label, backend), reason in new.items():
             log.warning("attention: %s does not work on %s (%s); trying the next backend", backend, label, reason)
         failures.update(new)
-
-
-def with_paged_kernels(plan: AttentionPlan) -> AttentionPlan:
-    """`plan` with paged_impl 'kernel' on each GPU whose gathering paged path exllamav2_ext's paged-attention
-    kernel takes over for decode steps (float16, a head dim it supports, the extension loaded there)."""
-    if plan.dtype != "float16" or not paged_kernel_supports(plan.needs.head_dim):
-        return plan
-    devices = tuple(
-        replace(p, paged_impl="kernel")
-        if p.device.is_cuda and p.paged_impl == "gather" and ext.kernels_for(p.device.torch_device()) is not None
-        else p
-        for p in plan.devices
-    )
-    return replace(plan, devices=devices)
 
 
 def resolve_attention(
@@ -130,11 +114,11 @@ def machine_flags() -> dict[str, bool]:
     """Upstream's `has_*` flags, truthful for this machine: flash-attn/xformers count only when
     installed, not disabled by the environment, able to run on every visible GPU and importable.
     flash_attn is never imported when some visible GPU (or the lack of one) rules it out."""
-    from .flash import SOFTCAP_VERSION, WINDOW_VERSION, FlashAttnBackend
-    from .flash import load_kernels as load_flash
-    from .sdpa import SdpaBackend
-    from .xformers import XformersBackend
-    from .xformers import load_kernels as load_xformers
+    from .backends.flash import SOFTCAP_VERSION, WINDOW_VERSION, FlashAttnBackend
+    from .backends.flash import load_kernels as load_flash
+    from .backends.sdpa import SdpaBackend
+    from .backends.xformers import XformersBackend
+    from .backends.xformers import load_kernels as load_xformers
 
     env = parse_env(attn_environ())
     installed = find_installed()

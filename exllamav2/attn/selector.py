@@ -23,12 +23,12 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .backend import AttentionBackend
+from .backends.backend import AttentionBackend
 from .devices import DeviceInfo
-from .env import ATTN_VARS, BACKEND_NAMES, VAR_BACKEND, VAR_NO, AttentionConfigError, parse_env
+from .env import ATTN_VARS, BACKEND_NAMES, VAR_BACKEND, VAR_NO, AttentionConfigError, parse_backend, parse_env
 from .installed import InstalledBackends
 from .registry import backend_class
-from .sdpa import allowed_kernels
+from .backends.sdpa import allowed_kernels
 
 PRIORITY: dict[str, tuple[str, ...]] = {
     "cuda sm_80+": ("flash_attn", "xformers", "sdpa", "matmul"),
@@ -65,6 +65,9 @@ class AttnFlags:
     no_flash_attn: bool = False
     no_xformers: bool = False
     no_sdpa: bool = False
+    # config.attn_backend (model_init's --attn-backend): None leaves EXLLAMA_ATTN_BACKEND in charge; 'auto' or a
+    # backend name replaces it
+    backend: str | None = None
 
     @classmethod
     def from_config(cls, config: Any) -> "AttnFlags":
@@ -72,7 +75,16 @@ class AttnFlags:
             no_flash_attn=bool(getattr(config, "no_flash_attn", False) or getattr(config, "no_flash_attention", False)),
             no_xformers=bool(getattr(config, "no_xformers", False)),
             no_sdpa=bool(getattr(config, "no_sdpa", False)),
+            backend=getattr(config, "attn_backend", None),
         )
+
+    def forced(self, env: Mapping[str, str]) -> tuple[str | None, str]:
+        """The backend forced by config.attn_backend, else by the environment, and what forced it."""
+        if self.backend is not None:
+            name = parse_backend("config.attn_backend", self.backend)
+            return name, f"config.attn_backend={name}"
+        name = parse_env(env).backend
+        return name, f"{VAR_BACKEND}={name}"
 
 
 @dataclass(frozen=True)
@@ -99,7 +111,7 @@ class DevicePlan:
     reason: str                             # why this backend
     sdpa_kernels: tuple[str, ...]           # kernels SDPA may use here; () when SDPA is not used here
     paged: bool                             # paged attention (dynamic generator batching) available
-    paged_impl: str                         # 'block_table' (flash-attn), 'gather', or 'kernel' (exllamav2_ext, set by resolve)
+    paged_impl: str                         # 'block_table' (flash-attn's own) or 'gather' (pages gathered)
     fallback: str | None                    # runs the masks the backend can't express (flash_attn only)
     rejected: tuple[tuple[str, str], ...]   # (backend, reason) of every backend that can't run here
 
@@ -301,7 +313,7 @@ def _reasons(
 
 def _plan_device(
     device: DeviceInfo,
-    forced: str | None,
+    forced: tuple[str | None, str],
     disabled: Mapping[str, str],
     installed: InstalledBackends,
     needs: ModelNeeds,
@@ -311,14 +323,16 @@ def _plan_device(
     reasons = {name: _reasons(name, device, disabled, installed, needs, failures) for name in BACKEND_NAMES}
     usable = [name for name in order if not reasons[name]]
     where = f"{device.label} ({device.name}, {device.sm if device.is_cuda else 'no GPU'})"
+    forced, forced_by = forced
     if forced:
         if reasons[forced]:
+            undo = (f"unset {VAR_BACKEND} (or set it to one of those)" if forced_by.startswith(VAR_BACKEND)
+                    else "set config.attn_backend to auto (or to one of those)")
             raise AttentionConfigError(
-                f"{VAR_BACKEND}={forced} cannot run on {where}: {'; '.join(reasons[forced])}. "
-                f"Backends that can run there: {', '.join(usable) or 'none'}; "
-                f"unset {VAR_BACKEND} (or set it to one of those)."
+                f"{forced_by} cannot run on {where}: {'; '.join(reasons[forced])}. "
+                f"Backends that can run there: {', '.join(usable) or 'none'}; {undo}."
             )
-        chosen, why = forced, f"forced by {VAR_BACKEND}={forced}"
+        chosen, why = forced, f"forced by {forced_by}"
     else:
         if not usable:
             detail = "; ".join(f"{name}: {', '.join(r)}" for name, r in reasons.items() if r)
@@ -361,17 +375,17 @@ def plan_attention(
     devices = tuple(devices)
     if not devices:
         raise AttentionConfigError("no devices given to plan attention for; pass every device the model uses")
-    forced = parse_env(env).backend
+    forced, forced_by = flags.forced(env)
     disabled = _disabled(flags, env)
     if forced in disabled:
         raise AttentionConfigError(
-            f"{VAR_BACKEND}={forced} forces {forced}, but it is {disabled[forced]}; remove one of the two"
+            f"{forced_by} forces {forced}, but it is {disabled[forced]}; remove one of the two"
         )
     dtype, notes = _plan_dtype(devices, needs)
     planned = replace(needs, dtype=dtype)
     failures = probe_failures or {}
     return AttentionPlan(
-        devices=tuple(_plan_device(d, forced, disabled, installed, planned, failures) for d in devices),
+        devices=tuple(_plan_device(d, (forced, forced_by), disabled, installed, planned, failures) for d in devices),
         dtype=dtype,
         forced=forced,
         flags=flags,

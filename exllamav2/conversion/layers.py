@@ -13,14 +13,14 @@ from typing import Iterator
 
 import torch
 
-from ..attn.layer import ExLlamaV2Attention
-from ..attn.params import Params
-from ..embedding import ExLlamaV2Embedding
-from ..linear import ExLlamaV2Linear
-from ..mlp import ExLlamaV2MLP
-from ..moe import ExLlamaV2MoEMLP
-from ..module import ExLlamaV2Module
-from ..parallel import ExLlamaV2ParallelDecoder
+from ..model.attention import ExLlamaV2Attention
+from ..model.attn_params import Params
+from ..model.embedding import ExLlamaV2Embedding
+from ..model.linear import ExLlamaV2Linear
+from ..model.mlp import ExLlamaV2MLP
+from ..model.moe import ExLlamaV2MoEMLP
+from ..model.module import ExLlamaV2Module
+from ..model.parallel import ExLlamaV2ParallelDecoder
 from .qparams import ATTN_OPTIONS, QParams, mlp_options, moe_options, parallel_options
 from .quantizer import Hessian
 

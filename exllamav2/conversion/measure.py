@@ -11,7 +11,7 @@ import logging
 import torch
 from tqdm import tqdm
 
-from ..module import ExLlamaV2Module
+from ..model.module import ExLlamaV2Module
 from ..quant import load_quantized
 from .layers import forward_rows, linears_of, module_name, record_hessians, role
 from .qparams import QParams

@@ -23,9 +23,9 @@ from tqdm import tqdm
 
 from ..config import ExLlamaV2Config
 from ..errors import ConversionError  # noqa: F401  (re-exported: callers import it from here)
-from ..linear import ExLlamaV2Linear
-from ..model import ExLlamaV2
-from ..module import ExLlamaV2Module
+from ..model.linear import ExLlamaV2Linear
+from ..model.model import ExLlamaV2
+from ..model.module import ExLlamaV2Module
 from ..tokenizer import ExLlamaV2Tokenizer
 from . import calibration, files
 from .compile import compile_model

@@ -17,9 +17,9 @@ from .sampler import ExLlamaV2Sampler, sample_with_state
 from .stop import decode_ids
 
 if TYPE_CHECKING:
-    from ..cache import ExLlamaV2CacheBase
-    from ..lora import ExLlamaV2Lora
-    from ..model import ExLlamaV2
+    from ..cache.base import ExLlamaV2CacheBase
+    from ..model.lora import ExLlamaV2Lora
+    from ..model.model import ExLlamaV2
     from ..tokenizer import ExLlamaV2Tokenizer
 
 __all__ = ["ExLlamaV2BaseGenerator", "ExLlamaV2Filter"]

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..errors import GenerationArgumentError
 
 if TYPE_CHECKING:
-    from ..model import ExLlamaV2
+    from ..model.model import ExLlamaV2
     from ..tokenizer import ExLlamaV2Tokenizer
 
 log = logging.getLogger(__name__)

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..attn.params import PagedParams
-from ..cache import PAGE_SIZE
-from ..embedding import EMBEDDING_INDEX
+from ..model.attn_params import PagedParams
+from ..cache.base import PAGE_SIZE
+from ..model.embedding import EMBEDDING_INDEX
 from ..errors import GenerationArgumentError
 from ..inputs import check_sampler_settings
-from ..lora import as_lora_list
+from ..model.lora import as_lora_list
 from .drafting import check_draft_vocab, ngram_draft
 from .dynamic_embeddings import ExLlamaV2MMEmbedding, remap_embeddings
 from .filters.base import ExLlamaV2Filter, as_filters, feed_filters
@@ -50,8 +50,8 @@ from .sampler import ExLlamaV2Sampler, sample_with_state
 from .stop import StreamStep, TextStream, TokenExtras, join_extras, split_stop_conditions
 
 if TYPE_CHECKING:
-    from ..cache import ExLlamaV2CacheBase
-    from ..model import ExLlamaV2
+    from ..cache.base import ExLlamaV2CacheBase
+    from ..model.model import ExLlamaV2
     from ..tokenizer import ExLlamaV2Tokenizer
 
 log = logging.getLogger(__name__)

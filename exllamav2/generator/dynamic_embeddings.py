@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..embedding import EMBEDDING_INDEX
+from ..model.embedding import EMBEDDING_INDEX
 
 _index_lock = threading.Lock()
 _reserved = 0   # embedding ids handed out so far

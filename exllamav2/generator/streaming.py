@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..embedding import EMBEDDING_INDEX
+from ..model.embedding import EMBEDDING_INDEX
 from ..errors import GenerationArgumentError
 from ..inputs import check_sampler_settings
-from ..lora import as_lora_list
+from ..model.lora import as_lora_list
 from .base import ExLlamaV2BaseGenerator, check_room
 from .drafting import NgramCache, check_draft_vocab, check_ngram_settings
 from .dynamic_embeddings import remap_embeddings
@@ -29,8 +29,8 @@ from .sampler import ExLlamaV2Sampler, sample_with_state
 from .stop import TextStream, TokenExtras, join_extras, split_stop_conditions
 
 if TYPE_CHECKING:
-    from ..cache import ExLlamaV2CacheBase
-    from ..model import ExLlamaV2
+    from ..cache.base import ExLlamaV2CacheBase
+    from ..model.model import ExLlamaV2
     from ..tokenizer import ExLlamaV2Tokenizer
 
 log = logging.getLogger(__name__)

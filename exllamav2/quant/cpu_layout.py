@@ -1,9 +1,11 @@
 """The CPU kernels' layout of a quantized matrix (EXL2 or GPTQ), built once at load from the file's tensors.
 
 The kernels (exllamav2_ext/cpu/qkernel_impl.h) read 16 output columns at a time and decode 32 rows per step,
-so the rows of each group (in stored order) are cut into chunks of 32, the last one padded, and each chunk's
-codes are packed as one b-bit LSB-first bitstream per column: exactly b int32 words per column. The words of
-16 adjacent columns sit together ([blocks, words, 16]) so one column block is one contiguous stream.
+so the rows of each group (in stored order) are cut into chunks of 32, the last one padded. A chunk of a
+16-column block is 16 b-bit LSB-first bitstreams of 32 codes, exactly b int32 words each: stream i holds
+rows i and 16 + i of the 16 columns (code h * 16 + j is row h * 16 + i, column j), so one shift gives a
+vector of one column's codes for 16 consecutive rows. The words of the 16 streams sit together
+([blocks, words, 16]) so one column block is one contiguous stream.
 The weight stays w = fp16(fp16(code - zero) * scale) with the twin's fp16 scales (EXL2: exl2.group_scales,
 zero 2^(b-1); GPTQ: the stored fp16 scales, zero = qzeros + 1), so the layout dequantizes bit-exactly to the
 twin's weight (tests/test_cpu_exl2.py checks this). `src[p]` is the input feature of padded row p (-1 on
@@ -62,6 +64,15 @@ def _by_block(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, BLOCK).permute(1, 0, 2).contiguous()
 
 
+def _lanes_by_row(padded: torch.Tensor) -> torch.Tensor:
+    """Codes [chunks * 32, Np] -> the streams pack_codes packs per column: the stream of "column" cb * 16 + i
+    (lane i of block cb) holds, at position h * 16 + j, the code of row h * 16 + i, column cb * 16 + j of
+    each chunk (a 16 x 16 transpose of each half-chunk tile)."""
+    chunks, columns = padded.shape[0] // CHUNK_ROWS, padded.shape[1]
+    tiles = padded.view(chunks, 2, BLOCK, columns // BLOCK, BLOCK)      # chunk, h, i, block, j
+    return tiles.permute(0, 1, 4, 3, 2).reshape(chunks * CHUNK_ROWS, columns)
+
+
 def assemble(
     runs: Iterator[tuple[int, int, torch.Tensor, torch.Tensor]],
     scales: torch.Tensor,
@@ -82,7 +93,7 @@ def assemble(
         n_chunks = -(-rows // CHUNK_ROWS)
         padded = torch.zeros((n_chunks * CHUNK_ROWS, columns), dtype=torch.int64)
         padded[:rows, : min(columns, codes.shape[1])] = codes[:, :columns]
-        words.append(exl2.pack_codes(padded, bits))      # chunk j is words j*bits .. (j+1)*bits - 1
+        words.append(exl2.pack_codes(_lanes_by_row(padded), bits))   # chunk j: words j*bits .. (j+1)*bits - 1
         chunks += [[bits, word + j * bits, group] for j in range(n_chunks)]
         word += n_chunks * bits
         s = torch.full((n_chunks * CHUNK_ROWS,), -1, dtype=torch.int32)

@@ -3,9 +3,10 @@
 `forward` dequantizes into a scratch buffer shared by all layers on a device (as upstream's temp_dq
 on the prefill path) and multiplies, so resident memory stays close to the packed size (issue 4).
 Layers wider than `MAX_DQ_ELEMENTS / K` columns are dequantized and multiplied in column chunks.
-On a CUDA device with exllamav2_ext loaded, float16 inputs and `dequantize()` go through the extension's
-QMatrix instead (built once per layer, see qmatrix.py); layouts it cannot run stay on this PyTorch path.
-On the CPU, where the CPU kernels load (ext.cpu_kernels()), the first float32 forward repacks the layer into
+Which kernels a layer may use comes from its device's ops table (`bind`). On a CUDA device with
+exllamav2_ext loaded, float16 inputs and `dequantize()` go through the extension's QMatrix instead (built once
+per layer, see qmatrix.py); layouts it cannot run stay on this PyTorch path.
+On the CPU, where the CPU kernels load, the first float32 forward repacks the layer into
 their layout (cpu_layout.py) and drops the file's packed tensors: forward then multiplies straight from the
 packed codes, never dequantizing the whole weight, and `dequantize()` decodes the same layout (bit-exact with
 the twin). A layer already prepared for the extension's QMatrix keeps that form instead.
@@ -19,9 +20,9 @@ from typing import Protocol
 
 import torch
 
-from .. import ext
 from ..errors import CheckpointError, ExLlamaV2Error
-from . import cpu_layout, exl2, gptq
+from ..ops import DeviceOps, build_ops
+from . import cpu_layout, exl2, gptq, qmatrix
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class QuantWeight:
         self._cpu: cpu_layout.CpuQMatrix | None = None
         self._cpu_kernels = None
         self._cpu_checked = False
+        self.ops: DeviceOps | None = None     # set by bind(); the kernels this layer may use on its device
         self._packed_bits = 0
 
     # subclass interface -------------------------------------------------------------------------
@@ -107,6 +109,21 @@ class QuantWeight:
         c = self.max_dq_elements // self.in_features // 32 * 32
         return min(max(32, c), self.stored_columns)     # narrow layers (GPTQ N < 32) in one chunk
 
+    def bind(self, ops: DeviceOps) -> "QuantWeight":
+        """Use `ops` (its device's table) for the kernels: the extension's QMatrix on a GPU, the CPU kernels'
+        layout on the CPU, else the PyTorch twin. Each form is built on first use, then kept."""
+        self.ops = ops
+        return self
+
+    def _table(self) -> DeviceOps:
+        if self.ops is None:     # a weight used on its own (tests, converter): its device's default table
+            self.ops = build_ops(self.device, torch.float32 if self.device.type == "cpu" else torch.float16)
+        return self.ops
+
+    def kernel_form(self) -> qmatrix.PreparedQMatrix:
+        """The tensors exllamav2_ext's QMatrix reads. Raises ValueError for a layout the kernels cannot run."""
+        raise NotImplementedError
+
     def _cpu_form(self) -> cpu_layout.CpuQMatrix | None:
         """The CPU kernels' layout, built on first use on the CPU where the kernels load; then the file's packed
         tensors are dropped (the layout replaces them, so resident memory stays near the packed size)."""
@@ -114,7 +131,7 @@ class QuantWeight:
             with _cpu_form_lock:      # two threads' first forwards: one builds, neither sees half-released tensors
                 if not self._cpu_checked and self.device.type == "cpu" and self.use_cpu_kernels \
                         and self._kernel_matrix is None:
-                    kernels = ext.cpu_kernels()
+                    kernels = self._table().cpu
                     if kernels is not None:
                         self._cpu = self._cpu_layout()
                         self._cpu_kernels = kernels
@@ -137,12 +154,10 @@ class QuantWeight:
         else None (also for a layout the kernels cannot address). Prepared on first use, then kept."""
         if not self._kernel_matrix_built and self._cpu is None:
             self._kernel_matrix_built = True
-            kernels = ext.kernels_for(self.device)
+            kernels = self._table().cuda
             if kernels is not None:
-                from ..qmatrix import make_qmatrix   # qmatrix imports this module
-
                 try:
-                    self._kernel_matrix = make_qmatrix(self, kernels)
+                    self._kernel_matrix = qmatrix.make_qmatrix(self, kernels)
                 except (ValueError, RuntimeError) as exc:    # layout refused here or by the binding's checks
                     log.debug("%s runs on the PyTorch path: %s", self.key, exc)
         return self._kernel_matrix
@@ -169,9 +184,7 @@ class QuantWeight:
             return self._forward_cpu(x)
         qm = self.kernel_matrix() if x.dtype == torch.float16 else None
         if qm is not None:
-            from ..qmatrix import MAX_FUSED_ROWS
-
-            return qm.forward(x, MAX_FUSED_ROWS, self.max_dq_elements)
+            return qm.forward(x, qmatrix.MAX_FUSED_ROWS, self.max_dq_elements)
         x2 = x.reshape(-1, k)
         chunk = self._chunk_columns()
         buf = scratch(x.device, x.dtype, k * chunk)
@@ -227,6 +240,9 @@ class Exl2Weight(QuantWeight):
         self.perm = torch.argsort(t["q_invperm"].to(torch.int64)).to(device)
         self._packed_bits = self._file_bits()
 
+    def kernel_form(self) -> qmatrix.PreparedQMatrix:
+        return qmatrix.prepare_exl2(self)
+
     def _cpu_layout(self):
         return cpu_layout.from_exl2(self.q_weight, self.q_scale, self.scale_max, self.groups, self.perm, self.bias,
                                     self.in_features, self.out_features)
@@ -269,6 +285,9 @@ class GptqWeight(QuantWeight):
                 f"{scales.shape[0]} groups), got {int(self.groups.min())}..{int(self.groups.max())}"
             )
         self._packed_bits = self._file_bits()
+
+    def kernel_form(self) -> qmatrix.PreparedQMatrix:
+        return qmatrix.prepare_gptq(self)
 
     def _cpu_layout(self):
         return cpu_layout.from_gptq(self.qweight, self.qzeros, self.scales, self.groups, self.bias,

@@ -15,8 +15,8 @@ from ..generator import ExLlamaV2StreamingGenerator
 from . import websocket_actions as actions
 
 if TYPE_CHECKING:
-    from ..cache import ExLlamaV2CacheBase
-    from ..model import ExLlamaV2
+    from ..cache.base import ExLlamaV2CacheBase
+    from ..model.model import ExLlamaV2
     from ..tokenizer import ExLlamaV2Tokenizer
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 
 if TYPE_CHECKING:
-    from ...model import ExLlamaV2
+    from ...model.model import ExLlamaV2
     from ...tokenizer import ExLlamaV2Tokenizer
 
 

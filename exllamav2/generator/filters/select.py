@@ -10,7 +10,7 @@ from .pieces import piece_index, piece_of
 if TYPE_CHECKING:
     import torch
 
-    from ...model import ExLlamaV2
+    from ...model.model import ExLlamaV2
     from ...tokenizer import ExLlamaV2Tokenizer
 
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .tensor_p import tensor_parallel_missing
-from .errors import InputError
+from ..tensor_p import tensor_parallel_missing
+from ..errors import InputError
 
 if TYPE_CHECKING:
-    from .model import ExLlamaV2
+    from ..model.model import ExLlamaV2
 
 log = logging.getLogger(__name__)
 
@@ -199,15 +199,3 @@ class ExLlamaV2Cache_TP(ExLlamaV2CacheBase):
 
     def __init__(self, model: "ExLlamaV2", base: type | None = None, batch_size: int = 1, max_seq_len: int = -1) -> None:
         raise tensor_parallel_missing("ExLlamaV2Cache_TP")
-
-
-_QUANTIZED = ("ExLlamaV2Cache_8bit", "ExLlamaV2Cache_Q4", "ExLlamaV2Cache_Q6", "ExLlamaV2Cache_Q8")
-
-
-def __getattr__(name: str):
-    # Upstream defines the quantized caches in this module; they live in cache_quant.py, which imports this one.
-    if name in _QUANTIZED:
-        from . import cache_quant
-
-        return getattr(cache_quant, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

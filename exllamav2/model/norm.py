@@ -1,29 +1,11 @@
-"""RMSNorm and LayerNorm modules; the functions here are also the twins of the CUDA norm kernels.
-
-The modules run exllamav2_ext's kernels on float16 CUDA activations when the extension is loaded, the twins
-everywhere else.
-"""
+"""RMSNorm and LayerNorm modules. They run through their device's ops table (ops/table.py): exllamav2_ext's
+kernels on float16 CUDA activations where the extension is loaded, the twins (ops/norm.py) elsewhere."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from . import ext
 from .module import ExLlamaV2Module
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x * rsqrt(mean(x^2) + eps) * weight, accumulated in fp32, returned in x's dtype."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * weight.float()).to(x.dtype)
-
-
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
-    return F.layer_norm(
-        x.float(), (x.shape[-1],), weight.float(), None if bias is None else bias.float(), eps
-    ).to(x.dtype)
 
 
 class _Norm(ExLlamaV2Module):
@@ -46,10 +28,7 @@ class ExLlamaV2RMSNorm(_Norm):
         self.weight = None
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        kernels = ext.kernels_for_tensor(x)
-        if kernels is not None:
-            return kernels.rms_norm(x, self.weight, self.model.config.norm_eps)
-        return rms_norm(x, self.weight, self.model.config.norm_eps)
+        return self.ops.rms_norm(x, self.weight, self.model.config.norm_eps)
 
     def weight_footprint(self) -> int:
         return self.tensor_bytes(f"{self.key}.weight") * 2
@@ -71,10 +50,7 @@ class ExLlamaV2LayerNorm(_Norm):
         self.weight = self.bias = None
 
     def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
-        kernels = ext.kernels_for_tensor(x)
-        if kernels is not None:
-            return kernels.layer_norm(x, self.weight, self.bias, self.model.config.norm_eps)
-        return layer_norm(x, self.weight, self.bias, self.model.config.norm_eps)
+        return self.ops.layer_norm(x, self.weight, self.bias, self.model.config.norm_eps)
 
     def weight_footprint(self) -> int:
         return self.tensor_bytes(f"{self.key}.weight") * 4

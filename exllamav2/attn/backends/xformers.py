@@ -12,15 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from .backend import (
-    AttentionBackend,
-    fold_query_groups,
-    nvidia_gpu_reasons,
-    refuse_softcap,
-    repeat_kv,
-    unfold_query_groups,
-)
-from .installed import at_least
+from .backend import (AttentionBackend, fold_query_groups, nvidia_gpu_reasons, refuse_softcap, repeat_kv,
+                      unfold_query_groups)
+from ..installed import at_least
 from .metadata import AttnMetadata
 
 MIN_VERSION = (0, 0, 24)   # LowerTriangularFromBottomRightMask and a custom `scale`

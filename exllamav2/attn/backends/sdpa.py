@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .backend import AttentionBackend, fold_query_groups, refuse_softcap, repeat_kv, unfold_query_groups
-from .devices import DeviceInfo
-from .installed import at_least
+from ..devices import DeviceInfo
+from ..installed import at_least
 from .metadata import AttnMetadata
 
 MIN_TORCH = (2, 3)  # torch.nn.attention.sdpa_kernel with a kernel list, and causal_lower_right

@@ -6,8 +6,8 @@ from them (the contract is in cache.py):
 - contiguous: positions [offset, offset + width) of sequences 0..batch_size-1, both ways;
 - paged (block_table and cache_seqlens given): get decodes each sequence's cached positions
   [0, cache_seqlens[b]) through its pages; store encodes [cache_seqlens[b] + offset, + width), the new tokens.
-The conversions run the exllamav2_ext kernels on CUDA fp16 tensors when the extension is loaded, and their
-PyTorch twins (kv_quant.py) otherwise; both read and write exactly the same tokens.
+The conversions run through each device's ops table: the exllamav2_ext kernels on CUDA fp16 tensors where
+the extension is loaded, their PyTorch twins (ops/kv_cache.py) otherwise; both touch exactly the same tokens.
 
 Q storage per layer: codes uint8 (batch, max_seq_len, padded·bits/8) and scales fp16
 (batch, max_seq_len, padded/32), padded = kv_heads·head_dim rounded up to a multiple of 64 (upstream's
@@ -20,13 +20,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from types import ModuleType
 
 import torch
 
-from . import kv_quant
-from .cache import ExLlamaV2CacheBase
-from . import ext
+from ..ops import DeviceOps, kv_quant
+from .base import ExLlamaV2CacheBase
 
 log = logging.getLogger(__name__)
 
@@ -81,27 +79,6 @@ class TokenWindow:
             start_at_seqlen=self.start_at_seqlen, end_at_seqlen=self.end_at_seqlen,
         )
 
-    def tokens(self, seq_len: int) -> torch.Tensor:
-        """Flat indices into the (batch·seq_len) token axis, as the kernels compute them."""
-        device = self.seqlens.device if self.seqlens is not None else torch.device("cpu")
-        b = torch.arange(self.batch, device=device).view(-1, 1)
-        j = torch.arange(self.width, device=device).view(1, -1)
-        lo = torch.full_like(b, self.offset)
-        if self.seqlens is not None and self.start_at_seqlen:
-            lo = lo + self.seqlens.long().view(-1, 1)
-        hi = lo + self.width
-        if self.seqlens is not None and self.end_at_seqlen:
-            hi = torch.minimum(hi, self.seqlens.long().view(-1, 1))
-        pos = lo + j
-        valid = (pos < hi) & (pos >= 0)
-        if self.block_table is None:
-            return (b * seq_len + pos)[valid]
-        pages_per_seq = self.block_table.shape[1]
-        page = pos // self.page_size
-        valid &= page < pages_per_seq
-        slots = torch.gather(self.block_table.long(), 1, page.clamp(0, pages_per_seq - 1))
-        return (slots * self.page_size + pos % self.page_size)[valid]
-
 
 class _EncodedCache(ExLlamaV2CacheBase):
     """Shared machinery: working tensors per device, windows, and the choice between kernels and twin."""
@@ -133,8 +110,8 @@ class _EncodedCache(ExLlamaV2CacheBase):
             )
         return self._working[device]
 
-    def _kernels(self, device: torch.device) -> ModuleType | None:
-        return ext.kernels_for(device) if self.dtype == torch.float16 else None
+    def _ops(self, device: torch.device) -> DeviceOps:
+        return self.model.ops(device, self.dtype)
 
     def get_kv_state(self, layer_idx, batch_size, offset, width, page_size=0, cache_seqlens=None, block_table=None):
         (k, v), window = self._access(True, layer_idx, batch_size, offset, width, page_size, cache_seqlens,
@@ -159,11 +136,6 @@ class _EncodedCache(ExLlamaV2CacheBase):
     def _clone_extra(self, new: "ExLlamaV2CacheBase") -> None:
         new._working = {}
 
-    @staticmethod
-    def _rows(t: torch.Tensor) -> torch.Tensor:
-        """(batch, seq, ...) -> (batch·seq, per-token elements) view."""
-        return t.view(t.shape[0] * t.shape[1], -1)
-
 
 class ExLlamaV2Cache_8bit(_EncodedCache):
     """FP8 cache: each value stored as the upper byte of its fp16 bit pattern."""
@@ -175,22 +147,10 @@ class ExLlamaV2Cache_8bit(_EncodedCache):
         return (self.value_states if is_value else self.key_states)[layer_idx]
 
     def _decode(self, layer_idx, is_value, out, window):
-        stored = self._storage(layer_idx, is_value)
-        ext = self._kernels(out.device)
-        if ext is not None:
-            ext.fp8_to_fp16(stored, out, **window.kernel_args())
-            return
-        idx = window.tokens(self.max_seq_len).to(out.device)
-        self._rows(out)[idx] = kv_quant.fp8_dequantize(self._rows(stored)[idx], out.dtype)
+        self._ops(out.device).fp8_to_fp16(self._storage(layer_idx, is_value), out, **window.kernel_args())
 
     def _encode(self, layer_idx, is_value, src, window):
-        stored = self._storage(layer_idx, is_value)
-        ext = self._kernels(src.device)
-        if ext is not None:
-            ext.fp16_to_fp8(src, stored, **window.kernel_args())
-            return
-        idx = window.tokens(self.max_seq_len).to(src.device)
-        self._rows(stored)[idx] = kv_quant.fp8_quantize(self._rows(src)[idx])
+        self._ops(src.device).fp16_to_fp8(src, self._storage(layer_idx, is_value), **window.kernel_args())
 
 
 class _QCache(_EncodedCache):
@@ -225,25 +185,11 @@ class _QCache(_EncodedCache):
 
     def _decode(self, layer_idx, is_value, out, window):
         codes, scales, bits = self._storage(layer_idx, is_value)
-        ext = self._kernels(out.device)
-        if ext is not None:
-            ext.q_to_fp16(codes, scales, out, bits, **window.kernel_args())
-            return
-        idx = window.tokens(self.max_seq_len).to(out.device)
-        self._rows(out)[idx] = kv_quant.dequantize(
-            self._rows(codes)[idx], self._rows(scales)[idx], bits, self.features, out.dtype
-        )
+        self._ops(out.device).q_to_fp16(codes, scales, out, bits, **window.kernel_args())
 
     def _encode(self, layer_idx, is_value, src, window):
         codes, scales, bits = self._storage(layer_idx, is_value)
-        ext = self._kernels(src.device)
-        if ext is not None:
-            ext.fp16_to_q(src, codes, scales, bits, **window.kernel_args())
-            return
-        idx = window.tokens(self.max_seq_len).to(src.device)
-        c, s = kv_quant.quantize(self._rows(src)[idx], bits)
-        self._rows(codes)[idx] = c
-        self._rows(scales)[idx] = s
+        self._ops(src.device).fp16_to_q(src, codes, scales, bits, **window.kernel_args())
 
 
 class ExLlamaV2Cache_Q4(_QCache):

@@ -8,34 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from .. import ext
 from ..architecture import RopeStyle
-from ..linear import ExLlamaV2Linear
-from ..module import ExLlamaV2CompositeModule, ExLlamaV2Module
-from ..norm import apply_norm, optional_norm
-from ..rope import RopeTables, apply_rope
-from .params import PagedParams, Params
-
-
-def rotate_qk(
-    q: torch.Tensor, k: torch.Tensor, attn_params, tables: RopeTables, style: RopeStyle
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q and k (B, L, H, D) rotated by RoPE: in place by exllamav2_ext's rope_ for float16 CUDA tensors,
-    else by the twin `apply_rope`."""
-    if style == RopeStyle.NONE:
-        return q, k
-    kernels = ext.kernels_for_tensor(q)
-    if kernels is None:
-        cos, sin = attn_params.rope(tables)     # gathered once per forward, shared by the layers
-        return apply_rope(q, cos, sin, style), apply_rope(k, cos, sin, style)
-    # the kernel reads whole table rows by position and rotates contiguous tensors: no gather needed
-    tables.reserve(attn_params.positions())
-    positions = attn_params.positions_on(q.device)
-    q, k = q.contiguous(), k.contiguous()
-    neox = style == RopeStyle.NEOX
-    kernels.rope_(q, tables.cos, tables.sin, positions, neox)
-    kernels.rope_(k, tables.cos, tables.sin, positions, neox)
-    return q, k
+from .linear import ExLlamaV2Linear
+from .module import ExLlamaV2CompositeModule, ExLlamaV2Module
+from .norm import apply_norm, optional_norm
+from .attn_params import PagedParams, Params
 
 
 def _grouped_qkv_rows(heads: int, kv_heads: int, head_dim: int) -> dict[str, torch.Tensor]:
@@ -116,7 +93,9 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         v = self.v_proj.forward(h, loras).view(bsz, q_len, self.num_kv_heads, self.head_dim)
         if self.clip_qkv is not None:           # OLMoE: q, k and v clamped after their norms
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
-        q, k = rotate_qk(q, k, attn_params, self.model.rope_tables(self.device, self.rope_local), self.rope_style)
+        ops = self.ops
+        q, k = ops.rotate_qk(q, k, attn_params, self.model.rope_tables(self.device, self.rope_local),
+                             self.rope_style)
         opts = dict(scale=self.scale, window=self.window, softcap=self.softcap)
 
         if attn_params.paged:
@@ -126,7 +105,8 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
             k_pages = kc.view(-1, page, self.num_kv_heads, self.head_dim)
             v_pages = vc.view(-1, page, self.num_kv_heads, self.head_dim)
             out = self.backend.attend_paged(q, k, v, k_pages, v_pages, block_table, seqlens,
-                                            meta=attn_params.paged_metadata(self.device), **opts)
+                                            meta=attn_params.paged_metadata(self.device),
+                                            kernel=ops.paged_attention, **opts)
             cache.store_kv_state(self.layer_idx, 1, 0, q_len, page, seqlens, block_table)
         elif cache is not None:
             past = attn_params.past_len

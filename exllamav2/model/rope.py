@@ -11,10 +11,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .architecture import RopeStyle
 
 if TYPE_CHECKING:
-    from .config import ExLlamaV2Config
+    from ..config import ExLlamaV2Config
 
 
 # Used when a client sets a knob to None (or 0): upstream treats a falsy value as "not set".
@@ -163,24 +162,3 @@ class RopeTables:
         self.reserve(positions)
         positions = positions.clamp(min=0).to(self.device)
         return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: RopeStyle) -> torch.Tensor:
-    """Rotate x (B, L, H, D) by cos/sin (B, L, 1, R), R <= D (partial rotary leaves the rest)."""
-    if style == RopeStyle.NONE:
-        return x
-    rot = cos.shape[-1]
-    xr, rest = x[..., :rot].float(), x[..., rot:]
-    if style == RopeStyle.NEOX:
-        x1, x2 = xr.chunk(2, dim=-1)
-        rotated = torch.cat((-x2, x1), dim=-1)
-        out = xr * cos + rotated * sin
-    else:  # GPT-J: pairs (x0, x1) share frequency i; tables are laid out as halves, so interleave them
-        half = rot // 2
-        c = cos[..., :half].repeat_interleave(2, dim=-1)
-        s = sin[..., :half].repeat_interleave(2, dim=-1)
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        rotated = torch.stack((-x2, x1), dim=-1).flatten(-2)
-        out = xr * c + rotated * s
-    out = out.to(x.dtype)
-    return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out

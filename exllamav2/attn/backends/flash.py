@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from .backend import AttentionBackend, nvidia_gpu_reasons
-from .installed import at_least, find_installed
+from ..installed import at_least, find_installed
 from .matmul import MatmulBackend
 from .metadata import AttnMetadata
 
@@ -137,12 +137,12 @@ class FlashAttnBackend(AttentionBackend):
 
     def attend_paged(
         self, q, k_new, v_new, k_pages, v_pages, block_table, cache_seqlens, *, scale, window=0, softcap=0.0,
-        meta=None,
+        meta=None, kernel=None,
     ):
         if not self.paged_native or k_pages.shape[1] % PAGE_MULTIPLE:
             return super().attend_paged(
                 q, k_new, v_new, k_pages, v_pages, block_table, cache_seqlens,
-                scale=scale, window=window, softcap=softcap, meta=meta,
+                scale=scale, window=window, softcap=softcap, meta=meta, kernel=kernel,
             )
         # appends k_new/v_new at cache_seqlens[b] in place, then attends over the whole sequence
         return self._kvcache(

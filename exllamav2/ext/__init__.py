@@ -30,7 +30,8 @@ from types import ModuleType
 
 import torch
 
-from .exllamav2_ext import build
+from ..environment import BUILD_WAIT_VAR, CPU_ISA_VAR, CPU_ISAS, BuildSettings, build_settings, exported
+from ..exllamav2_ext import build
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +51,13 @@ class _Unavailable(Exception):
     """The extension cannot be used here; the message says why and what would fix it."""
 
 
-def load_extension() -> ModuleType | None:
+def load_extension(settings: BuildSettings | None = None) -> ModuleType | None:
     """The extension module, or None (then `unavailable_reason()` says why). Decided once per process."""
     global _resolved, _module, _reason
     with _lock:
         if not _resolved:
             try:
-                _module, how = _resolve()
+                _module, how = _resolve(settings or build_settings())
                 log.info("exllamav2_ext: %s", how)
             except _Unavailable as exc:
                 _reason = str(exc)
@@ -103,36 +104,27 @@ def _capable(device: torch.device) -> bool:
         return True
 
 
-def kernels_for_tensor(t: torch.Tensor) -> ModuleType | None:
-    """The extension when `t` is a float16 CUDA tensor (the only activations the kernels take), else None."""
-    return kernels_for(t.device) if t.dtype == torch.float16 else None
-
-
 _cpu_resolved = False
 _cpu_module: ModuleType | None = None
-CPU_ISA_VAR = "EXLLAMA_CPU_ISA"     # auto (default), avx2 or avx512: which CPU kernels run (avx2 to test that path)
-CACHE_VAR = "EXLLAMA_CACHE_DIR"     # where CPU kernel builds are kept (default ~/.cache/exllamav2)
-BUILD_WAIT_VAR = "EXLLAMA_BUILD_WAIT_S"
-DEFAULT_BUILD_WAIT_S = 900.0        # longest wait for another process's build of the same key
 COMPLETE_MARKER = "complete"
 
 
-def cpu_kernels() -> ModuleType | None:
+def cpu_kernels(settings: BuildSettings | None = None) -> ModuleType | None:
     """The CPU kernels (`linear_f16w`, `q_matmul`, `q_dequant`, `set_isa`), built just in time once per process
     where the CPU has AVX2 + F16C and a C++ compiler and ninja are present; else None, with one log line saying
     why. Never raises. Lock-free once decided: this is on every decode step's path."""
     if _cpu_resolved:
         return _cpu_module
-    return _resolve_cpu()
+    return _resolve_cpu(settings or build_settings())
 
 
-def _resolve_cpu() -> ModuleType | None:
+def _resolve_cpu(settings: BuildSettings) -> ModuleType | None:
     global _cpu_resolved, _cpu_module
     with _lock:
         if not _cpu_resolved:
             try:
-                module = _build_cpu()
-                isa = module.set_isa(_cpu_isa())
+                module = _build_cpu(settings)
+                isa = module.set_isa(_cpu_isa(settings))
                 _cpu_module = module
                 log.info("%s: CPU kernels loaded (%s; fp16 and quantized weights, fp32 arithmetic)",
                          build.CPU_EXT_NAME, isa)
@@ -146,39 +138,30 @@ def _resolve_cpu() -> ModuleType | None:
     return _cpu_module
 
 
-def _cpu_isa() -> str:
-    value = os.environ.get(CPU_ISA_VAR, "").strip().lower() or "auto"
-    if value not in ("auto", "avx2", "avx512"):
-        raise _Unavailable(f"{CPU_ISA_VAR}={value!r} is not one of auto, avx2, avx512")
-    return value
+def _cpu_isa(settings: BuildSettings) -> str:
+    if settings.cpu_isa not in CPU_ISAS:
+        raise _Unavailable(f"{CPU_ISA_VAR}={settings.cpu_isa!r} is not one of {', '.join(CPU_ISAS)}")
+    return settings.cpu_isa
 
 
-def _build_cpu() -> ModuleType:
-    if build.nocompile(os.environ):
+def _build_cpu(settings: BuildSettings) -> ModuleType:
+    if settings.nocompile:
         raise _Unavailable(f"{build.NOCOMPILE_VAR} is set")
     capability = torch.backends.cpu.get_cpu_capability()
     if capability not in ("AVX2", "AVX512"):
         raise _Unavailable(f"the CPU lacks AVX2/F16C (torch reports {capability})")
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        raise _Unavailable("no C++ compiler (c++) on PATH")
+    if shutil.which(settings.cxx) is None:
+        raise _Unavailable(f"no C++ compiler ({settings.cxx}) on PATH")
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
         raise _Unavailable("ninja is not installed (pip install ninja)")
     # the headers' hash in the flags too: torch's own check covers only the .cpp files
     flags = build.CPU_CXX_FLAGS + [f"-DEXL_CPU_SOURCES={build.cpu_source_hash()}"]
-    return cached_build(build.CPU_EXT_NAME, build.cpu_sources(), flags, build.CPU_LD_FLAGS)
+    return cached_build(build.CPU_EXT_NAME, build.cpu_sources(), flags, build.CPU_LD_FLAGS, settings)
 
 
-def cache_root() -> Path:
-    explicit = os.environ.get(CACHE_VAR)
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "exllamav2"
-
-
-def _compiler_id() -> str:
-    cxx = os.environ.get("CXX", "c++")
+def _compiler_id(cxx: str) -> str:
     try:
         out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
@@ -186,18 +169,19 @@ def _compiler_id() -> str:
     return f"{cxx}: {out.splitlines()[0] if out else 'unknown'}"
 
 
-def cached_build(name: str, sources: list[str], cflags: list[str], ldflags: list[str]) -> ModuleType:
-    """Build (or load the finished build of) a CPU extension in cache_root()/<name>-<key>, the key hashing what
+def cached_build(name: str, sources: list[str], cflags: list[str], ldflags: list[str],
+                 settings: BuildSettings | None = None) -> ModuleType:
+    """Build (or load the finished build of) a CPU extension in settings.cache_dir/<name>-<key>, the key hashing what
     the build depends on, so every venv and checkout with the same inputs shares one build. One process builds
     at a time, under an flock the kernel drops when its holder dies; a build directory without the marker of a
     finished build (its builder was killed) is cleared and built again."""
     from torch.utils import cpp_extension
 
     python_tag = f"{sys.implementation.cache_tag}-{sys.abiflags}"
-    key = build.cpu_build_key(torch.__version__, python_tag, _compiler_id(), [*cflags, "|", *ldflags])
-    directory = cache_root() / f"{name}-{key}"
-    wait_s = float(os.environ.get(BUILD_WAIT_VAR) or DEFAULT_BUILD_WAIT_S)
-    with _build_lock(directory.with_name(directory.name + ".lock"), wait_s, directory):
+    settings = settings or build_settings()
+    key = build.cpu_build_key(torch.__version__, python_tag, _compiler_id(settings.cxx), [*cflags, "|", *ldflags])
+    directory = settings.cache_dir / f"{name}-{key}"
+    with _build_lock(directory.with_name(directory.name + ".lock"), settings.build_wait_s, directory):
         finished = (directory / COMPLETE_MARKER).exists()
         if not finished:
             shutil.rmtree(directory, ignore_errors=True)       # a killed build's leftovers, torch's lock file included
@@ -251,7 +235,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _resolve() -> tuple[ModuleType, str]:
+def _resolve(settings: BuildSettings) -> tuple[ModuleType, str]:
     prebuilt_problem = ""
     try:
         module = importlib.import_module(build.EXT_NAME)
@@ -263,24 +247,25 @@ def _resolve() -> tuple[ModuleType, str]:
         hint = " (built against another torch: reinstall exllamav2 for this torch)" if "undefined symbol" in str(exc) else ""
         prebuilt_problem = f"the prebuilt module does not import: {exc}{hint}; "
 
-    if build.nocompile(os.environ):
+    if settings.nocompile:
         raise _Unavailable(f"{prebuilt_problem}{build.NOCOMPILE_VAR} is set, so no just-in-time build")
     if not torch.cuda.is_available():
         raise _Unavailable(f"{prebuilt_problem}no CUDA device (torch {torch.__version__})")
     if torch.version.hip:
         raise _Unavailable(f"{prebuilt_problem}ROCm is not supported by these kernels")
-    return _jit_build(), f"{prebuilt_problem}built just in time"
+    return _jit_build(settings), f"{prebuilt_problem}built just in time"
 
 
-def _jit_build() -> ModuleType:
-    cuda_home = build.find_cuda_home(os.environ)
+def _jit_build(settings: BuildSettings | None = None) -> ModuleType:
+    settings = settings or build_settings()
+    cuda_home = build.find_cuda_home(settings.environ)
     if cuda_home is None:
         raise _Unavailable(
             f"nvcc not found: install the CUDA {torch.version.cuda} toolkit and set CUDA_HOME, or install a "
             f"prebuilt exllamav2 wheel"
         )
-    os.environ.setdefault("CUDA_HOME", cuda_home)   # read by torch.utils.cpp_extension at import
-    from torch.utils import cpp_extension
+    with exported(CUDA_HOME=cuda_home):    # read by torch.utils.cpp_extension at import
+        from torch.utils import cpp_extension
 
     # ...but only at its first import: if something imported it earlier, its guess (None, or the folder around
     # an nvcc wrapper script) would stand, so hand it the toolkit found here
@@ -288,11 +273,11 @@ def _jit_build() -> ModuleType:
 
     if not cpp_extension.is_ninja_available():
         raise _Unavailable("ninja is not installed (pip install ninja)")
-    arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or build.arch_list_for(
+    arch = settings.cuda_arch_list or build.arch_list_for(
         [torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())],
         torch.cuda.get_arch_list(),
     )
-    with _env("TORCH_CUDA_ARCH_LIST", arch), _progress(f"building exllamav2_ext for {arch} with {cuda_home}"):
+    with exported(CUDA_HOME=cuda_home, TORCH_CUDA_ARCH_LIST=arch), _progress(f"building exllamav2_ext for {arch} with {cuda_home}"):
         return cpp_extension.load(
             name=build.EXT_NAME,
             sources=build.sources(),
@@ -301,19 +286,6 @@ def _jit_build() -> ModuleType:
             extra_cuda_cflags=build.NVCC_FLAGS,
             verbose=log.isEnabledFor(logging.DEBUG),
         )
-
-
-@contextmanager
-def _env(name: str, value: str) -> Iterator[None]:
-    old = os.environ.get(name)
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = old
 
 
 @contextmanager

@@ -9,25 +9,23 @@ Paged attention (the dynamic generator's batching) stores keys and values in pag
 (B, pages_per_seq) int32 lists each sequence's pages in order, ``cache_seqlens`` (B,) int32 is the
 number of tokens each sequence already holds. `attend_paged` appends the new keys/values and
 attends over the whole sequence. The default here gathers pages into a dense tensor, which lets
-every backend batch; flash-attn overrides it with its native block-table kernel. On a CUDA device
-where exllamav2_ext is loaded, the default runs the extension's paged-attention kernel instead for
-float16 decode steps (q_len <= PAGED_KERNEL_MAX_Q_LEN), reading the pages in place.
+every backend batch; flash-attn overrides it with its native block-table kernel. Where the caller's ops
+table holds exllamav2_ext's paged-attention kernel (`kernel`), the default runs it instead for decode steps
+it fits (q_len <= PAGED_KERNEL_MAX_Q_LEN, float16 pages it can write in place), reading the pages there.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 
-from .. import ext
 from .metadata import AttnMetadata, paged_metadata
 
 if TYPE_CHECKING:
-    from .devices import DeviceInfo
-    from .installed import InstalledBackends
-    from .selector import ModelNeeds
+    from ..devices import DeviceInfo
+    from ..installed import InstalledBackends
+    from ..selector import ModelNeeds
 
 
 # what exllamav2_ext's paged_attention takes (cuda/paged_attn.h); other calls gather pages
@@ -39,14 +37,11 @@ def paged_kernel_supports(head_dim: int) -> bool:
     return head_dim % 8 == 0 and head_dim <= PAGED_KERNEL_MAX_HEAD_DIM
 
 
-def paged_kernels_for(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> ModuleType | None:
-    """The extension when its paged-attention kernel can serve this call: float16 CUDA tensors, at most
-    PAGED_KERNEL_MAX_Q_LEN new tokens, a supported head dim and pages it can write in place."""
-    if q.shape[1] > PAGED_KERNEL_MAX_Q_LEN or not paged_kernel_supports(q.shape[-1]):
-        return None
-    if k_pages.dtype != torch.float16 or not (k_pages.is_contiguous() and v_pages.is_contiguous()):
-        return None
-    return ext.kernels_for_tensor(q)
+def paged_kernel_fits(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor) -> bool:
+    """Whether exllamav2_ext's paged-attention kernel takes this call: at most PAGED_KERNEL_MAX_Q_LEN new
+    tokens, a supported head dim, float16 pages it can write in place."""
+    return (q.shape[1] <= PAGED_KERNEL_MAX_Q_LEN and paged_kernel_supports(q.shape[-1]) and q.dtype == torch.float16
+            and k_pages.dtype == torch.float16 and k_pages.is_contiguous() and v_pages.is_contiguous())
 
 
 class AttentionBackend:
@@ -94,13 +89,14 @@ class AttentionBackend:
         window: int = 0,
         softcap: float = 0.0,
         meta: AttnMetadata | None = None,
+        kernel: Callable | None = None,
     ) -> torch.Tensor:
         """Append k_new/v_new to the pages at cache_seqlens and attend over each sequence. `meta` is the paged
         batch's metadata (PagedParams.paged_metadata, built once per forward); without it, it is built here,
-        which costs a host sync for the longest sequence."""
-        kernels = paged_kernels_for(q, k_pages, v_pages)
-        if kernels is not None:
-            return kernels.paged_attention(
+        which costs a host sync for the longest sequence. `kernel` is the device's fused paged-attention kernel
+        from its ops table, or None."""
+        if kernel is not None and paged_kernel_fits(q, k_pages, v_pages):
+            return kernel(
                 q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_pages, v_pages, block_table,
                 cache_seqlens, scale, window, softcap,
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .metadata import AttnMetadata, paged_metadata
+from ..attn.backends.metadata import AttnMetadata, paged_metadata
 from ..errors import InputError
 
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import ext
 from .module import ExLlamaV2Module, TensorShapeError
-from .errors import MissingTensorError
+from ..errors import MissingTensorError
 
 
 _KERNEL_MAX_ROWS = 16       # rows up to which the CPU fp16-weight kernel beats converting for a GEMM
@@ -72,17 +71,16 @@ class ExLlamaV2Linear(ExLlamaV2Module):
     def load(self) -> None:
         key = self._source_key()
         if self.has(f"{key}.q_weight") or self.has(f"{key}.qweight"):
-            from .quant import load_quantized
+            from ..quant import load_quantized
 
             self.q = load_quantized(
                 key, self.index, self.in_features, self.out_features, prescale=self.prescale,
                 device=self.device, gptq_v2=bool(self.model.config.checkpoint_offset_qzeros),
-            )
+            ).bind(self.ops)
             return
         dtype = self.model.dtype
         w, rows, bias_shape = self._read_weight(key)
-        self._cpu_f16 = (self.device.type == "cpu" and dtype == torch.float32 and w.dtype == torch.float16
-                         and ext.cpu_kernels() is not None)
+        self._cpu_f16 = w.dtype == torch.float16 and self.ops.cpu is not None
         if self._cpu_f16:
             dtype = torch.float16   # kept at 16 bits: the CPU kernel reads half the bytes per decoded token
         self.weight = w[rows].to(self.device, dtype).contiguous()
@@ -140,7 +138,7 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         reading the weights dominates), else one fp32 GEMM on the converted weight (prefill)."""
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= _KERNEL_MAX_ROWS:
-            y = ext.cpu_kernels().linear_f16w(x2, self.weight)
+            y = self.ops.cpu.linear_f16w(x2, self.weight)
             if self.bias is not None:
                 y += self.bias
         else:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from .quant import exl2, gptq
-from .quant.exl2 import Exl2Group
-from .quant.qlinear import Exl2Weight, GptqWeight, QuantWeight
+from . import exl2, gptq
+from .exl2 import Exl2Group
+if TYPE_CHECKING:
+    from .qlinear import Exl2Weight, GptqWeight, QuantWeight
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _perm_or_none(perm: torch.Tensor) -> torch.Tensor | None:
     return None if torch.equal(perm.long(), identity) else perm.to(torch.int32).contiguous()
 
 
-def prepare_exl2(w: Exl2Weight) -> PreparedQMatrix:
+def prepare_exl2(w: "Exl2Weight") -> PreparedQMatrix:
     return PreparedQMatrix(
         format=FORMAT_EXL2,
         q_weight=w.q_weight.contiguous(),
@@ -115,7 +116,7 @@ def reorder_rows(qweight: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def prepare_gptq(w: GptqWeight) -> PreparedQMatrix:
+def prepare_gptq(w: "GptqWeight") -> PreparedQMatrix:
     groups = w.groups.cpu()
     if bool((groups[1:] < groups[:-1]).any()):
         order = torch.sort(groups, stable=True).indices
@@ -136,19 +137,11 @@ def prepare_gptq(w: GptqWeight) -> PreparedQMatrix:
     )
 
 
-def prepare(w: QuantWeight) -> PreparedQMatrix:
-    """Kernel tensors of an Exl2Weight or GptqWeight. Raises ValueError for a layout the kernels cannot run."""
-    if isinstance(w, Exl2Weight):
-        return prepare_exl2(w)
-    if isinstance(w, GptqWeight):
-        return prepare_gptq(w)
-    raise TypeError(f"no kernel form for {type(w).__name__}")
-
-
-def make_qmatrix(w: QuantWeight, ext: ModuleType):
+def make_qmatrix(w: "QuantWeight", ext: ModuleType):
     """The extension's QMatrix for this layer: `.forward(x, MAX_FUSED_ROWS, max_dq_elements)` gives x·W + bias
-    and `.reconstruct(out [K, c] fp16, col_start)` fills columns of W, bit-exact with `w.dequantize()`."""
-    p = prepare(w)
+    and `.reconstruct(out [K, c] fp16, col_start)` fills columns of W, bit-exact with `w.dequantize()`.
+    Raises ValueError for a layout the kernels cannot run."""
+    p = w.kernel_form()
     return ext.QMatrix(
         p.format, p.q_weight, p.chunks, p.perm, p.q_scale, p.scale_max, p.scales, p.qzeros, p.zero_offset,
         p.in_features, p.out_features, p.bias,

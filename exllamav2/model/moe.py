@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, TensorShapeError
+from ..errors import ConfigError, TensorShapeError
 from .linear import ExLlamaV2Linear
 from .mlp import ACTIVATION_FUNCTIONS, ExLlamaV2MLP
 from .module import ExLlamaV2CompositeModule, ExLlamaV2Module

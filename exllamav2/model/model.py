@@ -17,25 +17,26 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .accounting import check_tensors_accounted
-from .attn import resolve_attention
-from .attn.layer import ExLlamaV2Attention
-from .attn.params import PagedParams, Params
-from .cache import ExLlamaV2CacheBase
-from .config import ExLlamaV2Config
+from ..attn import resolve_attention
+from .attention import ExLlamaV2Attention
+from .attn_params import PagedParams, Params
+from ..cache.base import ExLlamaV2CacheBase
+from ..config import ExLlamaV2Config
 from .device import ExLlamaV2DeviceContext
 from .embedding import ExLlamaV2Embedding
 from .forward_args import check_forward_kwargs
-from .inputs import check_input_ids
+from ..inputs import check_input_ids
 from .lora import as_lora_list
 from .linear import ExLlamaV2Linear
 from .moe import make_mlp
 from .module import ExLlamaV2Module, checkpoint_keys_of
 from .multicache import forward_per_row_caches
 from .norm import make_norm
+from ..ops import DeviceOps, build_ops
 from .parallel import ExLlamaV2ParallelDecoder
 from .rope import RopeTables
-from .tensor_p import tensor_parallel_missing
-from .errors import InputError
+from ..tensor_p import tensor_parallel_missing
+from ..errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,7 @@ class ExLlamaV2:
         self.cache_map: dict[int, str] = {}      # layer index -> device of its attention (and cache), as upstream
         self.loras: weakref.WeakSet = weakref.WeakSet()   # adapters made for this model; see update_loras()
         self._rope: dict[tuple[torch.device, bool], RopeTables] = {}
+        self._ops: dict[tuple[torch.device, torch.dtype], DeviceOps] = {}
         self._device_contexts: dict[int, ExLlamaV2DeviceContext] = {}
 
     def _build(self) -> list[ExLlamaV2Module]:
@@ -298,6 +300,16 @@ class ExLlamaV2:
 
     def get_cache_devices(self) -> list[torch.device]:
         return sorted({self.layer_device(i) for i in range(self.config.num_hidden_layers)}, key=str)
+
+    def ops(self, device: torch.device, dtype: torch.dtype | None = None) -> DeviceOps:
+        """Kernel or twin for each op on `device` (activations in `dtype`, the model's by default): chosen when
+        the first module loads there, then kept."""
+        key = (device, dtype or self.dtype)
+        table = self._ops.get(key)
+        if table is None:
+            table = self._ops[key] = build_ops(*key)
+            log.info("%s, %s activations: %s", device, str(table.dtype).removeprefix("torch."), table.describe())
+        return table
 
     def rope_tables(self, device: torch.device, local: bool = False) -> RopeTables:
         """The RoPE tables on `device`: the model's, or with `local` the sliding layers' own (Gemma 3)."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .cache import ExLlamaV2CacheBase
+from ..cache.base import ExLlamaV2CacheBase
 
 if TYPE_CHECKING:
     from .model import ExLlamaV2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .attn.layer import ExLlamaV2Attention
+from .attention import ExLlamaV2Attention
 from .mlp import ExLlamaV2MLP
 from .module import ExLlamaV2CompositeModule, ExLlamaV2Module
 from .norm import apply_norm

@@ -1,0 +1,58 @@
+"""The ops table: for one device and activation dtype, which implementation runs each op that has a compiled
+kernel, chosen once (when the model loads) instead of on every call.
+
+exllamav2_ext's kernels take float16 CUDA tensors; the CPU kernels take float32 activations with fp16 or
+quantized weights. Where a kernel does not serve (no GPU, no extension, another dtype) the op is its PyTorch
+twin, which the tests hold the kernel to. The model kit, the caches and the attention layer call through
+this table and never ask the extension loader themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from .. import ext
+from . import kv_cache, norm, rope
+
+
+@dataclass(frozen=True)
+class DeviceOps:
+    device: torch.device
+    dtype: torch.dtype
+    cuda: ModuleType | None            # exllamav2_ext on this GPU (quantized matmuls build their QMatrix on it)
+    cpu: ModuleType | None             # the CPU kernels (quantized and fp16-weight matmuls from packed weights)
+    rms_norm: Callable
+    layer_norm: Callable
+    rotate_qk: rope.RotateQK
+    paged_attention: Callable | None   # the fused paged-attention kernel; None: the backend's gather path
+    fp8_to_fp16: Callable
+    fp16_to_fp8: Callable
+    q_to_fp16: Callable
+    fp16_to_q: Callable
+
+    def describe(self) -> str:
+        if self.cuda is not None:
+            return "exllamav2_ext kernels"
+        return "CPU kernels for matmuls, PyTorch for the rest" if self.cpu is not None else "PyTorch only"
+
+
+def build_ops(device: torch.device | str, dtype: torch.dtype) -> DeviceOps:
+    """The ops for activations of `dtype` on `device`; may build or load a kernel library (once per process)."""
+    device = torch.device(device)
+    cuda = ext.kernels_for(device) if dtype == torch.float16 else None
+    cpu = ext.cpu_kernels() if device.type == "cpu" and dtype == torch.float32 else None
+    return DeviceOps(
+        device=device, dtype=dtype, cuda=cuda, cpu=cpu,
+        rms_norm=cuda.rms_norm if cuda else norm.rms_norm,
+        layer_norm=cuda.layer_norm if cuda else norm.layer_norm,
+        rotate_qk=rope.kernel_rotate_qk(cuda) if cuda else rope.rotate_qk,
+        paged_attention=cuda.paged_attention if cuda else None,
+        fp8_to_fp16=cuda.fp8_to_fp16 if cuda else kv_cache.fp8_to_fp16,
+        fp16_to_fp8=cuda.fp16_to_fp8 if cuda else kv_cache.fp16_to_fp8,
+        q_to_fp16=cuda.q_to_fp16 if cuda else kv_cache.q_to_fp16,
+        fp16_to_q=cuda.fp16_to_q if cuda else kv_cache.fp16_to_q,
+    )
