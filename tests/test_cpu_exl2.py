@@ -122,6 +122,21 @@ def test_gptq_matches_twin(act_order, rows, isa):
     _check_matmul(kern, twin, rows, seed=rows)
 
 
+@pytest.mark.parametrize("bits", [2, 4, 5, 6, 8])
+@pytest.mark.parametrize("rows", [1, 3, 12])
+def test_explicit_zero_points_equal_the_exl2_zero(bits, rows, isa):
+    """Zero points given per (group, column) go through the kernels' zero-point paths (GPTQ's; for the widths
+    decoded arithmetically a separate instantiation): zeros of 2^(bits-1) must give EXL2's result exactly."""
+    kern, _ = exl2_pair(96, 40, [bits], 32, seed=bits + rows)
+    m = kern.cpu_matrix()
+    zeros = torch.full(m.scales.shape, 1 << (bits - 1), dtype=torch.uint8)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+    args = (m.qw, m.chunks, m.scales)
+    with_zeros = kernels.q_matmul(x, *args, zeros, m.src, m.bias, 40, cpu_layout.MAX_GEMV_ROWS)
+    assert torch.equal(with_zeros, kernels.q_matmul(x, *args, None, m.src, m.bias, 40, cpu_layout.MAX_GEMV_ROWS))
+    assert torch.equal(kernels.q_dequant(*args, zeros, m.src, 96), kernels.q_dequant(*args, None, m.src, 96))
+
+
 def test_exl2_head_sized_layer_in_blocks(isa):
     """A head-like shape: many blocks, prefill rows through tiles that each hold a fraction of the weight."""
     kern, twin = exl2_pair(256, 4000, [6], 32, seed=3)

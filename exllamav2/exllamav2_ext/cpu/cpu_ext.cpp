@@ -59,11 +59,9 @@ torch::Tensor linear_f16w(torch::Tensor x, torch::Tensor w) {
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::Half>());
     float* yp = y.data_ptr<float>();
     auto fn = kernels().f16_gemv;
-    // in groups of four output rows (the kernel's step); a thread takes at least ~32k weights
-    const int64_t quads = (N + 3) / 4, grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1));
-    at::parallel_for(0, quads, grain, [&](int64_t q0, int64_t q1) {
-        fn(xp, wp, yp, M, K, N, q0 * 4, std::min(N, q1 * 4));
-    });
+    // a thread takes a contiguous run of at least ~32k weights: one sequential stream each
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { fn(xp, wp, yp, M, K, N, r0, r1); });
     return y;
 }
 

@@ -12,52 +12,99 @@ namespace exlcpu {
 namespace avx2 {
 
 struct S {
-    struct I { __m256i lo, hi; };
+    struct I { __m256i lo, hi; };     // lanes 0-7 and 8-15: rows 0-7 and 8-15 of a chunk half
     struct F { __m256 lo, hi; };
+    using A = __m256;                 // a column's partial sums: both halves' products go to one accumulator
+    static constexpr int kAccRegs = 8;    // of 16 registers
+    static constexpr int kLutBits = 4;    // vpermps reaches 8 entries; 4-bit codes take two and a blend
 
     static inline __attribute__((always_inline)) I load_i(const int32_t* p) {
         return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),
                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 8))};
     }
     template <int n> static inline __attribute__((always_inline)) I srl(I v) {
-        return {_mm256_srli_epi32(v.lo, n), _mm256_srli_epi32(v.hi, n)};
+        if constexpr (n == 0) return v; else return {_mm256_srli_epi32(v.lo, n), _mm256_srli_epi32(v.hi, n)};
     }
     template <int n> static inline __attribute__((always_inline)) I sll(I v) {
         return {_mm256_slli_epi32(v.lo, n), _mm256_slli_epi32(v.hi, n)};
     }
-    static inline __attribute__((always_inline)) I and_i(I v, int mask) {
-        __m256i m = _mm256_set1_epi32(mask);
-        return {_mm256_and_si256(v.lo, m), _mm256_and_si256(v.hi, m)};
-    }
     static inline __attribute__((always_inline)) I or_i(I a, I b) { return {_mm256_or_si256(a.lo, b.lo), _mm256_or_si256(a.hi, b.hi)}; }
-    static inline __attribute__((always_inline)) I sub_i(I a, I b) { return {_mm256_sub_epi32(a.lo, b.lo), _mm256_sub_epi32(a.hi, b.hi)}; }
-    static inline __attribute__((always_inline)) I set1_i(int v) { __m256i s = _mm256_set1_epi32(v); return {s, s}; }
-    static inline __attribute__((always_inline)) I load_u8(const uint8_t* p) {
-        __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-        return {_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))};
+    static inline __attribute__((always_inline)) __m256 round_h(__m256 v) {
+        return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    // (2^23 + zero) .. (2^23 + 2^bits - 1 - zero): 2^23 + code as a float, minus 2^23 + zero, is code - zero
+    static inline __attribute__((always_inline)) __m256 code_minus_zero(__m256i c, __m256 mz) {
+        return _mm256_sub_ps(_mm256_castsi256_ps(_mm256_or_si256(c, _mm256_set1_epi32(0x4B000000))), mz);
+    }
+    template <int B>
+    static inline __attribute__((always_inline)) __m256 decode8(__m256i c, const float* lut, __m256 s, __m256 mz) {
+        if constexpr (B <= 3) {
+            return _mm256_permutevar8x32_ps(_mm256_load_ps(lut), c);      // reads the low 3 bits only
+        } else if constexpr (B == 4) {
+            // entries 0-7 and 8-15, chosen by the code's bit 3 moved to the sign bit
+            return _mm256_blendv_ps(_mm256_permutevar8x32_ps(_mm256_load_ps(lut), c),
+                                    _mm256_permutevar8x32_ps(_mm256_load_ps(lut + 8), c),
+                                    _mm256_castsi256_ps(_mm256_slli_epi32(c, 28)));
+        } else {
+            return round_h(_mm256_mul_ps(code_minus_zero(c, mz), s));
+        }
+    }
+    // codes -> weights (see kernels_avx512.cpp); Exact: no bits above the code; Z: zero points in mz
+    template <int B, bool Exact, bool Z>
+    static inline __attribute__((always_inline)) F decode(I c, const float* lut, const float* s, const float* mz) {
+        if constexpr (B > kLutBits && !Exact) {
+            const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
+            c = {_mm256_and_si256(c.lo, mask), _mm256_and_si256(c.hi, mask)};
+        }
+        if constexpr (B > kLutBits) {
+            const __m256 sv = _mm256_set1_ps(*s), mzv = _mm256_set1_ps(Z ? *mz : 8388608.f + (1 << (B - 1)));
+            return {decode8<B>(c.lo, lut, sv, mzv), decode8<B>(c.hi, lut, sv, mzv)};
+        } else {
+            return {decode8<B>(c.lo, lut, _mm256_setzero_ps(), _mm256_setzero_ps()),
+                    decode8<B>(c.hi, lut, _mm256_setzero_ps(), _mm256_setzero_ps())};
+        }
+    }
+    static inline __attribute__((always_inline)) void build_lut(int bits, const float* s, const float* mz, float* lut) {
+        const __m256i mask = _mm256_set1_epi32((1 << bits) - 1);
+        for (int h = 0; h < 2; ++h) {
+            __m256i iota = _mm256_setr_epi32(8 * h, 8 * h + 1, 8 * h + 2, 8 * h + 3, 8 * h + 4, 8 * h + 5, 8 * h + 6, 8 * h + 7);
+            __m256 c = code_minus_zero(_mm256_and_si256(iota, mask), _mm256_set1_ps(*mz));
+            _mm256_store_ps(lut + 8 * h, round_h(_mm256_mul_ps(c, _mm256_set1_ps(*s))));
+        }
+    }
+    // s[j] = scale, mz[j] = 2^23 + zero of the block's 16 columns (zero 2^(bits-1) without zero points)
+    static inline __attribute__((always_inline)) void scales(const uint16_t* sc, const uint8_t* zr, int bits,
+                                                             float* s, float* mz) {
+        __m256i z0 = _mm256_set1_epi32(1 << (bits - 1)), z1 = z0;
+        if (zr) {
+            __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(zr));
+            z0 = _mm256_cvtepu8_epi32(b);
+            z1 = _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+        }
+        F sv = load_h(sc);
+        _mm256_store_ps(s, sv.lo);
+        _mm256_store_ps(s + 8, sv.hi);
+        const __m256i magic = _mm256_set1_epi32(0x4B000000);
+        _mm256_store_si256(reinterpret_cast<__m256i*>(mz), _mm256_or_si256(z0, magic));
+        _mm256_store_si256(reinterpret_cast<__m256i*>(mz + 8), _mm256_or_si256(z1, magic));
+    }
+    static inline __attribute__((always_inline)) A zero_acc() { return _mm256_setzero_ps(); }
+    static inline __attribute__((always_inline)) A fma_row(F w, const float* x, A acc) {
+        return _mm256_fmadd_ps(w.hi, _mm256_loadu_ps(x + 8), _mm256_fmadd_ps(w.lo, _mm256_loadu_ps(x), acc));
+    }
+    static inline __attribute__((always_inline)) __m256 fold8(A v) { return v; }
+    // out[j] = the sum of f[j]'s lanes: pairwise adds interleave the vectors, no per-vector reduction
+    static inline __attribute__((always_inline)) void reduce8(const __m256* f, float* out) {
+        __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(f[0], f[1]), _mm256_hadd_ps(f[2], f[3]));
+        __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(f[4], f[5]), _mm256_hadd_ps(f[6], f[7]));
+        _mm256_store_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31)));
     }
     static inline __attribute__((always_inline)) F load_h(const uint16_t* p) {
         return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
                 _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
     }
-    static inline __attribute__((always_inline)) F magic(I v) {   // 2^23 + v for 0 <= v < 2^23
-        __m256i m = _mm256_set1_epi32(0x4B000000);
-        return {_mm256_castsi256_ps(_mm256_or_si256(v.lo, m)), _mm256_castsi256_ps(_mm256_or_si256(v.hi, m))};
-    }
-    static inline __attribute__((always_inline)) F set1_f(float v) { __m256 s = _mm256_set1_ps(v); return {s, s}; }
-    static inline __attribute__((always_inline)) F sub(F a, F b) { return {_mm256_sub_ps(a.lo, b.lo), _mm256_sub_ps(a.hi, b.hi)}; }
     static inline __attribute__((always_inline)) F load_f(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
-    static inline __attribute__((always_inline)) F to_f(I v) { return {_mm256_cvtepi32_ps(v.lo), _mm256_cvtepi32_ps(v.hi)}; }
-    static inline __attribute__((always_inline)) F mul(F a, F b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
     static inline __attribute__((always_inline)) F add(F a, F b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
-    static inline __attribute__((always_inline)) F round_h(F v) {
-        constexpr int mode = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-        return {_mm256_cvtph_ps(_mm256_cvtps_ph(v.lo, mode)), _mm256_cvtph_ps(_mm256_cvtps_ph(v.hi, mode))};
-    }
-    static inline __attribute__((always_inline)) F fma(F w, float x, F acc) {
-        __m256 b = _mm256_set1_ps(x);
-        return {_mm256_fmadd_ps(w.lo, b, acc.lo), _mm256_fmadd_ps(w.hi, b, acc.hi)};
-    }
     static inline __attribute__((always_inline)) F fmav(F a, F b, F acc) {
         return {_mm256_fmadd_ps(a.lo, b.lo, acc.lo), _mm256_fmadd_ps(a.hi, b.hi, acc.hi)};
     }

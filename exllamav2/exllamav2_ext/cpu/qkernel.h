@@ -12,9 +12,9 @@ constexpr int kChunkRows = 32;  // rows per chunk: a b-bit chunk is exactly b wo
 
 // A quantized matrix in the CPU layout (built at load by exllamav2/quant/cpu_layout.py):
 // the rows are cut into chunks of 32 (padded) rows inside one group; chunk c of column block cb holds
-// bits[c] words of 16 int32 at qw[cb][first_word[c]][0..15], each column an LSB-first bitstream of
-// 32 codes. w = fp16(fp16(code - zero) * scale) with the fp16 scale of (block, group, lane) and
-// zero = 2^(bits-1) (EXL2) or the stored uint8 zero point (GPTQ).
+// bits[c] words of 16 int32 at qw[cb][first_word[c]][0..15], lane i an LSB-first bitstream of 32 codes:
+// code h * 16 + j is row h * 16 + i of column j. w = fp16(fp16(code - zero) * scale) with the fp16 scale of
+// (block, group, column) and zero = 2^(bits-1) (EXL2) or the stored uint8 zero point (GPTQ).
 struct QArgs {
     const int32_t* qw;        // [blocks][wtot][16]
     int64_t wtot;             // words per column block

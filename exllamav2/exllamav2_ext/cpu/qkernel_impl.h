@@ -1,109 +1,165 @@
-// The kernels, written once over a SIMD traits type S (16 lanes: one AVX-512 vector or two AVX2 ones).
-// Included by kernels_avx2.cpp and kernels_avx512.cpp inside their own namespace and target region, so
-// each instantiation is compiled for its ISA and has its own symbol names.
+// The kernels, written once over a SIMD traits type S. Included by kernels_avx2.cpp and kernels_avx512.cpp
+// inside their own namespace and target region, so each instantiation is compiled for its ISA and has its own
+// symbol names.
 //
-// S provides: I (16 x int32), F (16 x float), load_i, srl<n>, sll<n>, and_i, or_i, sub_i, set1_i, load_u8,
-// load_h (16 fp16 -> F), to_f, mul, round_h (round to fp16 and back), fma(F, float, F), zero, store,
-// load_f, hsum4 (four F -> four sums).
+// Quantized layout (cpu_layout.py): a chunk is 32 rows of one group x 16 columns, B words per lane; lane i
+// holds rows i and 16 + i, its B words an LSB-first bitstream of 32 codes, code p = h * 16 + j being row
+// h * 16 + i of column j. One shift (plus a mask or a table lookup) gives the codes of 16 consecutive rows of
+// one column: the vector that multiplies 16 consecutive activations, so a column's partial sums stay in one
+// accumulator (lanes = rows) and nothing is broadcast per weight.
+//
+// S provides: I (16 x int32), F (16 x float), A (a column's accumulator), kAccRegs (accumulators that fit in
+// registers beside the rest), load_i, srl<n>, sll<n>, or_i, decode<B> (codes -> exact fp16 weights, by table
+// lookup where the ISA's permutes reach 2^B entries, else by arithmetic), build_lut, fma_row (acc += w * x[16]),
+// fold8 (A -> 8 partial sums), reduce8, load_h, load_f, fmav, zero, add, hsum4, half_to_float.
 
 // (includes <utility> for std::integer_sequence must come before, outside the namespace)
 
 #define EXL_INLINE inline __attribute__((always_inline))
 
-// One dequantized row (16 columns) of a chunk goes to a sink: FMA into accumulators, or a store.
-// NA accumulators per activation row, taking rows in turn: one FMA chain would wait on the FMA latency
-// (4 cycles) for every row of a one-row decode.
-template <class S, int MR>
-struct FmaSink {
-    static constexpr int NA = MR == 1 ? 4 : MR == 2 ? 2 : 1;
-    typename S::F acc[MR][NA];
-    const float* x;     // x of the chunk's first row, for MR activation rows kpad apart
-    int64_t kpad;
-    template <int R>
-    EXL_INLINE void put(typename S::F w) {
-        for (int r = 0; r < MR; ++r) acc[r][R % NA] = S::fma(w, x[r * kpad + R], acc[r][R % NA]);
-    }
-    EXL_INLINE typename S::F sum(int r) const {
-        typename S::F s = acc[r][0];
-        for (int a = 1; a < NA; ++a) s = S::add(s, acc[r][a]);
-        return s;
-    }
+constexpr int kLutStride = 32;   // floats per column's table: up to 5-bit codes
+
+// A group's decoding constants for NC columns of a block: w = fp16((code - zero) * scale). code - zero is
+// exact in fp32 as (2^23 + code) - (2^23 + zero), 2^23 + code being the float with code in its low mantissa
+// bits (no int -> float conversion), and the product with the fp16 scale is exact (8-bit integer x 11-bit
+// mantissa), so the one rounding to fp16 is the twin's.
+template <int NC>
+struct GroupConsts {
+    alignas(64) float lut[NC][kLutStride];   // the weight of every code (codes of <= 4 bits repeated)
+    alignas(64) float s[kBlock], mz[kBlock];  // scale and 2^23 + zero of each column of the block
+    int group = -1, bits = -1;
 };
 
-template <class S>
-struct StoreSink {
-    float* out;          // column (cb - cb0) * 16 of the output tile
-    int64_t ldo;
-    const int32_t* src;  // source row of each of the chunk's 32 rows, -1 for padding
-    template <int R>
-    EXL_INLINE void put(typename S::F w) {
-        if (src[R] >= 0) S::store(out + src[R] * ldo, w);
-    }
-};
+// Rebuilt once per group: the tables are the one place the fp16 rounding is paid per value, all columns
+// at once so the conversions overlap. Not inlined: the decode loop then reads the tables from memory
+// (a free operand of the permute) and keeps its accumulators in registers.
+template <class S, int NC, int J0>
+__attribute__((noinline)) void build_group(GroupConsts<NC>& g, const QArgs& a, int64_t cb, int group, int bits) {
+    g.group = group;
+    g.bits = bits;
+    const int64_t at = (cb * a.ngroups + group) * kBlock;
+    S::scales(a.scales + at, a.zeros ? a.zeros + at : nullptr, bits, g.s, g.mz);
+    // broadcast each column's constants from memory (a load) rather than permute them out of a register
+    // (the permutes compete with the conversions)
+    __asm__ volatile("" ::: "memory");
+    if (bits <= S::kLutBits)
+        for (int j = 0; j < NC; ++j) S::build_lut(bits, g.s + J0 + j, g.mz + J0 + j, g.lut[j]);
+}
 
-// Row R of a B-bit chunk: the B bits at stream bit R*B of each column, straddling two words for B = 3, 5, 6.
-template <class S, int B, int R, class Sink>
-EXL_INLINE void chunk_row(const int32_t* w, typename S::F scale, typename S::F zero, Sink& sink) {
-    constexpr int pos = R * B, wi = pos / 32, sh = pos % 32;
+template <class S, int NC, int J0>
+EXL_INLINE void set_group(GroupConsts<NC>& g, const QArgs& a, int64_t cb, int group, int bits) {
+    if (group != g.group || bits != g.bits) build_group<S, NC, J0>(g, a, cb, group, bits);
+}
+
+// The codes of the 16 rows of code position P (row half P / 16, column P % 16): B bits at stream bit P * B,
+// straddling two words for B = 3, 5, 6. Bits above the code are left for decode<B> (masked or ignored).
+template <class S, int B, int P>
+EXL_INLINE typename S::I codes(const int32_t* w) {
+    constexpr int pos = P * B, wi = pos / 32, sh = pos % 32;
     typename S::I c = S::template srl<sh>(S::load_i(w + wi * kBlock));
     if constexpr (sh + B > 32) c = S::or_i(c, S::template sll<32 - sh>(S::load_i(w + (wi + 1) * kBlock)));
-    c = S::and_i(c, (1 << B) - 1);
-    // code - zero exactly, without an int->float conversion: 2^23 + code is the float with code in its low
-    // mantissa bits, and `zero` holds 2^23 + zero. Then the exact fp16 weight: the fp32 product of an integer
-    // (|.| <= 255) and an fp16 scale is exact, rounded once to fp16.
-    sink.template put<R>(S::round_h(S::mul(S::sub(S::magic(c), zero), scale)));
+    return c;
 }
 
-template <class S, int B, class Sink, int... R>
-EXL_INLINE void chunk_rows(const int32_t* w, typename S::F scale, typename S::F zero, Sink& sink,
-                           std::integer_sequence<int, R...>) {
-    (chunk_row<S, B, R>(w, scale, zero, sink), ...);
+// Z: the layer has zero points (GPTQ); without them the zero is the constant 2^(B-1)
+template <class S, int B, bool Z, int P, int J0, int NC>
+EXL_INLINE typename S::F weights(const int32_t* w, const GroupConsts<NC>& g, int jj) {
+    constexpr int sh = P * B % 32;
+    return S::template decode<B, sh + B == 32, Z>(codes<S, B, P>(w), g.lut[jj], g.s + J0 + jj, g.mz + J0 + jj);
 }
 
-template <class S, int B, class Sink>
-EXL_INLINE void chunk(const int32_t* w, typename S::F scale, typename S::F zero, Sink& sink) {
-    chunk_rows<S, B>(w, scale, zero, sink, std::make_integer_sequence<int, kChunkRows>{});
-}
+// acc[m][jj] += w[rows of the chunk, column J0 + jj] . x[m][rows] for the chunk's 32 rows.
+template <class S, int B, bool Z, int J0, int NC, int MR>
+struct ChunkFma {
+    using A = typename S::A;
+    template <int Q>
+    static EXL_INLINE void step(const int32_t* w, const GroupConsts<NC>& g, const float* x, int64_t kpad,
+                                A (&acc)[MR][NC]) {
+        // both row halves of a column in turn: its constants are live only briefly (no spills)
+        constexpr int h = Q % 2, jj = Q / 2;
+        typename S::F wv = weights<S, B, Z, h * 16 + J0 + jj, J0>(w, g, jj);
+        for (int m = 0; m < MR; ++m) acc[m][jj] = S::fma_row(wv, x + m * kpad + h * 16, acc[m][jj]);
+    }
+    template <int... Q>
+    static EXL_INLINE void run(const int32_t* w, const GroupConsts<NC>& g, const float* x, int64_t kpad,
+                               A (&acc)[MR][NC], std::integer_sequence<int, Q...>) {
+        (step<Q>(w, g, x, kpad, acc), ...);
+    }
+};
 
-// Every chunk of column block `cb` into `sink`; set_chunk(c) points the sink at chunk c's rows.
-template <class S, class Sink, class SetChunk>
-EXL_INLINE void each_chunk(const QArgs& a, int64_t cb, Sink& sink, SetChunk set_chunk) {
+// The chunks from c on while they have B bits (EXL2's bit widths come in bands of rows): the switch on the
+// width is taken once per band, not per chunk, and the accumulators stay in registers through the band.
+template <class S, int B, bool Z, int J0, int NC, int MR>
+EXL_INLINE int64_t chunk_run(const QArgs& a, int64_t cb, int64_t c, GroupConsts<NC>& g, const float* x,
+                             int64_t kpad, typename S::A (&acc)[MR][NC]) {
     const int32_t* blk = a.qw + cb * a.wtot * kBlock;
-    const uint16_t* sc = a.scales + cb * a.ngroups * kBlock;
-    const uint8_t* zr = a.zeros ? a.zeros + cb * a.ngroups * kBlock : nullptr;
-    for (int64_t c = 0; c < a.nchunks; ++c) {
+    do {
         const int32_t* ch = a.chunks + c * 3;
-        const int bits = ch[0];
         const int32_t* w = blk + int64_t(ch[1]) * kBlock;
-        const int64_t g = ch[2];
-        typename S::F scale = S::load_h(sc + g * kBlock);
-        typename S::F zero = zr ? S::magic(S::load_u8(zr + g * kBlock)) : S::set1_f(8388608.f + (1 << (bits - 1)));
-        set_chunk(sink, c);
-        switch (bits) {
-            case 2: chunk<S, 2>(w, scale, zero, sink); break;
-            case 3: chunk<S, 3>(w, scale, zero, sink); break;
-            case 4: chunk<S, 4>(w, scale, zero, sink); break;
-            case 5: chunk<S, 5>(w, scale, zero, sink); break;
-            case 6: chunk<S, 6>(w, scale, zero, sink); break;
-            default: chunk<S, 8>(w, scale, zero, sink); break;   // bits are checked at load: 2..6 or 8
-        }
+        // (no software prefetch: the hardware prefetcher follows the block's stream, and prefetches slowed it)
+        set_group<S, NC, J0>(g, a, cb, ch[2], B);
+        ChunkFma<S, B, Z, J0, NC, MR>::run(w, g, x + c * kChunkRows, kpad, acc,
+                                        std::make_integer_sequence<int, 2 * NC>{});
+    } while (++c < a.nchunks && a.chunks[c * 3] == B);
+    return c;
+}
+
+template <class S, int B, int J0, int NC, int MR>
+EXL_INLINE int64_t chunk_run_z(const QArgs& a, int64_t cb, int64_t c, GroupConsts<NC>& g, const float* x,
+                               int64_t kpad, typename S::A (&acc)[MR][NC]) {
+    if constexpr (B <= S::kLutBits) {    // the tables hold the zero
+        return chunk_run<S, B, false, J0, NC, MR>(a, cb, c, g, x, kpad, acc);
+    } else {
+        return a.zeros ? chunk_run<S, B, true, J0, NC, MR>(a, cb, c, g, x, kpad, acc)
+                       : chunk_run<S, B, false, J0, NC, MR>(a, cb, c, g, x, kpad, acc);
     }
 }
 
+// One pass over every chunk of column block cb for its columns J0 .. J0 + NC - 1 and MR activation rows:
+// the sums of each column go to out[m * kBlock + J0 + jj]. The block's words are one contiguous stream.
+template <class S, int J0, int NC, int MR>
+void block_pass(const QArgs& a, int64_t cb, const float* x, int64_t kpad, float* out) {
+    using A = typename S::A;
+    A acc[MR][NC];
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < NC; ++j) acc[m][j] = S::zero_acc();
+    GroupConsts<NC> g;
+    for (int64_t c = 0; c < a.nchunks;) {
+        switch (a.chunks[c * 3]) {
+            case 2: c = chunk_run_z<S, 2, J0, NC, MR>(a, cb, c, g, x, kpad, acc); break;
+            case 3: c = chunk_run_z<S, 3, J0, NC, MR>(a, cb, c, g, x, kpad, acc); break;
+            case 4: c = chunk_run_z<S, 4, J0, NC, MR>(a, cb, c, g, x, kpad, acc); break;
+            case 5: c = chunk_run_z<S, 5, J0, NC, MR>(a, cb, c, g, x, kpad, acc); break;
+            case 6: c = chunk_run_z<S, 6, J0, NC, MR>(a, cb, c, g, x, kpad, acc); break;
+            default: c = chunk_run_z<S, 8, J0, NC, MR>(a, cb, c, g, x, kpad, acc); break;  // checked: 2..6, 8
+        }
+    }
+    for (int m = 0; m < MR; ++m)
+        for (int j0 = 0; j0 < NC; j0 += 8) {
+            __m256 f[8];
+            for (int j = 0; j < 8; ++j) f[j] = j0 + j < NC ? S::fold8(acc[m][j0 + j]) : _mm256_setzero_ps();
+            alignas(32) float s[8];
+            S::reduce8(f, s);
+            for (int j = 0; j < 8 && j0 + j < NC; ++j) out[m * kBlock + J0 + j0 + j] = s[j];
+        }
+}
+
+template <class S, int MR, int... J>
+EXL_INLINE void block_passes(const QArgs& a, int64_t cb, const float* x, int64_t kpad, float* out,
+                             std::integer_sequence<int, J...>) {
+    constexpr int NC = S::kAccRegs / MR;
+    (block_pass<S, J * NC, NC, MR>(a, cb, x, kpad, out), ...);
+}
+
+// MR activation rows of column block cb: as many columns per pass as the accumulators allow, later passes
+// reading the block's words again from cache.
 template <class S, int MR>
 void q_block_rows(const QArgs& a, int64_t cb, const float* x, int64_t kpad, const float* bias, float* y,
                   int64_t ldy, int ncol) {
-    FmaSink<S, MR> sink;
-    for (int r = 0; r < MR; ++r)
-        for (int a = 0; a < sink.NA; ++a) sink.acc[r][a] = S::zero();
-    sink.kpad = kpad;
-    each_chunk<S>(a, cb, sink, [x](FmaSink<S, MR>& s, int64_t c) { s.x = x + c * kChunkRows; });
-    alignas(64) float tmp[kBlock];
-    for (int r = 0; r < MR; ++r) {
-        S::store(tmp, sink.sum(r));
-        float* yr = y + r * ldy;
-        for (int j = 0; j < ncol; ++j) yr[j] = bias ? tmp[j] + bias[j] : tmp[j];
-    }
+    alignas(64) float out[MR * kBlock];
+    block_passes<S, MR>(a, cb, x, kpad, out, std::make_integer_sequence<int, kBlock / (S::kAccRegs / MR)>{});
+    for (int m = 0; m < MR; ++m)
+        for (int j = 0; j < ncol; ++j) y[m * ldy + j] = bias ? out[m * kBlock + j] + bias[j] : out[m * kBlock + j];
 }
 
 template <class S>
@@ -115,64 +171,106 @@ void q_gemv(const QArgs& a, const float* x, int64_t M, int64_t kpad, const float
         const int ncol = int(N - n0 < kBlock ? N - n0 : kBlock);
         const float* b = bias ? bias + n0 : nullptr;
         int64_t m = 0;
-        // four activation rows share each dequantized weight vector
+        // four activation rows share each decoded weight vector
         for (; m + 4 <= M; m += 4) q_block_rows<S, 4>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
-        switch (M - m) {
-            case 3: q_block_rows<S, 3>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol); break;
-            case 2: q_block_rows<S, 2>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol); break;
-            case 1: q_block_rows<S, 1>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol); break;
-            default: break;
+        if (m + 2 <= M) {
+            q_block_rows<S, 2>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
+            m += 2;
         }
+        if (m < M) q_block_rows<S, 1>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
     }
 }
+
+template <class S, int B, bool Z>
+struct ChunkStore {
+    template <int P>
+    static EXL_INLINE void step(const int32_t* w, const GroupConsts<kBlock>& g, float* tile) {
+        S::store(tile + (P % 16) * kChunkRows + P / 16 * 16, weights<S, B, Z, P, 0>(w, g, P % 16));
+    }
+    template <int... P>
+    static EXL_INLINE void run(const int32_t* w, const GroupConsts<kBlock>& g, float* tile,
+                               std::integer_sequence<int, P...>) {
+        (step<P>(w, g, tile), ...);
+    }
+};
 
 template <class S>
 void q_dequant(const QArgs& a, const int32_t* src, float* out, int64_t ldo, int64_t cb0, int64_t cb1) {
+    constexpr auto seq = std::make_integer_sequence<int, kChunkRows>{};
+    alignas(64) float tile[kBlock * kChunkRows];     // column-major: the decoded vectors run along rows
     for (int64_t cb = cb0; cb < cb1; ++cb) {
-        StoreSink<S> sink{out + (cb - cb0) * kBlock, ldo, src};
-        each_chunk<S>(a, cb, sink, [src](StoreSink<S>& s, int64_t c) { s.src = src + c * kChunkRows; });
+        GroupConsts<kBlock> g;
+        const int32_t* blk = a.qw + cb * a.wtot * kBlock;
+        float* o = out + (cb - cb0) * kBlock;
+        for (int64_t c = 0; c < a.nchunks; ++c) {
+            const int32_t* ch = a.chunks + c * 3;
+            const int32_t* w = blk + int64_t(ch[1]) * kBlock;
+            set_group<S, kBlock, 0>(g, a, cb, ch[2], ch[0]);
+            switch (ch[0]) {
+                case 2: ChunkStore<S, 2, true>::run(w, g, tile, seq); break;
+                case 3: ChunkStore<S, 3, true>::run(w, g, tile, seq); break;
+                case 4: ChunkStore<S, 4, true>::run(w, g, tile, seq); break;
+                case 5: ChunkStore<S, 5, true>::run(w, g, tile, seq); break;
+                case 6: ChunkStore<S, 6, true>::run(w, g, tile, seq); break;
+                default: ChunkStore<S, 8, true>::run(w, g, tile, seq); break;
+            }
+            const int32_t* sr = src + c * kChunkRows;
+            for (int r = 0; r < kChunkRows; ++r) {
+                if (sr[r] < 0) continue;
+                float* row = o + sr[r] * ldo;
+                for (int j = 0; j < kBlock; ++j) row[j] = tile[j * kChunkRows + r];
+            }
+        }
     }
 }
 
-// fp16-weight rows: four output rows at a time, each with two independent 16-lane accumulators, reduced
-// together at the end (one transposed sum for four rows instead of a horizontal sum per row).
-template <class S, int NR>
-EXL_INLINE void f16_rows(const float* x, const uint16_t* w, float* y, int64_t K, int64_t N, int64_t n) {
-    typename S::F a0[NR], a1[NR];
-    for (int r = 0; r < NR; ++r) a0[r] = a1[r] = S::zero();
+// fp16-weight rows, one output row at a time for MR activation rows: the weight is then read as one
+// sequential stream, which the hardware prefetcher follows at full bandwidth (several rows at once are
+// several short streams, and rows of 1-4 KB read that way run at half the speed; software prefetches only
+// get in its way). NA independent accumulators per activation row hide the FMA latency.
+template <class S, int MR>
+EXL_INLINE void f16_row(const float* x, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
+    constexpr int NA = MR == 1 ? 4 : MR == 2 ? 2 : 1;
+    typename S::F acc[MR][NA];
+    for (int m = 0; m < MR; ++m)
+        for (int a = 0; a < NA; ++a) acc[m][a] = S::zero();
     int64_t k = 0;
-    for (; k + 2 * kBlock <= K; k += 2 * kBlock) {
-        typename S::F x0 = S::load_f(x + k), x1 = S::load_f(x + k + kBlock);
-        for (int r = 0; r < NR; ++r) {
-            // the same line of the next four rows: rows are short streams the hardware prefetcher
-            // barely ramps up on
-            __builtin_prefetch(w + (4 * NR + r) * K + k);
-            a0[r] = S::fmav(S::load_h(w + r * K + k), x0, a0[r]);
-            a1[r] = S::fmav(S::load_h(w + r * K + k + kBlock), x1, a1[r]);
+    for (; k + NA * kBlock <= K; k += NA * kBlock)
+        for (int a = 0; a < NA; ++a) {
+            typename S::F wv = S::load_h(w + k + a * kBlock);
+            for (int m = 0; m < MR; ++m) acc[m][a] = S::fmav(wv, S::load_f(x + m * K + k + a * kBlock), acc[m][a]);
+        }
+    for (; k + kBlock <= K; k += kBlock) {
+        typename S::F wv = S::load_h(w + k);
+        for (int m = 0; m < MR; ++m) acc[m][0] = S::fmav(wv, S::load_f(x + m * K + k), acc[m][0]);
+    }
+    for (int m0 = 0; m0 < MR; m0 += 4) {
+        typename S::F t[4];
+        for (int i = 0; i < 4; ++i) {
+            t[i] = S::zero();
+            if (m0 + i < MR)
+                for (int a = 0; a < NA; ++a) t[i] = S::add(t[i], acc[m0 + i][a]);
+        }
+        float s[4];
+        S::hsum4(t[0], t[1], t[2], t[3], s);
+        for (int i = 0; i < 4 && m0 + i < MR; ++i) {
+            for (int64_t kk = k; kk < K; ++kk) s[i] += S::half_to_float(w[kk]) * x[(m0 + i) * K + kk];
+            y[(m0 + i) * ldy] = s[i];
         }
     }
-    for (; k + kBlock <= K; k += kBlock) {
-        typename S::F x0 = S::load_f(x + k);
-        for (int r = 0; r < NR; ++r) a0[r] = S::fmav(S::load_h(w + r * K + k), x0, a0[r]);
-    }
-    float s[4] = {0.f, 0.f, 0.f, 0.f};
-    if constexpr (NR == 4) {
-        S::hsum4(S::add(a0[0], a1[0]), S::add(a0[1], a1[1]), S::add(a0[2], a1[2]), S::add(a0[3], a1[3]), s);
-    } else {
-        S::hsum4(S::add(a0[0], a1[0]), S::zero(), S::zero(), S::zero(), s);
-    }
-    for (; k < K; ++k) {
-        for (int r = 0; r < NR; ++r) s[r] += S::half_to_float(w[r * K + k]) * x[k];
-    }
-    for (int r = 0; r < NR; ++r) y[n + r] = s[r];
 }
 
 template <class S>
 void f16_gemv(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
               int64_t n1) {
-    int64_t n = n0;
-    for (; n + 4 <= n1; n += 4)
-        for (int64_t m = 0; m < M; ++m) f16_rows<S, 4>(x + m * K, w + n * K, y + m * N, K, N, n);
-    for (; n < n1; ++n)
-        for (int64_t m = 0; m < M; ++m) f16_rows<S, 1>(x + m * K, w + n * K, y + m * N, K, N, n);
+    for (int64_t n = n0; n < n1; ++n) {
+        // later groups of activation rows read the row again from L1
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) f16_row<S, 4>(x + m * K, K, w + n * K, y + m * N + n, N);
+        if (m + 2 <= M) {
+            f16_row<S, 2>(x + m * K, K, w + n * K, y + m * N + n, N);
+            m += 2;
+        }
+        if (m < M) f16_row<S, 1>(x + m * K, K, w + n * K, y + m * N + n, N);
+    }
 }
