@@ -25,6 +25,8 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn", "longrope", "su")
 ALLOW_UNKNOWN_ARCH_VAR = "EXLLAMA_ALLOW_UNKNOWN_ARCH"
+CPU_DTYPE_VAR = "EXLLAMA_CPU_DTYPE"
+CPU_DTYPES = ("auto", "float32", "bfloat16")
 
 
 def _env_allows_unknown_arch() -> bool:
@@ -34,6 +36,13 @@ def _env_allows_unknown_arch() -> bool:
     if value in ("1", "true", "yes", "on"):
         return True
     raise ConfigError(f"{ALLOW_UNKNOWN_ARCH_VAR}={value!r}: expected 1 or 0")
+
+
+def _env_cpu_dtype() -> str:
+    value = os.environ.get(CPU_DTYPE_VAR, "").strip().lower() or "auto"
+    if value not in CPU_DTYPES:
+        raise ConfigError(f"{CPU_DTYPE_VAR}={value!r}: expected one of {', '.join(CPU_DTYPES)}")
+    return value
 
 
 def _read_json(path: Path, required: bool = True) -> dict:
@@ -79,6 +88,9 @@ class ExLlamaV2Config:
         # Load an architecture missing from the table as Llama anyway (also EXLLAMA_ALLOW_UNKNOWN_ARCH=1).
         # Off by default: a model that merely resembles Llama gives fluent garbage when run as one.
         self.allow_unknown_arch = allow_unknown_arch
+        # activations on the CPU (ours): 'bfloat16' where the CPU multiplies it natively (AVX512-BF16, AMX), else
+        # 'float32'; 'auto' picks, EXLLAMA_CPU_DTYPE gives the default
+        self.cpu_dtype = _env_cpu_dtype()
         self.max_batch_size = 1
         self.max_input_len = 2048
         self.max_attention_size = 2048**2

@@ -25,6 +25,9 @@ def pytest_configure(config):
     # made small ops ~200x slower. Subprocesses (chat.py tests) inherit the variable.
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # float32 on every CPU, so the tolerances against transformers hold whatever the machine (the bf16 default
+    # of CPUs with bf16 units has its own tests, test_cpu_bf16.py)
+    os.environ["EXLLAMA_CPU_DTYPE"] = "float32"
 
 
 def pytest_collection_modifyitems(config, items):

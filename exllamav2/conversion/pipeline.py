@@ -26,6 +26,7 @@ from ..errors import ConversionError  # noqa: F401  (re-exported: callers import
 from ..model.linear import ExLlamaV2Linear
 from ..model.model import ExLlamaV2
 from ..model.module import ExLlamaV2Module
+from ..quant import is_quantized_tensor
 from ..tokenizer import ExLlamaV2Tokenizer
 from . import calibration, files
 from .compile import compile_model
@@ -96,7 +97,7 @@ def check_input(config: ExLlamaV2Config) -> None:
         )
     index = config.index
     for name in index.keys():
-        if name.endswith((".q_weight", ".qweight", ".qzeros")):
+        if is_quantized_tensor(name):
             raise ConversionError(f"{config.model_dir} holds quantized tensors ({name}); convert from the FP16 model")
         if name.endswith(".weight") and not index.dtype(name).is_floating_point:
             raise ConversionError(

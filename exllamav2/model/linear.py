@@ -12,9 +12,10 @@ import torch.nn.functional as F
 
 from .module import ExLlamaV2Module, TensorShapeError
 from ..errors import MissingTensorError
+from ..quant import load_quantized, stored_format
 
 
-_KERNEL_MAX_ROWS = 16       # rows up to which the CPU fp16-weight kernel beats converting for a GEMM
+_KERNEL_MAX_ROWS = 16       # rows up to which the CPU matvec kernel beats a GEMM
 
 _TENSOR_SUFFIXES = (
     "weight", "bias", "q_weight", "q_scale", "q_scale_max", "q_groups", "q_invperm", "q_perm",
@@ -51,11 +52,11 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         self.weight: torch.Tensor | None = None
         self.bias: torch.Tensor | None = None
         self.q: object | None = None  # quantized weight object (exllamav2.quant)
-        self._cpu_f16 = False         # fp16 weights with fp32 activations on the CPU (see _forward_f16_weight)
+        self._matvec = False          # 16-bit weights the CPU kernel reads for few rows (see _forward_matvec)
 
     def _source_key(self) -> str:
         for key in (self.key, self.alt_key):
-            if key and any(self.has(f"{key}.{s}") for s in ("weight", "q_weight", "qweight")):
+            if key and stored_format(self.index, key) is not None:
                 return key
         if self.fused and self.has(f"{self.fused[0]}.weight"):
             return self.fused[0]
@@ -70,19 +71,18 @@ class ExLlamaV2Linear(ExLlamaV2Module):
 
     def load(self) -> None:
         key = self._source_key()
-        if self.has(f"{key}.q_weight") or self.has(f"{key}.qweight"):
-            from ..quant import load_quantized
-
+        if self.is_quant():
             self.q = load_quantized(
                 key, self.index, self.in_features, self.out_features, prescale=self.prescale,
                 device=self.device, gptq_v2=bool(self.model.config.checkpoint_offset_qzeros),
             ).bind(self.ops)
             return
-        dtype = self.model.dtype
+        ops = self.ops
         w, rows, bias_shape = self._read_weight(key)
-        self._cpu_f16 = w.dtype == torch.float16 and self.ops.cpu is not None
-        if self._cpu_f16:
-            dtype = torch.float16   # kept at 16 bits: the CPU kernel reads half the bytes per decoded token
+        # the CPU kernel's 16-bit weights: with float32 activations only where that is exact (an fp16 checkpoint;
+        # other checkpoints keep float32 weights), with bfloat16 activations always (their precision is bf16's)
+        self._matvec = ops.matvec is not None and ops.weight_dtype in (w.dtype, ops.dtype)
+        dtype = ops.weight_dtype if self._matvec else self.model.dtype
         self.weight = w[rows].to(self.device, dtype).contiguous()
         if self.has(f"{key}.bias"):
             self.bias = self.load_tensor(f"{key}.bias", bias_shape)[rows].to(self.device, self.model.dtype)
@@ -119,26 +119,26 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         return 2 * (self.out_features * self.in_features + bias)
 
     def is_quant(self) -> bool:
-        key = self._source_key()
-        return self.has(f"{key}.q_weight") or self.has(f"{key}.qweight")
+        return stored_format(self.index, self._source_key()) in ("exl2", "gptq")
 
     def forward(self, x: torch.Tensor, loras: list | None = None, **kwargs) -> torch.Tensor:
         if self.q is not None:
             y = self.q.forward(x)
-        elif self._cpu_f16:
-            y = self._forward_f16_weight(x)
+        elif self._matvec:
+            y = self._forward_matvec(x)
         else:
             y = F.linear(x, self.weight, self.bias)
         for lora in loras or ():
             y = lora.apply(self.key, x, y)
         return y
 
-    def _forward_f16_weight(self, x: torch.Tensor) -> torch.Tensor:
-        """fp32 activations with fp16 weights on the CPU: the fp16-weight kernel for few rows (decode, where
-        reading the weights dominates), else one fp32 GEMM on the converted weight (prefill)."""
+    def _forward_matvec(self, x: torch.Tensor) -> torch.Tensor:
+        """On the CPU with 16-bit weights: the matvec kernel for few rows (decode, where reading the weights
+        dominates), else one GEMM (prefill): bf16 activations multiply the bf16 weights as they are, float32 ones
+        multiply fp16 weights converted for the call."""
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= _KERNEL_MAX_ROWS:
-            y = self.ops.cpu.linear_f16w(x2, self.weight)
+            y = self.ops.matvec(x2.float(), self.weight).to(x.dtype)
             if self.bias is not None:
                 y += self.bias
         else:

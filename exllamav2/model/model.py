@@ -32,7 +32,7 @@ from .moe import make_mlp
 from .module import ExLlamaV2Module, checkpoint_keys_of
 from .multicache import forward_per_row_caches
 from .norm import make_norm
-from ..ops import DeviceOps, build_ops
+from ..ops import DeviceOps, activation_dtype, build_ops
 from .parallel import ExLlamaV2ParallelDecoder
 from .rope import RopeTables
 from ..tensor_p import tensor_parallel_missing
@@ -78,8 +78,7 @@ class ExLlamaV2:
         self.config = config
         self.archparams = archparams or config.arch
         self.devices = _visible_devices()
-        # EXL2 kernels and Turing are fp16-only; on the CPU fp32 is both faster and exact
-        self.dtype = torch.float16 if self.devices[0].type == "cuda" else torch.float32
+        self.dtype = activation_dtype(self.devices[0], config.cpu_dtype)
         # Planned for every visible device so that bad flags fail before anything is built, but provisionally:
         # probing each GPU would give every visible GPU a CUDA context (hundreds of MB), even ones gpu_split
         # leaves out. Placement plans again, with probes, for the devices the model really uses.

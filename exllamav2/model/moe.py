@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, TensorShapeError
+from ..quant import stored_format
 from .linear import ExLlamaV2Linear
 from .mlp import ACTIVATION_FUNCTIONS, ExLlamaV2MLP
 from .module import ExLlamaV2CompositeModule, ExLlamaV2Module
@@ -121,7 +122,7 @@ class ExLlamaV2ExpertLinear(ExLlamaV2Linear):
 
     def stacked_source(self) -> tuple[str, int, int] | None:
         """The stacked tensor this expert is read from, or None when the checkpoint has the expert's own keys."""
-        if any(self.has(f"{self.key}.{s}") for s in ("weight", "q_weight", "qweight")):
+        if stored_format(self.index, self.key) is not None:
             return None
         return next((s for s in self.stacked if self.has(s[0])), None)
 

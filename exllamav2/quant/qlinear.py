@@ -30,6 +30,8 @@ MAX_DQ_ELEMENTS = 1 << 24        # scratch size cap (elements); wider layers go 
 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _cpu_form_lock = threading.Lock()
+_CPU_ACTIVATIONS = (torch.float32, torch.bfloat16)   # the model's CPU dtypes, which the CPU kernels serve
+CPU_KERNEL_MAX_ROWS = 16    # bf16 rows up to which the packed-code kernel beats dequantizing for a bf16 GEMM
 
 
 def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -180,7 +182,7 @@ class QuantWeight:
         k, n = self.in_features, self.out_features
         if x.shape[-1] != k:
             raise ValueError(f"{self.key}: input has {x.shape[-1]} features, layer expects {k}")
-        if self._cpu is not None or (x.dtype == torch.float32 and self._cpu_form() is not None):
+        if self._cpu is not None or (x.dtype in _CPU_ACTIVATIONS and self._cpu_form() is not None):
             return self._forward_cpu(x)
         qm = self.kernel_matrix() if x.dtype == torch.float16 else None
         if qm is not None:
@@ -207,11 +209,12 @@ class QuantWeight:
     __call__ = forward
 
     def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        """Through the CPU kernels: float32 activations straight from the packed codes; other dtypes (not the
-        model's CPU path) multiply the decoded weight in their own dtype, as the twin does."""
+        """Through the CPU kernels: float32 activations, and a few rows of bfloat16 ones (decode), straight from
+        the packed codes; more rows of bfloat16 (prefill) and other dtypes multiply the decoded weight in their own
+        dtype (one bf16 GEMM beats the kernel there), as the twin does."""
         x2 = x.reshape(-1, self.in_features)
-        if x.dtype == torch.float32:
-            y = self._cpu.matmul(self._cpu_kernels, x2)
+        if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x2.shape[0] <= CPU_KERNEL_MAX_ROWS):
+            y = self._cpu.matmul(self._cpu_kernels, x2.float()).to(x.dtype)
         else:
             y = x2 @ self.dequantize().to(x.dtype)
             if self.bias is not None:
@@ -394,6 +397,22 @@ def _load_bias(key: str, t: dict[str, torch.Tensor], n: int, device: torch.devic
     return b[:n].to(device, torch.float16)
 
 
+# the tensor that marks each stored form of a linear layer's weight, in the order they are looked for
+FORMAT_MARKERS = {"exl2": "q_weight", "gptq": "qweight", "fp16": "weight"}
+QUANTIZED_SUFFIXES = ("q_weight", "qweight", "qzeros")
+
+
+def stored_format(tensors: TensorSource, key: str) -> str | None:
+    """How the linear layer under `key` stores its weight: 'exl2', 'gptq', 'fp16' (any float dtype), or None
+    when no weight is there. The one place a weight format is told from tensor names."""
+    return next((fmt for fmt, suffix in FORMAT_MARKERS.items() if tensors.has(f"{key}.{suffix}")), None)
+
+
+def is_quantized_tensor(name: str) -> bool:
+    """Whether the checkpoint tensor `name` belongs to an EXL2 or GPTQ layer."""
+    return name.rsplit(".", 1)[-1] in QUANTIZED_SUFFIXES
+
+
 def load_quantized(
     key: str,
     tensors: TensorSource,
@@ -406,11 +425,12 @@ def load_quantized(
     """The quantized weight stored under `key` (EXL2 if `<key>.q_weight` exists, GPTQ if
     `<key>.qweight` does), or None when the layer is not quantized."""
     device = torch.device(device)
+    fmt = stored_format(tensors, key)
     try:
-        if tensors.has(f"{key}.q_weight"):
+        if fmt == "exl2":
             t = _gather(key, tensors, _EXL2_NAMES, ("bias",))
             return Exl2Weight(key, t, in_features, out_features, prescale, device)
-        if tensors.has(f"{key}.qweight"):
+        if fmt == "gptq":
             t = _gather(key, tensors, _GPTQ_NAMES, ("g_idx", "bias"))
             return GptqWeight(key, t, in_features, out_features, prescale, device, gptq_v2)
     except ValueError as e:

@@ -45,24 +45,32 @@ std::string set_isa(const std::string& name) {
 
 std::string isa() { return kernels().name; }
 
-torch::Tensor linear_f16w(torch::Tensor x, torch::Tensor w) {
-    TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "linear_f16w: CPU tensors only");
-    TORCH_CHECK(x.scalar_type() == torch::kFloat32, "linear_f16w: x must be float32");
-    TORCH_CHECK(w.scalar_type() == torch::kFloat16, "linear_f16w: w must be float16");
-    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1),
-                "linear_f16w: x (M, K) and w (N, K) must share K");
+// y = x @ w.T for float32 x and 16-bit weights (fp16 or bf16, `dtype`) through `fn`
+torch::Tensor linear_w16(const char* name, torch::Tensor x, torch::Tensor w, at::ScalarType dtype,
+                         const char* dtype_name, exlcpu::F16GemvFn fn) {
+    TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors only");
+    TORCH_CHECK(x.scalar_type() == torch::kFloat32, name, ": x must be float32");
+    TORCH_CHECK(w.scalar_type() == dtype, name, ": w must be ", dtype_name);
+    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x (M, K) and w (N, K) must share K");
     x = x.contiguous();
     w = w.contiguous();
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
     auto y = torch::empty({M, N}, x.options());
     const float* xp = x.data_ptr<float>();
-    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::Half>());
+    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
     float* yp = y.data_ptr<float>();
-    auto fn = kernels().f16_gemv;
     // a thread takes a contiguous run of at least ~32k weights: one sequential stream each
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
     at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { fn(xp, wp, yp, M, K, N, r0, r1); });
     return y;
+}
+
+torch::Tensor linear_f16w(torch::Tensor x, torch::Tensor w) {
+    return linear_w16("linear_f16w", x, w, torch::kFloat16, "float16", kernels().f16_gemv);
+}
+
+torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w) {
+    return linear_w16("linear_bf16w", x, w, torch::kBFloat16, "bfloat16", kernels().bf16_gemv);
 }
 
 struct QView {
@@ -194,6 +202,7 @@ torch::Tensor q_dequant(const torch::Tensor& qw, const torch::Tensor& chunks, co
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     set_isa("auto");
     m.def("linear_f16w", &linear_f16w, "y = x @ w.T, x float32 (M, K), w float16 (N, K)");
+    m.def("linear_bf16w", &linear_bf16w, "y = x @ w.T, x float32 (M, K), w bfloat16 (N, K)");
     m.def("q_matmul", &q_matmul,
           "y = x @ W (+ bias) for a quantized W in the CPU layout (exllamav2/quant/cpu_layout.py); rows above "
           "max_gemv_rows go through tiles of dequantized columns and a GEMM");

@@ -4,6 +4,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 #include "qkernel.h"
@@ -103,6 +104,11 @@ struct S {
         return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
                 _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
     }
+    static inline __attribute__((always_inline)) F load_bf(const uint16_t* p) {
+        __m256i lo = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        __m256i hi = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+        return {_mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16))};
+    }
     static inline __attribute__((always_inline)) F load_f(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
     static inline __attribute__((always_inline)) F add(F a, F b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
     static inline __attribute__((always_inline)) F fmav(F a, F b, F acc) {
@@ -125,7 +131,8 @@ struct S {
 }  // namespace avx2
 
 const Kernels& kernels_avx2() {
-    static const Kernels k{"avx2", &avx2::q_gemv<avx2::S>, &avx2::q_dequant<avx2::S>, &avx2::f16_gemv<avx2::S>};
+    static const Kernels k{"avx2", &avx2::q_gemv<avx2::S>, &avx2::q_dequant<avx2::S>, &avx2::f16_gemv<avx2::S>,
+                           &avx2::f16_gemv<avx2::S, true>};
     return k;
 }
 

@@ -5,6 +5,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 #include <utility>
 
 #include "qkernel.h"
@@ -84,6 +85,10 @@ struct S {
     static inline __attribute__((always_inline)) F load_h(const uint16_t* p) {
         return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     }
+    static inline __attribute__((always_inline)) F load_bf(const uint16_t* p) {
+        __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+    }
     static inline __attribute__((always_inline)) F load_f(const float* p) { return _mm512_loadu_ps(p); }
     static inline __attribute__((always_inline)) F add(F a, F b) { return _mm512_add_ps(a, b); }
     static inline __attribute__((always_inline)) F fmav(F a, F b, F acc) { return _mm512_fmadd_ps(a, b, acc); }
@@ -108,7 +113,7 @@ namespace exlcpu {
 
 const Kernels& kernels_avx512() {
     static const Kernels k{"avx512", &avx512::q_gemv<avx512::S>, &avx512::q_dequant<avx512::S>,
-                           &avx512::f16_gemv<avx512::S>};
+                           &avx512::f16_gemv<avx512::S>, &avx512::f16_gemv<avx512::S, true>};
     return k;
 }
 

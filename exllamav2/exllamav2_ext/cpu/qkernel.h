@@ -40,6 +40,7 @@ struct Kernels {
     QGemvFn q_gemv;
     QDequantFn q_dequant;
     F16GemvFn f16_gemv;
+    F16GemvFn bf16_gemv;    // the same with bf16 weights
 };
 
 const Kernels& kernels_avx2();

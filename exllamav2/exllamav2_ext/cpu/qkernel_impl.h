@@ -224,11 +224,29 @@ void q_dequant(const QArgs& a, const int32_t* src, float* out, int64_t ldo, int6
     }
 }
 
-// fp16-weight rows, one output row at a time for MR activation rows: the weight is then read as one
+// 16-bit weights: fp16 (F16C's conversion) or bf16 (the upper half of a float32: a shift)
+template <class S, bool BF16>
+EXL_INLINE typename S::F load_w16(const uint16_t* p) {
+    if constexpr (BF16) return S::load_bf(p); else return S::load_h(p);
+}
+
+template <class S, bool BF16>
+EXL_INLINE float w16_to_float(uint16_t h) {
+    if constexpr (BF16) {
+        uint32_t u = static_cast<uint32_t>(h) << 16;
+        float f;
+        std::memcpy(&f, &u, sizeof f);
+        return f;
+    } else {
+        return S::half_to_float(h);
+    }
+}
+
+// 16-bit-weight rows, one output row at a time for MR activation rows: the weight is then read as one
 // sequential stream, which the hardware prefetcher follows at full bandwidth (several rows at once are
 // several short streams, and rows of 1-4 KB read that way run at half the speed; software prefetches only
 // get in its way). NA independent accumulators per activation row hide the FMA latency.
-template <class S, int MR>
+template <class S, bool BF16, int MR>
 EXL_INLINE void f16_row(const float* x, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
     constexpr int NA = MR == 1 ? 4 : MR == 2 ? 2 : 1;
     typename S::F acc[MR][NA];
@@ -237,11 +255,11 @@ EXL_INLINE void f16_row(const float* x, int64_t K, const uint16_t* w, float* y, 
     int64_t k = 0;
     for (; k + NA * kBlock <= K; k += NA * kBlock)
         for (int a = 0; a < NA; ++a) {
-            typename S::F wv = S::load_h(w + k + a * kBlock);
+            typename S::F wv = load_w16<S, BF16>(w + k + a * kBlock);
             for (int m = 0; m < MR; ++m) acc[m][a] = S::fmav(wv, S::load_f(x + m * K + k + a * kBlock), acc[m][a]);
         }
     for (; k + kBlock <= K; k += kBlock) {
-        typename S::F wv = S::load_h(w + k);
+        typename S::F wv = load_w16<S, BF16>(w + k);
         for (int m = 0; m < MR; ++m) acc[m][0] = S::fmav(wv, S::load_f(x + m * K + k), acc[m][0]);
     }
     for (int m0 = 0; m0 < MR; m0 += 4) {
@@ -254,23 +272,23 @@ EXL_INLINE void f16_row(const float* x, int64_t K, const uint16_t* w, float* y, 
         float s[4];
         S::hsum4(t[0], t[1], t[2], t[3], s);
         for (int i = 0; i < 4 && m0 + i < MR; ++i) {
-            for (int64_t kk = k; kk < K; ++kk) s[i] += S::half_to_float(w[kk]) * x[(m0 + i) * K + kk];
+            for (int64_t kk = k; kk < K; ++kk) s[i] += w16_to_float<S, BF16>(w[kk]) * x[(m0 + i) * K + kk];
             y[(m0 + i) * ldy] = s[i];
         }
     }
 }
 
-template <class S>
+template <class S, bool BF16 = false>
 void f16_gemv(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
               int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
         // later groups of activation rows read the row again from L1
         int64_t m = 0;
-        for (; m + 4 <= M; m += 4) f16_row<S, 4>(x + m * K, K, w + n * K, y + m * N + n, N);
+        for (; m + 4 <= M; m += 4) f16_row<S, BF16, 4>(x + m * K, K, w + n * K, y + m * N + n, N);
         if (m + 2 <= M) {
-            f16_row<S, 2>(x + m * K, K, w + n * K, y + m * N + n, N);
+            f16_row<S, BF16, 2>(x + m * K, K, w + n * K, y + m * N + n, N);
             m += 2;
         }
-        if (m < M) f16_row<S, 1>(x + m * K, K, w + n * K, y + m * N + n, N);
+        if (m < M) f16_row<S, BF16, 1>(x + m * K, K, w + n * K, y + m * N + n, N);
     }
 }
