@@ -122,19 +122,26 @@ def test_gptq_matches_twin(act_order, rows, isa):
     _check_matmul(kern, twin, rows, seed=rows)
 
 
-@pytest.mark.parametrize("bits", [2, 4, 5, 6, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("rows", [1, 3, 12])
-def test_explicit_zero_points_equal_the_exl2_zero(bits, rows, isa):
-    """Zero points given per (group, column) go through the kernels' zero-point paths (GPTQ's; for the widths
-    decoded arithmetically a separate instantiation): zeros of 2^(bits-1) must give EXL2's result exactly."""
+def test_direct_scales_and_zero_points_equal_the_indexed_exl2_form(bits, rows, isa):
+    """EXL2 layers keep each column's scale as an index into its group's 16 values (tables built per group);
+    GPTQ's path takes fp16 scales per column and zero points. Both paths, fed the same weights (scales looked
+    up, zeros of 2^(bits-1)), must give the same results exactly, for every width and decode/prefill rows."""
     kern, _ = exl2_pair(96, 40, [bits], 32, seed=bits + rows)
     m = kern.cpu_matrix()
+    assert m.scales.dtype == torch.uint8 and m.scale_values.shape == (m.scales.shape[1], 16)
+    direct = m.scale_values[torch.arange(m.scales.shape[1]).view(1, -1, 1), m.scales.long()]
     zeros = torch.full(m.scales.shape, 1 << (bits - 1), dtype=torch.uint8)
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
-    args = (m.qw, m.chunks, m.scales)
-    with_zeros = kernels.q_matmul(x, *args, zeros, m.src, m.bias, 40, cpu_layout.MAX_GEMV_ROWS)
-    assert torch.equal(with_zeros, kernels.q_matmul(x, *args, None, m.src, m.bias, 40, cpu_layout.MAX_GEMV_ROWS))
-    assert torch.equal(kernels.q_dequant(*args, zeros, m.src, 96), kernels.q_dequant(*args, None, m.src, 96))
+
+    def matmul(scales, z, values=None):
+        return kernels.q_matmul(x, m.qw, m.chunks, scales, z, m.src, m.bias, 40, cpu_layout.MAX_GEMV_ROWS, values)
+
+    indexed = matmul(m.scales, None, m.scale_values)
+    assert torch.equal(matmul(direct, None), indexed) and torch.equal(matmul(direct, zeros), indexed)
+    want = kernels.q_dequant(m.qw, m.chunks, m.scales, None, m.src, 96, m.scale_values)
+    assert torch.equal(kernels.q_dequant(m.qw, m.chunks, direct, zeros, m.src, 96), want)
 
 
 def test_exl2_head_sized_layer_in_blocks(isa):
@@ -163,11 +170,23 @@ def test_bad_arguments_are_refused():
     kern, _ = exl2_pair(64, 32, [4], 32)
     m = kern.cpu_matrix()
     x = torch.randn(1, 64)
-    args = dict(qw=m.qw, chunks=m.chunks, scales=m.scales, zeros=m.zeros, src=m.src, bias=m.bias)
+    args = dict(qw=m.qw, chunks=m.chunks, scales=m.scales, zeros=m.zeros, src=m.src, bias=m.bias,
+                values=m.scale_values)
 
     def call(**change):
         a = {**args, **change}
-        return kernels.q_matmul(x, a["qw"], a["chunks"], a["scales"], a["zeros"], a["src"], a["bias"], 32, 8)
+        return kernels.q_matmul(x, a["qw"], a["chunks"], a["scales"], a["zeros"], a["src"], a["bias"], 32, 8,
+                                a["values"])
+
+    call()
+    two_widths = m.chunks.clone()
+    two_widths[1, 0], two_widths[1, 2] = 3, two_widths[0, 2]      # chunk 1 joins chunk 0's group at 3 bits
+    with pytest.raises(RuntimeError, match="two bit widths"):
+        call(chunks=two_widths)
+    with pytest.raises(RuntimeError, match="zero points go with float16 scales"):
+        call(zeros=torch.zeros_like(m.scales))
+    with pytest.raises(RuntimeError, match="scale_values must be"):
+        call(values=m.scale_values.float())
 
     with pytest.raises(RuntimeError, match="bit width 7"):
         call(chunks=m.chunks.clone().index_fill_(1, torch.tensor([0]), 7))

@@ -8,11 +8,13 @@ vector of one column's codes for 16 consecutive rows. The words of the 16 stream
 ([blocks, words, 16]) so one column block is one contiguous stream.
 The weight stays w = fp16(fp16(code - zero) * scale) with the twin's fp16 scales (EXL2: exl2.group_scales,
 zero 2^(b-1); GPTQ: the stored fp16 scales, zero = qzeros + 1), so the layout dequantizes bit-exactly to the
-twin's weight (tests/test_cpu_exl2.py checks this). `src[p]` is the input feature of padded row p (-1 on
+twin's weight (tests/test_cpu_exl2.py checks this). EXL2's scales take 16 values per group (a 4-bit code
+times the group's maximum), so they are kept as those values [G, 16] and each column's code: the kernels
+then round each group's 16 x 2^b weights to fp16 once per call instead of once per column block. `src[p]` is the input feature of padded row p (-1 on
 padding): the kernel gathers x through it, which applies the act-order permutation.
 
 Bytes against the file: the codes take the same space up to the padding of each group's last chunk; the
-scales take 16 bits per (group, column) instead of EXL2's 4; src is int32 [K] like the permutation.
+scales take 8 bits per (group, column) instead of EXL2's 4 (GPTQ: 16); src is int32 [K] like the permutation.
 """
 
 from __future__ import annotations
@@ -34,25 +36,28 @@ MAX_GEMV_ROWS = 8     # more input rows than this: tiles of dequantized columns 
 class CpuQMatrix:
     qw: torch.Tensor                 # int32 [blocks, words, 16]
     chunks: torch.Tensor             # int32 [chunks, 3]: bits, first word, group
-    scales: torch.Tensor             # fp16 [blocks, groups, 16]
+    scales: torch.Tensor             # fp16 [blocks, groups, 16]; with scale_values, uint8 indices into them
     zeros: torch.Tensor | None       # uint8 [blocks, groups, 16] (GPTQ), None for EXL2
     src: torch.Tensor                # int32 [chunks * 32]
     bias: torch.Tensor | None        # fp32 [N]
     in_features: int
     out_features: int
+    scale_values: torch.Tensor | None = None     # fp16 [groups, 16] (EXL2)
 
     def matmul(self, kernels: ModuleType, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 -> x @ W + bias [M, N] float32."""
         return kernels.q_matmul(x, self.qw, self.chunks, self.scales, self.zeros, self.src, self.bias,
-                                self.out_features, MAX_GEMV_ROWS)
+                                self.out_features, MAX_GEMV_ROWS, self.scale_values)
 
     def dequantize(self, kernels: ModuleType) -> torch.Tensor:
         """W as float32 [K, N] (every value an fp16 value)."""
-        w = kernels.q_dequant(self.qw, self.chunks, self.scales, self.zeros, self.src, self.in_features)
+        w = kernels.q_dequant(self.qw, self.chunks, self.scales, self.zeros, self.src, self.in_features,
+                              self.scale_values)
         return w[:, : self.out_features]
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.qw, self.chunks, self.scales, self.zeros, self.src, self.bias) if t is not None]
+        kept = (self.qw, self.chunks, self.scales, self.zeros, self.src, self.bias, self.scale_values)
+        return [t for t in kept if t is not None]
 
 
 def _padded(n: int, multiple: int) -> int:
@@ -80,9 +85,11 @@ def assemble(
     bias: torch.Tensor | None,
     in_features: int,
     out_features: int,
+    scale_values: torch.Tensor | None = None,
 ) -> CpuQMatrix:
     """The layout from `runs`: (bits, group, codes [rows, C] in stored order, features [rows] int64) per run of
-    rows of one group, in stored order; scales fp16 [G, C]; zeros [G, C] (GPTQ zero points) or None."""
+    rows of one group, in stored order; scales fp16 [G, C], or with scale_values [G, 16] indices into them;
+    zeros [G, C] (GPTQ zero points) or None."""
     columns = _padded(out_features, BLOCK)        # EXL2's padding to 32 columns is not kept past the block
     scales = scales[:, :columns]
     pad = columns - scales.shape[1]
@@ -99,7 +106,7 @@ def assemble(
         s = torch.full((n_chunks * CHUNK_ROWS,), -1, dtype=torch.int32)
         s[:rows] = features.to(torch.int32)
         src.append(s)
-    scales = torch.nn.functional.pad(scales.to(torch.float16), (0, pad))
+    scales = torch.nn.functional.pad(scales.to(torch.float16 if scale_values is None else torch.uint8), (0, pad))
     if zeros is not None:
         zeros = _by_block(torch.nn.functional.pad(zeros[:, :columns].to(torch.uint8), (0, pad)))
     return CpuQMatrix(
@@ -111,6 +118,7 @@ def assemble(
         bias=None if bias is None else bias[:out_features].to(torch.float32).contiguous(),
         in_features=in_features,
         out_features=out_features,
+        scale_values=None if scale_values is None else scale_values.to(torch.float16).contiguous(),
     )
 
 
@@ -118,7 +126,8 @@ def from_exl2(q_weight: torch.Tensor, q_scale: torch.Tensor, scale_max: torch.Te
               groups: list[exl2.Exl2Group], perm: torch.Tensor, bias: torch.Tensor | None,
               in_features: int, out_features: int) -> CpuQMatrix:
     """The layout of an EXL2 layer (the tensors as Exl2Weight keeps them: scale_max prescaled, perm int64)."""
-    scales = exl2.group_scales(exl2.unpack_scale_codes(q_scale), scale_max)
+    codes16 = torch.arange(16).expand(scale_max.shape[0], 16)
+    values = exl2.group_scales(codes16, scale_max.cpu())          # [G, 16]: every scale a group can take
     perm = perm.cpu()
 
     def runs():
@@ -126,7 +135,7 @@ def from_exl2(q_weight: torch.Tensor, q_scale: torch.Tensor, scale_max: torch.Te
             codes = exl2.unpack_codes(q_weight[grp.word_start : grp.word_start + grp.words], grp.bits, grp.rows)
             yield grp.bits, g, codes, perm[grp.row_start : grp.row_start + grp.rows]
 
-    return assemble(runs(), scales, None, bias, in_features, out_features)
+    return assemble(runs(), exl2.unpack_scale_codes(q_scale), None, bias, in_features, out_features, values)
 
 
 def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, row_groups: torch.Tensor,

@@ -79,34 +79,71 @@ struct QView {
     int64_t kpad, nblocks;
 };
 
+// EXL2's indexed scales: each group's 16 scales as floats and their weight tables, built once per call
+// into buffers kept per calling thread (decode allocates nothing but its output)
+void build_tables(exlcpu::QArgs& a, const torch::Tensor& values, const std::vector<int8_t>& group_bits) {
+    thread_local std::vector<float> buf;
+    const size_t ng = size_t(a.ngroups), tables = ng * 16 * exlcpu::kLutStride;
+    if (buf.size() < tables + ng * 16 + 16) buf.resize(tables + ng * 16 + 16);
+    // 64-byte aligned: the kernels read the tables with aligned vector loads
+    float* gluts = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
+    float* gscales = gluts + tables;
+    kernels().q_tables(reinterpret_cast<const uint16_t*>(values.data_ptr<at::Half>()), group_bits.data(),
+                       a.ngroups, gscales, gluts);
+    a.gscales = gscales;
+    a.gluts = gluts;
+}
+
+// the chunk table is trusted only after this check: every chunk's words lie inside a block, and (for the
+// per-group tables) every chunk of a group has the group's width
+void check_chunks(const torch::Tensor& chunks, int64_t words, int64_t ngroups, std::vector<int8_t>& group_bits) {
+    group_bits.assign(size_t(ngroups), 0);
+    auto ch = chunks.accessor<int32_t, 2>();
+    for (int64_t c = 0; c < chunks.size(0); ++c) {
+        const int b = ch[c][0], g = ch[c][2];
+        TORCH_CHECK((b >= 2 && b <= 6) || b == 8, "q kernels: chunk ", c, " has bit width ", b);
+        TORCH_CHECK(ch[c][1] >= 0 && ch[c][1] + b <= words, "q kernels: chunk ", c, " words out of range");
+        TORCH_CHECK(g >= 0 && g < ngroups, "q kernels: chunk ", c, " group out of range");
+        TORCH_CHECK(group_bits[g] == 0 || group_bits[g] == b, "q kernels: group ", g, " has two bit widths");
+        group_bits[g] = int8_t(b);
+    }
+}
+
+// scales: fp16 [blocks, groups, 16], or with scale_values (fp16 [groups, 16]) uint8 indices into them
 QView q_view(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
-             const std::optional<torch::Tensor>& zeros, const torch::Tensor& src) {
+             const std::optional<torch::Tensor>& zeros, const torch::Tensor& src,
+             const std::optional<torch::Tensor>& scale_values) {
     TORCH_CHECK(qw.scalar_type() == torch::kInt32 && qw.dim() == 3 && qw.size(2) == exlcpu::kBlock &&
                 qw.is_contiguous(), "q kernels: qw must be contiguous int32 [blocks, words, 16]");
     TORCH_CHECK(chunks.scalar_type() == torch::kInt32 && chunks.dim() == 2 && chunks.size(1) == 3 &&
                 chunks.is_contiguous(), "q kernels: chunks must be contiguous int32 [chunks, 3]");
     const int64_t nb = qw.size(0), nc = chunks.size(0);
-    TORCH_CHECK(scales.scalar_type() == torch::kFloat16 && scales.dim() == 3 && scales.size(0) == nb &&
-                scales.size(2) == exlcpu::kBlock && scales.is_contiguous(),
-                "q kernels: scales must be contiguous float16 [blocks, groups, 16]");
+    const bool indexed = scale_values && scale_values->defined();
+    TORCH_CHECK(scales.scalar_type() == (indexed ? torch::kUInt8 : torch::kFloat16) && scales.dim() == 3 &&
+                scales.size(0) == nb && scales.size(2) == exlcpu::kBlock && scales.is_contiguous(),
+                "q kernels: scales must be contiguous float16 [blocks, groups, 16] (uint8 with scale_values)");
     TORCH_CHECK(src.scalar_type() == torch::kInt32 && src.dim() == 1 && src.size(0) == nc * exlcpu::kChunkRows &&
                 src.is_contiguous(), "q kernels: src must be contiguous int32 [chunks * 32]");
     const uint8_t* zp = nullptr;
     if (zeros && zeros->defined()) {
+        TORCH_CHECK(!indexed, "q kernels: zero points go with float16 scales, not scale_values");
         TORCH_CHECK(zeros->scalar_type() == torch::kUInt8 && zeros->sizes() == scales.sizes() &&
                     zeros->is_contiguous(), "q kernels: zeros must be contiguous uint8 shaped like scales");
         zp = zeros->data_ptr<uint8_t>();
     }
-    // the chunk table is trusted only after this check: every chunk's words lie inside a block
-    auto ch = chunks.accessor<int32_t, 2>();
-    for (int64_t c = 0; c < nc; ++c) {
-        const int b = ch[c][0];
-        TORCH_CHECK((b >= 2 && b <= 6) || b == 8, "q kernels: chunk ", c, " has bit width ", b);
-        TORCH_CHECK(ch[c][1] >= 0 && ch[c][1] + b <= qw.size(1), "q kernels: chunk ", c, " words out of range");
-        TORCH_CHECK(ch[c][2] >= 0 && ch[c][2] < scales.size(1), "q kernels: chunk ", c, " group out of range");
+    thread_local std::vector<int8_t> group_bits;
+    check_chunks(chunks, qw.size(1), scales.size(1), group_bits);
+    exlcpu::QArgs a{qw.data_ptr<int32_t>(), qw.size(1), chunks.data_ptr<int32_t>(), nc, nullptr, zp, scales.size(1),
+                    nullptr, nullptr, nullptr};
+    if (indexed) {
+        TORCH_CHECK(scale_values->scalar_type() == torch::kFloat16 && scale_values->dim() == 2 &&
+                    scale_values->size(0) == scales.size(1) && scale_values->size(1) == 16 &&
+                    scale_values->is_contiguous(), "q kernels: scale_values must be contiguous float16 [groups, 16]");
+        a.sidx = scales.data_ptr<uint8_t>();
+        build_tables(a, *scale_values, group_bits);
+    } else {
+        a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
     }
-    exlcpu::QArgs a{qw.data_ptr<int32_t>(), qw.size(1), chunks.data_ptr<int32_t>(), nc,
-                    reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>()), zp, scales.size(1)};
     return {a, src.data_ptr<int32_t>(), nc * exlcpu::kChunkRows, nb};
 }
 
@@ -157,10 +194,10 @@ void q_gemm(const QView& v, const torch::Tensor& x, torch::Tensor& y, int64_t N)
 torch::Tensor q_matmul(torch::Tensor x, const torch::Tensor& qw, const torch::Tensor& chunks,
                        const torch::Tensor& scales, const std::optional<torch::Tensor>& zeros,
                        const torch::Tensor& src, const std::optional<torch::Tensor>& bias, int64_t N,
-                       int64_t max_gemv_rows) {
+                       int64_t max_gemv_rows, const std::optional<torch::Tensor>& scale_values) {
     TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2,
                 "q_matmul: x must be a float32 CPU tensor [M, K]");
-    QView v = q_view(qw, chunks, scales, zeros, src);
+    QView v = q_view(qw, chunks, scales, zeros, src, scale_values);
     const int64_t M = x.size(0), K = x.size(1);
     TORCH_CHECK(N > 0 && N <= v.nblocks * exlcpu::kBlock, "q_matmul: N = ", N, " outside 1..", v.nblocks * 16);
     check_src(v, K);
@@ -188,8 +225,9 @@ torch::Tensor q_matmul(torch::Tensor x, const torch::Tensor& qw, const torch::Te
 }
 
 torch::Tensor q_dequant(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
-                        const std::optional<torch::Tensor>& zeros, const torch::Tensor& src, int64_t K) {
-    QView v = q_view(qw, chunks, scales, zeros, src);
+                        const std::optional<torch::Tensor>& zeros, const torch::Tensor& src, int64_t K,
+                        const std::optional<torch::Tensor>& scale_values) {
+    QView v = q_view(qw, chunks, scales, zeros, src, scale_values);
     check_src(v, K);
     const int64_t cols = v.nblocks * exlcpu::kBlock;
     auto out = torch::empty({K, cols}, torch::dtype(torch::kFloat32));
@@ -205,8 +243,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("linear_bf16w", &linear_bf16w, "y = x @ w.T, x float32 (M, K), w bfloat16 (N, K)");
     m.def("q_matmul", &q_matmul,
           "y = x @ W (+ bias) for a quantized W in the CPU layout (exllamav2/quant/cpu_layout.py); rows above "
-          "max_gemv_rows go through tiles of dequantized columns and a GEMM");
-    m.def("q_dequant", &q_dequant, "W as float32 [K, blocks * 16] from the CPU layout");
+          "max_gemv_rows go through tiles of dequantized columns and a GEMM",
+          py::arg("x"), py::arg("qw"), py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"),
+          py::arg("bias"), py::arg("N"), py::arg("max_gemv_rows"), py::arg("scale_values") = py::none());
+    m.def("q_dequant", &q_dequant, "W as float32 [K, blocks * 16] from the CPU layout", py::arg("qw"),
+          py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"), py::arg("K"),
+          py::arg("scale_values") = py::none());
     m.def("set_isa", &set_isa, "choose the kernels: 'auto' (from the CPU's flags), 'avx2' or 'avx512'; returns it");
     m.def("isa", &isa, "the instruction set the kernels run");
 }

@@ -89,6 +89,10 @@ struct S {
         _mm256_store_si256(reinterpret_cast<__m256i*>(mz), _mm256_or_si256(z0, magic));
         _mm256_store_si256(reinterpret_cast<__m256i*>(mz + 8), _mm256_or_si256(z1, magic));
     }
+    static inline __attribute__((always_inline)) void copy16(const float* from, float* to) {
+        _mm256_store_ps(to, _mm256_load_ps(from));
+        _mm256_store_ps(to + 8, _mm256_load_ps(from + 8));
+    }
     static inline __attribute__((always_inline)) A zero_acc() { return _mm256_setzero_ps(); }
     static inline __attribute__((always_inline)) A fma_row(F w, const float* x, A acc) {
         return _mm256_fmadd_ps(w.hi, _mm256_loadu_ps(x + 8), _mm256_fmadd_ps(w.lo, _mm256_loadu_ps(x), acc));
@@ -132,7 +136,7 @@ struct S {
 
 const Kernels& kernels_avx2() {
     static const Kernels k{"avx2", &avx2::q_gemv<avx2::S>, &avx2::q_dequant<avx2::S>, &avx2::f16_gemv<avx2::S>,
-                           &avx2::f16_gemv<avx2::S, true>};
+                           &avx2::q_tables<avx2::S>, &avx2::f16_gemv<avx2::S, true>};
     return k;
 }
 

@@ -68,6 +68,9 @@ struct S {
         _mm512_store_ps(s, load_h(sc));
         _mm512_store_si512(mz, _mm512_or_si512(z, _mm512_set1_epi32(0x4B000000)));
     }
+    static inline __attribute__((always_inline)) void copy16(const float* from, float* to) {
+        _mm512_store_ps(to, _mm512_load_ps(from));
+    }
     static inline __attribute__((always_inline)) A zero_acc() { return _mm512_setzero_ps(); }
     static inline __attribute__((always_inline)) A fma_row(F w, const float* x, A acc) {
         return _mm512_fmadd_ps(w, _mm512_loadu_ps(x), acc);
@@ -113,7 +116,8 @@ namespace exlcpu {
 
 const Kernels& kernels_avx512() {
     static const Kernels k{"avx512", &avx512::q_gemv<avx512::S>, &avx512::q_dequant<avx512::S>,
-                           &avx512::f16_gemv<avx512::S>, &avx512::f16_gemv<avx512::S, true>};
+                           &avx512::f16_gemv<avx512::S>, &avx512::q_tables<avx512::S>,
+                           &avx512::f16_gemv<avx512::S, true>};
     return k;
 }
 

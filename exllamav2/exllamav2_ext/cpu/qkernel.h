@@ -20,10 +20,18 @@ struct QArgs {
     int64_t wtot;             // words per column block
     const int32_t* chunks;    // [nchunks][3]: bits, first word, group
     int64_t nchunks;
-    const uint16_t* scales;   // [blocks][groups][16] fp16 bit patterns
+    const uint16_t* scales;   // [blocks][groups][16] fp16 bit patterns, or null with sidx
     const uint8_t* zeros;     // [blocks][groups][16], or null for EXL2's 2^(bits-1)
     int64_t ngroups;
+    // EXL2: each column's scale is one of its group's 16 values, sidx[blocks][groups][16] its index; gscales
+    // [groups][16] those values and gluts [groups][16][kLutStride] their weight tables (built per call by
+    // q_tables for groups of at most kLutBits bits)
+    const uint8_t* sidx;
+    const float* gscales;
+    const float* gluts;
 };
+
+constexpr int kLutStride = 32;   // floats per table: up to 5-bit codes
 
 // y[m, n] = sum_p x[m, p] * w[p, n] (+ bias[n]) for the column blocks cb0..cb1; x in padded-row order
 // (x[m * kpad + p], zero on padding rows), y[m * ldy + n] for n < N.
@@ -35,12 +43,17 @@ using QDequantFn = void (*)(const QArgs&, const int32_t* src, float* out, int64_
 using F16GemvFn = void (*)(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N,
                            int64_t n0, int64_t n1);
 
+// gscales[g][k] = values[g][k] as float; gluts[g][k][c] = fp16((c mod 2^b - 2^(b-1)) * gscales[g][k]) for the
+// groups whose width b = bits[g] the kernels decode by table (returned by lut_bits)
+using QTablesFn = void (*)(const uint16_t* values, const int8_t* bits, int64_t ngroups, float* gscales, float* gluts);
+
 struct Kernels {
     const char* name;
     QGemvFn q_gemv;
     QDequantFn q_dequant;
     F16GemvFn f16_gemv;
-    F16GemvFn bf16_gemv;    // the same with bf16 weights
+    QTablesFn q_tables;
+    F16GemvFn bf16_gemv;    // f16_gemv with bf16 weights
 };
 
 const Kernels& kernels_avx2();

@@ -17,8 +17,6 @@
 
 #define EXL_INLINE inline __attribute__((always_inline))
 
-constexpr int kLutStride = 32;   // floats per column's table: up to 5-bit codes
-
 // A group's decoding constants for NC columns of a block: w = fp16((code - zero) * scale). code - zero is
 // exact in fp32 as (2^23 + code) - (2^23 + zero), 2^23 + code being the float with code in its low mantissa
 // bits (no int -> float conversion), and the product with the fp16 scale is exact (8-bit integer x 11-bit
@@ -46,9 +44,41 @@ __attribute__((noinline)) void build_group(GroupConsts<NC>& g, const QArgs& a, i
         for (int j = 0; j < NC; ++j) S::build_lut(bits, g.s + J0 + j, g.mz + J0 + j, g.lut[j]);
 }
 
+// With EXL2's indexed scales the tables were built once per call (q_tables): a column's is copied
+// (inlined: a few loads and stores, no call that would spill the accumulators).
+template <class S, int NC, int J0>
+EXL_INLINE void copy_group(GroupConsts<NC>& g, const QArgs& a, int64_t cb, int group, int bits) {
+    g.group = group;
+    g.bits = bits;
+    const uint8_t* idx = a.sidx + (cb * a.ngroups + group) * kBlock + J0;
+    const float mz = 8388608.f + float(1 << (bits - 1));
+    for (int j = 0; j < NC; ++j) {
+        const int64_t k = group * 16 + (idx[j] & 15);      // masked: the indices are not checked per call
+        g.s[J0 + j] = a.gscales[k];
+        g.mz[J0 + j] = mz;
+        if (bits <= S::kLutBits)
+            for (int c = 0; c < (bits > 4 ? 2 : 1); ++c)
+                S::copy16(a.gluts + k * kLutStride + 16 * c, g.lut[j] + 16 * c);
+    }
+}
+
 template <class S, int NC, int J0>
 EXL_INLINE void set_group(GroupConsts<NC>& g, const QArgs& a, int64_t cb, int group, int bits) {
-    if (group != g.group || bits != g.bits) build_group<S, NC, J0>(g, a, cb, group, bits);
+    if (group == g.group && bits == g.bits) return;
+    if (a.sidx)
+        copy_group<S, NC, J0>(g, a, cb, group, bits);
+    else
+        build_group<S, NC, J0>(g, a, cb, group, bits);
+}
+
+template <class S>
+void q_tables(const uint16_t* values, const int8_t* bits, int64_t ngroups, float* gscales, float* gluts) {
+    for (int64_t g = 0; g < ngroups; ++g) {
+        S::store(gscales + g * 16, S::load_h(values + g * 16));
+        if (bits[g] < 2 || bits[g] > S::kLutBits) continue;
+        const float mz = 8388608.f + float(1 << (bits[g] - 1));
+        for (int k = 0; k < 16; ++k) S::build_lut(bits[g], gscales + g * 16 + k, &mz, gluts + (g * 16 + k) * kLutStride);
+    }
 }
 
 // The codes of the 16 rows of code position P (row half P / 16, column P % 16): B bits at stream bit P * B,
