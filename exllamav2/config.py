@@ -20,6 +20,7 @@ from .architecture import ArchParams, arch_params_for
 from .config_check import validate_config, validate_generation_config
 from .errors import ConfigError
 from .stloader import SafetensorsIndex
+from .vision_config import read_mrope_section, read_vision_config
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,8 @@ class ExLlamaV2Config:
         self.index: SafetensorsIndex | None = None
         self.checkpoint_offset_qzeros = 0
         self.quantization_config: dict = {}
-        self.vision_model_type: str | None = None   # vision is not implemented (exllamav2/vlm); clients test this
+        self.vision_model_type: str | None = None   # set by prepare() for the vision families vlm/ runs
+        self.mrope_section: list[int] | None = None  # Qwen2-VL's MRoPE: rotary frequencies per t/h/w component
         if model_dir is not None:
             self.prepare()
 
@@ -163,6 +165,7 @@ class ExLlamaV2Config:
         self.original_max_seq_len = self.max_seq_len
         self._read_sliding_window(read)
         self._read_rope(read, cfg_path)
+        read_vision_config(self, raw, mdir)
 
         self.quantization_config = raw.get("quantization_config") or {}
         if self.quantization_config.get("checkpoint_format") == "gptq_v2":
@@ -314,6 +317,7 @@ class ExLlamaV2Config:
         self.partial_rotary_factor = float(params.get("partial_rotary_factor") or
                                            read("partial_rotary_factor", default=1.0))
         rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+        rope_type, self.mrope_section = read_mrope_section(params, rope_type, self.head_dim, cfg_path)
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
                 f"{cfg_path}: unsupported rope type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"

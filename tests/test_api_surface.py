@@ -3,8 +3,9 @@ text-generation-webui, ExUI, formatron) import, call and read, works here from t
 
 Expected names and parameter lists are upstream's (shared/reference/upstream-api-and-exl2-format.md §1,
 attention-backends-and-clients.md §5); results are checked against transformers on a tiny random Llama
-where a number is involved. Tensor parallelism and vision are NOT implemented: their names import (a
-client would otherwise fail at import) and using them raises NotImplementedError naming the alternative.
+where a number is involved. Tensor parallelism is NOT implemented: its names import (a client would otherwise
+fail at import) and using them raises NotImplementedError naming the alternative. Vision runs for Qwen2-VL and
+Qwen2.5-VL (tests/test_vision_qwen.py); on any other model the tower refuses by name.
 """
 
 from __future__ import annotations
@@ -177,6 +178,11 @@ SIGNATURES = {
     "exllamav2:Intervention.__init__": ["inner", "pre_forward", "post_forward"],
     "exllamav2:ExLlamaV2VisionTower.__init__": ["config"],
     "exllamav2:ExLlamaV2MultimodalProjector.__init__": ["config"],
+    "exllamav2:ExLlamaV2VisionTower.load": ["gpu_split", "lazy", "stats", "callback", "callback_gen", "progress"],
+    "exllamav2:ExLlamaV2VisionTower.load_gen": ["gpu_split", "lazy", "stats", "callback", "callback_gen"],
+    "exllamav2:ExLlamaV2VisionTower.unload": [],
+    "exllamav2:ExLlamaV2VisionTower.get_image_embeddings": ["model", "tokenizer", "image", "text_alias",
+                                                            "embeddings_cpu"],
     "exllamav2.generator:ExLlamaV2Sampler.sample": ["logits", "settings", "sequence_ids", "random", "tokenizer",
                                                     "prefix_token", "return_top_tokens", "blocked_tokens", "filters",
                                                     "filter_prefer_eos", "sync"],
@@ -405,7 +411,7 @@ def test_forward_refuses_unknown_keywords_and_takes_upstreams(loaded):
         loaded.forward(ids, cache, past_len=0, bogus=1)
     assert cache.current_seq_len == 0, "refused before any work"
     # upstream's forward passes these on to forward_chunk / the modules: each is still taken
-    assert set(FORWARD_KWARGS) == {"attn_params", "indexed_embeddings", "extract_state_indices"}
+    assert set(FORWARD_KWARGS) == {"attn_params", "indexed_embeddings", "extract_state_indices", "mrope_positions"}
     want = loaded.forward(ids)
     for name in FORWARD_KWARGS:
         assert torch.equal(loaded.forward(ids, **{name: None}), want), name
@@ -787,8 +793,11 @@ def test_model_init_tensor_parallel_flag_raises(loaded):
         model_init.post_init_load(loaded, parser.parse_args(["-m", "x", "-tp"]), quiet=True)
 
 
-def test_vision_is_not_implemented(tiny):
+def test_vision_on_a_text_model_is_refused(tiny):
+    """A text model has no vision tower: vision_model_type is None and the tower refuses it by name (the vision
+    models themselves are tested in tests/test_vision_qwen.py)."""
     cfg = ExLlamaV2Config(str(tiny[0]))
+    assert cfg.vision_model_type is None
     for cls in (ExLlamaV2VisionTower, ExLlamaV2MultimodalProjector):
-        with pytest.raises(NotImplementedError, match="vision models are not implemented"):
+        with pytest.raises(ValueError, match="LlamaForCausalLM has no vision tower"):
             cls(cfg)

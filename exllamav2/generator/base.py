@@ -10,7 +10,8 @@ import torch
 
 from ..errors import GenerationArgumentError
 from ..inputs import check_sampler_settings
-from .dynamic_embeddings import remap_embeddings
+from .dynamic_embeddings import check_aliases_present, remap_embeddings
+from ..vlm.mrope import MRopeLayout, mrope_layout
 from .filters.base import ExLlamaV2Filter  # re-exported: filter libraries import it from here
 from .filters.base import as_filters, feed_filters
 from .sampler import ExLlamaV2Sampler, sample_with_state
@@ -101,12 +102,12 @@ class ExLlamaV2BaseGenerator:
         rng = random.Random(seed)
         self.abort_event = abort_event
 
-        ids, offsets, heal, embeds = self._encode_prompt(prompt, num_tokens, token_healing, encode_special_tokens,
-                                                         add_bos, input_embeddings)
+        ids, offsets, heal, embeds, mrope = self._encode_prompt(prompt, num_tokens, token_healing,
+                                                                encode_special_tokens, add_bos, input_embeddings)
         bsz = ids.shape[0]
         mask = self.tokenizer.padding_mask(ids) if bsz > 1 else None
         positions = offsets if bsz > 1 else None
-        if not self._prefill(ids, mask, positions, embeds, loras, abort_event, filters):
+        if not self._prefill(ids, mask, positions, embeds, loras, abort_event, filters, mrope):
             return None
 
         prompt_len = ids.shape[-1]
@@ -117,7 +118,8 @@ class ExLlamaV2BaseGenerator:
             if abort_event is not None and abort_event.is_set():
                 return None
             logits = self.model.forward(self.sequence_ids[:, -1:], self.cache, input_mask=mask, loras=loras,
-                                        position_offsets=positions, indexed_embeddings=embeds)
+                                        position_offsets=positions, indexed_embeddings=embeds,
+                                        **_mrope_args(mrope, self.sequence_ids.shape[-1] - 1, 1))
             (token, _, _, _, end_filter), mirostat_mu = sample_with_state(
                 logits[:, -1:].float().cpu(), gen_settings, self.sequence_ids, [rng.random() for _ in range(bsz)],
                 self.tokenizer, mirostat_mu, prefix_token=heal if step == 0 else None, filters=filters,
@@ -135,12 +137,13 @@ class ExLlamaV2BaseGenerator:
 
     def _prefill(self, ids: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None,
                  embeds: torch.Tensor | None, loras: object, abort_event: threading.Event | None,
-                 filters: list[ExLlamaV2Filter]) -> bool:
+                 filters: list[ExLlamaV2Filter], mrope: MRopeLayout | None = None) -> bool:
         """Write all prompt tokens but the last to the cache and start the filters; False if aborted."""
         self.cache.current_seq_len = 0
         if ids.shape[-1] > 1:
             self.model.forward(ids[:, :-1], self.cache, input_mask=mask, preprocess_only=True, loras=loras,
-                               position_offsets=positions, abort_event=abort_event, indexed_embeddings=embeds)
+                               position_offsets=positions, abort_event=abort_event, indexed_embeddings=embeds,
+                               **_mrope_args(mrope, 0, ids.shape[-1] - 1))
             if abort_event is not None and abort_event.is_set():
                 return False
         for f in filters:
@@ -150,8 +153,8 @@ class ExLlamaV2BaseGenerator:
 
     def _encode_prompt(self, prompt: str | list[str], num_tokens: int, token_healing: bool,
                        encode_special_tokens: bool, add_bos: bool, input_embeddings: list | None) -> tuple:
-        """(ids less a healed token, left-padding offsets, healed token or None, embedding table), or a
-        ValueError before any work when the prompts do not fit the cache."""
+        """(ids less a healed token, left-padding offsets, healed token or None, embedding table, MRoPE layout or
+        None), or a ValueError before any work when the prompts do not fit the cache."""
         ids, offsets = self.tokenizer.encode(
             prompt, encode_special_tokens=encode_special_tokens, return_offsets=True, add_bos=add_bos,
             embeddings=input_embeddings,
@@ -164,8 +167,13 @@ class ExLlamaV2BaseGenerator:
         if token_healing and ids.shape[-1] > 1:
             heal, ids = ids[:, -1:], ids[:, :-1]
         check_room(self.cache, ids.shape[-1], num_tokens)
+        check_aliases_present([ids if heal is None else torch.cat((ids, heal), dim=1)], input_embeddings)
+        layouts = [mrope_layout(row.tolist(), input_embeddings) for row in ids]
+        if bsz > 1 and any(layouts):
+            raise GenerationArgumentError("a batch of prompts with images on an MRoPE model (Qwen2-VL) is not "
+                                          "supported by the base generator; use the dynamic generator")
         ids, embeds = remap_embeddings(ids, input_embeddings)
-        return ids, offsets, heal, embeds
+        return ids, offsets, heal, embeds, layouts[0]
 
     def _texts(self, stopped_at: list, completion_start: int | None, offsets: torch.Tensor,
                decode_special_tokens: bool) -> list[str]:
@@ -177,3 +185,8 @@ class ExLlamaV2BaseGenerator:
             start = completion_start if completion_start is not None else int(-offsets[row]) if bsz > 1 else 0
             texts.append(decode_ids(self.tokenizer, self.sequence_ids[row, start:end].tolist(), decode_special_tokens))
         return texts
+
+
+def _mrope_args(mrope: MRopeLayout | None, start: int, length: int) -> dict:
+    """forward's mrope_positions for `length` tokens from `start` of a one-row batch, when the prompt has images."""
+    return {} if mrope is None else {"mrope_positions": mrope.window(start, length).unsqueeze(1)}

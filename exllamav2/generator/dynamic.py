@@ -42,7 +42,8 @@ from ..errors import GenerationArgumentError
 from ..inputs import check_sampler_settings
 from ..model.lora import as_lora_list
 from .drafting import check_draft_vocab, ngram_draft
-from .dynamic_embeddings import ExLlamaV2MMEmbedding, remap_embeddings
+from .dynamic_embeddings import ExLlamaV2MMEmbedding, check_aliases_present, remap_embeddings
+from ..vlm.mrope import MRopeLayout, batch_positions, mrope_layout
 from .filters.base import ExLlamaV2Filter, as_filters, feed_filters
 from .hooks import run_post_sampling_hooks
 from .pages import Page, PageTable, chain_hash, common_prefix
@@ -65,8 +66,11 @@ PAGED_PAGE_SIZE = PAGE_SIZE
 class _Sequence:
     """One token sequence of a job (a CFG job has two) and the cache pages it holds."""
 
-    def __init__(self, ids: list[int]) -> None:
-        self.ids = ids                      # prompt (less a healed token) + generated tokens
+    def __init__(self, ids: list[int], mrope: MRopeLayout | None = None) -> None:
+        # prompt (less a healed token) + generated tokens; an embedding's rows as its own ids (unique to its
+        # content), so page hashes tell two images apart
+        self.ids = ids
+        self.mrope = mrope                  # the prompt's MRoPE positions (a Qwen2-VL prompt with images), or None
         self.prompt_len = len(ids)
         self.kv_position = 0                # tokens whose keys/values are in the cache
         self.draft_kv = 0                   # the same for the draft cache, if any (never above kv_position)
@@ -181,12 +185,11 @@ class ExLlamaV2DynamicJob:
             self.heal = torch.cat([ids[:, -1:] for ids in rows], dim=0)
             rows = [ids[:, :-1] for ids in rows]
         self.embedding_table = None
-        remapped = []
-        for ids in rows:
-            ids, table = remap_embeddings(ids, self.embeddings)
-            remapped.append(ids[0].tolist())
+        for ids in rows:            # checks that every embedding id in the prompt is one of the job's
+            _, table = remap_embeddings(ids, self.embeddings)
             self.embedding_table = table if table is not None else self.embedding_table
-        self.sequences = [_Sequence(ids) for ids in remapped]
+        check_aliases_present(rows, self.embeddings)
+        self.sequences = [_Sequence(ids[0].tolist(), mrope_layout(ids[0].tolist(), self.embeddings)) for ids in rows]
 
     def __repr__(self) -> str:
         return f"ExLlamaV2DynamicJob #{self.serial_number}" if self.serial_number is not None else "ExLlamaV2DynamicJob (new)"
@@ -304,7 +307,7 @@ class ExLlamaV2DynamicJob:
             target = len(seq.ids) - 1
             while seq.kv_position < target and used < budget:
                 n = min(target - seq.kv_position, budget - used)
-                gen.write_prompt_tokens(seq, seq.ids[seq.kv_position : seq.kv_position + n], self.embedding_table)
+                gen.write_prompt_tokens(seq, seq.ids[seq.kv_position : seq.kv_position + n], self.embeddings)
                 used += n
         if used:
             results.append(self._result(
@@ -748,10 +751,10 @@ class ExLlamaV2DynamicGenerator:
                 else:
                     f.background_next(self.filter_pool)
 
-    def write_prompt_tokens(self, seq: _Sequence, tokens: list[int], indexed_embeddings: torch.Tensor | None) -> None:
+    def write_prompt_tokens(self, seq: _Sequence, tokens: list[int], embeddings: list[ExLlamaV2MMEmbedding]) -> None:
         """Prefill `tokens` after the sequence's cached tokens, in the draft cache too."""
-        ids = torch.tensor([tokens], dtype=torch.long)
-        self._forward([seq], ids, [seq.kv_position], preprocess_only=True, indexed_embeddings=indexed_embeddings)
+        ids, table = remap_embeddings(torch.tensor([tokens], dtype=torch.long), embeddings)
+        self._forward([seq], ids, [seq.kv_position], preprocess_only=True, indexed_embeddings=table)
         if self.draft_model is not None:
             self._forward([seq], ids, [seq.draft_kv], draft=True, preprocess_only=True)
             seq.draft_kv += len(tokens)
@@ -765,15 +768,17 @@ class ExLlamaV2DynamicGenerator:
             model, cache, loras = self.draft_model, self.draft_cache, None
         else:
             model, cache, loras = self.model, self.cache, self.current_loras
+        mrope = None if draft else batch_positions([s.mrope for s in seqs], past, ids.shape[-1])
         if not self.paged:
             cache.current_seq_len = past[0]
+            extra = {} if mrope is None else {"mrope_positions": mrope}
             return model.forward(ids, cache, preprocess_only=preprocess_only, loras=loras,
-                                 indexed_embeddings=indexed_embeddings)
+                                 indexed_embeddings=indexed_embeddings, **extra)
         width = max(len(s.pages) for s in seqs)
         block_table = torch.tensor([s.block_table() + [0] * (width - len(s.pages)) for s in seqs], dtype=torch.int32)
         seqlens = torch.tensor(past, dtype=torch.int32)
         params = PagedParams(len(seqs), block_table, seqlens, max_cache_seqlen=int(seqlens.max()),
-                             page_size=self.page_size, q_len=ids.shape[-1])
+                             page_size=self.page_size, q_len=ids.shape[-1], mrope_positions=mrope)
         return model.forward(ids, cache, preprocess_only=preprocess_only, loras=loras, attn_params=params,
                              indexed_embeddings=indexed_embeddings)
 

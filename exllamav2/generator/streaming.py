@@ -23,6 +23,7 @@ from ..model.lora import as_lora_list
 from .base import ExLlamaV2BaseGenerator, check_room
 from .drafting import NgramCache, check_draft_vocab, check_ngram_settings
 from .dynamic_embeddings import remap_embeddings
+from ..vlm.mrope import mrope_layout
 from .filters.base import ExLlamaV2Filter, as_filters, feed_filters
 from .hooks import ExLlamaV2PostSamplingResult, run_post_sampling_hooks
 from .sampler import ExLlamaV2Sampler, sample_with_state
@@ -142,7 +143,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         filter_prefer_eos: bool = False,
     ) -> None:
         ids, heal, filters = self._check_stream_input(input_ids, gen_settings, token_healing, banned_strings, filters)
-        ids, embeddings = remap_embeddings(ids, input_embeddings)
+        ids, embeddings = remap_embeddings(_refuse_mrope_images(ids, input_embeddings), input_embeddings)
         loras = as_lora_list(loras, self.model)
         reuse = self._reusable_prefix(ids, loras, input_mask, position_offsets, embeddings)
         self.indexed_embeddings = embeddings
@@ -391,3 +392,11 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
             drafted.append(int(token[0, 0]))
             feed = token
         return drafted
+
+
+def _refuse_mrope_images(ids: torch.Tensor, input_embeddings: list | None) -> torch.Tensor:
+    """`ids`, or a clear error where they hold an image needing MRoPE positions."""
+    if any(mrope_layout(row.tolist(), input_embeddings) for row in ids):
+        raise GenerationArgumentError("images on an MRoPE model (Qwen2-VL) need 3-D positions, which the streaming "
+                                      "generator does not carry; use the dynamic or the base generator")
+    return ids

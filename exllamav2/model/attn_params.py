@@ -2,7 +2,9 @@
 
 `Params` describes a contiguous batch (one past length for all sequences, optional left padding
 through `input_mask` and RoPE `position_offsets`); `PagedParams` a paged batch from the dynamic
-generator (per-sequence lengths and block tables over a cache viewed as pages).
+generator (per-sequence lengths and block tables over a cache viewed as pages). Either may carry MRoPE
+positions (3, B, L) for a prompt with images (Qwen2-VL); without them RoPE uses the 1-D positions, which is
+what MRoPE computes for text.
 """
 
 from __future__ import annotations
@@ -37,10 +39,14 @@ class _PositionsMixin:
     def positions(self) -> torch.Tensor:
         raise NotImplementedError
 
+    mrope_positions: torch.Tensor | None = None     # (3, B, L) MRoPE positions of the new tokens, or None
+
     def rope(self, tables) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for this batch from one device's RopeTables."""
+        """cos/sin for this batch from one device's RopeTables (3-D MRoPE positions where given)."""
         key = id(tables)
-        if key not in self._rope:
+        if key not in self._rope and self.mrope_positions is not None:
+            self._rope[key] = tables.lookup_mrope(self.mrope_positions)
+        elif key not in self._rope:
             self._rope[key] = tables.lookup(self.positions())
         return self._rope[key]
 
@@ -61,7 +67,9 @@ class Params(_PositionsMixin):
         past_len: int,
         input_mask: torch.Tensor | None = None,
         position_offsets: torch.Tensor | None = None,
+        mrope_positions: torch.Tensor | None = None,
     ) -> None:
+        self.mrope_positions = mrope_positions
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.past_len = past_len
@@ -103,7 +111,9 @@ class PagedParams(_PositionsMixin):
         max_cache_seqlen: int = 0,
         page_size: int = 256,
         q_len: int = 1,
+        mrope_positions: torch.Tensor | None = None,
     ) -> None:
+        self.mrope_positions = mrope_positions
         self.batch_size = batch_size
         self.block_index = block_index.int()
         self.cache_seqlens = cache_seqlens.int()

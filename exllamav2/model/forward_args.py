@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 FORWARD_KWARGS: tuple[str, ...] = (
     "attn_params",            # Params / PagedParams the caller built (the dynamic generator's block tables)
     "indexed_embeddings",     # embeddings for ids >= EMBEDDING_INDEX (multimodal prompts)
+    "mrope_positions",        # (3, batch, length) MRoPE positions of the tokens given (Qwen2-VL prompts with images)
     "extract_state_indices",  # upstream's forward_chunk option; forward itself returns no states, so no effect
 )
 _ACCEPTED = frozenset(FORWARD_KWARGS)

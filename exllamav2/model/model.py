@@ -344,12 +344,13 @@ class ExLlamaV2:
             return forward_per_row_caches(self, input_ids, cache, input_mask, preprocess_only, last_id_only, loras,
                                           return_last_state, position_offsets, abort_event, cpu_logits, **kwargs)
         attn_params = kwargs.pop("attn_params", None)
+        mrope = self._check_mrope(kwargs.pop("mrope_positions", None), input_ids, cache, attn_params)
         if isinstance(attn_params, PagedParams):
             return self._forward_chunk(input_ids, cache, attn_params, preprocess_only, last_id_only,
                                        loras, return_last_state, cpu_logits, **kwargs)
         bsz, length = input_ids.shape
         if cache is None:
-            params = Params(bsz, length, 0, input_mask, position_offsets)
+            params = Params(bsz, length, 0, input_mask, position_offsets, mrope)
             return self._forward_chunk(input_ids, None, params, preprocess_only, last_id_only,
                                        loras, return_last_state, cpu_logits, **kwargs)
         if bsz > cache.batch_size:
@@ -368,7 +369,8 @@ class ExLlamaV2:
             end = min(start + chunk, length)
             past = cache.current_seq_len
             mask = None if input_mask is None else input_mask[:, : past + end - start]
-            params = Params(bsz, end - start, past, mask, position_offsets)
+            params = Params(bsz, end - start, past, mask, position_offsets,
+                            None if mrope is None else mrope[:, :, start:end])
             final = end == length
             r = self._forward_chunk(input_ids[:, start:end], cache, params,
                                     preprocess_only or (last_id_only and not final), last_id_only,
@@ -382,6 +384,21 @@ class ExLlamaV2:
             return None
         logits = results[0] if len(results) == 1 else torch.cat(results, dim=1)
         return (logits, last_state) if return_last_state else logits
+
+    def _check_mrope(self, mrope: torch.Tensor | None, input_ids: torch.Tensor, cache, attn_params) -> torch.Tensor | None:
+        """The forward's MRoPE positions (3, batch, length), checked; a paged batch carries its own in attn_params."""
+        if mrope is None:
+            return None
+        if not self.config.mrope_section:
+            raise InputError(f"mrope_positions were given, but {self.config.architecture} has no MRoPE "
+                             f"(rope_scaling.mrope_section)")
+        if isinstance(cache, (list, tuple)) or isinstance(attn_params, PagedParams):
+            raise InputError("mrope_positions apply to a plain forward; a paged batch carries them in "
+                             "PagedParams(mrope_positions=...), and per-row caches do not take them")
+        if tuple(mrope.shape) != (3, *input_ids.shape):
+            raise InputError(f"mrope_positions must be (3, batch, length) = (3, {input_ids.shape[0]}, "
+                             f"{input_ids.shape[1]}), got {tuple(mrope.shape)}")
+        return mrope.long().cpu()
 
     def _forward_chunk(self, input_ids, cache, params, preprocess_only, last_id_only, loras,
                        return_last_state, cpu_logits, **kwargs):

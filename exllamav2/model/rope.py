@@ -138,6 +138,7 @@ class RopeTables:
         self.device = device
         self.cos = self.sin = None
         self._build(max(config.max_seq_len, 1))
+        self.mrope_component = _mrope_component(config.mrope_section, device) if config.mrope_section else None
 
     def _build(self, length: int) -> None:
         t = torch.arange(length, dtype=torch.float32) / self.scale_pos_emb
@@ -162,3 +163,22 @@ class RopeTables:
         self.reserve(positions)
         positions = positions.clamp(min=0).to(self.device)
         return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+
+    def lookup_mrope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MRoPE: positions (3, B, L) (temporal, height, width) -> cos, sin (B, L, 1, rotary_dim), each frequency
+        taken from the component its mrope_section gives it (Qwen2-VL)."""
+        if self.mrope_component is None:
+            raise ValueError("3-D (MRoPE) positions were given, but this model's RoPE has no mrope_section")
+        self.reserve(positions)
+        positions = positions.clamp(min=0).to(self.device)
+        index = self.mrope_component.view(1, 1, 1, -1).expand(1, *positions.shape[1:], -1)
+        cos = torch.gather(self.cos[positions], 0, index)[0]
+        sin = torch.gather(self.sin[positions], 0, index)[0]
+        return cos.unsqueeze(2), sin.unsqueeze(2)
+
+
+def _mrope_component(section: list[int], device: torch.device) -> torch.Tensor:
+    """For each rotary dimension, which position component (0 t, 1 h, 2 w) rotates it; both halves of the
+    table share the layout."""
+    half = torch.repeat_interleave(torch.arange(len(section)), torch.tensor(section))
+    return torch.cat((half, half)).to(device)

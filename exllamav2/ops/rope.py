@@ -52,6 +52,8 @@ def kernel_rotate_qk(kernels: ModuleType) -> RotateQK:
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if style == RopeStyle.NONE:
             return q, k
+        if attn_params.mrope_positions is not None:      # the kernel reads one table row per token: 1-D only
+            return rotate_qk(q, k, attn_params, tables, style)
         tables.reserve(attn_params.positions())
         positions = attn_params.positions_on(q.device)
         q, k = q.contiguous(), k.contiguous()

@@ -1,29 +1,15 @@
-"""Vision (multimodal) models: not implemented in this fork.
+"""Vision (multimodal) models, through upstream's API: `ExLlamaV2VisionTower(config)` (load / load_gen / unload,
+get_image_embeddings) and `ExLlamaV2MultimodalProjector`.
 
-`ExLlamaV2VisionTower` and `ExLlamaV2MultimodalProjector` exist so that clients importing them (TabbyAPI
-imports the vision tower unconditionally) keep working for text models; constructing either raises
-NotImplementedError. Text-only use is unaffected: `config.vision_model_type` is None for every model
-this fork loads, which is how clients decide not to use vision.
+Runs the Qwen2-VL and Qwen2.5-VL towers (`config.vision_model_type` 'qwen2_vl' / 'qwen2_5_vl'). For every other
+model `config.vision_model_type` is None, which is how clients decide not to offer images, and constructing the
+tower raises a ValueError naming the model. One part per module: preprocess (Pillow), tower, projector (merger),
+mrope (the text model's 3-D positions), families (what differs between families, as data).
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-VISION_MISSING = (
-    "vision models are not implemented in this fork: only the text model of a checkpoint can be loaded; "
-    "load it without vision (clients: leave vision disabled; config.vision_model_type is None)"
-)
-
-
-class ExLlamaV2VisionTower:
-    def __init__(self, config: Any) -> None:
-        raise NotImplementedError(f"ExLlamaV2VisionTower: {VISION_MISSING}")
-
-
-class ExLlamaV2MultimodalProjector:
-    def __init__(self, config: Any) -> None:
-        raise NotImplementedError(f"ExLlamaV2MultimodalProjector: {VISION_MISSING}")
-
+from .projector import ExLlamaV2MultimodalProjector
+from .tower import ExLlamaV2VisionTower
 
 __all__ = ["ExLlamaV2MultimodalProjector", "ExLlamaV2VisionTower"]

@@ -6,7 +6,8 @@ flash-attn needs sm_80+ on every device it runs on (its kernels raise "FlashAtte
 supports Ampere GPUs or newer" below that), and its causal mask is bottom-right aligned (2.1+),
 which is the alignment a KV cache needs. Varlen packs, per sequence, the queries that see any key
 and the one run of keys they see; a mask that is not such a run (a hole in `input_mask`) goes to
-the fallback backend the plan chose (SDPA, or matmul when SDPA can't serve the model).
+the fallback backend the plan chose (SDPA, or matmul when SDPA can't serve the model). Non-causal and
+block-diagonal attention (vision towers) goes to that fallback too: the kernels here are only ever called causal.
 """
 
 from __future__ import annotations
@@ -111,6 +112,8 @@ class FlashAttnBackend(AttentionBackend):
         return "block_table" if at_least(installed.flash_attn, PAGED_VERSION) else "gather"
 
     def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0):
+        if not meta.causal:
+            return self.fallback.attend(q, k, v, meta, scale=scale, window=window, softcap=softcap)
         options = dict(softmax_scale=scale, causal=True, **_options(window, softcap))
         if meta.is_uniform:
             # flash-attn handles GQA itself and aligns the causal mask bottom-right

@@ -9,7 +9,9 @@ query i of sequence b sits at absolute position ``p = past_len[b] + i`` and may 
     and j < key_lengths[b]                   (ragged / paged batches)
     and key_mask[b, j]                       (left padding from ``input_mask``)
     and p - j < window                       (sliding window, when the layer has one)
-A query row that sees no key at all (a pad position) outputs zeros.
+A query row that sees no key at all (a pad position) outputs zeros. A non-causal description (`causal=False`,
+vision towers) drops the first rule; `segments` (block-diagonal attention: one segment per image or window)
+adds ``segments[b, p] == segments[b, j]``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class AttnMetadata:
     past_len: int | torch.Tensor = 0            # int (same for all) or LongTensor (B,)
     key_lengths: torch.Tensor | None = None     # LongTensor (B,) valid keys per sequence; None: all k_len
     key_mask: torch.Tensor | None = None        # BoolTensor (B, k_len), True = may attend
+    causal: bool = True                         # False: every query may see keys after it (vision towers)
+    segments: torch.Tensor | None = None        # LongTensor (B, k_len): block-diagonal, queries see their segment
     # what backends derive from this description; every layer of the forward would otherwise derive it again
     _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -41,7 +45,9 @@ class AttnMetadata:
     def is_uniform(self) -> bool:
         """Plain causal attention: one past length, all keys valid, keys end where queries end."""
         return (
-            isinstance(self.past_len, int)
+            self.causal
+            and self.segments is None
+            and isinstance(self.past_len, int)
             and self.key_lengths is None
             and self.key_mask is None
             and self.past_len + self.q_len == self.k_len
@@ -62,7 +68,11 @@ class AttnMetadata:
     def _visibility(self, device: torch.device, window: int) -> torch.Tensor:
         qpos = self.positions(device).unsqueeze(-1)                   # (B, q, 1)
         kpos = torch.arange(self.k_len, device=device).view(1, 1, -1)  # (1, 1, k)
-        vis = kpos <= qpos
+        vis = kpos <= qpos if self.causal else torch.ones_like(kpos <= qpos)
+        if self.segments is not None:
+            seg = self.segments.to(device)
+            q_seg = torch.gather(seg, 1, self.positions(device).clamp(max=self.k_len - 1))
+            vis = vis & (q_seg.unsqueeze(-1) == seg.unsqueeze(1))
         if window:
             vis = vis & (qpos - kpos < window)
         if self.key_lengths is not None:
@@ -79,3 +89,12 @@ def paged_metadata(cache_seqlens: torch.Tensor, q_len: int, max_key_len: int | N
     k_len = max_key_len if max_key_len is not None else int(seqlens.max())
     return AttnMetadata(batch_size=cache_seqlens.shape[0], q_len=q_len, k_len=k_len,
                         past_len=cache_seqlens.long(), key_lengths=seqlens)
+
+
+def block_diagonal_metadata(lengths: list[int]) -> AttnMetadata:
+    """Non-causal attention of one packed sequence of blocks (`lengths` tokens each): every token sees exactly
+    the tokens of its own block (the images, or the windows, of a vision tower's packed input)."""
+    total = sum(lengths)
+    segments = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.long))
+    return AttnMetadata(batch_size=1, q_len=total, k_len=total, causal=False,
+                        segments=None if len(lengths) == 1 else segments.view(1, -1))

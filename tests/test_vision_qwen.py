@@ -1,0 +1,247 @@
+"""Qwen2-VL and Qwen2.5-VL images through upstream's vision API, against transformers on tiny random models:
+preprocessing, image embeddings (tower + merger), logits with one and two images (MRoPE), the generators, EXL2,
+and bad input."""
+
+from __future__ import annotations
+
+
+import numpy as np
+import pytest
+import torch
+
+from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer, ExLlamaV2VisionTower
+from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+from exllamav2.model.embedding import EMBEDDING_INDEX
+from exllamav2.model.mm_embedding import remap_embeddings
+from exllamav2.vlm.mrope import mrope_layout
+from exllamav2.vlm.preprocess import QwenImageSettings, preprocess_qwen
+from tests.tiny_models import _COMMON, build_tiny_model, write_tokenizer
+
+PIL = pytest.importorskip("PIL.Image")
+
+VOCAB = 256                 # the image ids sit above the tokenizer's pieces
+TOKENIZER_VOCAB = 250
+START, END, PAD = 252, 253, 255          # <|vision_start|>, <|vision_end|>, <|image_pad|>
+_TEXT = {"vocab_size": VOCAB, "head_dim": 16, "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e4}}
+_TOP = {"image_token_id": PAD, "video_token_id": 254, "vision_start_token_id": START, "vision_end_token_id": END}
+SPECS = {
+    "qwen2_vl": ("Qwen2VLConfig", _TEXT, {
+        **_TOP, "vision_config": {"depth": 2, "embed_dim": 32, "hidden_size": _COMMON["hidden_size"], "num_heads": 2}}),
+    # two blocks, the second with full attention; windows of 2 x 2 merged patches (56 px)
+    "qwen2_5_vl": ("Qwen2_5_VLConfig", _TEXT, {
+        **_TOP, "vision_config": {"depth": 2, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
+                                  "out_hidden_size": _COMMON["hidden_size"], "fullatt_block_indexes": [1],
+                                  "window_size": 56}}),
+}
+MIN_PIXELS, MAX_PIXELS = 56 * 56, 140 * 140
+
+
+def image(seed: int, width: int, height: int, mode: str = "RGB"):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    data = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+    return PIL.fromarray(data[..., 0] if channels == 1 else data, mode)
+
+
+@pytest.fixture(scope="module", params=list(SPECS))
+def qwen(request, tmp_path_factory):
+    """(family, model dir, transformers model, HF image processor, our model, our tower)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    family = request.param
+    model_dir = tmp_path_factory.mktemp(family)
+    _, hf = build_tiny_model(family, model_dir, spec=SPECS[family])
+    processor = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    processor.save_pretrained(model_dir)
+    write_tokenizer(model_dir)
+    config = ExLlamaV2Config(str(model_dir))
+    model = ExLlamaV2(config)
+    model.load()
+    tower = ExLlamaV2VisionTower(config)
+    tower.load()
+    return family, model_dir, hf, processor, model, tower
+
+
+def hf_pixels(processor, img) -> tuple[torch.Tensor, torch.Tensor]:
+    out = processor(images=[img], return_tensors="pt")
+    return out["pixel_values"], out["image_grid_thw"]
+
+
+@pytest.mark.parametrize("size", [(56, 56), (84, 140), (200, 90), (30, 40), (300, 260)])
+def test_preprocessing_equals_transformers(qwen, size):
+    _, _, _, processor, _, tower = qwen
+    for mode in ("RGB", "RGBA", "L"):
+        img = image(sum(size), *size, mode=mode)
+        ref, grid = hf_pixels(processor, img)
+        ours, our_grid = preprocess_qwen(img, QwenImageSettings.from_config(tower.config))
+        assert our_grid == tuple(grid[0].tolist())
+        torch.testing.assert_close(ours, ref.float(), atol=1e-5, rtol=0)
+
+
+def hf_embeddings(hf, pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat(hf.model.get_image_features(pixels, grid).pooler_output)
+
+
+@pytest.mark.parametrize("size", [(56, 56), (140, 84), (84, 140)])
+def test_image_embeddings_equal_transformers(qwen, size):
+    _, _, hf, processor, model, tower = qwen
+    img = image(7, *size)
+    emb = tower.get_image_embeddings(model, None, img, text_alias="<image>")
+    ref = hf_embeddings(hf, *hf_pixels(processor, img))
+    assert emb.embeddings.device.type == "cpu" and emb.length == ref.shape[0]
+    torch.testing.assert_close(emb.embeddings.float(), ref, atol=1e-4, rtol=1e-3)
+    t, h, w = emb.mrope_grid
+    assert emb.get_ids()[0] == START and emb.get_ids()[-1] == END and t * h * w == emb.length
+    assert all(i >= EMBEDDING_INDEX for i in emb.get_ids()[1:-1])
+
+
+def prompt_with_images(parts: list) -> list[int]:
+    """Token ids of text pieces (lists of ids) and embeddings (their whole image block) in order."""
+    ids: list[int] = []
+    for part in parts:
+        ids += part.get_ids() if hasattr(part, "get_ids") else part
+    return ids
+
+
+def hf_logits(hf, processor, parts: list) -> torch.Tensor:
+    """transformers' logits for the same prompt, written as its processor writes it: start, pads, end."""
+    ids, images = [], []
+    for part in parts:
+        if hasattr(part, "get_ids"):
+            ids += [START] + [PAD] * part.length + [END]
+            images.append(part.source_image)
+        else:
+            ids += part
+    ids_t = torch.tensor([ids])
+    kwargs = {}
+    if images:
+        out = processor(images=images, return_tensors="pt")
+        kwargs = dict(pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"],
+                      mm_token_type_ids=(ids_t == PAD).int())
+    with torch.no_grad():
+        return hf(input_ids=ids_t, **kwargs).logits
+
+
+def embed(tower, model, seed: int, size: tuple[int, int]):
+    img = image(seed, *size)
+    e = tower.get_image_embeddings(model, None, img)
+    e.source_image = img
+    return e
+
+
+def our_logits(model, ids: list[int], embeddings: list, cache=None, split: int | None = None) -> torch.Tensor:
+    """Logits of the whole prompt, in one forward or (with a cache) two, MRoPE positions from the layout."""
+    layout = mrope_layout(ids, embeddings)
+    remapped, table = remap_embeddings(torch.tensor([ids]), embeddings)
+    pos = None if layout is None else layout.window(0, len(ids)).unsqueeze(1)
+    extra = {} if pos is None else {"mrope_positions": pos}
+    if split is None:
+        return model.forward(remapped, cache, indexed_embeddings=table, **extra)[..., :VOCAB]
+    first = model.forward(remapped[:, :split], cache, indexed_embeddings=table,
+                          **({} if pos is None else {"mrope_positions": pos[:, :, :split]}))
+    second = model.forward(remapped[:, split:], cache, indexed_embeddings=table,
+                           **({} if pos is None else {"mrope_positions": pos[:, :, split:]}))
+    return torch.cat((first, second), dim=1)[..., :VOCAB]
+
+
+def assert_logits_match(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-3)
+    top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    assert top1 >= 0.99, top1
+
+
+def test_logits_with_one_and_two_images_equal_transformers(qwen):
+    _, _, hf, processor, model, tower = qwen
+    a, b = embed(tower, model, 1, (84, 56)), embed(tower, model, 2, (56, 140))
+    text = [[1, 40, 41, 42], [50, 51, 52, 53, 54], [60, 61, 62]]
+    for parts in ([text[0], a, text[1]], [text[0], a, text[1], b, text[2]], [text[0], text[1]]):
+        ids = prompt_with_images(parts)
+        embeddings = [p for p in parts if hasattr(p, "get_ids")]
+        ref = hf_logits(hf, processor, parts)
+        assert_logits_match(our_logits(model, ids, embeddings), ref)
+        # through a cache in two chunks, the second starting inside the first image: positions carry over
+        cache = ExLlamaV2Cache(model, max_seq_len=256)
+        assert_logits_match(our_logits(model, ids, embeddings, cache=cache, split=len(text[0]) + 3), ref)
+
+
+def hf_greedy(hf, processor, ids: list[int], images: list, n: int) -> list[int]:
+    """transformers' greedy continuation of our prompt ids (an embedding's own ids become image pads), over the
+    tokenizer's pieces (the generators sample only those)."""
+    ids_t = torch.tensor([[PAD if i >= EMBEDDING_INDEX else i for i in ids]])
+    kwargs = {}
+    if images:
+        out = processor(images=images, return_tensors="pt")
+        kwargs = dict(pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"],
+                      mm_token_type_ids=(ids_t == PAD).int())
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids_t, max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                          suppress_tokens=list(range(TOKENIZER_VOCAB, VOCAB)), **kwargs)
+    return out[0, ids_t.shape[1]:].tolist()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(qwen):
+    return ExLlamaV2Tokenizer(ExLlamaV2Config(str(qwen[1])))
+
+
+def run_jobs(generator, jobs: list) -> dict:
+    for job in jobs:
+        generator.enqueue(job)
+    out: dict = {}
+    while generator.num_remaining_jobs():
+        for r in generator.iterate():
+            if r["stage"] == "streaming":
+                out.setdefault(r["identifier"], []).extend(r.get("token_ids", torch.empty(1, 0)).view(-1).tolist())
+                if r["eos"]:
+                    out[r["identifier"], "cached"] = r["cached_tokens"]
+    return out
+
+
+def test_dynamic_generator_batch_of_two_images_with_one_alias(qwen, tokenizer, monkeypatch):
+    """Two jobs at once, each with its own image under the same alias, then the first again: each continuation is
+    transformers', and the page cache (pages of 16 tokens here) reuses pages of the same image only."""
+    import exllamav2.generator.dynamic as dynamic
+
+    _, _, hf, processor, model, tower = qwen
+    monkeypatch.setattr(dynamic, "PAGE_SIZE", 16)
+    cache = ExLlamaV2Cache(model, max_seq_len=512)
+    generator = ExLlamaV2DynamicGenerator(model, cache, tokenizer, max_batch_size=4)
+    assert generator.page_size == 16
+    imgs = [image(11, 112, 84), image(12, 112, 84)]          # the same size: the same ids if the cache mixed them up
+    embs = [tower.get_image_embeddings(model, tokenizer, img, text_alias="<image>") for img in imgs]
+    prompt = "the cat <image> and the dog"
+    ids = [tokenizer.encode(prompt, embeddings=[e], add_bos=True) for e in embs]
+    refs = [hf_greedy(hf, processor, i[0].tolist(), [img], 6) for i, img in zip(ids, imgs)]
+    assert refs[0] != refs[1]
+
+    def job(i: int, name: str):
+        return ExLlamaV2DynamicJob(input_ids=ids[i], max_new_tokens=6, embeddings=[embs[i]], identifier=name,
+                                   stop_conditions=[], gen_settings=ExLlamaV2Sampler.Settings.greedy())
+
+    out = run_jobs(generator, [job(0, "a"), job(1, "b")])
+    assert out["a"] == refs[0] and out["b"] == refs[1]
+    again = run_jobs(generator, [job(1, "b2"), job(0, "a2")])
+    assert again["a2"] == refs[0] and again["b2"] == refs[1]
+    assert again["a2", "cached"] >= 16 and again["b2", "cached"] >= 16     # whole pages reused, per image
+
+
+def test_base_generator_with_an_image_and_text_only_prompts(qwen, tokenizer):
+    from exllamav2.generator import ExLlamaV2BaseGenerator, ExLlamaV2StreamingGenerator
+    from exllamav2.errors import GenerationArgumentError
+
+    _, _, hf, processor, model, tower = qwen
+    cache = ExLlamaV2Cache(model, max_seq_len=256)
+    generator = ExLlamaV2BaseGenerator(model, cache, tokenizer)
+    img = image(21, 84, 84)
+    emb = tower.get_image_embeddings(model, tokenizer, img, text_alias="<image>")
+    settings = ExLlamaV2Sampler.Settings.greedy()
+    for prompt, embeddings, images in (("a <image> b", [emb], [img]), ("the cat and the dog", [], [])):
+        ids = tokenizer.encode(prompt, embeddings=embeddings, add_bos=True)
+        ref = hf_greedy(hf, processor, ids[0].tolist(), images, 5)
+        text = generator.generate_simple(prompt, settings, 5, input_embeddings=embeddings, add_bos=True,
+                                         stop_token=None, completion_only=True)
+        assert text == tokenizer.decode(torch.tensor(ref))
+    streaming = ExLlamaV2StreamingGenerator(model, cache, tokenizer)
+    with pytest.raises(GenerationArgumentError, match="streaming generator"):
+        streaming.begin_stream_ex(tokenizer.encode("a <image> b", embeddings=[emb]), settings, input_embeddings=[emb])
