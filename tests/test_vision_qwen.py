@@ -4,6 +4,8 @@ and bad input."""
 
 from __future__ import annotations
 
+import io
+
 
 import numpy as np
 import pytest
@@ -175,7 +177,9 @@ def hf_greedy(hf, processor, ids: list[int], images: list, n: int) -> list[int]:
         kwargs = dict(pixel_values=out["pixel_values"], image_grid_thw=out["image_grid_thw"],
                       mm_token_type_ids=(ids_t == PAD).int())
     with torch.no_grad():
-        out = hf.generate(input_ids=ids_t, max_new_tokens=n, do_sample=False, min_new_tokens=n,
+        # every position attends: the prompt may hold id 0, which generate() would otherwise take for padding
+        out = hf.generate(input_ids=ids_t, attention_mask=torch.ones_like(ids_t), max_new_tokens=n, do_sample=False,
+                          min_new_tokens=n,
                           suppress_tokens=list(range(TOKENIZER_VOCAB, VOCAB)), **kwargs)
     return out[0, ids_t.shape[1]:].tolist()
 
@@ -245,3 +249,102 @@ def test_base_generator_with_an_image_and_text_only_prompts(qwen, tokenizer):
     streaming = ExLlamaV2StreamingGenerator(model, cache, tokenizer)
     with pytest.raises(GenerationArgumentError, match="streaming generator"):
         streaming.begin_stream_ex(tokenizer.encode("a <image> b", embeddings=[emb]), settings, input_embeddings=[emb])
+
+
+def test_bad_input_gives_one_clear_error_each(qwen, tokenizer, tmp_path, tiny):
+    from exllamav2.errors import InputError
+
+    _, _, _, _, model, tower = qwen
+    corrupt = tmp_path / "broken.png"
+    good = io.BytesIO()
+    image(3, 56, 56).save(good, format="PNG")
+    corrupt.write_bytes(good.getvalue()[:60])                 # a PNG cut short
+    for bad in (corrupt, b"not an image at all", str(tmp_path / "missing.jpg")):
+        with pytest.raises(InputError, match="cannot read the image"):
+            tower.get_image_embeddings(model, tokenizer, bad)
+    with pytest.raises(InputError, match="aspect ratio"):
+        tower.get_image_embeddings(model, tokenizer, image(4, 28 * 210, 28))
+    emb = tower.get_image_embeddings(model, tokenizer, image(5, 56, 56), text_alias="<image>")
+    ids = tokenizer.encode("the cat <imag> and", embeddings=[emb], add_bos=True)       # misspelt alias
+    with pytest.raises(ValueError, match="does not hold the text alias of embedding.*'<image>'"):
+        ExLlamaV2DynamicJob(input_ids=ids, max_new_tokens=2, embeddings=[emb])
+    text_model = ExLlamaV2(ExLlamaV2Config(str(tiny[0])))
+    with pytest.raises(ValueError, match="is not the text model of this qwen2"):
+        tower.get_image_embeddings(text_model, tokenizer, image(5, 56, 56))
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no vision tower"):
+        ExLlamaV2VisionTower(ExLlamaV2Config(str(tiny[0])))
+
+
+@pytest.mark.parametrize("backend", ["matmul", "sdpa"])
+@pytest.mark.parametrize("lengths", [[7], [3, 5, 1, 6]])
+def test_block_diagonal_attention_on_each_cpu_backend(backend, lengths):
+    """Non-causal attention within each block only, as the vision towers use it, equals attention over each
+    block alone."""
+    from exllamav2.attn.backends.matmul import MatmulBackend
+    from exllamav2.attn.backends.metadata import block_diagonal_metadata
+    from exllamav2.attn.backends.sdpa import SdpaBackend
+
+    gen = torch.Generator().manual_seed(0)
+    n, heads, dim = sum(lengths), 2, 8
+    q, k, v = (torch.randn(1, n, heads, dim, generator=gen) for _ in range(3))
+    impl = {"matmul": MatmulBackend, "sdpa": SdpaBackend}[backend]("cpu")
+    out = impl.attend(q, k, v, block_diagonal_metadata(lengths), scale=dim ** -0.5)
+    start, want = 0, []
+    for length in lengths:
+        s = slice(start, start + length)
+        probs = torch.softmax(torch.einsum("qhd,khd->hqk", q[0, s], k[0, s]) * dim ** -0.5, dim=-1)
+        want.append(torch.einsum("hqk,khd->qhd", probs, v[0, s]))
+        start += length
+    torch.testing.assert_close(out[0], torch.cat(want), atol=1e-5, rtol=1e-5)
+
+
+def test_exl2_keeps_the_tower_fp16_and_gives_the_same_embeddings(qwen, tmp_path):
+    """convert.py quantizes the text model only: every vision tensor is written as it was (FP16), the EXL2 model
+    loads with its tower, and the tower gives the same image embeddings."""
+    import convert
+    from safetensors import safe_open
+
+    family, model_dir, _, _, model, tower = qwen
+    out = tmp_path / "exl2"
+    assert convert.main(["-i", str(model_dir), "-o", str(tmp_path / "work"), "-cf", str(out), "-b", "4.0",
+                         "-r", "4", "-l", "64", "-mr", "4", "-ml", "64"]) == 0
+    src = ExLlamaV2Config(str(model_dir)).index
+    with safe_open(str(next(out.glob("*.safetensors"))), framework="pt") as f:
+        written = set(f.keys())
+        vision = sorted(k for k in written if k.startswith(tower.prefix))
+        assert vision == sorted(k for k in src.keys() if k.startswith(tower.prefix))
+        for key in vision:
+            t = f.get_tensor(key)
+            assert t.dtype == torch.float16 and torch.equal(t, src.get(key).half()), key
+    assert any(k.endswith(".q_weight") for k in written)          # the text model is quantized
+    config = ExLlamaV2Config(str(out))
+    assert config.vision_model_type == family
+    quantized = ExLlamaV2(config)
+    quantized.load()
+    assert quantized.is_quant()
+    exl2_tower = ExLlamaV2VisionTower(config)
+    exl2_tower.load()
+    img = image(31, 84, 112)
+    torch.testing.assert_close(exl2_tower.get_image_embeddings(quantized, None, img).embeddings,
+                               tower.get_image_embeddings(model, None, img).embeddings, atol=0, rtol=0)
+
+
+def test_vision_example_answers_as_transformers(qwen, tmp_path):
+    """examples/vision.py --image PATH: the reply is transformers' greedy continuation of the same prompt."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import vision
+
+    _, model_dir, hf, processor, model, tower = qwen
+    path = tmp_path / "img.png"
+    image(41, 84, 56).save(path)
+    args = vision.parse_args(["-m", str(model_dir), "--image", str(path), "--prompt", "the cat",
+                              "--max-new-tokens", "5"])
+    reply = vision.run(args)
+    tokenizer = ExLlamaV2Tokenizer(ExLlamaV2Config(str(model_dir)))
+    emb = tower.get_image_embeddings(model, tokenizer, path, text_alias="<image 0>")
+    ids = tokenizer.encode(vision.build_prompt(["<image 0>"], "the cat"), encode_special_tokens=True, embeddings=[emb])
+    ref = hf_greedy(hf, processor, ids[0].tolist(), [PIL.open(path)], 5)
+    assert reply == tokenizer.decode(torch.tensor(ref))
