@@ -108,7 +108,13 @@ def _read_tower(config: Any, vc: dict, family: str, path: Path) -> None:
     config.vision_spatial_merge_size = int(get("spatial_merge_size", 2))
     config.vision_temporal_patch_size = int(get("temporal_patch_size", 2))
     rope = vc.get("rope_parameters") or {}
+    if rope.get("rope_type", "axial") not in ("axial", "default"):
+        raise ConfigError(f"{path}: vision_config.rope_parameters.rope_type {rope['rope_type']!r} is not supported "
+                          f"(only the towers' axial 2-D RoPE)")
     config.vision_rope_theta = float(rope.get("rope_theta", 10000.0))
+    if family == "qwen2_5_vl" and config.vision_window_size < patch * config.vision_spatial_merge_size:
+        raise ConfigError(f"{path}: vision_config.window_size {config.vision_window_size} is smaller than one merged "
+                          f"patch ({patch * config.vision_spatial_merge_size} pixels)")
     if config.vision_out_size != config.hidden_size:
         raise ConfigError(f"{path}: the vision merger's output width {config.vision_out_size} is not the text "
                           f"model's hidden_size {config.hidden_size}")

@@ -348,3 +348,70 @@ def test_vision_example_answers_as_transformers(qwen, tmp_path):
     ids = tokenizer.encode(vision.build_prompt(["<image 0>"], "the cat"), encode_special_tokens=True, embeddings=[emb])
     ref = hf_greedy(hf, processor, ids[0].tolist(), [PIL.open(path)], 5)
     assert reply == tokenizer.decode(torch.tensor(ref))
+
+
+def test_tabbyapi_vision_flow(qwen, tokenizer):
+    """TabbyAPI's calls: vision_model_type decides, load_gen(callback_gen=) with progress, keyword
+    get_image_embeddings, the alias in the prompt, the async dynamic generator with paged=False (its compatibility
+    mode) and embeddings= on the job; the reply is transformers'."""
+    import asyncio
+
+    from exllamav2.generator import ExLlamaV2DynamicGeneratorAsync, ExLlamaV2DynamicJobAsync
+
+    _, model_dir, hf, processor, model, _ = qwen
+    config = ExLlamaV2Config()
+    config.model_dir = str(model_dir)
+    config.prepare()
+    assert config.vision_model_type
+    tower = ExLlamaV2VisionTower(config)
+    progress = []
+
+    def callback_gen(i, total):
+        progress.append((i, total))
+        yield i
+
+    assert list(tower.load_gen(callback_gen=callback_gen)) == [i for i, _ in progress]
+    assert progress[0] == (0, progress[-1][1]) and progress[-1][0] == progress[-1][1]
+    img = image(51, 56, 84)
+    emb = tower.get_image_embeddings(model=model, tokenizer=tokenizer, image=img, text_alias="{{EMBED_x}}")
+    ids = tokenizer.encode(f"the cat {emb.text_alias} and the", add_bos=True, embeddings=[emb])
+    ref = hf_greedy(hf, processor, ids[0].tolist(), [img], 4)
+    cache = ExLlamaV2Cache(model, max_seq_len=256)
+
+    async def run():
+        gen = ExLlamaV2DynamicGeneratorAsync(model=model, cache=cache, tokenizer=tokenizer, max_batch_size=1,
+                                             paged=False)
+        job = ExLlamaV2DynamicJobAsync(gen, input_ids=ids, max_new_tokens=4, gen_settings=ExLlamaV2Sampler.Settings.greedy(),
+                                       stop_conditions=[], identifier="req", embeddings=[emb])
+        tokens = [t for r in [r async for r in job] if r["stage"] == "streaming" for t in r["token_ids"].view(-1).tolist()]
+        await gen.close()
+        return tokens
+
+    assert asyncio.run(run()) == ref
+    tower.unload()
+    with pytest.raises(RuntimeError, match="not loaded"):
+        tower.get_image_embeddings(model, tokenizer, img)
+
+
+def test_older_config_layout_loads(qwen, tmp_path):
+    """Checkpoints written by transformers < 4.52: text fields at the top, rope_scaling of type 'mrope', the tower's
+    in_chans / spatial_patch_size: the same vision settings and MRoPE sections."""
+    from tests.tiny_models import rewrite_checkpoint
+
+    family, model_dir, _, _, model, tower = qwen
+
+    def old_style(cfg: dict) -> None:
+        text = cfg.pop("text_config")
+        rope = text.pop("rope_parameters")
+        cfg.update(text)
+        cfg["rope_theta"] = rope["rope_theta"]
+        cfg["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+        vc = cfg["vision_config"]
+        vc["in_chans"], vc["spatial_patch_size"] = vc.pop("in_channels"), vc.pop("patch_size")
+        vc.pop("rope_parameters", None)
+
+    config = ExLlamaV2Config(str(rewrite_checkpoint(model_dir, tmp_path / "old", edit=old_style)))
+    assert config.vision_model_type == family and config.mrope_section == [2, 3, 3]
+    for name in ("vision_hidden_size", "vision_in_channels", "vision_patch_size", "vision_window_size",
+                 "vision_fullatt_block_indexes", "vision_min_pixels", "vision_max_pixels"):
+        assert getattr(config, name) == getattr(tower.config, name), name
