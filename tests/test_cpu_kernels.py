@@ -30,6 +30,45 @@ def test_linear_f16w_matches_fp32_matmul(m, n, k, isa, threads):
     torch.testing.assert_close(kernels.linear_f16w(x, w).double(), expect, rtol=1e-5, atol=1e-5 * k**0.5)
 
 
+def _attention_reference(q, k, v, scale):
+    """float32 SDPA with the kv heads repeated for their query heads (repeat_kv's order)."""
+    groups = q.shape[2] // k.shape[2]
+    kr, vr = (t.float().repeat_interleave(groups, 2).transpose(1, 2) for t in (k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q.float().transpose(1, 2), kr, vr, scale=scale)
+    return out.transpose(1, 2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, s, hq, hkv, d", [(1, 576, 12, 4, 64), (2, 37, 8, 8, 128), (1, 5, 6, 2, 80),
+                                              (3, 1, 4, 1, 16), (1, 100, 32, 4, 32)])
+def test_attn_decode_matches_sdpa(dtype, b, s, hq, hkv, d, isa, threads):
+    """One query position over a cache view (positions past S in the buffer ignored): GQA ratios 1-8, more than
+    4 query heads per kv head, head dims not a multiple of 64, one key, batches; float32 to fp32 rounding,
+    bfloat16 to the output's rounding."""
+    gen = torch.Generator().manual_seed(b * 1000 + s + d)
+    cache_k, cache_v = (torch.randn(b, s + 9, hkv, d, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(b, 1, hq, d, generator=gen).to(dtype)
+    k, v = cache_k[:, :s], cache_v[:, :s]
+    out = kernels.attn_decode(q, k, v, d**-0.5)
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1 / 128, atol=1e-3)
+    torch.testing.assert_close(out.float(), _attention_reference(q, k, v, d**-0.5), **tol)
+
+
+@needs_kernels
+def test_attn_decode_refuses_wrong_input():
+    q, k = torch.randn(1, 1, 4, 64), torch.randn(1, 9, 2, 64)
+    with pytest.raises(RuntimeError, match="all be float32 or all bfloat16"):
+        kernels.attn_decode(q, k.bfloat16(), k.bfloat16(), 0.125)
+    with pytest.raises(RuntimeError, match="not a multiple of kv heads"):
+        kernels.attn_decode(torch.randn(1, 1, 5, 64), k, k, 0.125)
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        kernels.attn_decode(torch.randn(1, 1, 4, 24), torch.randn(1, 9, 2, 24), torch.randn(1, 9, 2, 24), 0.125)
+    with pytest.raises(RuntimeError, match="contiguous heads"):
+        kernels.attn_decode(q, k.transpose(1, 2).contiguous().transpose(1, 2), k, 0.125)
+
+
 @needs_kernels
 def test_isa_is_chosen_from_the_cpu():
     assert kernels.isa() in ("avx2", "avx512")

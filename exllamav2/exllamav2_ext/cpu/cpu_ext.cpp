@@ -235,6 +235,30 @@ torch::Tensor q_dequant(const torch::Tensor& qw, const torch::Tensor& chunks, co
     return out;
 }
 
+// Decode attention: q [B, 1, Hq, D], k and v [B, S, Hkv, D] (views of the cache: any batch and position strides,
+// heads and dims contiguous), all float32 or all bfloat16, D a multiple of 16; every query sees all S keys
+// (no mask, window or softcap). Returns [B, 1, Hq, D] in q's dtype, computed in float32.
+torch::Tensor attn_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
+    TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attn_decode: CPU tensors only");
+    const auto dt = q.scalar_type();
+    TORCH_CHECK((dt == torch::kFloat32 || dt == torch::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
+                "attn_decode: q, k and v must all be float32 or all bfloat16");
+    TORCH_CHECK(q.dim() == 4 && q.size(1) == 1 && k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == q.size(0) &&
+                k.size(3) == q.size(3), "attn_decode: q [B, 1, Hq, D], k and v [B, S, Hkv, D]");
+    const int64_t B = q.size(0), Hq = q.size(2), D = q.size(3), S = k.size(1), Hkv = k.size(2);
+    TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "attn_decode: query heads (", Hq, ") not a multiple of kv heads (", Hkv, ")");
+    TORCH_CHECK(D % exlcpu::kBlock == 0 && S > 0, "attn_decode: head dim must be a multiple of 16 and S > 0");
+    for (const auto* t : {&k, &v})
+        TORCH_CHECK(t->stride(3) == 1 && t->stride(2) == D, "attn_decode: k and v need contiguous heads and dims");
+    auto qc = q.contiguous();
+    auto out = torch::empty_like(qc);
+    exlcpu::AttnArgs a{qc.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Hq, Hkv, D, S, Hq * D,
+                       k.stride(0), k.stride(1), v.stride(0), v.stride(1), float(scale), dt == torch::kBFloat16};
+    auto fn = kernels().attn_decode;
+    at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -249,6 +273,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("q_dequant", &q_dequant, "W as float32 [K, blocks * 16] from the CPU layout", py::arg("qw"),
           py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"), py::arg("K"),
           py::arg("scale_values") = py::none());
+    m.def("attn_decode", &attn_decode,
+          "decode attention: q [B, 1, Hq, D] over all S keys of k, v [B, S, Hkv, D] (cache views), float32 or "
+          "bfloat16, computed in float32", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"));
     m.def("set_isa", &set_isa, "choose the kernels: 'auto' (from the CPU's flags), 'avx2' or 'avx512'; returns it");
     m.def("isa", &isa, "the instruction set the kernels run");
 }

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "qkernel.h"
 
@@ -114,6 +115,55 @@ struct S {
         return {_mm256_castsi256_ps(_mm256_slli_epi32(lo, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(hi, 16))};
     }
     static inline __attribute__((always_inline)) F load_f(const float* p) { return {_mm256_loadu_ps(p), _mm256_loadu_ps(p + 8)}; }
+    // attention's softmax and sums
+    static inline __attribute__((always_inline)) F set1(float v) { __m256 s = _mm256_set1_ps(v); return {s, s}; }
+    static inline __attribute__((always_inline)) F mul(F a, F b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
+    static inline __attribute__((always_inline)) F max(F a, F b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+    static inline __attribute__((always_inline)) float hsum8(__m256 v) {
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+    }
+    static inline __attribute__((always_inline)) float reduce_add(F v) { return hsum8(_mm256_add_ps(v.lo, v.hi)); }
+    static inline __attribute__((always_inline)) float reduce_max(F v) {
+        __m256 m = _mm256_max_ps(v.lo, v.hi);
+        __m128 s = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+        return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
+    }
+    // e^x for x <= 0 (softmax after subtracting the maximum), within 2 ulp: 2^n * p(r), x = n ln2 + r
+    static inline __attribute__((always_inline)) __m256 exp_neg8(__m256 x) {
+        x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+        __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-0.693359375f), x);
+        r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+        __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+        p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.f)));
+        // 2^n as a float (n >= -126 after the clamp): the exponent field
+        __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+        return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+    }
+    static inline __attribute__((always_inline)) F exp_neg(F x) { return {exp_neg8(x.lo), exp_neg8(x.hi)}; }
+    static inline __attribute__((always_inline)) __m128i to_bf8(__m256 v) {
+        __m256i b = _mm256_castps_si256(v);
+        __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF),
+                                                         _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1))));
+        __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+        r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r),
+                                                 _mm256_castsi256_ps(_mm256_or_si256(b, _mm256_set1_epi32(0x400000))), nan));
+        r = _mm256_srli_epi32(r, 16);
+        return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    }
+    // float32 -> bf16, rounded to nearest even as torch does (NaN kept quiet)
+    static inline __attribute__((always_inline)) void store_bf(uint16_t* p, F v) {
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p), to_bf8(v.lo));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8), to_bf8(v.hi));
+    }
     static inline __attribute__((always_inline)) F add(F a, F b) { return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)}; }
     static inline __attribute__((always_inline)) F fmav(F a, F b, F acc) {
         return {_mm256_fmadd_ps(a.lo, b.lo, acc.lo), _mm256_fmadd_ps(a.hi, b.hi, acc.hi)};
@@ -136,7 +186,8 @@ struct S {
 
 const Kernels& kernels_avx2() {
     static const Kernels k{"avx2", &avx2::q_gemv<avx2::S>, &avx2::q_dequant<avx2::S>, &avx2::f16_gemv<avx2::S>,
-                           &avx2::q_tables<avx2::S>, &avx2::f16_gemv<avx2::S, true>};
+                           &avx2::q_tables<avx2::S>, &avx2::f16_gemv<avx2::S, true>,
+                           &avx2::attn_decode<avx2::S>};
     return k;
 }
 

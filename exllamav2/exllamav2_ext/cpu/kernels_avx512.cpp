@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "qkernel.h"
 
@@ -93,6 +94,36 @@ struct S {
         return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
     }
     static inline __attribute__((always_inline)) F load_f(const float* p) { return _mm512_loadu_ps(p); }
+    // attention's softmax and sums
+    static inline __attribute__((always_inline)) F set1(float v) { return _mm512_set1_ps(v); }
+    static inline __attribute__((always_inline)) F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+    static inline __attribute__((always_inline)) F max(F a, F b) { return _mm512_max_ps(a, b); }
+    static inline __attribute__((always_inline)) float reduce_add(F v) { return _mm512_reduce_add_ps(v); }
+    static inline __attribute__((always_inline)) float reduce_max(F v) { return _mm512_reduce_max_ps(v); }
+    // e^x for x <= 0 (softmax after subtracting the maximum), within 2 ulp: 2^n * p(r), x = n ln2 + r
+    static inline __attribute__((always_inline)) F exp_neg(F x) {
+        x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+        F n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504089f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        F r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), x);
+        r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+        F p = _mm512_set1_ps(1.9875691500e-4f);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+        p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+        return _mm512_scalef_ps(p, n);
+    }
+    // float32 -> bf16, rounded to nearest even as torch does (NaN kept quiet)
+    static inline __attribute__((always_inline)) void store_bf(uint16_t* p, F v) {
+        __m512i b = _mm512_castps_si512(v);
+        __m512i r = _mm512_add_epi32(b, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                         _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1))));
+        __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x400000)));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    }
     static inline __attribute__((always_inline)) F add(F a, F b) { return _mm512_add_ps(a, b); }
     static inline __attribute__((always_inline)) F fmav(F a, F b, F acc) { return _mm512_fmadd_ps(a, b, acc); }
     static inline __attribute__((always_inline)) F zero() { return _mm512_setzero_ps(); }
@@ -117,7 +148,8 @@ namespace exlcpu {
 const Kernels& kernels_avx512() {
     static const Kernels k{"avx512", &avx512::q_gemv<avx512::S>, &avx512::q_dequant<avx512::S>,
                            &avx512::f16_gemv<avx512::S>, &avx512::q_tables<avx512::S>,
-                           &avx512::f16_gemv<avx512::S, true>};
+                           &avx512::f16_gemv<avx512::S, true>,
+                           &avx512::attn_decode<avx512::S>};
     return k;
 }
 

@@ -47,6 +47,21 @@ using F16GemvFn = void (*)(const float* x, const uint16_t* w, float* y, int64_t 
 // groups whose width b = bits[g] the kernels decode by table (returned by lut_bits)
 using QTablesFn = void (*)(const uint16_t* values, const int8_t* bits, int64_t ngroups, float* gscales, float* gluts);
 
+// Attention of one query position (decode) over S cached keys, every query head seeing every key: for batch
+// b and query head h (kv head h / G, G = Hq / Hkv), out = softmax(scale * q . k) @ v, in fp32. q and out are
+// [B][Hq][D] (row stride qb per batch), key s of kv head j at k + b * kb + s * ks + j * D (v likewise);
+// elements bf16 (bf16 true) or fp32. A task is one (batch, kv head): tasks t0 .. t1 - 1 of B * Hkv.
+struct AttnArgs {
+    const void* q;
+    const void* k;
+    const void* v;
+    void* out;
+    int64_t B, Hq, Hkv, D, S, qb, kb, ks, vb, vs;
+    float scale;
+    bool bf16;
+};
+using AttnFn = void (*)(const AttnArgs&, int64_t t0, int64_t t1);
+
 struct Kernels {
     const char* name;
     QGemvFn q_gemv;
@@ -54,6 +69,7 @@ struct Kernels {
     F16GemvFn f16_gemv;
     QTablesFn q_tables;
     F16GemvFn bf16_gemv;    // f16_gemv with bf16 weights
+    AttnFn attn_decode;
 };
 
 const Kernels& kernels_avx2();

@@ -322,3 +322,127 @@ void f16_gemv(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K,
         if (m < M) f16_row<S, BF16, 1>(x + m * K, K, w + n * K, y + m * N + n, N);
     }
 }
+
+// Decode attention (AttnArgs in qkernel.h). Per (batch, kv head): the scores of its G query heads against every
+// key (each key row read once for up to 4 heads), an exact two-pass softmax, then p @ v with up to 4 heads x 64
+// output columns in registers per pass over the values. The scores live in a buffer kept per thread.
+template <class S, bool BF>
+EXL_INLINE typename S::F load_kv(const void* p, int64_t i) {
+    if constexpr (BF) return S::load_bf(static_cast<const uint16_t*>(p) + i);
+    else return S::load_f(static_cast<const float*>(p) + i);
+}
+
+template <bool BF>
+EXL_INLINE float scalar_kv(const void* p, int64_t i) {
+    if constexpr (BF) {
+        uint32_t b = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
+        float f;
+        __builtin_memcpy(&f, &b, 4);
+        return f;
+    } else {
+        return static_cast<const float*>(p)[i];
+    }
+}
+
+template <bool BF>
+EXL_INLINE const void* offset(const void* p, int64_t i) {
+    if constexpr (BF) return static_cast<const uint16_t*>(p) + i;
+    else return static_cast<const float*>(p) + i;
+}
+
+// sc[g][s] = q[g] . k[s] for ng <= 4 query heads, q already scaled
+template <class S, bool BF>
+void attn_scores(const float* q, int64_t D, const void* k, int64_t ks, int64_t ns, int ng, float* sc) {
+    using F = typename S::F;
+    for (int64_t s = 0; s < ns; ++s) {
+        F acc[4] = {S::zero(), S::zero(), S::zero(), S::zero()};
+        for (int64_t d = 0; d < D; d += kBlock) {
+            F kv = load_kv<S, BF>(k, s * ks + d);
+            for (int g = 0; g < ng; ++g) acc[g] = S::fmav(S::load_f(q + g * D + d), kv, acc[g]);
+        }
+        for (int g = 0; g < ng; ++g) sc[g * ns + s] = S::reduce_add(acc[g]);
+    }
+}
+
+// p = exp(sc - max(sc)) in place; returns sum(p)
+template <class S>
+float softmax_row(float* sc, int64_t ns) {
+    using F = typename S::F;
+    int64_t s = 0;
+    F mv = S::set1(-3.0e38f);
+    for (; s + kBlock <= ns; s += kBlock) mv = S::max(mv, S::load_f(sc + s));
+    float m = S::reduce_max(mv);
+    for (; s < ns; ++s) m = sc[s] > m ? sc[s] : m;
+    F sum = S::zero(), neg_m = S::set1(-m);
+    for (s = 0; s + kBlock <= ns; s += kBlock) {
+        F e = S::exp_neg(S::add(S::load_f(sc + s), neg_m));
+        S::store(sc + s, e);
+        sum = S::add(sum, e);
+    }
+    if (s < ns) {       // the tail through a padded vector (exp(-1e30) = 0)
+        alignas(64) float t[kBlock];
+        for (int i = 0; i < kBlock; ++i) t[i] = s + i < ns ? sc[s + i] - m : -1.0e30f;
+        F e = S::exp_neg(S::load_f(t));
+        S::store(t, e);
+        for (int i = 0; s + i < ns; ++i) sc[s + i] = t[i];
+        sum = S::add(sum, e);
+    }
+    return S::reduce_add(sum);
+}
+
+// out[g][d0 .. d0 + 16 NCH) = inv[g] * sum_s p[g][s] v[s][d0 ..] for ng <= 4 query heads
+template <class S, bool BF, int NCH>
+void attn_values(const float* p, int64_t ns, const void* v, int64_t vs, int64_t d0, int ng, const float* inv,
+                 float* out, int64_t D) {
+    using F = typename S::F;
+    F acc[4][NCH];
+    for (int g = 0; g < 4; ++g)
+        for (int c = 0; c < NCH; ++c) acc[g][c] = S::zero();
+    for (int64_t s = 0; s < ns; ++s) {
+        F vv[NCH];
+        for (int c = 0; c < NCH; ++c) vv[c] = load_kv<S, BF>(v, s * vs + d0 + c * kBlock);
+        for (int g = 0; g < ng; ++g) {
+            F pb = S::set1(p[g * ns + s]);
+            for (int c = 0; c < NCH; ++c) acc[g][c] = S::fmav(pb, vv[c], acc[g][c]);
+        }
+    }
+    for (int g = 0; g < ng; ++g)
+        for (int c = 0; c < NCH; ++c) S::store(out + g * D + d0 + c * kBlock, S::mul(acc[g][c], S::set1(inv[g])));
+}
+
+template <class S, bool BF>
+void attn_task(const AttnArgs& a, int64_t t, std::vector<float>& buf) {
+    const int64_t b = t / a.Hkv, j = t % a.Hkv, G = a.Hq / a.Hkv, D = a.D, ns = a.S;
+    const size_t need = size_t(G * D + G + G * ns);
+    if (buf.size() < need) buf.resize(need);
+    float* q = buf.data();               // [G][D]: the scaled queries, then the outputs
+    float* inv = q + G * D;
+    float* sc = inv + G;                 // [G][ns]
+    const int64_t q0 = b * a.qb + j * G * D;
+    for (int64_t i = 0; i < G * D; ++i) q[i] = scalar_kv<BF>(a.q, q0 + i) * a.scale;
+    const void* k = offset<BF>(a.k, b * a.kb + j * D);
+    const void* v = offset<BF>(a.v, b * a.vb + j * D);
+    for (int64_t g0 = 0; g0 < G; g0 += 4)
+        attn_scores<S, BF>(q + g0 * D, D, k, a.ks, ns, int(G - g0 < 4 ? G - g0 : 4), sc + g0 * ns);
+    for (int64_t g = 0; g < G; ++g) inv[g] = 1.f / softmax_row<S>(sc + g * ns, ns);
+    for (int64_t g0 = 0; g0 < G; g0 += 4) {
+        const int ng = int(G - g0 < 4 ? G - g0 : 4);
+        int64_t d0 = 0;
+        for (; d0 + 4 * kBlock <= D; d0 += 4 * kBlock)
+            attn_values<S, BF, 4>(sc + g0 * ns, ns, v, a.vs, d0, ng, inv + g0, q + g0 * D, D);
+        for (; d0 < D; d0 += kBlock) attn_values<S, BF, 1>(sc + g0 * ns, ns, v, a.vs, d0, ng, inv + g0, q + g0 * D, D);
+    }
+    for (int64_t i = 0; i < G * D; i += kBlock) {
+        if constexpr (BF) S::store_bf(static_cast<uint16_t*>(a.out) + q0 + i, S::load_f(q + i));
+        else S::store(static_cast<float*>(a.out) + q0 + i, S::load_f(q + i));
+    }
+}
+
+template <class S>
+void attn_decode(const AttnArgs& a, int64_t t0, int64_t t1) {
+    thread_local std::vector<float> buf;
+    for (int64_t t = t0; t < t1; ++t) {
+        if (a.bf16) attn_task<S, true>(a, t, buf);
+        else attn_task<S, false>(a, t, buf);
+    }
+}
