@@ -230,7 +230,7 @@ def test_dynamic_generator_batch_of_two_images_with_one_alias(qwen, tokenizer, m
     assert again["a2", "cached"] >= 16 and again["b2", "cached"] >= 16     # whole pages reused, per image
 
 
-def test_base_generator_with_an_image_and_text_only_prompts(qwen, tokenizer):
+def test_base_and_streaming_generators_with_an_image_and_text_only_prompts(qwen, tokenizer):
     from exllamav2.generator import ExLlamaV2BaseGenerator, ExLlamaV2StreamingGenerator
     from exllamav2.errors import GenerationArgumentError
 
@@ -246,9 +246,20 @@ def test_base_generator_with_an_image_and_text_only_prompts(qwen, tokenizer):
         text = generator.generate_simple(prompt, settings, 5, input_embeddings=embeddings, add_bos=True,
                                          stop_token=None, completion_only=True)
         assert text == tokenizer.decode(torch.tensor(ref))
-    streaming = ExLlamaV2StreamingGenerator(model, cache, tokenizer)
+    ids = tokenizer.encode("a <image> b", embeddings=[emb], add_bos=True)
+    ref = hf_greedy(hf, processor, ids[0].tolist(), [img], 6)
+    for ngram in (False, True):          # n-gram drafts feed several tokens per forward, past the prompt
+        streaming = ExLlamaV2StreamingGenerator(model, cache, tokenizer)
+        streaming.speculative_ngram = ngram
+        streaming.set_stop_conditions([])
+        streaming.begin_stream_ex(ids, settings, input_embeddings=[emb])
+        tokens: list[int] = []
+        while len(tokens) < 6:
+            tokens += streaming.stream_ex()["chunk_token_ids"].view(-1).tolist()
+        assert tokens[:6] == ref, ngram
     with pytest.raises(GenerationArgumentError, match="streaming generator"):
-        streaming.begin_stream_ex(tokenizer.encode("a <image> b", embeddings=[emb]), settings, input_embeddings=[emb])
+        two = tokenizer.encode(["a <image> b", "c <image> d"], embeddings=[emb])
+        streaming.begin_stream_ex(two, settings, input_embeddings=[emb])
 
 
 def test_bad_input_gives_one_clear_error_each(qwen, tokenizer, tmp_path, tiny):

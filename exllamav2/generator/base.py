@@ -12,6 +12,7 @@ from ..errors import GenerationArgumentError
 from ..inputs import check_sampler_settings
 from .dynamic_embeddings import check_aliases_present, remap_embeddings
 from ..vlm.mrope import MRopeLayout, mrope_layout
+from ..vlm.mrope import forward_args as mrope_args
 from .filters.base import ExLlamaV2Filter  # re-exported: filter libraries import it from here
 from .filters.base import as_filters, feed_filters
 from .sampler import ExLlamaV2Sampler, sample_with_state
@@ -119,7 +120,7 @@ class ExLlamaV2BaseGenerator:
                 return None
             logits = self.model.forward(self.sequence_ids[:, -1:], self.cache, input_mask=mask, loras=loras,
                                         position_offsets=positions, indexed_embeddings=embeds,
-                                        **_mrope_args(mrope, self.sequence_ids.shape[-1] - 1, 1))
+                                        **mrope_args(mrope, self.sequence_ids.shape[-1] - 1, 1))
             (token, _, _, _, end_filter), mirostat_mu = sample_with_state(
                 logits[:, -1:].float().cpu(), gen_settings, self.sequence_ids, [rng.random() for _ in range(bsz)],
                 self.tokenizer, mirostat_mu, prefix_token=heal if step == 0 else None, filters=filters,
@@ -143,7 +144,7 @@ class ExLlamaV2BaseGenerator:
         if ids.shape[-1] > 1:
             self.model.forward(ids[:, :-1], self.cache, input_mask=mask, preprocess_only=True, loras=loras,
                                position_offsets=positions, abort_event=abort_event, indexed_embeddings=embeds,
-                               **_mrope_args(mrope, 0, ids.shape[-1] - 1))
+                               **mrope_args(mrope, 0, ids.shape[-1] - 1))
             if abort_event is not None and abort_event.is_set():
                 return False
         for f in filters:
@@ -185,8 +186,3 @@ class ExLlamaV2BaseGenerator:
             start = completion_start if completion_start is not None else int(-offsets[row]) if bsz > 1 else 0
             texts.append(decode_ids(self.tokenizer, self.sequence_ids[row, start:end].tolist(), decode_special_tokens))
         return texts
-
-
-def _mrope_args(mrope: MRopeLayout | None, start: int, length: int) -> dict:
-    """forward's mrope_positions for `length` tokens from `start` of a one-row batch, when the prompt has images."""
-    return {} if mrope is None else {"mrope_positions": mrope.window(start, length).unsqueeze(1)}

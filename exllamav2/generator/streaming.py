@@ -23,7 +23,8 @@ from ..model.lora import as_lora_list
 from .base import ExLlamaV2BaseGenerator, check_room
 from .drafting import NgramCache, check_draft_vocab, check_ngram_settings
 from .dynamic_embeddings import remap_embeddings
-from ..vlm.mrope import mrope_layout
+from ..vlm.mrope import MRopeLayout, mrope_layout
+from ..vlm.mrope import forward_args as mrope_args
 from .filters.base import ExLlamaV2Filter, as_filters, feed_filters
 from .hooks import ExLlamaV2PostSamplingResult, run_post_sampling_hooks
 from .sampler import ExLlamaV2Sampler, sample_with_state
@@ -81,6 +82,7 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.input_mask: torch.Tensor | None = None
         self.position_offsets: torch.Tensor | None = None
         self.indexed_embeddings: torch.Tensor | None = None
+        self.mrope: MRopeLayout | None = None     # the stream's MRoPE positions (a Qwen2-VL prompt with images)
         self.loras: list | None = None
 
     # configuration -------------------------------------------------------------------------
@@ -143,7 +145,8 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         filter_prefer_eos: bool = False,
     ) -> None:
         ids, heal, filters = self._check_stream_input(input_ids, gen_settings, token_healing, banned_strings, filters)
-        ids, embeddings = remap_embeddings(_refuse_mrope_images(ids, input_embeddings), input_embeddings)
+        self.mrope = _mrope_layout(ids, input_embeddings)
+        ids, embeddings = remap_embeddings(ids, input_embeddings)
         loras = as_lora_list(loras, self.model)
         reuse = self._reusable_prefix(ids, loras, input_mask, position_offsets, embeddings)
         self.indexed_embeddings = embeddings
@@ -168,13 +171,8 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         self.sequence_ids = None                      # until the cache is consistent again
         self.cache.current_seq_len = reuse
         log.debug("stream of %d tokens: %d reused from the cache", ids.shape[-1], reuse)
-        if ids.shape[-1] - 1 > reuse:
-            self.model.forward(ids[:, reuse:-1], self.cache, input_mask=self._mask(ids.shape[-1] - 1),
-                               preprocess_only=True, loras=loras, position_offsets=position_offsets,
-                               abort_event=abort_event, indexed_embeddings=self.indexed_embeddings)
-            if abort_event is not None and abort_event.is_set():
-                self.cache.current_seq_len = 0
-                return
+        if ids.shape[-1] - 1 > reuse and not self._prefill(ids, reuse):
+            return
         if self.draft_cache is not None:
             self.draft_cache.current_seq_len = min(self.draft_cache.current_seq_len, reuse)
         self.sequence_ids = ids
@@ -184,6 +182,17 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         for f in self.filters:
             f.background_drop()
             f.begin("")
+
+    def _prefill(self, ids: torch.Tensor, reuse: int) -> bool:
+        """Write the prompt's tokens after the `reuse` cached ones, all but the last; False if aborted."""
+        self.model.forward(ids[:, reuse:-1], self.cache, input_mask=self._mask(ids.shape[-1] - 1),
+                           preprocess_only=True, loras=self.loras, position_offsets=self.position_offsets,
+                           abort_event=self.abort_event, indexed_embeddings=self.indexed_embeddings,
+                           **mrope_args(self.mrope, reuse, ids.shape[-1] - 1 - reuse))
+        if self.abort_event is not None and self.abort_event.is_set():
+            self.cache.current_seq_len = 0
+            return False
+        return True
 
     def _use_settings(self, gen_settings: ExLlamaV2Sampler.Settings) -> None:
         """The stream's sampler settings, and mirostat's running target: it starts from a mu the caller
@@ -279,7 +288,8 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
             else self.sequence_ids[:, -1:]
         logits = self.model.forward(feed, self.cache, input_mask=self._mask(self.sequence_ids.shape[-1]),
                                     loras=self.loras, position_offsets=self.position_offsets,
-                                    indexed_embeddings=self.indexed_embeddings).float().cpu()
+                                    indexed_embeddings=self.indexed_embeddings,
+                                    **mrope_args(self.mrope, self.sequence_ids.shape[-1] - 1, feed.shape[-1])).float().cpu()
 
         out = {"chunk": "", "eos": False, "ids": []}
         for i in range(feed.shape[-1]):
@@ -394,9 +404,10 @@ class ExLlamaV2StreamingGenerator(ExLlamaV2BaseGenerator):
         return drafted
 
 
-def _refuse_mrope_images(ids: torch.Tensor, input_embeddings: list | None) -> torch.Tensor:
-    """`ids`, or a clear error where they hold an image needing MRoPE positions."""
-    if any(mrope_layout(row.tolist(), input_embeddings) for row in ids):
-        raise GenerationArgumentError("images on an MRoPE model (Qwen2-VL) need 3-D positions, which the streaming "
-                                      "generator does not carry; use the dynamic or the base generator")
-    return ids
+def _mrope_layout(ids: torch.Tensor, input_embeddings: list | None) -> MRopeLayout | None:
+    """The MRoPE layout of a one-row prompt with images (Qwen2-VL), None without; a batch with images is refused."""
+    layouts = [mrope_layout(row.tolist(), input_embeddings) for row in ids]
+    if len(layouts) > 1 and any(layouts):
+        raise GenerationArgumentError("a batch of prompts with images on an MRoPE model (Qwen2-VL) is not supported "
+                                      "by the streaming generator; use the dynamic generator")
+    return layouts[0]

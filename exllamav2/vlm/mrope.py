@@ -78,3 +78,8 @@ def batch_positions(layouts: Sequence[MRopeLayout | None], starts: Sequence[int]
         else:
             rows.append(layout.window(start, length))
     return torch.stack(rows, dim=1)
+
+
+def forward_args(layout: MRopeLayout | None, start: int, length: int) -> dict:
+    """ExLlamaV2.forward's mrope_positions for `length` tokens from `start` of a one-row batch ({} without images)."""
+    return {} if layout is None else {"mrope_positions": layout.window(start, length).unsqueeze(1)}
