@@ -39,9 +39,16 @@ class MoESpec:
     # [experts, rows, in]; DBRX stores down as [experts x inter, hidden], i.e. (in, out) per expert
     stacked_glu: tuple = ()
     stacked_down_transposed: bool = False
-    # "softmax_topk": softmax over all experts, then top-k; "topk_softmax": softmax over the top-k logits
+    # the stacked tensors store (in, out) per expert: gate_up [experts, hidden, 2 x inter] (gate columns first),
+    # down [experts, inter, hidden] (Llama 4)
+    stacked_transposed: bool = False
+    # "softmax_topk": softmax over all experts, then top-k; "topk_softmax": softmax over the top-k logits;
+    # "topk_sigmoid": sigmoid of each of the top-k logits (Llama 4)
     scoring: str = "softmax_topk"
     renormalize: bool | None = None       # top-k weights renormalised to sum 1; None: config.json's norm_topk_prob
+    # the routing weight scales each expert's input instead of its output (Llama 4: not the same, the expert is
+    # not linear)
+    weight_inputs: bool = False
     shared_expert: str | None = None      # a dense expert every token runs (Qwen2-MoE), under the block
     shared_gate: str | None = None        # its sigmoid gate, [1, hidden], under the block
 
@@ -59,6 +66,9 @@ class ArchParams:
     # Norms of q and k before RoPE (self_attn.q_norm/k_norm): None, "head" (over each head: Qwen3, Gemma 3) or
     # "full" (over the whole projection: Olmo 2)
     qk_norm: str | None = None
+    # config.json's use_qk_norm means a weightless RMS norm of each q and k head after RoPE, on the layers that
+    # rotate (Llama 4); elsewhere (Cohere) it names parts this row would have to refuse
+    qk_l2_norm: bool = False
     # Norm keys inside a decoder layer; None where the architecture has none (Olmo 2 has only post-norms)
     attn_norm: str | None = "input_layernorm"
     mlp_norm: str | None = "post_attention_layernorm"
@@ -66,6 +76,10 @@ class ArchParams:
     post_mlp_norm: str | None = None
     alternating_swa: bool = False         # even layers sliding, odd global (when layer_types absent)
     global_nope: bool = False             # with a sliding window, the global layers have no RoPE (Exaone 4)
+    # values of config.json keys read generically, where config.json lacks the key: the family's transformers
+    # config defaults where they differ from the generic ones (Llama 4 chunks attention at 8192 tokens unless
+    # told otherwise); a key present with null is not defaulted
+    config_defaults: dict = field(default_factory=dict)
     # MLP projection keys under <layer>.mlp: gate, up, down (gated) or in, out (plain: down(act(in(x))))
     mlp_keys: tuple = ("gate_proj", "up_proj", "down_proj")
     attn_key: str = "self_attn"           # the attention's projections are under <layer>.<attn_key>
@@ -153,6 +167,19 @@ _MOE_ROWS = (
     replace(_LLAMA, name="OlmoeForCausalLM", qk_norm="full", moe=_QWEN_MOE),
 )
 
+# Llama 4: MoE layers (router, experts, shared expert under feed_forward) among dense ones (feed_forward's own
+# gate/up/down, intermediate_size_mlp); sigmoid of the top-k logits scales the experts' inputs; experts stacked
+# (in, out). Its attention (chunked local layers with RoPE, NoPE layers with temperature tuning, use_qk_norm) is
+# read from config.json generically.
+_LLAMA4_MOE = MoESpec(block="feed_forward", router="router", stacked=(
+    ("feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"),), stacked_transposed=True,
+    scoring="topk_sigmoid", renormalize=False, weight_inputs=True, shared_expert="shared_expert")
+_LLAMA4 = replace(_LLAMA, name="Llama4ForCausalLM", rope_style=RopeStyle.GPTJ, mlp_key="feed_forward",
+                  qk_l2_norm=True, moe=_LLAMA4_MOE, config_defaults={
+                      "attention_chunk_size": 8192, "attn_temperature_tuning": True, "floor_scale": 8192,
+                      "attn_scale": 0.1, "use_qk_norm": True, "no_rope_layer_interval": 4, "rope_theta": 500000.0,
+                      "head_dim": 128, "max_position_embeddings": 131072})
+
 # DBRX: fused Wqkv (clip_qkv read generically), LayerNorm without bias, experts stored as three flat tensors
 _DBRX_MOE = MoESpec(block="ffn", router="router.layer", experts="experts.mlp", expert_keys=("w1", "v1", "w2"),
                     stacked=(), stacked_glu=(("ffn.experts.mlp.w1", "ffn.experts.mlp.v1", "ffn.experts.mlp.w2"),),
@@ -172,7 +199,7 @@ ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
     replace(_LLAMA, name="Qwen2ForCausalLM"),
     replace(_LLAMA, name="Qwen3ForCausalLM", qk_norm="head"),
     replace(_LLAMA, name="GraniteForCausalLM"),
-    replace(_LLAMA, name="SmolLM3ForCausalLM"),
+    replace(_LLAMA, name="SmolLM3ForCausalLM", config_defaults={"no_rope_layer_interval": 4}),
     _GEMMA,
     _GEMMA2,
     replace(_GEMMA2, name="Gemma3ForCausalLM", qk_norm="head"),
@@ -183,6 +210,7 @@ ARCHITECTURES: dict[str, ArchParams] = {a.name: a for a in (
     _PHI,
     _GLM,
     _DBRX,
+    _LLAMA4,
     # Yi's first checkpoints name the norms ln1/ln2; later ones are saved as Llama
     replace(_LLAMA, name="YiForCausalLM", attn_norm="ln1", mlp_norm="ln2"),
     # StableLM 2 and Orion: Llama with LayerNorm (with bias); StableLM's optional parts are refused
@@ -211,6 +239,7 @@ TEXT_MODEL_TYPES = {
     "gemma3_text": "Gemma3ForCausalLM", "granite": "GraniteForCausalLM", "phi3": "Phi3ForCausalLM",
     # Qwen2-VL's MRoPE equals plain RoPE for text, whose three position components are equal
     "qwen2_vl_text": "Qwen2ForCausalLM", "qwen2_5_vl_text": "Qwen2ForCausalLM",
+    "llama4_text": "Llama4ForCausalLM",
 }
 _TOWER = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
 _VISUAL = ("visual.", "model.visual.")
@@ -221,6 +250,7 @@ MULTIMODAL = {
     "LlavaForConditionalGeneration": ("llama", _TOWER),
     "Qwen2VLForConditionalGeneration": ("qwen2_vl_text", _VISUAL),
     "Qwen2_5_VLForConditionalGeneration": ("qwen2_5_vl_text", _VISUAL),
+    "Llama4ForConditionalGeneration": ("llama4_text", ("vision_model.", "multi_modal_projector.")),
 }
 
 

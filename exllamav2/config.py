@@ -72,12 +72,16 @@ class _Reader:
         self.sources = tuple(s for s in (raw, *(raw.get(k) for k in ("text_config", "attn_config", "ffn_config")))
                              if isinstance(s, dict))
         self.path = path
+        self.defaults: dict = {}        # the architecture row's config_defaults, once the row is known
 
     def __call__(self, *names: str, default: Any = None, required: bool = False) -> Any:
         for name in names:
             for src in self.sources:
                 if name in src and src[name] is not None:
                     return src[name]
+        for name in names:      # the family's own default, only where config.json does not have the key at all
+            if name in self.defaults and not any(name in src for src in self.sources):
+                return self.defaults[name]
         if required:
             raise ConfigError(f"{self.path}: missing required key {names[0]!r}")
         return default
@@ -166,6 +170,7 @@ class ExLlamaV2Config:
         self._read_sliding_window(read)
         self._read_rope(read, cfg_path)
         read_vision_config(self, raw, mdir)
+        self._read_attention_kinds(read, cfg_path)
 
         self.quantization_config = raw.get("quantization_config") or {}
         if self.quantization_config.get("checkpoint_format") == "gptq_v2":
@@ -187,6 +192,7 @@ class ExLlamaV2Config:
         text_type = (raw.get("text_config") or {}).get("model_type")
         self.arch = arch_params_for(self.architecture, allow_unknown=allow, source=str(cfg_path),
                                     text_model_type=text_type)
+        read.defaults = self.arch.config_defaults
         for switch in self.arch.refuse_if:
             if read(switch):
                 raise ConfigError(f"{cfg_path}: {switch}: true is not supported for {self.architecture} (its extra "
@@ -208,8 +214,10 @@ class ExLlamaV2Config:
         self.num_key_value_groups = self.num_attention_heads // self.num_key_value_heads
         self.head_dim = int(read("head_dim", default=self.hidden_size // self.num_attention_heads))
         mult = self.arch.default_intermediate_mult      # GPT-2's n_inner: null means mult x hidden
+        # the dense MLP's size (Llama 4: intermediate_size_mlp; its intermediate_size is the experts')
         self.intermediate_size = int(read("n_inner", default=mult * self.hidden_size) if mult else
-                                     read("intermediate_size", "ffn_hidden_size", required=True))
+                                     read("intermediate_size_mlp", "intermediate_size", "ffn_hidden_size",
+                                          required=True))
         self.vocab_size = int(read("vocab_size", required=True))
         self.norm_eps = float(read("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps",
                                    default=1e-5))
@@ -237,8 +245,9 @@ class ExLlamaV2Config:
         if self.num_experts_per_token > self.num_experts:
             raise ConfigError(f"{cfg_path}: num_experts_per_tok {self.num_experts_per_token} exceeds the "
                               f"{self.num_experts} experts")
-        self.moe_intermediate_size = int(read("moe_intermediate_size", "ffn_hidden_size", default=self.intermediate_size))
-        self.shared_expert_intermediate_size = int(read("shared_expert_intermediate_size",
+        self.moe_intermediate_size = int(read("moe_intermediate_size", "ffn_hidden_size", "intermediate_size",
+                                              default=self.intermediate_size))
+        self.shared_expert_intermediate_size = int(read("shared_expert_intermediate_size", "intermediate_size",
                                                         default=self.intermediate_size))
         spec_norm = self.arch.moe.renormalize
         self.moe_norm_topk_prob = bool(read("norm_topk_prob", default=False)) if spec_norm is None else spec_norm
@@ -247,8 +256,19 @@ class ExLlamaV2Config:
             if float(p) != 1.0:
                 raise ConfigError(f"{cfg_path}: moe_normalize_expert_weights {p} is not supported (only 1, the sum)")
             self.moe_norm_topk_prob = True
-        # Qwen-MoE: every decoder_sparse_step-th layer is sparse, except mlp_only_layers
-        step = int(read("decoder_sparse_step", default=1))
+        self._read_moe_layers(read, cfg_path)
+
+    def _read_moe_layers(self, read: "_Reader", cfg_path: Path) -> None:
+        """Which layers are sparse: Llama 4's moe_layers where given; else every decoder_sparse_step-th
+        (Qwen-MoE; Llama 4's interleave_moe_layer_step) except Qwen-MoE's mlp_only_layers."""
+        explicit = read("moe_layers", default=None)
+        if explicit is not None:
+            n = self.num_hidden_layers
+            if not isinstance(explicit, list) or not all(isinstance(i, int) and 0 <= i < n for i in explicit):
+                raise ConfigError(f"{cfg_path}: moe_layers must list layer indices from 0 to {n - 1}, got {explicit!r}")
+            self.moe_layers = [i in explicit for i in range(n)]
+            return
+        step = int(read("decoder_sparse_step", "interleave_moe_layer_step", default=1))
         dense = set(read("mlp_only_layers", default=[]))
         if step < 1:
             raise ConfigError(f"{cfg_path}: decoder_sparse_step must be at least 1, got {step}")
@@ -362,14 +382,43 @@ class ExLlamaV2Config:
         theta = local.get("rope_theta") if local is not None else read("rope_local_base_freq", default=None)
         self.rope_local_base = None if theta is None else float(theta)
         flags = read("no_rope_layers", default=None)
-        if flags is None:
-            flags = [1] * self.num_hidden_layers
+        if not flags:       # Llama 4 writes [] for "from no_rope_layer_interval": every n-th layer has no RoPE
+            interval = int(read("no_rope_layer_interval", default=0) or 0)
+            flags = [int(not interval or (i + 1) % interval != 0) for i in range(self.num_hidden_layers)]
         if len(flags) < self.num_hidden_layers:
             raise ConfigError(f"{cfg_path}: no_rope_layers has {len(flags)} entries for "
                               f"{self.num_hidden_layers} layers")
         self.rope_layers = [bool(f) for f in flags[: self.num_hidden_layers]]
         if self.arch.global_nope and self.sliding_window:       # hybrid models rotate only the sliding layers
             self.rope_layers = [r and swa for r, swa in zip(self.rope_layers, self.swa_layers)]
+
+    def _read_attention_kinds(self, read: "_Reader", cfg_path: Path) -> None:
+        """Llama 4's attention switches, per layer: chunked local attention (layer_types' chunked_attention, else
+        the RoPE layers when attention_chunk_size is set: a query sees only the keys of its own chunk of
+        attention_chunk_size positions), temperature tuning on the NoPE layers (queries scaled by
+        1 + attn_scale * log(1 + floor((position + 1) / floor_scale))) and use_qk_norm (ArchParams.qk_l2_norm)."""
+        chunk = int(read("attention_chunk_size", default=0) or 0)
+        layer_types = read("layer_types", default=None)
+        if layer_types:
+            unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention", "chunked_attention"})
+            if unknown or len(layer_types) < self.num_hidden_layers:
+                raise ConfigError(f"{cfg_path}: layer_types needs one of full_attention, sliding_attention or "
+                                  f"chunked_attention per layer ({self.num_hidden_layers}); got {layer_types!r}")
+            chunked = [t == "chunked_attention" for t in layer_types[: self.num_hidden_layers]]
+        else:
+            chunked = [bool(chunk) and rope for rope in self.rope_layers]
+        if any(chunked) and chunk < 1:
+            raise ConfigError(f"{cfg_path}: layer_types has chunked_attention layers but attention_chunk_size is "
+                              f"{chunk or 'not set'}; give the chunk size in tokens")
+        self.chunked_layers = chunked
+        self.attention_chunk_size = chunk if any(chunked) else 0
+        self.attn_temperature = None     # (floor_scale, attn_scale) for the NoPE layers, or None
+        if read("attn_temperature_tuning", default=False):
+            floor, scale = float(read("floor_scale", default=8192)), float(read("attn_scale", default=0.1))
+            if floor <= 0:
+                raise ConfigError(f"{cfg_path}: floor_scale must be positive for attn_temperature_tuning, got {floor}")
+            self.attn_temperature = (floor, scale)
+        self.qk_l2_norm = bool(self.arch.qk_l2_norm and read("use_qk_norm", default=False))
 
     def _index_tensors(self, mdir: Path) -> None:
         files = sorted(glob.glob(str(mdir / "*.safetensors")))

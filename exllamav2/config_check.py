@@ -137,8 +137,14 @@ _KEYS: tuple[tuple[tuple[str, ...], Check, str], ...] = (
      "the model's context length"),
     (("sliding_window",), nonneg_int, "the window in tokens, or null for none"),
     (("use_sliding_window",), boolean, "write true or false"),
-    (("layer_types",), string_list, 'one "full_attention" or "sliding_attention" per layer'),
+    (("layer_types",), string_list, 'one "full_attention", "sliding_attention" or "chunked_attention" per layer'),
     (("no_rope_layers",), flag_list, "one 1 (RoPE) or 0 (no RoPE) per layer"),
+    (("no_rope_layer_interval",), pos_int_upto(_COUNT), _ORIGINAL),
+    (("intermediate_size_mlp",), pos_int_upto(_INT32), _ORIGINAL),
+    (("interleave_moe_layer_step",), pos_int_upto(_COUNT), _ORIGINAL),
+    (("attention_chunk_size",), pos_int_upto(_INT32), "the chunk in tokens, or null for no chunked attention"),
+    (("floor_scale",), pos_num, _ORIGINAL),
+    (("attn_scale",), number, _ORIGINAL),
     (("rope_theta",), pos_num, "e.g. 10000.0"),
     (("rope_local_base_freq",), pos_num, "e.g. 10000.0"),
 )
@@ -216,7 +222,8 @@ def _check_sizes(look: _Lookup) -> None:
         )
     for key in ("layer_types", "no_rope_layers"):
         per_layer = look.find((key,))
-        if per_layer is not None and layers and len(per_layer[1]) < layers:
+        # an empty list is Llama 4's "from no_rope_layer_interval" (config.py)
+        if per_layer is not None and layers and 0 < len(per_layer[1]) < layers:
             raise ConfigError(
                 f"{path}: {per_layer[0]} has {len(per_layer[1])} entries but num_hidden_layers is {layers}; "
                 f"give one entry per layer"

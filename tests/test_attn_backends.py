@@ -21,12 +21,15 @@ from exllamav2.attn.backends.sdpa import SdpaBackend
 HEAD_DIM = 16
 
 
-def reference(q, k, v, *, past, key_lengths=None, key_mask=None, scale, window=0, softcap=0.0):
-    """Loop over sequences, queries and heads in float64; `past` is a list of ints."""
+def reference(q, k, v, *, past, key_lengths=None, key_mask=None, scale, window=0, softcap=0.0, chunk=0,
+              offsets=None):
+    """Loop over sequences, queries and heads in float64; `past` is a list of ints. With `chunk`, a query sees
+    only keys of its own chunk of positions (position = index + offsets[b])."""
     bsz, q_len, hq, _ = q.shape
     k_len, hkv = k.shape[1], k.shape[2]
     out = torch.zeros(q.shape, dtype=torch.float64)
     for b in range(bsz):
+        o = 0 if offsets is None else offsets[b]
         for i in range(q_len):
             p = past[b] + i
             keys = [
@@ -35,6 +38,7 @@ def reference(q, k, v, *, past, key_lengths=None, key_mask=None, scale, window=0
                 and (key_lengths is None or j < key_lengths[b])
                 and (key_mask is None or key_mask[b][j])
                 and (not window or p - j < window)
+                and (not chunk or (p + o) // chunk == (j + o) // chunk)
             ]
             if not keys:
                 continue
@@ -152,7 +156,7 @@ def paged_inputs(page_size, dtype, hq=4, hkv=2, seed=1):
     return q, k_new, v_new, k_pages, v_pages, table, seqlens
 
 
-def paged_reference(q, k_new, v_new, k_pages, v_pages, table, seqlens, window):
+def paged_reference(q, k_new, v_new, k_pages, v_pages, table, seqlens, window, chunk=0):
     """Read each sequence's old tokens out of its pages by hand, append the new ones, attend."""
     page_size = k_pages.shape[1]
     outs = []
@@ -162,15 +166,17 @@ def paged_reference(q, k_new, v_new, k_pages, v_pages, table, seqlens, window):
         old_v = [v_pages[int(table[b, t // page_size]), t % page_size] for t in range(n)]
         keys = torch.stack(old_k + list(k_new[b])).unsqueeze(0)
         values = torch.stack(old_v + list(v_new[b])).unsqueeze(0)
-        outs.append(reference(q[b : b + 1], keys, values, past=[n], scale=HEAD_DIM**-0.5, window=window))
+        outs.append(reference(q[b : b + 1], keys, values, past=[n], scale=HEAD_DIM**-0.5, window=window,
+                              chunk=chunk))
     return torch.cat(outs)
 
 
-def check_paged(backend, page_size, dtype, window=0):
+def check_paged(backend, page_size, dtype, window=0, chunk=0, **kwargs):
     q, k_new, v_new, k_pages, v_pages, table, seqlens = paged_inputs(page_size, dtype)
-    expect = paged_reference(q, k_new, v_new, k_pages, v_pages, table, seqlens, window)
+    expect = paged_reference(q, k_new, v_new, k_pages, v_pages, table, seqlens, window, chunk)
     pages_k, pages_v = k_pages.clone(), v_pages.clone()
-    out = backend.attend_paged(q, k_new, v_new, pages_k, pages_v, table, seqlens, scale=HEAD_DIM**-0.5, window=window)
+    out = backend.attend_paged(q, k_new, v_new, pages_k, pages_v, table, seqlens, scale=HEAD_DIM**-0.5, window=window,
+                               **({"chunk": chunk} if chunk else {}), **kwargs)
     torch.testing.assert_close(out.double(), expect, atol=TOL[dtype], rtol=TOL[dtype])
     # the new tokens were stored at positions seqlens[b], seqlens[b] + 1 of each sequence
     for b in range(2):
@@ -185,6 +191,49 @@ def check_paged(backend, page_size, dtype, window=0):
 @pytest.mark.parametrize("window", [0, 3])
 def test_paged_matches_dense_reference(backend_cls, window):
     check_paged(backend_cls("cpu"), page_size=4, dtype=torch.float32, window=window)
+
+
+# chunked local attention (Llama 4) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend_cls", [MatmulBackend, SdpaBackend])
+@pytest.mark.parametrize("case", ["prefill", "chunk_with_cache", "decode", "left_padded_prefill",
+                                  "left_padded_decode", "ragged_pages", "sequence_with_no_keys"])
+@pytest.mark.parametrize("offsets", [None, [-2, 1]])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunked_attention_matches_reference(backend_cls, case, offsets, dtype):
+    """A query sees only the keys in its own chunk of 3 positions, chunks counted from each sequence's position 0
+    (index + position_offsets: left padding moves the boundaries)."""
+    import dataclasses
+
+    q, k, v, meta, ref_kwargs = make_inputs(case, 4, 2, dtype)
+    meta = dataclasses.replace(meta, position_offsets=None if offsets is None else torch.tensor(offsets))
+    scale = HEAD_DIM**-0.5
+    out = backend_cls("cpu").attend(q, k, v, meta, scale=scale, chunk=3)
+    expect = reference(q, k, v, scale=scale, chunk=3, offsets=offsets, **ref_kwargs)
+    torch.testing.assert_close(out.double(), expect, atol=TOL[dtype], rtol=TOL[dtype])
+    if case == "prefill":       # the chunks really cut: the unchunked result differs
+        assert not torch.allclose(out.double(), reference(q, k, v, scale=scale, **ref_kwargs), atol=1e-2)
+
+
+@pytest.mark.parametrize("backend_cls", [MatmulBackend, SdpaBackend])
+def test_paged_chunked_attention_matches_reference(backend_cls):
+    """The dynamic generator's paged path: pages gathered, then chunked as the dense path; the fused paged kernel
+    (which knows no chunks) is not used for a chunked layer even where the ops table offers it."""
+    def kernel(*args):
+        raise AssertionError("the paged-attention kernel ran a chunked layer")
+
+    # float16 pages: a call the kernel would take (paged_kernel_fits) but for the chunk
+    check_paged(backend_cls("cpu"), page_size=4, dtype=torch.float16, chunk=3, kernel=kernel)
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "xformers"])
+def test_flash_and_xformers_refuse_chunks_instead_of_ignoring_them(fakes, backend):
+    fakes("reference")
+    q, k, v, meta, _ = make_inputs("prefill", 4, 2, torch.float16)
+    made = flash_backend(SdpaBackend("cpu")) if backend == "flash_attn" else xformers_backend()
+    with pytest.raises(ValueError, match="chunked local attention"):
+        made.attend(q, k, v, meta, scale=0.25, chunk=3)
 
 
 # flash_attn and xformers glue, through the reference fakes ---------------------------------------

@@ -242,6 +242,10 @@ def test_bf16_never_planned_below_sm80():
         # sliding window needs flash-attn 2.3+; SDPA and xformers apply it with a mask
         (ModelNeeds(sliding_window=4096), "flash_2.2.1", (8, 6), "sdpa", ("flash_attn", "sliding window needs flash-attn 2.3+")),
         (ModelNeeds(sliding_window=4096), "both", (7, 5), "xformers", None),
+        # chunked local attention (Llama 4): only SDPA and matmul mask it; flash-attn and xformers are refused
+        (ModelNeeds(attention_chunk=8192), "both", (8, 6), "sdpa", ("flash_attn", "chunked local attention")),
+        (ModelNeeds(attention_chunk=8192), "both", (7, 5), "sdpa", ("xformers", "chunked local attention")),
+        (ModelNeeds(attention_chunk=8192), "both", (9, 0), "sdpa", ("xformers", "chunked local attention")),
         # dtype and head_dim limits of flash-attn
         (ModelNeeds(dtype="float32"), "flash", (8, 6), "sdpa", ("flash_attn", "float16 or bfloat16")),
         (ModelNeeds(head_dim=512), "flash", (9, 0), "sdpa", ("flash_attn", "head_dim 512")),
@@ -257,6 +261,12 @@ def test_backends_that_cannot_honour_the_model_are_rejected(needs, installed, ca
     if rejection:
         name, text = rejection
         assert text in device.rejected_dict[name]
+
+
+def test_forcing_flash_attn_on_a_chunked_model_names_the_reason():
+    with pytest.raises(AttentionConfigError, match="flash_attn cannot run on cuda:0.*chunked local attention"):
+        plan_attention(rig((8, 6)), AttnFlags(), {"EXLLAMA_ATTN_BACKEND": "flash_attn"}, INSTALLED["both"],
+                       ModelNeeds(attention_chunk=8192))
 
 
 def test_flash_fallback_for_masks_is_sdpa_unless_sdpa_cannot_serve():

@@ -1,5 +1,5 @@
 """Mixture-of-experts MLPs (exllamav2/moe.py) against transformers fp32 eager on tiny random models
-(tests/tiny_models.py MOE_SPECS: 4 experts, top-2).
+(tests/tiny_models.py MOE_SPECS: 4 experts, top-2; Llama 4 top-1).
 
 test_model.py's checks run here on every MoE spec (full prompt, prefill-then-decode and a left-padded batch per
 attention backend: the fp32 CPU path routes exactly as transformers). Checks that compare two *different*
@@ -39,6 +39,7 @@ from tests.tiny_models import MOE_SPECS, build_tiny_model, write_tokenizer
 VOCAB = 250
 MOE_ARCHS = tuple(sorted(MOE_SPECS))
 MAX_FLIPS = 0.15        # share of tokens whose routing a perturbation may flip (measured: at most 0.08)
+TOP_K = {"llama4": 1}   # experts per token where a spec does not route to 2
 
 
 @pytest.fixture(params=MOE_ARCHS)
@@ -73,15 +74,17 @@ def test_layout_and_config(arch, tiny_model_factory):
     model_dir, hf = tiny_model_factory(arch)
     model = load(model_dir)
     cfg = model.config
-    assert (cfg.num_experts, cfg.num_experts_per_token) == (4, 2)
+    assert (cfg.num_experts, cfg.num_experts_per_token) == (4, TOP_K.get(arch, 2))
     sparse = [isinstance(m, ExLlamaV2MoEMLP) for m in model.modules[2:-2:2]]
     layers = hf.model.layers if hasattr(hf, "model") else hf.transformer.blocks      # DBRX: transformer.blocks
-    blocks = [next(getattr(layer, k) for k in ("mlp", "block_sparse_moe", "ffn") if hasattr(layer, k))
-              for layer in layers]
+    kinds = ("mlp", "block_sparse_moe", "ffn", "feed_forward")
+    blocks = [next(getattr(layer, k) for k in kinds if hasattr(layer, k)) for layer in layers]
     want = [type(b).__name__.endswith(("Moe", "MoE", "SparseMoeBlock", "DbrxFFN")) for b in blocks]
     assert sparse == want
     if arch == "qwen3_moe":
         assert sparse == [True, False, True]            # mlp_only_layers=[1]
+    if arch == "llama4":
+        assert sparse == [False, True, False, True]     # interleave_moe_layer_step=2
     for m in moe_modules(model):
         assert len(m.experts) == 4 and isinstance(m.router, ExLlamaV2Router)
         assert m.router.weight.dtype == torch.float32   # router math in fp32 whatever the model's dtype
@@ -95,7 +98,8 @@ def _tie_routers(hf, rows: list[int]) -> None:
                 router.weight[r] = router.weight[rows[0]]
 
 
-@pytest.mark.parametrize("arch,rows", [("mixtral", [0, 1, 2, 3]), ("qwen2_moe", [1, 3]), ("granitemoe", [0, 2, 3])])
+@pytest.mark.parametrize("arch,rows", [("mixtral", [0, 1, 2, 3]), ("qwen2_moe", [1, 3]), ("granitemoe", [0, 2, 3]),
+                                       ("llama4", [0, 1, 2, 3])])
 def test_tied_router_logits_break_as_transformers(arch, rows, tmp_path):
     """Experts whose router rows are equal tie for every token; the top-k must pick the same experts (with the
     same weights) as transformers' torch.topk, or the output differs (all four tied: the choice decides it)."""
@@ -287,7 +291,8 @@ def converted(tmp_path_factory):
     return make
 
 
-EXL2_ARCHS = ("mixtral", "qwen2_moe", "granitemoe", "dbrx")   # per-expert; shared expert; stacked; flat stacked
+# per-expert; shared expert; stacked; flat stacked; stacked (in, out) with input-weighted top-1 and a shared expert
+EXL2_ARCHS = ("mixtral", "qwen2_moe", "granitemoe", "dbrx", "llama4")
 
 
 @pytest.mark.parametrize("arch", EXL2_ARCHS)
@@ -491,7 +496,7 @@ def test_exl2_experts_through_the_kernels(paged, real_kernels, converted, monkey
     assert (with_kernels - without)[~moved].abs().max().item() < 2e-2 * without.abs().max().item()
 
 
-@pytest.mark.parametrize("moe_arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("moe_arch", ["mixtral", "qwen2_moe", "llama4"])
 def test_base_and_streaming_generators(moe_arch, tiny_model_factory, tmp_path):
     """The other two generators on an MoE model: greedy equals transformers' generate (base: a left-padded batch of
     two equals each prompt alone; streaming: 20 tokens)."""

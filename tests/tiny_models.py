@@ -107,6 +107,15 @@ MOE_SPECS: dict[str, tuple] = {
     "granitemoe": ("GraniteMoeConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "embedding_multiplier": 3.0,
                                         "residual_multiplier": 0.5, "attention_multiplier": 0.1, "logits_scaling": 2.0}),
     "olmoe": ("OlmoeConfig", {"num_experts": 4, "num_experts_per_tok": 2}),
+    # Llama 4, top-1: dense (intermediate_size_mlp) and MoE layers interleaved, stacked (in, out) experts, a shared
+    # expert; RoPE layers (interleaved pairs, llama3 scaling, weightless q/k norm) with attention chunks of 8
+    # positions, NoPE layers with a temperature that changes every 4 positions
+    "llama4": ("Llama4TextConfig", {
+        "head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 1, "intermediate_size": 48,
+        "intermediate_size_mlp": 96, "num_hidden_layers": 4, "interleave_moe_layer_step": 2,
+        "no_rope_layers": [1, 1, 0, 0], "attention_chunk_size": 8, "floor_scale": 4, "attn_scale": 0.5,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}),
     # fused Wqkv with clip_qkv, bias-free LayerNorm, experts as three flat tensors (down stored transposed)
     "dbrx": ("DbrxConfig", {"d_model": 64, "n_heads": 4, "n_layers": 2, "max_seq_len": 256,
                             "attn_config": {"kv_n_heads": 2, "clip_qkv": 2.0, "rope_theta": 10000.0},

@@ -15,6 +15,7 @@ from .backends.metadata import AttnMetadata
 
 _TOLERANCE = {torch.float16: 2e-2, torch.bfloat16: 6e-2, torch.float32: 1e-3}
 _PROBE_WINDOW = 3      # small enough to cut into the probe's 7 keys
+_PROBE_CHUNK = 4       # chunks that split the probe's keys
 
 
 def _first_line(error: BaseException) -> str:
@@ -36,6 +37,7 @@ def probe(
     *,
     window: bool = False,
     softcap: float = 0.0,
+    chunk: bool = False,
 ) -> str | None:
     """Build the backend and run a cached prefill, a left-padded batch and a paged decode (GQA,
     q_len < k_len) on its device. Returns None when all match matmul, else the reason."""
@@ -48,7 +50,8 @@ def probe(
         def rand(*shape: int) -> torch.Tensor:
             return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
-        opts = dict(scale=head_dim**-0.5, window=_PROBE_WINDOW if window else 0, softcap=softcap)
+        opts = dict(scale=head_dim**-0.5, window=_PROBE_WINDOW if window else 0, softcap=softcap,
+                    chunk=_PROBE_CHUNK if chunk else 0)
         q, k, v = rand(2, 3, 4, head_dim), rand(2, 7, 2, head_dim), rand(2, 7, 2, head_dim)
         padding = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7], dtype=torch.bool, device=device)
         for name, meta in (

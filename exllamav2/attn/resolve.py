@@ -32,6 +32,7 @@ def _probe_once(plan: AttentionPlan, device_plan: DevicePlan) -> str | None:
         needs.head_dim,
         needs.softcap,
         bool(needs.sliding_window),
+        bool(needs.attention_chunk),
         device_plan.sdpa_kernels,
         device_plan.paged_impl,
         device_plan.fallback,
@@ -43,6 +44,7 @@ def _probe_once(plan: AttentionPlan, device_plan: DevicePlan) -> str | None:
             needs.head_dim,
             window=bool(needs.sliding_window),
             softcap=needs.softcap,
+            chunk=bool(needs.attention_chunk),
         )
     return _probed[key]
 

@@ -11,8 +11,8 @@ Rules, per device (never by any() over the visible GPUs):
   kernels (never its flash or cuDNN kernels). flash_attn is rejected by its own capability check.
 - CPU: sdpa, matmul.
 - bfloat16 is never planned when any GPU of the model is below sm_80: the plan runs float16.
-- A backend that cannot honour the model's needs (softcap, window, dtype, head_dim) is rejected with
-  the reason, so e.g. a softcapped model on Turing gets matmul.
+- A backend that cannot honour the model's needs (softcap, window, chunked attention, dtype, head_dim) is
+  rejected with the reason, so e.g. a softcapped model on Turing gets matmul.
 """
 
 from __future__ import annotations
@@ -93,6 +93,7 @@ class ModelNeeds:
     dtype: str = "float16"
     softcap: float = 0.0        # attention logit softcapping; 0 = none
     sliding_window: int = 0     # 0 = none (a model with any windowed layer needs it)
+    attention_chunk: int = 0    # chunked local attention (Llama 4): 0 = none, else the chunk in tokens
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelNeeds":
@@ -101,6 +102,7 @@ class ModelNeeds:
             dtype=normalize_dtype(getattr(config, "torch_dtype", None)),
             softcap=float(getattr(config, "attn_logit_softcapping", None) or 0.0),
             sliding_window=int(getattr(config, "sliding_window", None) or 0),
+            attention_chunk=int(getattr(config, "attention_chunk_size", None) or 0),
         )
 
 
@@ -218,7 +220,8 @@ class AttentionPlan:
             f"  config flags: {flags}",
             f"  installed: {installed}",
             f"  model: head_dim {needs.head_dim}, {self.dtype}, "
-            f"softcap {needs.softcap or 'none'}, sliding window {needs.sliding_window or 'none'}",
+            f"softcap {needs.softcap or 'none'}, sliding window {needs.sliding_window or 'none'}, "
+            f"attention chunk {needs.attention_chunk or 'none'}",
             *(f"  note: {note}" for note in self.notes),
             "",
         ]

@@ -62,7 +62,14 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         self.softcap = float(cfg.attn_logit_softcapping or 0.0)
         self.clip_qkv = cfg.clip_qkv
         self.window = cfg.sliding_window if cfg.swa_layers[layer_idx] else 0
-        self.rope_style = arch.rope_style if cfg.rope_layers[layer_idx] else RopeStyle.NONE
+        self.chunk = cfg.attention_chunk_size if cfg.chunked_layers[layer_idx] else 0
+        rope = cfg.rope_layers[layer_idx]
+        self.rope_style = arch.rope_style if rope else RopeStyle.NONE
+        # Llama 4: q and k heads RMS-normed without weight after RoPE on the RoPE layers (use_qk_norm), queries
+        # scaled by their position's temperature on the NoPE layers (attn_temperature_tuning)
+        self.qk_l2_eps = cfg.norm_eps if cfg.qk_l2_norm and rope else None
+        self.temperature = None if rope else cfg.attn_temperature
+        self.qk_l2_weight: torch.Tensor | None = None
         self.rope_local = cfg.rope_local(layer_idx)
         self.residual_scale = cfg.residual_multiplier
         self.backend = None
@@ -75,10 +82,12 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
     def load(self) -> None:
         super().load()
         self.backend = self.model.attn_plan.backend_for(self.device)
+        if self.qk_l2_eps is not None:      # the weightless norm runs as the ops table's RMS norm with weight 1
+            self.qk_l2_weight = torch.ones(self.head_dim, device=self.device)
 
     def unload(self) -> None:
         super().unload()
-        self.backend = None
+        self.backend = self.qk_l2_weight = None
 
     def forward(self, hidden_states: torch.Tensor, cache=None, attn_params=None, loras: list | None = None,
                 **kwargs) -> torch.Tensor:
@@ -96,7 +105,8 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         ops = self.ops
         q, k = ops.rotate_qk(q, k, attn_params, self.model.rope_tables(self.device, self.rope_local),
                              self.rope_style)
-        opts = dict(scale=self.scale, window=self.window, softcap=self.softcap)
+        q, k = self._after_rope(q, k, attn_params)
+        opts = dict(scale=self.scale, window=self.window, softcap=self.softcap, chunk=self.chunk)
 
         if attn_params.paged:
             block_table, seqlens = attn_params.on(self.device)
@@ -120,3 +130,12 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
             out = self.backend.attend(q, k, v, attn_params.metadata(self.device), **opts)
 
         return self.o_proj.forward(out.reshape(bsz, q_len, self.num_heads * self.head_dim), loras)
+
+    def _after_rope(self, q: torch.Tensor, k: torch.Tensor, attn_params) -> tuple[torch.Tensor, torch.Tensor]:
+        """Llama 4's per-layer terms after RoPE: the weightless q/k norm, the queries' temperature."""
+        if self.qk_l2_eps is not None:
+            q = self.ops.rms_norm(q, self.qk_l2_weight, self.qk_l2_eps)
+            k = self.ops.rms_norm(k, self.qk_l2_weight, self.qk_l2_eps)
+        if self.temperature is not None:
+            q = (q * attn_params.query_temperature(q.device, *self.temperature)).to(q.dtype)
+        return q, k

@@ -56,6 +56,17 @@ class _PositionsMixin:
             self._positions[device] = self.positions().clamp(min=0).to(device)
         return self._positions[device]
 
+    def query_temperature(self, device: torch.device, floor_scale: float, attn_scale: float) -> torch.Tensor:
+        """Llama 4's attention temperature of each query, (B, L, 1, 1) fp32 on `device`:
+        1 + attn_scale * log(1 + floor((position + 1) / floor_scale)). By the sequence's own positions, so a
+        left-padded sequence is scaled as it is alone (transformers counts cache slots, the same unpadded)."""
+        key = (device, floor_scale, attn_scale)
+        if key not in self._positions:
+            pos = self.positions_on(device).float()
+            scale = torch.log1p(torch.floor((pos + 1.0) / floor_scale)) * attn_scale + 1.0
+            self._positions[key] = scale[..., None, None]
+        return self._positions[key]
+
 
 class Params(_PositionsMixin):
     paged = False
@@ -96,6 +107,8 @@ class Params(_PositionsMixin):
                 k_len=k_len,
                 past_len=self.past_len,
                 key_mask=None if mask is None else mask.to(device),
+                position_offsets=None if self.position_offsets is None else
+                self.position_offsets.view(-1).long().to(device),
             )
         return self._meta[device]
 

@@ -1,6 +1,6 @@
 """The mixture-of-experts MLP: a router picks the top-k experts of each token, the experts (gated MLPs) run only
-on the tokens routed to them, and their outputs are summed with the routing weights; an optional shared expert
-(Qwen2-MoE, with its sigmoid gate) runs on every token.
+on the tokens routed to them, and their outputs are summed with the routing weights (Llama 4 weights their inputs
+instead); an optional shared expert (Qwen2-MoE, with its sigmoid gate; Llama 4, ungated) runs on every token.
 
 It is one more MLP kind: `ExLlamaV2MoEMLP` keeps ExLlamaV2MLP's contract (`forward` with the layer's norms and
 residual, `project` without), so the model builder places it where a dense MLP goes (`make_mlp`). What differs
@@ -45,10 +45,17 @@ def _topk_softmax(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torc
     return torch.softmax(top, dim=-1), chosen
 
 
+def _topk_sigmoid(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top k logits, each through a sigmoid (Llama 4): the weights need not sum to 1."""
+    top, chosen = torch.topk(logits, k, dim=-1)
+    return torch.sigmoid(top), chosen
+
+
 # MoESpec.scoring -> (router logits in fp32 [tokens, experts], k, renormalize) -> (weights, expert ids) [tokens, k]
 SCORING: dict[str, Callable[[torch.Tensor, int, bool], tuple[torch.Tensor, torch.Tensor]]] = {
     "softmax_topk": _softmax_topk,
     "topk_softmax": _topk_softmax,
+    "topk_sigmoid": _topk_sigmoid,
 }
 
 
@@ -109,16 +116,19 @@ class _StackedTensors:
 
 
 class ExLlamaV2ExpertLinear(ExLlamaV2Linear):
-    """One projection of one expert: its own tensors under `key` (FP16, EXL2 or GPTQ), else rows [start, end) of
-    expert `expert` in a stacked checkpoint tensor [experts, rows, in_features]. `stacked` lists the candidate
-    stacked layouts as (tensor name, first row, end row); the first present in the checkpoint is used."""
+    """One projection of one expert: its own tensors under `key` (FP16, EXL2 or GPTQ, stored (out, in)), else
+    outputs [start, end) of expert `expert` in a stacked checkpoint tensor, [experts, out rows, in_features] or,
+    with `stacked_transposed`, [experts, in_features, out columns]. `stacked` lists the candidate stacked layouts
+    as (tensor name, first output, end output); the first present in the checkpoint is used."""
 
     def __init__(self, model, key: str, in_features: int, out_features: int, expert: int,
-                 stacked: tuple[tuple[str, int, int], ...], source: _StackedTensors, transposed: bool = False) -> None:
-        super().__init__(model, key, in_features, out_features, transposed=transposed)
+                 stacked: tuple[tuple[str, int, int], ...], source: _StackedTensors,
+                 stacked_transposed: bool = False) -> None:
+        super().__init__(model, key, in_features, out_features)
         self.expert = expert
         self.stacked = stacked
         self.source = source
+        self.stacked_transposed = stacked_transposed
 
     def stacked_source(self) -> tuple[str, int, int] | None:
         """The stacked tensor this expert is read from, or None when the checkpoint has the expert's own keys."""
@@ -148,14 +158,15 @@ class ExLlamaV2ExpertLinear(ExLlamaV2Linear):
             return super().load_tensor(name, shape)
         tensor_name, start, end = stacked
         w = self.source.get(tensor_name)
-        last = self.out_features if self.transposed else self.in_features      # stored (in, out) when transposed
-        if w.dim() != 3 or self.expert >= w.shape[0] or w.shape[1] < end or w.shape[2] != last:
+        out_dim, in_dim = (2, 1) if self.stacked_transposed else (1, 2)
+        if w.dim() != 3 or self.expert >= w.shape[0] or w.shape[out_dim] < end or w.shape[in_dim] != self.in_features:
+            want = ((f">={end}", self.in_features) if out_dim == 1 else (self.in_features, f">={end}"))
             raise TensorShapeError(
                 f"tensor {tensor_name!r} in {self.index.file_of(tensor_name)} has shape {tuple(w.shape)}; expert "
-                f"{self.expert} needs (>{self.expert}, >={end}, {self.in_features}): config.json and the weights "
+                f"{self.expert} needs (>{self.expert}, {want[0]}, {want[1]}): config.json and the weights "
                 f"disagree (num_experts, intermediate size or hidden size)"
             )
-        return w[self.expert, start:end]
+        return w[self.expert, :, start:end].T if self.stacked_transposed else w[self.expert, start:end]
 
 
 class _Expert:
@@ -211,17 +222,17 @@ class ExLlamaV2MoEMLP(ExLlamaV2MLP):
         cfg, spec = self.model.config, self.spec
         h, i = cfg.hidden_size, cfg.moe_intermediate_size
         gate_k, up_k, down_k = (f"{self.key}.{spec.experts}.{e}.{k}" for k in spec.expert_keys)
-        gate_up = tuple((f"{layer_key}.{gu}", 0, i) for gu, _ in spec.stacked)       # gate rows first, then up
+        gate_up = tuple((f"{layer_key}.{gu}", 0, i) for gu, _ in spec.stacked)       # gate outputs first, then up
         up = tuple((f"{layer_key}.{gu}", i, 2 * i) for gu, _ in spec.stacked)
-        down_rows = i if spec.stacked_down_transposed else h
         down = tuple((f"{layer_key}.{d}", 0, h) for _, d in spec.stacked)
         gate_up += tuple((f"{layer_key}.{g}", 0, i) for g, _, _ in spec.stacked_glu)   # three separate tensors
         up += tuple((f"{layer_key}.{u}", 0, i) for _, u, _ in spec.stacked_glu)
-        down += tuple((f"{layer_key}.{d}", 0, down_rows) for _, _, d in spec.stacked_glu)
-        return _Expert(ExLlamaV2ExpertLinear(self.model, gate_k, h, i, e, gate_up, self.source),
-                       ExLlamaV2ExpertLinear(self.model, up_k, h, i, e, up, self.source),
+        down += tuple((f"{layer_key}.{d}", 0, h) for _, _, d in spec.stacked_glu)
+        t = spec.stacked_transposed
+        return _Expert(ExLlamaV2ExpertLinear(self.model, gate_k, h, i, e, gate_up, self.source, t),
+                       ExLlamaV2ExpertLinear(self.model, up_k, h, i, e, up, self.source, t),
                        ExLlamaV2ExpertLinear(self.model, down_k, i, h, e, down, self.source,
-                                             transposed=spec.stacked_down_transposed), self.act)
+                                             t or spec.stacked_down_transposed), self.act)
 
     def submodules(self) -> list[ExLlamaV2Module]:
         # the linears in the converter's order (linears_of): experts 0..n-1 (gate, up, down), then the shared one
@@ -267,7 +278,7 @@ class ExLlamaV2MoEMLP(ExLlamaV2MLP):
             w = weights[0].to(x.dtype)
             out = None
             for j, e in enumerate(chosen[0].tolist()):
-                y = self.experts[e].project(x, loras) * w[j]
+                y = self._weighted(self.experts[e], x, w[j], loras)
                 out = y if out is None else out.add_(y)
             return out
         k = chosen.shape[-1]
@@ -283,11 +294,20 @@ class ExLlamaV2MoEMLP(ExLlamaV2MLP):
         for e, n in enumerate(counts):
             if n:
                 end = start + n
-                torch.mul(self.experts[e].project(x[tokens[start:end]], loras), w[start:end], out=rows_out[start:end])
+                self._weighted(self.experts[e], x[tokens[start:end]], w[start:end], loras, out=rows_out[start:end])
                 start = end
         out = torch.empty_like(rows_out)
         out[order] = rows_out
         return out.view(x.shape[0], k, x.shape[-1]).sum(dim=1)
+
+    def _weighted(self, expert: _Expert, x: torch.Tensor, w: torch.Tensor, loras: list | None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """The expert's output weighted by its routing weight `w` (per row, or one scalar), written into `out`
+        when given: the weight scales the output, or the input where the spec says (Llama 4)."""
+        if self.spec.weight_inputs:
+            y = expert.project(x * w, loras)
+            return y if out is None else out.copy_(y)
+        return torch.mul(expert.project(x, loras), w, out=out)
 
 
 def make_mlp(model, layer_key: str, layer_idx: int) -> ExLlamaV2MLP:

@@ -72,7 +72,10 @@ class AttentionBackend:
         scale: float,
         window: int = 0,
         softcap: float = 0.0,
+        chunk: int = 0,
     ) -> torch.Tensor:
+        """`chunk`: chunked local attention (metadata.py's rule), 0 for none; a backend whose `validate` refuses
+        it (ModelNeeds.attention_chunk) raises `refuse_chunk` instead of ignoring it."""
         raise NotImplementedError
 
     def attend_paged(
@@ -88,14 +91,15 @@ class AttentionBackend:
         scale: float,
         window: int = 0,
         softcap: float = 0.0,
+        chunk: int = 0,
         meta: AttnMetadata | None = None,
         kernel: Callable | None = None,
     ) -> torch.Tensor:
         """Append k_new/v_new to the pages at cache_seqlens and attend over each sequence. `meta` is the paged
         batch's metadata (PagedParams.paged_metadata, built once per forward); without it, it is built here,
         which costs a host sync for the longest sequence. `kernel` is the device's fused paged-attention kernel
-        from its ops table, or None."""
-        if kernel is not None and paged_kernel_fits(q, k_pages, v_pages):
+        from its ops table, or None; it knows no chunks, so chunked layers gather."""
+        if kernel is not None and not chunk and paged_kernel_fits(q, k_pages, v_pages):
             return kernel(
                 q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_pages, v_pages, block_table,
                 cache_seqlens, scale, window, softcap,
@@ -103,7 +107,7 @@ class AttentionBackend:
         write_pages(k_pages, v_pages, k_new, v_new, block_table, cache_seqlens)
         meta = meta or paged_metadata(cache_seqlens, q.shape[1])
         k, v = gather_pages(k_pages, v_pages, block_table, meta.k_len)
-        return self.attend(q, k, v, meta, scale=scale, window=window, softcap=softcap)
+        return self.attend(q, k, v, meta, scale=scale, window=window, softcap=softcap, chunk=chunk)
 
 
 
@@ -169,6 +173,18 @@ def refuse_softcap(backend: str) -> ValueError:
         f"{backend} cannot apply logit softcapping; plan attention with the model's softcap "
         f"(resolve_attention) so that a backend that can is chosen"
     )
+
+
+def refuse_chunk(backend: str) -> ValueError:
+    """The error for chunked local attention reaching a backend that cannot mask it (the selector rejects such
+    plans)."""
+    return ValueError(
+        f"{backend} cannot apply chunked local attention; plan attention with the model's attention_chunk "
+        f"(resolve_attention) so that a backend that can is chosen"
+    )
+
+
+CHUNK_REFUSAL = "cannot mask chunked local attention (attention_chunk_size)"
 
 
 def nvidia_gpu_reasons(device) -> list[str]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .backend import AttentionBackend, nvidia_gpu_reasons
+from .backend import CHUNK_REFUSAL, AttentionBackend, nvidia_gpu_reasons, refuse_chunk
 from ..installed import at_least, find_installed
 from .matmul import MatmulBackend
 from .metadata import AttnMetadata
@@ -103,6 +103,8 @@ class FlashAttnBackend(AttentionBackend):
                 reasons.append(f"logit softcapping needs flash-attn 2.6+ (installed {version})")
         if needs.dtype not in ("float16", "bfloat16"):
             reasons.append(f"needs float16 or bfloat16, the model runs {needs.dtype}")
+        if needs.attention_chunk:       # its masks are causal (+ window) runs: a chunk boundary is not one
+            reasons.append(CHUNK_REFUSAL)
         if needs.head_dim > 256 or needs.head_dim % 8:
             reasons.append(f"head_dim {needs.head_dim} unsupported (needs a multiple of 8 up to 256)")
         return reasons
@@ -111,7 +113,9 @@ class FlashAttnBackend(AttentionBackend):
     def paged_mode(cls, installed) -> str:
         return "block_table" if at_least(installed.flash_attn, PAGED_VERSION) else "gather"
 
-    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0):
+    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0):
+        if chunk:
+            raise refuse_chunk("flash_attn")
         if not meta.causal:
             return self.fallback.attend(q, k, v, meta, scale=scale, window=window, softcap=softcap)
         options = dict(softmax_scale=scale, causal=True, **_options(window, softcap))
@@ -140,8 +144,10 @@ class FlashAttnBackend(AttentionBackend):
 
     def attend_paged(
         self, q, k_new, v_new, k_pages, v_pages, block_table, cache_seqlens, *, scale, window=0, softcap=0.0,
-        meta=None, kernel=None,
+        chunk=0, meta=None, kernel=None,
     ):
+        if chunk:
+            raise refuse_chunk("flash_attn")
         if not self.paged_native or k_pages.shape[1] % PAGE_MULTIPLE:
             return super().attend_paged(
                 q, k_new, v_new, k_pages, v_pages, block_table, cache_seqlens,

@@ -15,7 +15,7 @@ from .metadata import AttnMetadata
 class MatmulBackend(AttentionBackend):
     name = "matmul"
 
-    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0):
+    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0):
         groups = q.shape[2] // k.shape[2]
         qf = q.float().transpose(1, 2) * scale                      # (B, Hq, q, D)
         kf = repeat_kv(k, groups).float().transpose(1, 2)           # (B, Hq, k, D)
@@ -23,7 +23,7 @@ class MatmulBackend(AttentionBackend):
         scores = qf @ kf.transpose(-1, -2)                          # (B, Hq, q, k)
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap
-        vis = meta.visibility(q.device, window)                     # (B, 1, q, k)
+        vis = meta.visibility(q.device, window, chunk)              # (B, 1, q, k)
         scores = scores.masked_fill(~vis, float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         probs = torch.nan_to_num(probs, nan=0.0)                     # rows that see no key

@@ -9,6 +9,9 @@ query i of sequence b sits at absolute position ``p = past_len[b] + i`` and may 
     and j < key_lengths[b]                   (ragged / paged batches)
     and key_mask[b, j]                       (left padding from ``input_mask``)
     and p - j < window                       (sliding window, when the layer has one)
+    and (p + o) // chunk == (j + o) // chunk (chunked local attention, when the layer has it; o is
+                                              position_offsets[b], so that chunks start at each sequence's
+                                              own position 0 whatever its left padding)
 A query row that sees no key at all (a pad position) outputs zeros. A non-causal description (`causal=False`,
 vision towers) drops the first rule; `segments` (block-diagonal attention: one segment per image or window)
 adds ``segments[b, p] == segments[b, j]``.
@@ -30,6 +33,9 @@ class AttnMetadata:
     past_len: int | torch.Tensor = 0            # int (same for all) or LongTensor (B,)
     key_lengths: torch.Tensor | None = None     # LongTensor (B,) valid keys per sequence; None: all k_len
     key_mask: torch.Tensor | None = None        # BoolTensor (B, k_len), True = may attend
+    # LongTensor (B,): the (RoPE) position of key 0 of each sequence; None: 0 for all. Left padding gives negative
+    # offsets (a sequence starts at position 0 after its pads)
+    position_offsets: torch.Tensor | None = None
     causal: bool = True                         # False: every query may see keys after it (vision towers)
     segments: torch.Tensor | None = None        # LongTensor (B, k_len): block-diagonal, queries see their segment
     # what backends derive from this description; every layer of the forward would otherwise derive it again
@@ -61,11 +67,13 @@ class AttnMetadata:
             return base + past.to(device).long().view(-1, 1)
         return (base + past).expand(self.batch_size, -1)
 
-    def visibility(self, device: torch.device, window: int = 0) -> torch.Tensor:
-        """BoolTensor (B, 1, q_len, k_len): True where query may attend to key (built once per device and window)."""
-        return self.derived(("visibility", torch.device(device), window), lambda: self._visibility(device, window))
+    def visibility(self, device: torch.device, window: int = 0, chunk: int = 0) -> torch.Tensor:
+        """BoolTensor (B, 1, q_len, k_len): True where query may attend to key (built once per device, window
+        and chunk)."""
+        return self.derived(("visibility", torch.device(device), window, chunk),
+                            lambda: self._visibility(device, window, chunk))
 
-    def _visibility(self, device: torch.device, window: int) -> torch.Tensor:
+    def _visibility(self, device: torch.device, window: int, chunk: int = 0) -> torch.Tensor:
         qpos = self.positions(device).unsqueeze(-1)                   # (B, q, 1)
         kpos = torch.arange(self.k_len, device=device).view(1, 1, -1)  # (1, 1, k)
         vis = kpos <= qpos if self.causal else torch.ones_like(kpos <= qpos)
@@ -75,11 +83,18 @@ class AttnMetadata:
             vis = vis & (q_seg.unsqueeze(-1) == seg.unsqueeze(1))
         if window:
             vis = vis & (qpos - kpos < window)
+        if chunk:
+            vis = vis & self._same_chunk(qpos, kpos, chunk)
         if self.key_lengths is not None:
             vis = vis & (kpos < self.key_lengths.to(device).view(-1, 1, 1))
         if self.key_mask is not None:
             vis = vis & self.key_mask.to(device).bool().unsqueeze(1)
         return vis.unsqueeze(1)
+
+    def _same_chunk(self, qpos: torch.Tensor, kpos: torch.Tensor, chunk: int) -> torch.Tensor:
+        """(B, q, k): whether query and key fall in the same chunk of `chunk` positions of their sequence."""
+        offset = 0 if self.position_offsets is None else self.position_offsets.to(qpos.device).long().view(-1, 1, 1)
+        return (qpos + offset).div(chunk, rounding_mode="floor") == (kpos + offset).div(chunk, rounding_mode="floor")
 
 
 def paged_metadata(cache_seqlens: torch.Tensor, q_len: int, max_key_len: int | None = None) -> AttnMetadata:

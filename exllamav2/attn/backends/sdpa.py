@@ -7,7 +7,7 @@ device current; on a mixed rig a tensor on a Turing card can then never pass an 
 
 Masks: plain `is_causal=True` is upper-left aligned, which is wrong whenever q_len != k_len (a
 cache), so it is used only for q_len == k_len; uniform batches with a cache use
-`causal_lower_right`; everything else (padding, ragged pages, sliding window) gets the boolean
+`causal_lower_right`; everything else (padding, ragged pages, sliding window, chunks) gets the boolean
 visibility mask of `AttnMetadata`. Rows that see no key output zeros, as in matmul. A single query
 position (decode) folds the query heads of each kv head into rows instead of repeating the cache.
 """
@@ -65,7 +65,7 @@ class SdpaBackend(AttentionBackend):
             reasons.append("cannot apply attention logit softcapping")
         return reasons
 
-    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0):
+    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0):
         if softcap:
             raise refuse_softcap("sdpa")
         groups = q.shape[2] // k.shape[2]
@@ -78,13 +78,13 @@ class SdpaBackend(AttentionBackend):
             kt = repeat_kv(k, groups).transpose(1, 2)               # (B, Hq, k, D)
             vt = repeat_kv(v, groups).transpose(1, 2)
         vis = None
-        if meta.is_uniform and not window:
+        if meta.is_uniform and not window and not chunk:
             causal = meta.q_len == meta.k_len and not fold
             # one query at the end of the sequence sees every key: no mask at all
             mask = None if causal or meta.q_len == 1 else _lower_right(meta.q_len, meta.k_len)
         else:
             causal = False
-            vis = meta.visibility(q.device, window)                 # (B, 1, q, k)
+            vis = meta.visibility(q.device, window, chunk)          # (B, 1, q, k)
             mask = vis
         with ExitStack() as stack:
             stack.enter_context(torch.nn.attention.sdpa_kernel(self._backends))

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .backend import (AttentionBackend, fold_query_groups, nvidia_gpu_reasons, refuse_softcap, repeat_kv,
-                      unfold_query_groups)
+from .backend import (CHUNK_REFUSAL, AttentionBackend, fold_query_groups, nvidia_gpu_reasons, refuse_chunk,
+                      refuse_softcap, repeat_kv, unfold_query_groups)
 from ..installed import at_least
 from .metadata import AttnMetadata
 
@@ -60,11 +60,15 @@ class XformersBackend(AttentionBackend):
             reasons.append(f"version {version} is older than 0.0.24 (no bottom-right causal mask)")
         if needs.softcap:
             reasons.append("cannot apply attention logit softcapping")
+        if needs.attention_chunk:       # its fast paths are causal masks; chunks are untested through its bias
+            reasons.append(CHUNK_REFUSAL)
         return reasons
 
-    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0):
+    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0):
         if softcap:
             raise refuse_softcap("xformers")
+        if chunk:
+            raise refuse_chunk("xformers")
         groups = q.shape[2] // k.shape[2]
         if meta.is_uniform and not window and meta.q_len == 1 and groups > 1:
             # decode: the query sees every key, so no bias; query heads folded instead of the cache repeated
