@@ -426,3 +426,19 @@ def test_older_config_layout_loads(qwen, tmp_path):
     for name in ("vision_hidden_size", "vision_in_channels", "vision_patch_size", "vision_window_size",
                  "vision_fullatt_block_indexes", "vision_min_pixels", "vision_max_pixels"):
         assert getattr(config, name) == getattr(tower.config, name), name
+
+
+@pytest.mark.parametrize("backend", ["matmul", "sdpa"])
+def test_attend_blocks_equals_the_block_diagonal_mask(backend):
+    """The tower's batched blocks (one unmasked call per block length) equal one block-diagonal masked call."""
+    from exllamav2.attn.backends.matmul import MatmulBackend
+    from exllamav2.attn.backends.metadata import block_diagonal_metadata
+    from exllamav2.attn.backends.sdpa import SdpaBackend
+    from exllamav2.vlm.tower import attend_blocks
+
+    lengths = [16, 16, 8, 16, 4, 8]
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(sum(lengths), 2, 8, generator=gen) for _ in range(3))
+    impl = {"matmul": MatmulBackend, "sdpa": SdpaBackend}[backend]("cpu")
+    want = MatmulBackend("cpu").attend(q[None], k[None], v[None], block_diagonal_metadata(lengths), scale=0.3)[0]
+    torch.testing.assert_close(attend_blocks(impl, q, k, v, lengths, 0.3), want, atol=1e-5, rtol=1e-5)

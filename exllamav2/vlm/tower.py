@@ -4,7 +4,7 @@ Patches (see preprocess.py) are embedded by one linear map (the checkpoint's Con
 by a 2-D RoPE (half the rotary frequencies follow the patch's row, half its column), and run through pre-norm
 blocks whose attention is non-causal and block-diagonal: over the whole image, or (Qwen2.5-VL, outside
 fullatt_block_indexes) over windows of window_size pixels. Attention goes through the attention plan, like the
-text model's. The merger (projector.py) then gives one text-model embedding per merge_size x merge_size patches.
+text model's, one unmasked batch per block length (attend_blocks). The merger (projector.py) then gives one text-model embedding per merge_size x merge_size patches.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..attn import resolve_attention
-from ..attn.backends.metadata import block_diagonal_metadata
+from ..attn.backends.metadata import AttnMetadata
 from ..errors import CheckpointError
 from ..model.module import TensorShapeError
 from ..ops import build_ops
@@ -73,6 +73,24 @@ def vision_rope(config: Any, grid_h: int, grid_w: int, device: torch.device) -> 
     freqs = torch.cat((block_major(rows)[:, None] * inv, block_major(cols)[:, None] * inv), dim=-1)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(device), emb.sin().to(device)
+
+
+def attend_blocks(backend: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+                  scale: float) -> torch.Tensor:
+    """Block-diagonal non-causal attention of q, k, v (N, heads, dim): each block of consecutive tokens (an image,
+    a window) attends within itself. Blocks of one length go through the backend as one batch with no mask, so no
+    N x N mask or score matrix is built for a large image."""
+    out = torch.empty_like(q)
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist()
+    by_length: dict[int, list[int]] = {}
+    for start, length in zip(starts, lengths):
+        by_length.setdefault(length, []).append(start)
+    for length, first in by_length.items():
+        rows = (torch.tensor(first).view(-1, 1) + torch.arange(length)).view(-1).to(q.device)
+        qb, kb, vb = (t[rows].view(len(first), length, *t.shape[1:]) for t in (q, k, v))
+        meta = AttnMetadata(batch_size=len(first), q_len=length, k_len=length, causal=False)
+        out[rows] = backend.attend(qb, kb, vb, meta, scale=scale).reshape(-1, *q.shape[1:])
+    return out
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -203,12 +221,12 @@ class ExLlamaV2VisionTower:
         return lin(out, h)
 
     def _block(self, x: torch.Tensor, blk: dict[str, torch.Tensor], cos: torch.Tensor, sin: torch.Tensor,
-               meta) -> torch.Tensor:
+               lengths: list[int]) -> torch.Tensor:
         n, heads, dim = x.shape[0], self.config.vision_num_attention_heads, self.config.vision_head_dim
         h = self._norm(x, blk, "norm1")
         q, k, v = F.linear(h, blk["attn.qkv.weight"], blk["attn.qkv.bias"]).view(n, 3, heads, dim).unbind(1)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        o = self.backend.attend(q[None], k[None], v[None], meta, scale=dim ** -0.5)[0].reshape(n, heads * dim)
+        o = attend_blocks(self.backend, q, k, v, lengths, dim ** -0.5).reshape(n, heads * dim)
         x = x + F.linear(o, blk["attn.proj.weight"], blk["attn.proj.bias"])
         return x + self._mlp(self._norm(x, blk, "norm2"), blk)
 
@@ -223,13 +241,13 @@ class ExLlamaV2VisionTower:
         m = cfg.vision_spatial_merge_size
         x = F.linear(patches.to(self.device, self.dtype), self.patch_w)
         cos, sin = (c.unsqueeze(1) for c in vision_rope(cfg, gh, gw, self.device))     # (N, 1, head_dim)
-        full = block_diagonal_metadata([gh * gw])
+        full, windows = [gh * gw], []
         order = None
         if self.family.windowed:
             order, lengths = window_partition(gh, gw, m, cfg.vision_window_size // m // cfg.vision_patch_size["height"])
             patch_order = (order.view(-1, 1) * m * m + torch.arange(m * m)).view(-1).to(self.device)
             x, cos, sin = x[patch_order], cos[patch_order], sin[patch_order]
-            windows = block_diagonal_metadata(lengths)
+            windows = lengths
         for i, blk in enumerate(self.blocks):
             windowed = order is not None and i not in cfg.vision_fullatt_block_indexes
             x = self._block(x, blk, cos, sin, windows if windowed else full)

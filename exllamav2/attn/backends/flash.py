@@ -6,8 +6,9 @@ flash-attn needs sm_80+ on every device it runs on (its kernels raise "FlashAtte
 supports Ampere GPUs or newer" below that), and its causal mask is bottom-right aligned (2.1+),
 which is the alignment a KV cache needs. Varlen packs, per sequence, the queries that see any key
 and the one run of keys they see; a mask that is not such a run (a hole in `input_mask`) goes to
-the fallback backend the plan chose (SDPA, or matmul when SDPA can't serve the model). Non-causal and
-block-diagonal attention (vision towers) goes to that fallback too: the kernels here are only ever called causal.
+the fallback backend the plan chose (SDPA, or matmul when SDPA can't serve the model). Non-causal
+attention over all keys (a vision tower's block) runs flash_attn_func with causal=False; a block-diagonal mask
+goes to the fallback.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ class FlashAttnBackend(AttentionBackend):
     def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0):
         if chunk:
             raise refuse_chunk("flash_attn")
+        if meta.is_full and not window:                 # non-causal, every key (vision towers): flash-attn's own
+            return self._func(q, k, v, softmax_scale=scale, causal=False, **_options(0, softcap))
         if not meta.causal:
             return self.fallback.attend(q, k, v, meta, scale=scale, window=window, softcap=softcap)
         options = dict(softmax_scale=scale, causal=True, **_options(window, softcap))

@@ -59,6 +59,11 @@ class AttnMetadata:
             and self.past_len + self.q_len == self.k_len
         )
 
+    @property
+    def is_full(self) -> bool:
+        """Non-causal attention of every query to every key (a vision tower's block): no mask at all."""
+        return not self.causal and self.segments is None and self.key_lengths is None and self.key_mask is None
+
     def positions(self, device: torch.device) -> torch.Tensor:
         """Absolute query positions, LongTensor (B, q_len)."""
         base = torch.arange(self.q_len, device=device).unsqueeze(0)

@@ -78,7 +78,9 @@ class SdpaBackend(AttentionBackend):
             kt = repeat_kv(k, groups).transpose(1, 2)               # (B, Hq, k, D)
             vt = repeat_kv(v, groups).transpose(1, 2)
         vis = None
-        if meta.is_uniform and not window and not chunk:
+        if meta.is_full and not window and not chunk:      # non-causal, every key (vision towers)
+            causal, mask = False, None
+        elif meta.is_uniform and not window and not chunk:
             causal = meta.q_len == meta.k_len and not fold
             # one query at the end of the sequence sees every key: no mask at all
             mask = None if causal or meta.q_len == 1 else _lower_right(meta.q_len, meta.k_len)

@@ -75,6 +75,8 @@ class XformersBackend(AttentionBackend):
             return unfold_query_groups(self._attention(fold_query_groups(q, groups), k, v, scale=scale))
         k = repeat_kv(k, groups)                                    # (B, k, Hq, D)
         v = repeat_kv(v, groups)
+        if meta.is_full and not window:                             # non-causal, every key (vision towers)
+            return self._attention(q, k, v, scale=scale)
         if meta.is_uniform and not window:
             return self._attention(q, k, v, attn_bias=self._causal, scale=scale)
         vis = meta.visibility(q.device, window)                     # (B, 1, q, k)
