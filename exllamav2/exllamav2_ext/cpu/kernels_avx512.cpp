@@ -23,6 +23,7 @@ struct S {
     using A = __m512;                 // a column's 16 partial sums (one per row lane)
     static constexpr int kAccRegs = 16;   // of 32 registers: the rest hold x, codes and temporaries
     static constexpr int kLutBits = 5;    // vpermps reaches 16 entries, vpermt2ps 32
+    static constexpr bool kHalvesTogether = true;   // the order of a chunk's steps (ChunkFma)
 
     static inline __attribute__((always_inline)) I load_i(const int32_t* p) { return _mm512_loadu_si512(p); }
     template <int n> static inline __attribute__((always_inline)) I srl(I v) {

@@ -105,8 +105,10 @@ struct ChunkFma {
     template <int Q>
     static EXL_INLINE void step(const int32_t* w, const GroupConsts<NC>& g, const float* x, int64_t kpad,
                                 A (&acc)[MR][NC]) {
-        // both row halves of a column in turn: its constants are live only briefly (no spills)
-        constexpr int h = Q % 2, jj = Q / 2;
+        // S::kHalvesTogether: both row halves of a column in turn (a column's table and constants live only
+        // briefly: fewer spills with AVX-512's 16 accumulators), else every column's first half, then the second
+        // (longer distance between an accumulator's FMAs: AVX2 chains two per half into one accumulator)
+        constexpr int h = S::kHalvesTogether ? Q % 2 : Q / NC, jj = S::kHalvesTogether ? Q / 2 : Q % NC;
         typename S::F wv = weights<S, B, Z, h * 16 + J0 + jj, J0>(w, g, jj);
         for (int m = 0; m < MR; ++m) acc[m][jj] = S::fma_row(wv, x + m * kpad + h * 16, acc[m][jj]);
     }
