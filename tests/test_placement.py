@@ -181,7 +181,7 @@ def test_footprint_of_an_fp16_checkpoint_is_its_tensor_bytes(tiny_model_factory)
 def test_only_the_gpus_the_model_uses_are_probed(tiny_model_factory, monkeypatch, caplog):
     """Construction plans for every visible GPU without probing any (a probe gives a GPU a CUDA context, hundreds of
     MB); placement then plans and probes only the GPUs gpu_split actually fills. torch.cuda is faked."""
-    from exllamav2 import model as model_module
+    from exllamav2.model import model as model_module
     from exllamav2.attn import resolve
     from exllamav2.attn.devices import DeviceInfo
 
