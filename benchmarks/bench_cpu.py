@@ -29,10 +29,12 @@ load average and every row's library version are printed, and written to --json 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -217,8 +219,25 @@ def run_child(args: argparse.Namespace, variant: dict, threads: int) -> dict:
 
 def child_env(threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    src = env.get("BENCH_CPU_SRC", str(REPO))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [src, env.get("PYTHONPATH")]))
     return env
+
+
+def snapshot_package(root: Path) -> tuple[Path, str]:
+    """A copy of this checkout's exllamav2 package, imported by every child: a long run in a working tree that
+    others edit would otherwise measure different code in different rounds. Returns (its directory, a name for
+    the code: the git commit, whether the package differed from it, and a hash of the copy)."""
+    dest = root / "src"
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(REPO / "exllamav2", dest / "exllamav2", ignore=shutil.ignore_patterns("__pycache__"))
+    digest = hashlib.sha256()
+    for f in sorted(p for p in (dest / "exllamav2").rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(dest)).encode() + f.read_bytes())
+    git = ["git", "-C", str(REPO)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "exllamav2"], capture_output=True, text=True).stdout
+    return dest, f"git {commit or 'unknown'}{'+uncommitted' if dirty.strip() else ''}, tree {digest.hexdigest()[:10]}"
 
 
 # the parent ---------------------------------------------------------------------------------------
@@ -227,8 +246,11 @@ def child_env(threads: int) -> dict:
 def aggregate(runs: list[dict], how: str) -> dict:
     """Each metric over the rounds: the best (other load on a shared machine only slows a run) or the median."""
     pick = max if how == "best" else statistics.median
+    versions = sorted({r["version"] for r in runs})
     out = dict(runs[0], peak_rss_mib=min(r["peak_rss_mib"] for r in runs), batches={},
                load_averages=[r.get("load_average", 0.0) for r in runs])
+    if len(versions) > 1:                   # should not happen with the package snapshot; never hide it
+        out["version"] = "MIXED: " + " | ".join(versions)
     for b, first in runs[0]["batches"].items():
         out["batches"][b] = dict(first, **{k: pick([r["batches"][b][k] for r in runs])
                                            for k in ("prefill_tokens_per_s", "decode_tokens_per_s")})
@@ -269,6 +291,9 @@ def prepare(args: argparse.Namespace, root: Path) -> dict:
 
 
 def run(args: argparse.Namespace, root: Path) -> None:
+    src, code = snapshot_package(root)
+    os.environ.update(BENCH_CPU_SRC=str(src), BENCH_CPU_CODE=code)     # read by every child
+    sys.path.insert(0, str(src))
     device = cpu_report.device_info()
     prepared = prepare(args, root)
     variants = [v for v in prepared["variants"] if not args.rows or any(s in v["label"] for s in args.rows)]
@@ -279,9 +304,22 @@ def run(args: argparse.Namespace, root: Path) -> None:
         args.json.write_text(json.dumps({
             "device": device, "parameters": prepared["parameters"], "bandwidth_gb_s": extra["bandwidth"],
             "llama_cpp_skipped": prepared["llama_cpp_skipped"], "settings": cpu_report.settings(args),
-            "runs": {f"{label} @ {t}": r for (label, t), r in extra["runs"].items()},
+            "variants": variants, "runs": {f"{label} @ {t}": r for (label, t), r in extra["runs"].items()},
             "results": {f"{label} @ {t}": r for (label, t), r in results.items()},
         }, indent=2) + "\n")
+
+
+def report_from(path: Path) -> str:
+    """The report of a run saved with --json, printed again (after a change to the report, without rerunning)."""
+    data = json.loads(path.read_text())
+    args = argparse.Namespace(**data["settings"])
+    results = {}
+    for key, r in data["results"].items():
+        label, threads = key.rsplit(" @ ", 1)
+        results[(label, int(threads))] = r
+    bandwidth = {int(t): bw for t, bw in data["bandwidth_gb_s"].items()}
+    prepared = {"parameters": data["parameters"], "llama_cpp_skipped": data["llama_cpp_skipped"]}
+    return cpu_report.report(data["device"], prepared, args, data["variants"], results, bandwidth)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -305,6 +343,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, help="keep the checkpoints here (default: a temporary directory)")
     p.add_argument("--tiny", action="store_true", help="a tiny model (for the tests; the numbers mean nothing)")
     p.add_argument("--json", type=Path, help="also write the results here")
+    p.add_argument("--report-from", type=Path, help="print the report of a run saved with --json, run nothing")
     p.add_argument("--worker", choices=["exllamav2", "transformers", "llama.cpp", "bandwidth"], help=argparse.SUPPRESS)
     p.add_argument("--model-dir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--dtype", help=argparse.SUPPRESS)
@@ -316,9 +355,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    sys.path.insert(0, str(REPO))
+    sys.path.insert(0, os.environ.get("BENCH_CPU_SRC", str(REPO)))     # children: the parent's package snapshot
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if args.worker:
+    if args.report_from:
+        print(report_from(args.report_from))
+    elif args.worker:
         print(json.dumps(worker(args)))
     elif args.setup:
         print(json.dumps(setup(args, args.setup)))

@@ -133,7 +133,8 @@ def _fastest_row(tab: Table, batch: int) -> str:
     for t in ts:
         best = tab.fastest(t, batch, "decode_tokens_per_s")
         cells.append(_num(tab.roofline(best[1], t, batch), ".0%") if best else "-")
-    cells += ["-", "1.00", "1.00", "-", "-"]
+    ones = " / ".join("1.00" for _ in ts)
+    cells += ["-", ones, ones, "-", "-"]
     return "| " + " | ".join(cells) + " |"
 
 

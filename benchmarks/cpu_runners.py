@@ -14,6 +14,7 @@ sequence, all layers), for the roofline in the report.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -26,7 +27,7 @@ def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
+        return "git " + (out.stdout.strip() or "unknown")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -73,7 +74,8 @@ class OursRunner:
         self.model.load()
         self.max_len = max_len
         self.cache = None
-        self.version = f"exllamav2 {exllamav2.__version__} (git {_git_commit()})"
+        # the code snapshot bench_cpu.py runs (BENCH_CPU_CODE), or this checkout's commit
+        self.version = f"exllamav2 {exllamav2.__version__} ({os.environ.get('BENCH_CPU_CODE') or _git_commit()})"
         self.dtype = str(self.model.dtype).removeprefix("torch.")
         self.attention = ", ".join(str(p.backend) for p in self.model.attn_plan.devices)
         self.weight_bytes = safetensors_weight_bytes(model_dir)

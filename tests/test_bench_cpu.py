@@ -92,6 +92,8 @@ def test_aggregate_best_and_median():
     median = bench_cpu.aggregate(runs, "median")["batches"]["1"]
     assert (best["decode_tokens_per_s"], best["prefill_tokens_per_s"]) == (30.0, 100.0)
     assert (median["decode_tokens_per_s"], median["prefill_tokens_per_s"]) == (20.0, 70.0)
+    runs[1]["version"] = "x 2"                      # code that changed between rounds is shown, never hidden
+    assert bench_cpu.aggregate(runs, "best")["version"] == "MIXED: x 1 | x 2"
 
 
 def test_tiny_end_to_end(tmp_path):
@@ -111,7 +113,11 @@ def test_tiny_end_to_end(tmp_path):
         assert set(r["batches"]) == {"1", "2"} and r["weight_bytes"] > 0 and r["version"]
         assert all(b["decode_tokens_per_s"] > 0 and b["prefill_tokens_per_s"] > 0 for b in r["batches"].values())
     assert "### batch 2" in done.stdout and "transformers, fastest per column" in done.stdout
+    # every exllamav2 child ran the package copy the parent took at the start, named by its hash
+    assert "tree " in data["results"]["exllamav2 FP16 @ 1"]["version"]
     assert ("llama.cpp rows skipped" in done.stdout) == (not gguf)
+    again = subprocess.run([*cmd[:2], "--report-from", str(out)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout == done.stdout, again.stderr[-3000:]
 
 
 @pytest.mark.skipif(gguf_export.unavailable_reason() is not None, reason="llama-cpp-python or gguf not installed")
