@@ -224,20 +224,25 @@ def child_env(threads: int) -> dict:
     return env
 
 
-def snapshot_package(root: Path) -> tuple[Path, str]:
-    """A copy of this checkout's exllamav2 package, imported by every child: a long run in a working tree that
-    others edit would otherwise measure different code in different rounds. Returns (its directory, a name for
-    the code: the git commit, whether the package differed from it, and a hash of the copy)."""
-    dest = root / "src"
+def snapshot_package(root: Path, commit: str | None = None) -> tuple[Path, str]:
+    """A copy of the exllamav2 package (this checkout's, or `commit`'s), imported by every child: a long run in a
+    working tree that others edit would otherwise measure different code in different rounds. Returns (its
+    directory, a name for the code: the git commit, whether the package differed from it, a hash of the copy)."""
+    dest, git = root / "src", ["git", "-C", str(REPO)]
     shutil.rmtree(dest, ignore_errors=True)
-    shutil.copytree(REPO / "exllamav2", dest / "exllamav2", ignore=shutil.ignore_patterns("__pycache__"))
+    dest.mkdir(parents=True)
+    if commit:
+        archive = subprocess.run([*git, "archive", commit, "exllamav2"], capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    else:
+        shutil.copytree(REPO / "exllamav2", dest / "exllamav2", ignore=shutil.ignore_patterns("__pycache__"))
     digest = hashlib.sha256()
     for f in sorted(p for p in (dest / "exllamav2").rglob("*") if p.is_file()):
         digest.update(str(f.relative_to(dest)).encode() + f.read_bytes())
-    git = ["git", "-C", str(REPO)]
-    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "--", "exllamav2"], capture_output=True, text=True).stdout
-    return dest, f"git {commit or 'unknown'}{'+uncommitted' if dirty.strip() else ''}, tree {digest.hexdigest()[:10]}"
+    rev = subprocess.run([*git, "rev-parse", "--short", commit or "HEAD"], capture_output=True, text=True).stdout
+    dirty = "" if commit else subprocess.run([*git, "status", "--porcelain", "--", "exllamav2"],
+                                             capture_output=True, text=True).stdout
+    return dest, f"git {rev.strip() or 'unknown'}{'+uncommitted' if dirty.strip() else ''}, tree {digest.hexdigest()[:10]}"
 
 
 # the parent ---------------------------------------------------------------------------------------
@@ -291,7 +296,7 @@ def prepare(args: argparse.Namespace, root: Path) -> dict:
 
 
 def run(args: argparse.Namespace, root: Path) -> None:
-    src, code = snapshot_package(root)
+    src, code = snapshot_package(root, args.commit)
     os.environ.update(BENCH_CPU_SRC=str(src), BENCH_CPU_CODE=code)     # read by every child
     sys.path.insert(0, str(src))
     device = cpu_report.device_info()
@@ -340,6 +345,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also run the first EXL2 width without the CPU kernels")
     p.add_argument("--before-decode-len", type=int, default=8)
     p.add_argument("--rows", nargs="*", help="only the rows whose label contains one of these")
+    p.add_argument("--commit", help="measure the exllamav2 package of this git commit (default: the working tree)")
     p.add_argument("--work-dir", type=Path, help="keep the checkpoints here (default: a temporary directory)")
     p.add_argument("--tiny", action="store_true", help="a tiny model (for the tests; the numbers mean nothing)")
     p.add_argument("--json", type=Path, help="also write the results here")

@@ -144,3 +144,11 @@ def test_gguf_export_reads_as_transformers(tmp_path):
     assert runner.weight_bytes == sum(p.numel() * 2 for n, p in model.named_parameters()
                                       if "embed" not in n and p.ndim == 2) + sum(
         p.numel() * 4 for p in model.parameters() if p.ndim == 1)
+
+
+def test_snapshot_of_a_commit_is_that_commits_package(tmp_path):
+    src, code = bench_cpu.snapshot_package(tmp_path, "HEAD")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    assert code.startswith(f"git {head.stdout.strip()}, tree ")
+    committed = subprocess.run(["git", "-C", str(REPO), "show", "HEAD:exllamav2/__init__.py"], capture_output=True)
+    assert (src / "exllamav2" / "__init__.py").read_bytes() == committed.stdout
