@@ -41,6 +41,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from cpu_runners import Runner
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))     # the helper modules beside this script
@@ -163,7 +167,7 @@ def read_bandwidth(threads: int, numel: int = 2**28) -> float:
     return a.nbytes / best / 1e9
 
 
-def make_runner(args: argparse.Namespace, max_len: int):
+def make_runner(args: argparse.Namespace, max_len: int) -> Runner:
     from cpu_runners import LlamaCppRunner, OursRunner, TransformersRunner
 
     if args.worker == "exllamav2":

@@ -10,6 +10,7 @@ import argparse
 import os
 import platform
 from pathlib import Path
+from typing import Callable
 
 FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16")
 REFERENCE = "transformers float32 eager"       # greedy agreement is checked against this row
@@ -156,7 +157,10 @@ def batch_table(tab: Table, batch: int) -> list[str]:
 def _verdict(ratio: float | None, goal: float, fmt: str = ".2f") -> str:
     if ratio is None:
         return "n/a"
-    return f"{ratio:{fmt}} (met)" if ratio >= goal else f"{ratio:{fmt}} (missed by {1 - ratio / goal:.0%})"
+    if ratio >= goal:
+        return f"{ratio:{fmt}} (met)"
+    short = 1 - ratio / goal
+    return f"{ratio:{fmt}} (missed by {'<1%' if short < 0.005 else format(short, '.0%')})"
 
 
 def targets(tab: Table) -> list[str]:
@@ -164,7 +168,7 @@ def targets(tab: Table) -> list[str]:
     where = [(b, t) for b in tab.args.batch_sizes for t in tab.args.threads]
     checks = []
 
-    def fastest(key):
+    def fastest(key: str) -> Callable[[int, int], str | None]:
         return lambda b, t: (tab.fastest(t, b, key) or (None, None))[1]
 
     for bpw, gguf_type in ((4.0, "Q4_0"), (8.0, "Q8_0")):

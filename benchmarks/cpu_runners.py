@@ -19,6 +19,10 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,6 +50,20 @@ def safetensors_weight_bytes(model_dir: Path) -> int:
                     n *= d
                 total += n * size.get(f.get_slice(name).get_dtype(), 4)
     return total
+
+
+class Runner(Protocol):
+    library: str
+    version: str
+    dtype: str
+    attention: str
+    weight_bytes: int
+    kv_bytes_per_position: int
+
+    def start(self, batch: int) -> None: ...
+    def prefill(self, ids: "torch.Tensor") -> Any: ...
+    def step(self, tokens: Any) -> Any: ...
+    def tolist(self, tokens: Any) -> list[int]: ...
 
 
 def _kv_bytes(cfg: dict, itemsize: int) -> int:
@@ -92,14 +110,14 @@ class OursRunner:
         itemsize = keys[0].element_size() if keys and keys[0] is not None else self.model.dtype.itemsize
         self.kv_bytes_per_position = _kv_bytes(self.hf_config, itemsize)
 
-    def prefill(self, ids):
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         self.cache.current_seq_len = 0
         return self.model.forward(ids, self.cache, last_id_only=True)[:, -1].argmax(-1, keepdim=True)
 
-    def step(self, tokens):
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.forward(tokens, self.cache)[:, -1].argmax(-1, keepdim=True)
 
-    def tolist(self, tokens) -> list[int]:
+    def tolist(self, tokens: torch.Tensor) -> list[int]:
         return tokens[:, 0].tolist()
 
 
@@ -126,17 +144,17 @@ class TransformersRunner:
     def start(self, batch: int) -> None:
         self.past = None
 
-    def prefill(self, ids):
+    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         self.past = out.cache
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
-    def step(self, tokens):
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=tokens, cache=self.past, use_cache=True, logits_to_keep=1)
         self.past = out.cache
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
-    def tolist(self, tokens) -> list[int]:
+    def tolist(self, tokens: torch.Tensor) -> list[int]:
         return tokens[:, 0].tolist()
 
 
@@ -201,7 +219,7 @@ class LlamaCppRunner:
         logits = np.ctypeslib.as_array(self.lc.llama_get_logits(self.ctx), shape=(len(rows), self.n_vocab))
         return logits.argmax(-1).tolist()
 
-    def prefill(self, ids) -> list[int]:
+    def prefill(self, ids: torch.Tensor) -> list[int]:
         self.lc.llama_memory_clear(self.lc.llama_get_memory(self.ctx), True)
         rows = ids.tolist()
         self.pos = len(rows[0])
@@ -219,7 +237,7 @@ class LlamaCppRunner:
 RUNNERS = {"exllamav2": OursRunner, "transformers": TransformersRunner, "llama.cpp": LlamaCppRunner}
 
 
-def timed_batch(runner, prompt, decode_len: int, repeats: int) -> dict:
+def timed_batch(runner: Runner, prompt: torch.Tensor, decode_len: int, repeats: int) -> dict:
     """Median prefill and decode time of `repeats` runs at the prompt's batch size; each run is a prefill into an
     empty cache followed by `decode_len` greedy steps."""
     batch, prompt_len = prompt.shape[0], prompt.shape[1]

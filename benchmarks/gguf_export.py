@@ -13,6 +13,11 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import gguf
+    import numpy as np
 
 log = logging.getLogger("bench_cpu.gguf")
 
@@ -35,14 +40,14 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def permute_rotary(w, n_head: int):
+def permute_rotary(w: np.ndarray, n_head: int) -> np.ndarray:
     """Hugging Face keeps each head's rotary pairs as (first half, second half); llama.cpp's Llama rope takes them
     interleaved. The same row permutation as convert_hf_to_gguf's LlamaModel.permute."""
     rows = w.shape[0]
     return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _add_vocab(writer, vocab_size: int, bos: int, eos: int) -> None:
+def _add_vocab(writer: gguf.GGUFWriter, vocab_size: int, bos: int, eos: int) -> None:
     import gguf
 
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
@@ -62,7 +67,7 @@ def _add_vocab(writer, vocab_size: int, bos: int, eos: int) -> None:
     writer.add_add_bos_token(False)
 
 
-def _add_hparams(writer, cfg: dict) -> None:
+def _add_hparams(writer: gguf.GGUFWriter, cfg: dict) -> None:
     import gguf
 
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
