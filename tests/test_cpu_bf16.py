@@ -1,6 +1,6 @@
 """bfloat16 activations on the CPU (config.cpu_dtype, EXLLAMA_CPU_DTYPE; the default where the CPU multiplies bf16
-natively): the bf16-weight kernel against fp64 matmul, the choice of dtype, and the accuracy this costs against
-transformers in float32, for FP16 checkpoints and the bundled EXL2 demo model (decode through the packed-code
+natively; its weight kernel is tested with the fp16 one in test_cpu_kernels.py): the choice of dtype, and the
+accuracy this costs against transformers in float32, for FP16 checkpoints and the bundled EXL2 demo model (decode through the packed-code
 kernel, prefill through one bf16 GEMM on the decoded weight)."""
 
 from __future__ import annotations
@@ -17,19 +17,6 @@ from tests.test_model import VOCAB
 
 kernels = ext.cpu_kernels()
 needs_kernels = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2/F16C or no compiler)")
-
-
-@needs_kernels
-@pytest.mark.parametrize("m", [1, 3, 16])
-@pytest.mark.parametrize("n, k", [(1, 1), (5, 15), (33, 100), (7, 47), (1030, 72)])
-def test_linear_bf16w_matches_fp64_matmul(m, n, k, isa, threads):
-    gen = torch.Generator().manual_seed(m * 1000 + n + k)
-    x = torch.randn(m, k, generator=gen)
-    w = torch.randn(n, k, generator=gen).bfloat16()
-    expect = x.double() @ w.double().T                  # bf16 weights are exact in fp64
-    torch.testing.assert_close(kernels.linear_bf16w(x, w).double(), expect, rtol=1e-5, atol=1e-5 * k**0.5)
-    with pytest.raises(RuntimeError, match="w must be bfloat16"):
-        kernels.linear_bf16w(x, w.half())
 
 
 def test_the_cpu_dtype_follows_the_cpu_and_the_setting(monkeypatch):

@@ -21,13 +21,16 @@ needs_kernels = pytest.mark.skipif(kernels is None, reason="CPU kernels unavaila
 @needs_kernels
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("n, k", [(1, 1), (5, 15), (32, 16), (33, 100), (7, 47), (256, 768), (1030, 72)])
-def test_linear_f16w_matches_fp32_matmul(m, n, k, isa, threads):
-    """Four output rows at a time plus a tail (n % 4), K tails of 1..31, rows split over threads (n = 1030)."""
+@pytest.mark.parametrize("kernel, dtype", [("linear_f16w", torch.float16), ("linear_bf16w", torch.bfloat16)])
+def test_16_bit_weight_kernels_match_fp64_matmul(m, n, k, kernel, dtype, isa, threads):
+    """Four output rows at a time plus a tail (n % 4), K tails of 1..31, rows split over threads (n = 1030); fp16
+    and bf16 weights (the bf16 mode's) through the same kernel body."""
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k, generator=gen)
-    w = torch.randn(n, k, generator=gen).half()
-    expect = x.double() @ w.double().T                  # fp16 weights are exact in fp64
-    torch.testing.assert_close(kernels.linear_f16w(x, w).double(), expect, rtol=1e-5, atol=1e-5 * k**0.5)
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    expect = x.double() @ w.double().T                  # 16-bit weights are exact in fp64
+    got = getattr(kernels, kernel)(x, w).double()
+    torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5 * k**0.5)
 
 
 def _attention_reference(q, k, v, scale):
@@ -107,6 +110,8 @@ def test_linear_f16w_refuses_wrong_input():
         kernels.linear_f16w(torch.randn(1, 8), torch.randn(4, 8))
     with pytest.raises(RuntimeError, match="share K"):
         kernels.linear_f16w(torch.randn(1, 8), torch.randn(4, 9).half())
+    with pytest.raises(RuntimeError, match="w must be bfloat16"):
+        kernels.linear_bf16w(torch.randn(1, 8), torch.randn(4, 8).half())
 
 
 def _decode_logits(model_dir) -> tuple[ExLlamaV2, torch.Tensor]:
