@@ -16,7 +16,7 @@ from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, 
 from exllamav2.model.embedding import EMBEDDING_INDEX
 from exllamav2.model.mm_embedding import remap_embeddings
 from exllamav2.vlm.mrope import mrope_layout
-from exllamav2.vlm.preprocess import QwenImageSettings, preprocess_qwen
+from exllamav2.vlm.qwen_preprocess import QwenImageSettings, preprocess_qwen
 from tests.tiny_models import _COMMON, build_tiny_model, write_tokenizer
 
 PIL = pytest.importorskip("PIL.Image")

@@ -1,10 +1,11 @@
 """Vision (multimodal) models, through upstream's API: `ExLlamaV2VisionTower(config)` (load / load_gen / unload,
 get_image_embeddings) and `ExLlamaV2MultimodalProjector`.
 
-Runs the Qwen2-VL and Qwen2.5-VL towers (`config.vision_model_type` 'qwen2_vl' / 'qwen2_5_vl'). For every other
-model `config.vision_model_type` is None, which is how clients decide not to offer images, and constructing the
-tower raises a ValueError naming the model. One part per module: preprocess (Pillow), tower, projector (merger),
-mrope (the text model's 3-D positions), families (what differs between families, as data).
+Runs the towers families.py lists (`config.vision_model_type`). For every other model `config.vision_model_type`
+is None, which is how clients decide not to offer images, and constructing the tower raises a ValueError naming
+the model. Shared parts: tower (the API, loading, image -> embedding), image (reading with Pillow), families (a
+row per family: its module, where its tensors sit). Per family: qwen_tower, qwen_preprocess, projector (Qwen's
+merger), mrope (the text model's 3-D positions).
 """
 
 from __future__ import annotations

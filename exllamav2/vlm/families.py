@@ -1,5 +1,5 @@
-"""The vision families as data: what differs between Qwen2-VL's and Qwen2.5-VL's towers is a row here, never a
-branch on a name in the forward code."""
+"""The vision families as data: which module holds a family's tower, where its tensors sit, and what differs
+between close relatives (Qwen2-VL and Qwen2.5-VL) is a row here, never a branch on a name in the forward code."""
 
 from __future__ import annotations
 
@@ -11,16 +11,22 @@ from ..errors import ConfigError
 @dataclass(frozen=True)
 class VisionFamily:
     name: str                       # config.vision_model_type
+    module: str                     # the vlm module whose `Tower` class runs it
     prefixes: tuple[str, ...]       # where the tower's tensors sit in the checkpoint (both transformers layouts)
-    norm: str                       # "layernorm" (weight and bias) or "rmsnorm" (weight only), blocks and merger
-    mlp: tuple[str, ...]            # ("fc1", "fc2"): act(fc1) -> fc2; ("gate_proj", "up_proj", "down_proj"): SwiGLU
-    windowed: bool                  # window attention except in config.vision_fullatt_block_indexes
+    probe: str                      # a tensor every checkpoint of the family has, under its prefix
+    # Qwen's towers: "layernorm" (weight and bias) or "rmsnorm" (weight only) in blocks and merger; the MLP's
+    # ("fc1", "fc2"): act(fc1) -> fc2, or ("gate_proj", "up_proj", "down_proj"): SwiGLU; window attention except
+    # in config.vision_fullatt_block_indexes
+    norm: str = "layernorm"
+    mlp: tuple[str, ...] = ("fc1", "fc2")
+    windowed: bool = False
 
 
 FAMILIES = {
-    "qwen2_vl": VisionFamily("qwen2_vl", ("visual.", "model.visual."), "layernorm", ("fc1", "fc2"), False),
-    "qwen2_5_vl": VisionFamily("qwen2_5_vl", ("visual.", "model.visual."), "rmsnorm",
-                               ("gate_proj", "up_proj", "down_proj"), True),
+    "qwen2_vl": VisionFamily("qwen2_vl", "qwen_tower", ("visual.", "model.visual."), "patch_embed.proj.weight",
+                             "layernorm", ("fc1", "fc2"), False),
+    "qwen2_5_vl": VisionFamily("qwen2_5_vl", "qwen_tower", ("visual.", "model.visual."), "patch_embed.proj.weight",
+                               "rmsnorm", ("gate_proj", "up_proj", "down_proj"), True),
 }
 
 
@@ -35,7 +41,7 @@ def family_of(config: object) -> VisionFamily:
 
 def find_prefix(family: VisionFamily, keys) -> str:
     for prefix in family.prefixes:
-        if f"{prefix}patch_embed.proj.weight" in keys:
+        if f"{prefix}{family.probe}" in keys:
             return prefix
     raise ConfigError(f"the checkpoint has no {family.name} vision tower (no "
-                      f"{' or '.join(p + 'patch_embed.proj.weight' for p in family.prefixes)})")
+                      f"{' or '.join(p + family.probe for p in family.prefixes)})")

@@ -9,9 +9,7 @@ that the merger joins are adjacent.
 
 from __future__ import annotations
 
-import io
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import InputError
+from .image import open_image, to_rgb
 
 MAX_ASPECT = 200        # the HF processor refuses more extreme images
 
@@ -58,45 +57,11 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h, w
 
 
-def open_image(image: Any):
-    """A PIL image from a PIL image, a path or encoded bytes; a clear InputError for anything unreadable."""
-    try:
-        from PIL import Image, UnidentifiedImageError
-    except ImportError as e:
-        raise ImportError("images need Pillow: pip install pillow (or exllamav2[vision])") from e
-
-    if isinstance(image, Image.Image):
-        return image
-    try:
-        if isinstance(image, (bytes, bytearray)):
-            img = Image.open(io.BytesIO(image))
-        elif isinstance(image, (str, os.PathLike)):
-            img = Image.open(image)
-        else:
-            raise InputError(f"image must be a PIL image, a path or encoded bytes, got {type(image).__name__}")
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        name = image if isinstance(image, (str, os.PathLike)) else f"{len(image)} bytes"
-        raise InputError(f"cannot read the image {name}: {e}") from e
-    return img
-
-
-def _to_rgb(img):
-    """RGB, with any transparency composited onto white (as the HF processor does; a plain convert would keep
-    the colour under transparent pixels)."""
-    from PIL import Image
-
-    if "A" in img.getbands() or img.info.get("transparency") is not None:
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def preprocess_qwen(image: Any, s: QwenImageSettings) -> tuple[torch.Tensor, tuple[int, int, int]]:
     """(patches (grid_t * grid_h * grid_w, C * temporal * patch * patch) float32, (grid_t, grid_h, grid_w))."""
     from PIL import Image
 
-    img = _to_rgb(open_image(image))
+    img = to_rgb(open_image(image))
     h, w = smart_resize(img.height, img.width, s.patch_size * s.merge_size, s.min_pixels, s.max_pixels)
     if (h, w) != (img.height, img.width):
         img = img.resize((w, h), Image.Resampling.BICUBIC)

@@ -1,10 +1,6 @@
-"""The vision side of a multimodal config.json: which vision family vlm/ runs (`config.vision_model_type`), the
-tower's sizes as the attributes clients and vlm/ read (`config.vision_*`), the image processor's settings from
-preprocessor_config.json, and the text model's MRoPE sections.
-
-Only Qwen2-VL and Qwen2.5-VL have a vision tower here; for the other multimodal checkpoints the text model loads
-and `vision_model_type` stays None, which is how clients know not to offer images.
-"""
+"""The Qwen2-VL / Qwen2.5-VL side of config.json and preprocessor_config.json: the tower's sizes as the
+config.vision_* attributes, the image tokens, the image processor's settings, and the text model's MRoPE
+sections."""
 
 from __future__ import annotations
 
@@ -13,15 +9,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
-
-# architecture -> vision_model_type (the key vlm/families.py rows are found by)
-VISION_FAMILIES = {
-    "Qwen2VLForConditionalGeneration": "qwen2_vl",
-    "Qwen2_5_VLForConditionalGeneration": "qwen2_5_vl",
-}
 
 # preprocessor_config.json keys the Qwen2-VL processor reads that change nothing we compute, or that we apply
 _PREPROCESSOR_KEYS = {
@@ -53,12 +43,8 @@ def read_mrope_section(params: dict, rope_type: str, head_dim: int, cfg_path: Pa
     return rope_type, list(section)
 
 
-def read_vision_config(config: Any, raw: dict, model_dir: Path) -> None:
-    """Set config.vision_model_type and the vision_* attributes from config.json and preprocessor_config.json."""
-    family = VISION_FAMILIES.get(config.architecture)
-    config.vision_model_type = family
-    if family is None:
-        return
+def read_qwen_vision(config: Any, raw: dict, family: str, model_dir: Path) -> None:
+    """Set the vision_* attributes from config.json and preprocessor_config.json."""
     vc = raw.get("vision_config")
     if not isinstance(vc, dict):
         raise ConfigError(f"{model_dir / 'config.json'}: {config.architecture} needs a vision_config object")
