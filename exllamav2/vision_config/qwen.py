@@ -4,25 +4,21 @@ sections."""
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .processor_files import read_preprocessor
 
 log = logging.getLogger(__name__)
 
-# preprocessor_config.json keys the Qwen2-VL processor reads that change nothing we compute, or that we apply
+# preprocessor_config.json keys the Qwen2-VL processor reads that we apply, or that change nothing we compute
 _PREPROCESSOR_KEYS = {
     "do_resize", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std", "min_pixels",
     "max_pixels", "size", "patch_size", "temporal_patch_size", "merge_size", "resample", "do_convert_rgb",
-    # bookkeeping only
-    "image_processor_type", "processor_class", "feature_extractor_type", "image_processor_class",
-    "default_to_square", "data_format", "input_data_format", "device", "return_tensors", "disable_grouping",
-    "crop_size", "do_center_crop", "do_pad", "image_seq_length", "video_processor_type",
+    "crop_size", "do_center_crop",
 }
-_BICUBIC = 3      # PIL's (and transformers') code for bicubic resampling
 
 
 def read_mrope_section(params: dict, rope_type: str, head_dim: int, cfg_path: Path) -> tuple[str, list[int] | None]:
@@ -110,15 +106,7 @@ def _read_tower(config: Any, vc: dict, family: str, path: Path) -> None:
 
 def _read_preprocessor(config: Any, path: Path) -> None:
     """The image processor's settings: preprocessor_config.json where present, else the HF processor's defaults."""
-    pre: dict = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    unknown = sorted(set(pre) - _PREPROCESSOR_KEYS)
-    if unknown:
-        raise ConfigError(f"{path}: image processor settings {', '.join(map(repr, unknown))} are not supported")
-    for switch in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
-        if pre.get(switch) is False:
-            raise ConfigError(f"{path}: {switch}: false is not supported (the processor always does it)")
-    if pre.get("resample", _BICUBIC) != _BICUBIC:
-        raise ConfigError(f"{path}: resample {pre['resample']!r} is not supported (only 3, bicubic)")
+    pre = read_preprocessor(path, _PREPROCESSOR_KEYS)
     size = pre.get("size") or {}
     config.vision_min_pixels = int(pre.get("min_pixels") or size.get("shortest_edge") or 56 * 56)
     config.vision_max_pixels = int(pre.get("max_pixels") or size.get("longest_edge") or 28 * 28 * 1280)
