@@ -20,6 +20,8 @@ class VisionFamily:
     norm: str = "layernorm"
     mlp: tuple[str, ...] = ("fc1", "fc2")
     windowed: bool = False
+    # the Pixtral tower's projector: Mistral 3's RMSNorm + patch merger before Llava's MLP, or that MLP alone
+    patch_merger: bool = False
 
 
 FAMILIES = {
@@ -27,6 +29,10 @@ FAMILIES = {
                              "layernorm", ("fc1", "fc2"), False),
     "qwen2_5_vl": VisionFamily("qwen2_5_vl", "qwen_tower", ("visual.", "model.visual."), "patch_embed.proj.weight",
                                "rmsnorm", ("gate_proj", "up_proj", "down_proj"), True),
+    "mistral3": VisionFamily("mistral3", "pixtral_tower", ("vision_tower.", "model.vision_tower."), "patch_conv.weight",
+                             "rmsnorm", ("gate_proj", "up_proj", "down_proj"), patch_merger=True),
+    "pixtral": VisionFamily("pixtral", "pixtral_tower", ("vision_tower.", "model.vision_tower."), "patch_conv.weight",
+                            "rmsnorm", ("gate_proj", "up_proj", "down_proj")),
 }
 
 
