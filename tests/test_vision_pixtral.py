@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer, ExLlamaV2VisionTower
+from exllamav2 import (ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2MultimodalProjector, ExLlamaV2Tokenizer,
+                       ExLlamaV2VisionTower)
 from exllamav2.errors import ConfigError
 from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
 from exllamav2.model.embedding import EMBEDDING_INDEX
@@ -355,6 +356,8 @@ def test_bad_input_gives_one_clear_error_each(pixtral, tmp_path, tiny):
     text_model = ExLlamaV2(ExLlamaV2Config(str(tiny[0])))
     with pytest.raises(ValueError, match=f"is not the text model of this {pixtral.family}"):
         tower.get_image_embeddings(text_model, tokenizer, image(5, 56, 56))
+    with pytest.raises(ValueError, match="runs inside ExLlamaV2VisionTower"):
+        ExLlamaV2MultimodalProjector(tower.config)
 
 
 def _rewritten(px, tmp_path, edit=lambda cfg: None, files: dict | None = None) -> ExLlamaV2Config:

@@ -19,6 +19,9 @@ class ExLlamaV2MultimodalProjector:
 
         self.config = config
         self.family = family or family_of(config)
+        if self.family.module != "qwen_tower":     # the Pixtral tower's projectors are part of its Tower
+            raise ValueError(f"ExLlamaV2MultimodalProjector is Qwen2-VL's merger; the {self.family.name} projector "
+                             f"runs inside ExLlamaV2VisionTower(config)")
         self.key = f"{prefix}merger"
         self.norm_w = self.norm_b = self.w1 = self.b1 = self.w2 = self.b2 = None
 
