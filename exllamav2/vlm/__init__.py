@@ -5,7 +5,8 @@ Runs the towers families.py lists (`config.vision_model_type`). For every other 
 is None, which is how clients decide not to offer images, and constructing the tower raises a ValueError naming
 the model. Shared parts: tower (the API, loading, image -> embedding), image (reading with Pillow), families (a
 row per family: its module, where its tensors sit). Per family: qwen_tower, qwen_preprocess, projector (Qwen's
-merger), mrope (the text model's 3-D positions).
+merger), mrope (the text model's 3-D positions); pixtral_tower (Mistral 3, Pixtral-12B: tower and projectors),
+pixtral_preprocess.
 """
 
 from __future__ import annotations
