@@ -49,12 +49,13 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
             raise InputError(
                 f"token id {bad} is outside the vocabulary (size {vocab}); check the tokenizer matches the model"
             )
-        x = self.weight[plain].to(dtype)
-        if extra is not None and bool(extra.any()):
-            x[extra] = indexed_embeddings.to(x.device, dtype).view(-1, x.shape[-1])[ids[extra] - EMBEDDING_INDEX]
         # Gemma's sqrt(hidden), Granite's embedding_multiplier: rounded to the activation dtype, as the
         # reference implementations do
-        x = x * torch.tensor(self.model.config.embed_scale, dtype=x.dtype)
+        x = self.weight[plain].to(dtype) * torch.tensor(self.model.config.embed_scale, dtype=dtype)
+        if extra is not None and bool(extra.any()):
+            # supplied embeddings (image features) go in as they are: transformers puts them in place of the
+            # scaled token embeddings, unscaled
+            x[extra] = indexed_embeddings.to(x.device, dtype).view(-1, x.shape[-1])[ids[extra] - EMBEDDING_INDEX]
         if self.pos_weight is not None:
             positions = attn_params.positions_on(self.pos_weight.device)
             if int(positions.max()) >= self.pos_weight.shape[0]:
