@@ -98,6 +98,9 @@ class ArchParams:
     # Key prefixes of a multimodal checkpoint's vision tower and projector: accounted for at load, not read
     # by the text model
     vision_prefixes: tuple = ()
+    # how an image's tokens (a run of embedding ids) attend in the text model: "causal" like text, or
+    # "bidirectional": each sees every token of its image as well (Gemma 3's token_type_ids mask)
+    image_attention: str = "causal"
     moe: MoESpec | None = None            # the sparse MLP's layout; None for a dense model
 
     def with_keys_for(self, has: Callable[[str], bool]) -> "ArchParams":
@@ -253,6 +256,8 @@ MULTIMODAL = {
     "Llama4ForConditionalGeneration": ("llama4_text", ("vision_model.", "multi_modal_projector.")),
 }
 
+IMAGE_ATTENTION = {"Gemma3ForConditionalGeneration": "bidirectional"}      # the others: "causal"
+
 
 def _multimodal_row(arch: str, text_model_type: str | None, source: str) -> ArchParams:
     default_type, prefixes = MULTIMODAL[arch]
@@ -264,7 +269,7 @@ def _multimodal_row(arch: str, text_model_type: str | None, source: str) -> Arch
         )
     text = ARCHITECTURES[TEXT_MODEL_TYPES[text_type]]
     return replace(text, name=arch, keys=_NESTED_LM_KEYS, alt_keys=(_NESTED_BASE_KEYS, _CAUSAL_LM_KEYS),
-                   vision_prefixes=prefixes)
+                   vision_prefixes=prefixes, image_attention=IMAGE_ATTENTION.get(arch, "causal"))
 
 
 def arch_params_for(arch: object, allow_unknown: bool = False, source: str = "config.json",

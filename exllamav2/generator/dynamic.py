@@ -38,6 +38,7 @@ import torch
 from ..model.attn_params import PagedParams
 from ..cache.base import PAGE_SIZE
 from ..model.embedding import EMBEDDING_INDEX
+from ..model.image_attention import attention_spans, chunk_end
 from ..errors import GenerationArgumentError
 from ..inputs import check_sampler_settings
 from ..model.lora import as_lora_list
@@ -219,6 +220,7 @@ class ExLlamaV2DynamicJob:
                 )
             if seq.prompt_len and seq.ids[-1] >= EMBEDDING_INDEX:
                 raise GenerationArgumentError("the prompt ends inside an embedding; put at least one text token after it")
+            generator.check_prompt_images(seq)
             seq.total_pages = -(-(total + room) // ps)
             seq.prompt_hashes = []
             h = None
@@ -306,7 +308,7 @@ class ExLlamaV2DynamicJob:
         for seq in self.sequences:
             target = len(seq.ids) - 1
             while seq.kv_position < target and used < budget:
-                n = min(target - seq.kv_position, budget - used)
+                n = gen.prefill_end(seq, seq.kv_position + min(target - seq.kv_position, budget - used)) - seq.kv_position
                 gen.write_prompt_tokens(seq, seq.ids[seq.kv_position : seq.kv_position + n], self.embeddings)
                 used += n
         if used:
@@ -750,6 +752,27 @@ class ExLlamaV2DynamicGenerator:
                     f.background_prepare_logit_mask(self.filter_pool)
                 else:
                     f.background_next(self.filter_pool)
+
+    def _prompt_image_mask(self, seq: _Sequence) -> list[bool] | None:
+        """Which prompt tokens written by prefill (all but the last) are an image's, where the model's image tokens
+        attend bidirectionally (image_attention.py); None for any other model."""
+        if self.model.archparams.image_attention != "bidirectional":
+            return None
+        return [t >= EMBEDDING_INDEX for t in seq.ids[: seq.prompt_len - 1]]
+
+    def check_prompt_images(self, seq: _Sequence) -> None:
+        """At enqueue: each image of the prompt, with the token after it, fits one prefill chunk (it is never
+        split where its tokens attend bidirectionally)."""
+        for start, end, causal in attention_spans(self._prompt_image_mask(seq)) or ():
+            if not causal and end - start + 1 > self.max_chunk_size:
+                raise GenerationArgumentError(f"an image of {end - start} tokens does not fit the generator's "
+                                              f"max_chunk_size {self.max_chunk_size} with the token after it; raise "
+                                              f"max_chunk_size (and the model's max_input_len)")
+
+    def prefill_end(self, seq: _Sequence, end: int) -> int:
+        """Where the prefill chunk of `seq` from its kv_position may end, at most `end` unless that cuts an image
+        whose tokens attend bidirectionally (then before it, or just past it)."""
+        return chunk_end(self._prompt_image_mask(seq), seq.kv_position, end, self.max_chunk_size)
 
     def write_prompt_tokens(self, seq: _Sequence, tokens: list[int], embeddings: list[ExLlamaV2MMEmbedding]) -> None:
         """Prefill `tokens` after the sequence's cached tokens, in the draft cache too."""

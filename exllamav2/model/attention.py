@@ -114,22 +114,48 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
             kc, vc = cache.get_kv_state(self.layer_idx, 1, 0, q_len, page, seqlens, block_table)
             k_pages = kc.view(-1, page, self.num_kv_heads, self.head_dim)
             v_pages = vc.view(-1, page, self.num_kv_heads, self.head_dim)
-            out = self.backend.attend_paged(q, k, v, k_pages, v_pages, block_table, seqlens,
-                                            meta=attn_params.paged_metadata(self.device),
-                                            kernel=ops.paged_attention, **opts)
+            out = self._attend_paged(q, k, v, k_pages, v_pages, attn_params, opts)
             cache.store_kv_state(self.layer_idx, 1, 0, q_len, page, seqlens, block_table)
         elif cache is not None:
             past = attn_params.past_len
             kc, vc = cache.get_kv_state(self.layer_idx, bsz, 0, past + q_len)
             kc[:bsz, past : past + q_len] = k
             vc[:bsz, past : past + q_len] = v
-            meta = attn_params.metadata(self.device)
-            out = self.backend.attend(q, kc[:bsz, : past + q_len], vc[:bsz, : past + q_len], meta, **opts)
+            out = self._attend_dense(q, kc[:bsz], vc[:bsz], attn_params, past, opts)
             cache.store_kv_state(self.layer_idx, bsz, past, q_len)
         else:
-            out = self.backend.attend(q, k, v, attn_params.metadata(self.device), **opts)
+            out = self._attend_dense(q, k, v, attn_params, 0, opts)
 
         return self.o_proj.forward(out.reshape(bsz, q_len, self.num_heads * self.head_dim), loras)
+
+    def _attend_dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_params, past: int,
+                      opts: dict) -> torch.Tensor:
+        """The queries over k/v (`past` cached keys, then the new ones): in one backend call, or one per query
+        span (image_attention.py), each over the keys up to its end."""
+        spans = attn_params.image_spans
+        if spans is None:
+            end = past + q.shape[1]
+            return self.backend.attend(q, k[:, :end], v[:, :end], attn_params.metadata(self.device), **opts)
+        return torch.cat([self.backend.attend(q[:, s:e], k[:, : past + e], v[:, : past + e],
+                                              attn_params.metadata(self.device, (s, e, causal)), **opts)
+                          for s, e, causal in spans], dim=1)
+
+    def _attend_paged(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor,
+                      v_pages: torch.Tensor, attn_params, opts: dict) -> torch.Tensor:
+        """Paged attention (the new keys/values written into the pages): in one call, or one per query span, each
+        span written after the tokens before it."""
+        block_table, seqlens = attn_params.on(self.device)
+        kernel = self.ops.paged_attention
+        if attn_params.image_spans is None:
+            return self.backend.attend_paged(q, k, v, k_pages, v_pages, block_table, seqlens,
+                                             meta=attn_params.paged_metadata(self.device), kernel=kernel, **opts)
+        out = []
+        for s, e, causal in attn_params.image_spans:
+            lens, meta = attn_params.span_metadata(self.device, (s, e, causal))
+            # the fused decode kernel knows only causal attention
+            out.append(self.backend.attend_paged(q[:, s:e], k[:, s:e], v[:, s:e], k_pages, v_pages, block_table,
+                                                 lens, meta=meta, kernel=kernel if causal else None, **opts))
+        return torch.cat(out, dim=1)
 
     def _after_rope(self, q: torch.Tensor, k: torch.Tensor, attn_params) -> tuple[torch.Tensor, torch.Tensor]:
         """Llama 4's per-layer terms after RoPE: the weightless q/k norm, the queries' temperature."""

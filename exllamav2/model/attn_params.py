@@ -9,6 +9,8 @@ what MRoPE computes for text.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from ..attn.backends.metadata import AttnMetadata, paged_metadata
@@ -40,6 +42,9 @@ class _PositionsMixin:
         raise NotImplementedError
 
     mrope_positions: torch.Tensor | None = None     # (3, B, L) MRoPE positions of the new tokens, or None
+    # (start, end, causal) query spans, each attended in its own backend call (image_attention.py); None: one
+    # causal span
+    image_spans: list[tuple[int, int, bool]] | None = None
 
     def rope(self, tables) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for this batch from one device's RopeTables (3-D MRoPE positions where given)."""
@@ -97,20 +102,24 @@ class Params(_PositionsMixin):
         return pos
 
 
-    def metadata(self, device: torch.device) -> AttnMetadata:
-        if device not in self._meta:
+    def metadata(self, device: torch.device, span: tuple[int, int, bool] | None = None) -> AttnMetadata:
+        """The whole forward's metadata, or a query span's (start, end, causal): its queries over the keys up to
+        the span's end."""
+        start, end, causal = span or (0, self.seq_len, True)
+        if (device, start, end, causal) not in self._meta:
             k_len = self.past_len + self.seq_len
             mask = _key_mask(self.input_mask, k_len, self.seq_len)
-            self._meta[device] = AttnMetadata(
+            self._meta[device, start, end, causal] = AttnMetadata(
                 batch_size=self.batch_size,
-                q_len=self.seq_len,
-                k_len=k_len,
-                past_len=self.past_len,
-                key_mask=None if mask is None else mask.to(device),
+                q_len=end - start,
+                k_len=self.past_len + end,
+                past_len=self.past_len + start,
+                key_mask=None if mask is None else mask[:, : self.past_len + end].to(device),
                 position_offsets=None if self.position_offsets is None else
                 self.position_offsets.view(-1).long().to(device),
+                causal=causal,
             )
-        return self._meta[device]
+        return self._meta[device, start, end, causal]
 
 
 class PagedParams(_PositionsMixin):
@@ -151,6 +160,18 @@ class PagedParams(_PositionsMixin):
                 self.max_cache_seqlen = int(self.cache_seqlens.max())
             self._meta[device] = paged_metadata(self.on(device)[1], self.seq_len, self.max_cache_seqlen + self.seq_len)
         return self._meta[device]
+
+    def span_metadata(self, device: torch.device, span: tuple[int, int, bool]) -> tuple[torch.Tensor, AttnMetadata]:
+        """(cache lengths before the span, its metadata) for the queries of a span (start, end, causal), attended
+        as if the tokens before it were cached already."""
+        key = (device, *span)
+        if key not in self._meta:
+            start, end, causal = span
+            self.paged_metadata(device)         # reads max_cache_seqlen where the caller left it out
+            seqlens = self.on(device)[1] + start
+            meta = paged_metadata(seqlens, end - start, self.max_cache_seqlen + end)
+            self._meta[key] = seqlens, replace(meta, causal=causal)
+        return self._meta[key]
 
     def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """block table and cache lengths on a device, moved once."""

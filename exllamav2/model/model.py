@@ -25,6 +25,7 @@ from ..config import ExLlamaV2Config
 from .device import ExLlamaV2DeviceContext
 from .embedding import ExLlamaV2Embedding
 from .forward_args import check_forward_kwargs
+from .image_attention import attention_spans, check_input_end, chunk_end, image_mask
 from ..inputs import check_input_ids
 from .lora import as_lora_list
 from .linear import ExLlamaV2Linear
@@ -345,6 +346,7 @@ class ExLlamaV2:
                                           return_last_state, position_offsets, abort_event, cpu_logits, **kwargs)
         attn_params = kwargs.pop("attn_params", None)
         mrope = self._check_mrope(kwargs.pop("mrope_positions", None), input_ids, cache, attn_params)
+        is_image = self._image_mask(input_ids)
         if isinstance(attn_params, PagedParams):
             return self._forward_chunk(input_ids, cache, attn_params, preprocess_only, last_id_only,
                                        loras, return_last_state, cpu_logits, **kwargs)
@@ -363,10 +365,11 @@ class ExLlamaV2:
                                     else input_mask.new_zeros(bsz, past0), input_mask), dim=1)
         chunk = max(1, self.config.max_input_len * self.config.max_batch_size // bsz)
         results, last_state = [], None
-        for start in range(0, length, chunk):
+        start = end = 0
+        while end < length:
             if abort_event is not None and abort_event.is_set():
                 return None
-            end = min(start + chunk, length)
+            start, end = end, chunk_end(is_image, end, min(end + chunk, length), chunk)
             past = cache.current_seq_len
             mask = None if input_mask is None else input_mask[:, : past + end - start]
             params = Params(bsz, end - start, past, mask, position_offsets,
@@ -385,6 +388,14 @@ class ExLlamaV2:
         logits = results[0] if len(results) == 1 else torch.cat(results, dim=1)
         return (logits, last_state) if return_last_state else logits
 
+    def _image_mask(self, input_ids: torch.Tensor) -> list[bool] | None:
+        """Where the input's images are, for a model whose image tokens attend bidirectionally (None for any
+        other, and without images); such an input must not end inside an image."""
+        if self.archparams.image_attention != "bidirectional":
+            return None
+        check_input_end(input_ids)
+        return image_mask(input_ids)
+
     def _check_mrope(self, mrope: torch.Tensor | None, input_ids: torch.Tensor, cache, attn_params) -> torch.Tensor | None:
         """The forward's MRoPE positions (3, batch, length), checked; a paged batch carries its own in attn_params."""
         if mrope is None:
@@ -402,6 +413,8 @@ class ExLlamaV2:
 
     def _forward_chunk(self, input_ids, cache, params, preprocess_only, last_id_only, loras,
                        return_last_state, cpu_logits, **kwargs):
+        if self.archparams.image_attention == "bidirectional":
+            params.image_spans = attention_spans(image_mask(input_ids))
         x = self.modules[0].forward(input_ids, indexed_embeddings=kwargs.get("indexed_embeddings"), attn_params=params)
         for idx, m in enumerate(self.modules[1:-1], start=1):
             x = m.forward(x.to(m.device), cache=cache, attn_params=params, loras=loras)

@@ -151,7 +151,8 @@ class FlashAttnBackend(AttentionBackend):
     ):
         if chunk:
             raise refuse_chunk("flash_attn")
-        if not self.paged_native or k_pages.shape[1] % PAGE_MULTIPLE:
+        # its block-table kernel is causal: a non-causal span (an image's tokens) gathers the pages instead
+        if not self.paged_native or k_pages.shape[1] % PAGE_MULTIPLE or (meta is not None and not meta.causal):
             return super().attend_paged(
                 q, k_new, v_new, k_pages, v_pages, block_table, cache_seqlens,
                 scale=scale, window=window, softcap=softcap, meta=meta, kernel=kernel,
