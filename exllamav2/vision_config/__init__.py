@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from .gemma3 import read_gemma3_vision
 from .pixtral import read_pixtral_vision
 from .qwen import read_mrope_section, read_qwen_vision
 
@@ -22,6 +23,7 @@ VISION_FAMILIES: dict[str, tuple[str, Callable[[Any, dict, str, Path], None]]] =
     "Mistral3ForConditionalGeneration": ("mistral3", read_pixtral_vision),
     # Pixtral-12B's HF layout; a Llava with a CLIP tower stays text-only (the reader sets the type back to None)
     "LlavaForConditionalGeneration": ("pixtral", read_pixtral_vision),
+    "Gemma3ForConditionalGeneration": ("gemma3", read_gemma3_vision),
 }
 
 __all__ = ["VISION_FAMILIES", "read_mrope_section", "read_vision_config"]

@@ -33,6 +33,11 @@ FAMILIES = {
                              "rmsnorm", ("gate_proj", "up_proj", "down_proj"), patch_merger=True),
     "pixtral": VisionFamily("pixtral", "pixtral_tower", ("vision_tower.", "model.vision_tower."), "patch_conv.weight",
                             "rmsnorm", ("gate_proj", "up_proj", "down_proj")),
+    # SigLIP, with or without its vision_model. level (checkpoints of transformers < 5 and >= 5); the projector sits
+    # beside it, under multi_modal_projector.
+    "gemma3": VisionFamily("gemma3", "gemma3_tower", ("vision_tower.vision_model.", "model.vision_tower.vision_model.",
+                                                      "vision_tower.", "model.vision_tower."),
+                           "embeddings.patch_embedding.weight"),
 }
 
 

@@ -165,7 +165,7 @@ class Tower(ExLlamaV2VisionTower):
             x = self._layer(x, lw, cos, sin)
         return self._project(x, rows, cols)
 
-    def _embed(self, image: Any) -> dict[str, Any]:
+    def _embed(self, image: Any, tokenizer: Any) -> dict[str, Any]:
         """The image block PixtralProcessor writes: per row of (merged) patches, one embedding per patch, then
         [IMG_BREAK], the last row ending with [IMG_END]."""
         pixels = preprocess_pixtral(image, self.settings)

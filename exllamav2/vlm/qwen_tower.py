@@ -151,7 +151,7 @@ class Tower(ExLlamaV2VisionTower):
         y = self.projector.forward(x, self.ops)
         return y if order is None else y[torch.argsort(order).to(self.device)]
 
-    def _embed(self, image: Any) -> dict[str, Any]:
+    def _embed(self, image: Any, tokenizer: Any) -> dict[str, Any]:
         """The image block the HF processor writes: <|vision_start|>, one id per merged patch, <|vision_end|>;
         the image's grid goes with it for the text model's MRoPE positions."""
         patches, (t, gh, gw) = preprocess_qwen(image, self.settings)

@@ -101,8 +101,9 @@ class ExLlamaV2VisionTower:
         """Release the loaded weights."""
         raise NotImplementedError
 
-    def _embed(self, image: Any) -> dict[str, Any]:
-        """One image -> ExLlamaV2MMEmbedding's keyword arguments (embeddings, pre_ids, post_ids, ...)."""
+    def _embed(self, image: Any, tokenizer: Any) -> dict[str, Any]:
+        """One image -> ExLlamaV2MMEmbedding's keyword arguments (embeddings, pre_ids, post_ids, ...); `tokenizer`
+        (the caller's, possibly None) encodes any plain text of the family's image block."""
         raise NotImplementedError
 
     def owned_prefixes(self) -> tuple[str, ...]:
@@ -177,7 +178,7 @@ class ExLlamaV2VisionTower:
             raise ValueError(f"the model ({mc.architecture}, vision_model_type {getattr(mc, 'vision_model_type', None)!r}) "
                              f"is not the text model of this {self.family.name} vision tower")
         self._check_loaded()
-        kwargs = self._embed(image)
+        kwargs = self._embed(image, tokenizer)
         emb = kwargs.pop("embeddings")
         return ExLlamaV2MMEmbedding(model, emb.cpu() if embeddings_cpu else emb, text_alias, **kwargs)
 
