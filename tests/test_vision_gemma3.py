@@ -394,3 +394,18 @@ def test_bad_input_gives_one_clear_error_each(gemma, tmp_path, tiny_model_factor
     (head / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="vision_use_head"):
         ExLlamaV2VisionTower(ExLlamaV2Config(str(head)))
+
+
+def test_spans_and_chunk_ends():
+    """Text spans causal, each image one non-causal span; a chunk end inside an image moves back to the image's
+    start, or (for a chunk starting in it) past it and the token after it; too long an image is refused."""
+    from exllamav2.model.image_attention import attention_spans, chunk_end
+
+    is_image = [False, False, True, True, True, False, True, True, False, False]
+    assert attention_spans(is_image) == [(0, 2, True), (2, 5, False), (5, 6, True), (6, 8, False), (8, 10, True)]
+    assert attention_spans(None) is None and chunk_end(None, 0, 3, 4) == 3
+    assert [chunk_end(is_image, 0, end, 9) for end in (2, 3, 4, 5, 6, 10)] == [2, 2, 2, 2, 6, 10]
+    assert chunk_end(is_image, 2, 3, 9) == 6 and chunk_end(is_image, 3, 4, 9) == 6 and chunk_end(is_image, 6, 7, 9) == 9
+    assert chunk_end(is_image[:8], 6, 7, 9) == 8               # the input's end: no token after the image
+    with pytest.raises(InputError, match="image of 3 tokens does not fit a forward chunk of 3"):
+        chunk_end(is_image, 2, 4, 3)
