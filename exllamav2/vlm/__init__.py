@@ -6,7 +6,7 @@ is None, which is how clients decide not to offer images, and constructing the t
 the model. Shared parts: tower (the API, loading, image -> embedding), image (reading with Pillow), families (a
 row per family: its module, where its tensors sit). Per family: qwen_tower, qwen_preprocess, projector (Qwen's
 merger), mrope (the text model's 3-D positions); pixtral_tower (Mistral 3, Pixtral-12B: tower and projectors),
-pixtral_preprocess.
+pixtral_preprocess; gemma3_tower (SigLIP and Gemma 3's projector), gemma3_preprocess.
 """
 
 from __future__ import annotations
