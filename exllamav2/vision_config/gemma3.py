@@ -98,5 +98,10 @@ def _read_preprocessor(config: Any, path: Path) -> None:
         raise ConfigError(f"{path}: image_seq_length {pre['image_seq_length']} disagrees with config.json's "
                           f"mm_tokens_per_image {config.vision_mm_tokens_per_image}")
     config.vision_rescale_factor = float(pre.get("rescale_factor", 1 / 255))
-    config.vision_image_mean = [float(x) for x in pre.get("image_mean", (0.5, 0.5, 0.5))]
-    config.vision_image_std = [float(x) for x in pre.get("image_std", (0.5, 0.5, 0.5))]
+    config.vision_image_mean = _per_channel(pre.get("image_mean", 0.5), config.vision_in_channels)
+    config.vision_image_std = _per_channel(pre.get("image_std", 0.5), config.vision_in_channels)
+
+
+def _per_channel(value: Any, channels: int) -> list[float]:
+    """A mean or std as the processor takes it: one number for every channel, or one per channel."""
+    return [float(value)] * channels if isinstance(value, (int, float)) else [float(x) for x in value]
