@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer, ExLlamaV2VisionTower
-from exllamav2.errors import CheckpointError, ConfigError, InputError
+from exllamav2.errors import CheckpointError, ConfigError, GenerationArgumentError, InputError
 from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
 from exllamav2.model.embedding import EMBEDDING_INDEX
 from exllamav2.model.mm_embedding import remap_embeddings
@@ -376,7 +376,15 @@ def test_bad_input_gives_one_clear_error_each(gemma, tmp_path, tiny_model_factor
     rows = torch.cat((remapped, torch.cat((remapped[:, 1:], remapped[:, :1]), dim=1)))
     with pytest.raises(InputError, match="images at different positions"):
         model.forward(rows, indexed_embeddings=table)
+    cache = ExLlamaV2Cache(model, max_seq_len=256)
+    with pytest.raises(GenerationArgumentError, match="image of 9 tokens does not fit .* max_chunk_size 9"):
+        ExLlamaV2DynamicGenerator(model, cache, tokenizer, max_chunk_size=9).enqueue(
+            ExLlamaV2DynamicJob(input_ids=torch.tensor([[2, 40, *emb.get_ids(), 50]]), max_new_tokens=2,
+                                embeddings=[emb]))
     text_dir, _ = tiny_model_factory("gemma3")
+    text_model = ExLlamaV2(ExLlamaV2Config(str(text_dir)))
+    with pytest.raises(ValueError, match="is not the text model of this gemma3"):
+        tower.get_image_embeddings(text_model, tokenizer, image(5, 40, 40))
     with pytest.raises(ValueError, match="Gemma3ForCausalLM has no vision tower"):
         ExLlamaV2VisionTower(ExLlamaV2Config(str(text_dir)))
     from safetensors.torch import load_file, save_file
