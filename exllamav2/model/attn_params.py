@@ -42,8 +42,8 @@ class _PositionsMixin:
         raise NotImplementedError
 
     mrope_positions: torch.Tensor | None = None     # (3, B, L) MRoPE positions of the new tokens, or None
-    # (start, end, causal) query spans, each attended in its own backend call (image_attention.py); None: one
-    # causal span
+    # (start, end, causal) query spans, each attended in its own backend call (image_attention.py), set by the
+    # model for each forward of a model whose image tokens attend bidirectionally; None: one causal span
     image_spans: list[tuple[int, int, bool]] | None = None
 
     def rope(self, tables) -> tuple[torch.Tensor, torch.Tensor]:
