@@ -26,7 +26,10 @@ SYSTEM = "You are a helpful assistant."
 _CHATML = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{{images}}{{question}}<|im_end|>\n"
            f"<|im_start|>assistant\n", ["<|im_end|>"])
 _MISTRAL = ("<s>[INST]{images}{question}[/INST]", [])
-CHAT_FORMATS = {"qwen2_vl": _CHATML, "qwen2_5_vl": _CHATML, "mistral3": _MISTRAL, "pixtral": _MISTRAL}
+# Gemma 3's template writes <start_of_image> where the image goes; the alias stands for the block it expands to
+_GEMMA = ("<bos><start_of_turn>user\n{images}{question}<end_of_turn>\n<start_of_turn>model\n", ["<end_of_turn>"])
+CHAT_FORMATS = {"qwen2_vl": _CHATML, "qwen2_5_vl": _CHATML, "mistral3": _MISTRAL, "pixtral": _MISTRAL,
+                "gemma3": _GEMMA}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -43,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_prompt(aliases: list[str], question: str, vision_model_type: str = "qwen2_vl") -> str:
-    """The family's chat format (ChatML for Qwen, [INST] for Mistral) with the images before the question."""
+    """The family's chat format (ChatML for Qwen, [INST] for Mistral, turns for Gemma 3) with the images before the question."""
     return CHAT_FORMATS[vision_model_type][0].format(images="".join(aliases), question=question)
 
 

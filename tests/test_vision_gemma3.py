@@ -329,6 +329,28 @@ def test_base_and_streaming_generators_with_an_image_and_text_only(gemma):
     assert tokens[:4] == ref
 
 
+def test_vision_example_answers_as_transformers(gemma, tmp_path):
+    """examples/vision.py --image PATH on Gemma 3: the reply is transformers' greedy continuation of the same
+    prompt (Gemma's turn format)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    import vision
+
+    model_dir, hf, processor, model, tower, tokenizer = gemma
+    path = tmp_path / "img.png"
+    image(43, 50, 40).save(path)
+    args = vision.parse_args(["-m", str(model_dir), "--image", str(path), "--prompt", "the cat",
+                              "--max-new-tokens", "4"])
+    reply = vision.run(args)
+    emb = tower.get_image_embeddings(model, tokenizer, path, text_alias="<image 0>")
+    ids = tokenizer.encode(vision.build_prompt(["<image 0>"], "the cat", "gemma3"), encode_special_tokens=True,
+                           embeddings=[emb])
+    ref = hf_greedy(hf, processor, ids[0].tolist(), [PIL.open(path)], 4)
+    assert reply == tokenizer.decode(torch.tensor(ref))
+
+
 def test_exl2_keeps_the_tower_fp16_and_gives_the_same_embeddings(gemma, tmp_path):
     import convert
     from safetensors import safe_open
