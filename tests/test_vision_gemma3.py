@@ -11,7 +11,6 @@ import io
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,6 +21,7 @@ from exllamav2.model.embedding import EMBEDDING_INDEX
 from exllamav2.model.mm_embedding import remap_embeddings
 from exllamav2.vlm.gemma3_preprocess import Gemma3ImageSettings, pixel_values_gemma3
 from tests.tiny_models import _GEMMA3, build_tiny_model, write_tokenizer
+from tests.vision_helpers import assert_logits_match, image, run_jobs
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -35,13 +35,6 @@ SPEC = ("Gemma3Config", {**_GEMMA3, "vocab_size": VOCAB, "model_type": "gemma3_t
                       "image_size": SIZE, "patch_size": 7, "vision_use_head": False},
     "mm_tokens_per_image": TOKENS, "image_token_index": IMAGE, "boi_token_index": BOI, "eoi_token_index": EOI,
     "tie_word_embeddings": False})
-
-
-def image(seed: int, width: int, height: int, mode: str = "RGB"):
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    data = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
-    return PIL.fromarray(data[..., 0] if channels == 1 else data, mode)
 
 
 def _gemma_tokenizer(model_dir) -> None:
@@ -194,12 +187,6 @@ def our_logits(model, ids: list[int], embeddings: list, cache=None) -> torch.Ten
     return model.forward(remapped, cache, indexed_embeddings=table)[..., :VOCAB]
 
 
-def assert_logits_match(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-3)
-    top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert top1 >= 0.99, top1
-
-
 def test_logits_with_one_and_two_images_equal_transformers(gemma, monkeypatch):
     """Without a cache, and through one in chunks of 12 tokens that images cross; a causal-only text model (image
     attention switched off) is far from transformers, so the test sees the bidirectional mask."""
@@ -252,19 +239,6 @@ def test_prefill_through_the_cache_then_decode(gemma, monkeypatch):
     for _ in range(4):
         tokens.append(int(model.forward(torch.tensor([tokens[-1:]]), cache)[0, -1, :TOKENIZER_VOCAB].argmax()))
     assert tokens == ref
-
-
-def run_jobs(generator, jobs: list) -> dict:
-    for job in jobs:
-        generator.enqueue(job)
-    out: dict = {}
-    while generator.num_remaining_jobs():
-        for r in generator.iterate():
-            if r["stage"] == "streaming":
-                out.setdefault(r["identifier"], []).extend(r.get("token_ids", torch.empty(1, 0)).view(-1).tolist())
-                if r["eos"]:
-                    out[r["identifier"], "cached"] = r["cached_tokens"]
-    return out
 
 
 @pytest.mark.parametrize("paged", [True, False])

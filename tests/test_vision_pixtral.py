@@ -9,7 +9,6 @@ import io
 import json
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,6 +20,7 @@ from exllamav2.model.embedding import EMBEDDING_INDEX
 from exllamav2.model.mm_embedding import SLOT, ExLlamaV2MMEmbedding, check_aliases_present, remap_embeddings
 from exllamav2.vlm.pixtral_preprocess import PixtralImageSettings, preprocess_pixtral
 from tests.tiny_models import build_tiny_model, rewrite_checkpoint, write_tokenizer
+from tests.vision_helpers import assert_logits_match, image, run_jobs
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -39,13 +39,6 @@ SPECS = {    # family -> (config class, text overrides, top-level keys), spatial
                                         "vision_feature_select_strategy": "full", "multimodal_projector_bias": True}),
                 1),
 }
-
-
-def image(seed: int, width: int, height: int, mode: str = "RGB"):
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    data = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
-    return PIL.fromarray(data[..., 0] if channels == 1 else data, mode)
 
 
 def write_image_tokenizer(model_dir) -> None:
@@ -171,12 +164,6 @@ def our_logits(model, ids: list[int], embeddings: list, cache=None, split: int |
     return torch.cat((first, second), dim=1)[..., :VOCAB]
 
 
-def assert_logits_match(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-3)
-    top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert top1 >= 0.99, top1
-
-
 def test_logits_with_one_and_two_images_equal_transformers(pixtral):
     a, b = embed(pixtral, 1, (84, 56)), embed(pixtral, 2, (56, 140))
     text = [[1, 40, 41, 42], [50, 51, 52, 53, 54], [60, 61, 62]]
@@ -203,19 +190,6 @@ def hf_greedy(px, ids: list[int], images: list, n: int) -> list[int]:
                              min_new_tokens=n, do_sample=False, suppress_tokens=list(range(TOKENIZER_VOCAB, VOCAB)),
                              **kwargs)
     return out[0, ids_t.shape[1]:].tolist()
-
-
-def run_jobs(generator, jobs: list) -> dict:
-    for job in jobs:
-        generator.enqueue(job)
-    out: dict = {}
-    while generator.num_remaining_jobs():
-        for r in generator.iterate():
-            if r["stage"] == "streaming":
-                out.setdefault(r["identifier"], []).extend(r.get("token_ids", torch.empty(1, 0)).view(-1).tolist())
-                if r["eos"]:
-                    out[r["identifier"], "cached"] = r["cached_tokens"]
-    return out
 
 
 @pytest.mark.parametrize("backend", ["matmul", "sdpa"])

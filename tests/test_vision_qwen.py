@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,6 +17,7 @@ from exllamav2.model.mm_embedding import remap_embeddings
 from exllamav2.vlm.mrope import mrope_layout
 from exllamav2.vlm.qwen_preprocess import QwenImageSettings, preprocess_qwen
 from tests.tiny_models import _COMMON, build_tiny_model, write_tokenizer
+from tests.vision_helpers import assert_logits_match, image, run_jobs
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -36,13 +36,6 @@ SPECS = {
                                   "window_size": 56}}),
 }
 MIN_PIXELS, MAX_PIXELS = 56 * 56, 140 * 140
-
-
-def image(seed: int, width: int, height: int, mode: str = "RGB"):
-    rng = np.random.default_rng(seed)
-    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
-    data = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
-    return PIL.fromarray(data[..., 0] if channels == 1 else data, mode)
 
 
 @pytest.fixture(scope="module", params=list(SPECS))
@@ -147,12 +140,6 @@ def our_logits(model, ids: list[int], embeddings: list, cache=None, split: int |
     return torch.cat((first, second), dim=1)[..., :VOCAB]
 
 
-def assert_logits_match(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    torch.testing.assert_close(ours, ref, atol=2e-3, rtol=2e-3)
-    top1 = (ours.argmax(-1) == ref.argmax(-1)).float().mean().item()
-    assert top1 >= 0.99, top1
-
-
 def test_logits_with_one_and_two_images_equal_transformers(qwen):
     _, _, hf, processor, model, tower = qwen
     a, b = embed(tower, model, 1, (84, 56)), embed(tower, model, 2, (56, 140))
@@ -187,19 +174,6 @@ def hf_greedy(hf, processor, ids: list[int], images: list, n: int) -> list[int]:
 @pytest.fixture(scope="module")
 def tokenizer(qwen):
     return ExLlamaV2Tokenizer(ExLlamaV2Config(str(qwen[1])))
-
-
-def run_jobs(generator, jobs: list) -> dict:
-    for job in jobs:
-        generator.enqueue(job)
-    out: dict = {}
-    while generator.num_remaining_jobs():
-        for r in generator.iterate():
-            if r["stage"] == "streaming":
-                out.setdefault(r["identifier"], []).extend(r.get("token_ids", torch.empty(1, 0)).view(-1).tolist())
-                if r["eos"]:
-                    out[r["identifier"], "cached"] = r["cached_tokens"]
-    return out
 
 
 def test_dynamic_generator_batch_of_two_images_with_one_alias(qwen, tokenizer, monkeypatch):

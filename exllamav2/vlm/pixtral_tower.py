@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..errors import ConfigError
 from ..model.mm_embedding import SLOT
 from .pixtral_preprocess import PixtralImageSettings, preprocess_pixtral
-from .tower import ACT, ExLlamaV2VisionTower, attend_blocks
+from .tower import ACT, ExLlamaV2VisionTower, attend_blocks, rotate_half
 
 NORM_EPS = 1e-5     # the tower's norms (transformers hard-codes it); Mistral 3's projector norm uses the text model's
 
@@ -40,12 +40,6 @@ def pixtral_rope(head_dim: int, theta: float, rows: int, cols: int,
     freqs = torch.cat((r[:, None] * inv[0::2], c[:, None] * inv[1::2]), dim=-1)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(device), emb.sin().to(device)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 def image_template(rows: int, cols: int, break_id: int, end_id: int) -> list[int]:
@@ -123,7 +117,7 @@ class Tower(ExLlamaV2VisionTower):
         n, heads, dim = x.shape[0], self.config.vision_num_attention_heads, self.config.vision_head_dim
         h = self.ops.rms_norm(x, lw["attention_norm.weight"], NORM_EPS)
         q, k, v = (F.linear(h, lw[f"attention.{p}_proj.weight"]).view(n, heads, dim) for p in "qkv")
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
         o = attend_blocks(self.backend, q, k, v, [n], dim ** -0.5).reshape(n, heads * dim)
         x = x + F.linear(o, lw["attention.o_proj.weight"])
         h = self.ops.rms_norm(x, lw["ffn_norm.weight"], NORM_EPS)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .projector import NORM_EPS, ExLlamaV2MultimodalProjector
 from .qwen_preprocess import QwenImageSettings, preprocess_qwen
-from .tower import ACT, ExLlamaV2VisionTower, attend_blocks
+from .tower import ACT, ExLlamaV2VisionTower, attend_blocks, rotate_half
 
 
 def window_partition(grid_h: int, grid_w: int, merge: int, window: int) -> tuple[torch.Tensor, list[int]]:
@@ -49,12 +49,6 @@ def vision_rope(config: Any, grid_h: int, grid_w: int, device: torch.device) -> 
     freqs = torch.cat((block_major(rows)[:, None] * inv, block_major(cols)[:, None] * inv), dim=-1)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(device), emb.sin().to(device)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class Tower(ExLlamaV2VisionTower):
@@ -123,7 +117,7 @@ class Tower(ExLlamaV2VisionTower):
         n, heads, dim = x.shape[0], self.config.vision_num_attention_heads, self.config.vision_head_dim
         h = self._norm(x, blk, "norm1")
         q, k, v = F.linear(h, blk["attn.qkv.weight"], blk["attn.qkv.bias"]).view(n, 3, heads, dim).unbind(1)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        q, k = rotate_half(q, cos, sin), rotate_half(k, cos, sin)
         o = attend_blocks(self.backend, q, k, v, lengths, dim ** -0.5).reshape(n, heads * dim)
         x = x + F.linear(o, blk["attn.proj.weight"], blk["attn.proj.bias"])
         return x + self._mlp(self._norm(x, blk, "norm2"), blk)

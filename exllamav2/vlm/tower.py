@@ -61,6 +61,13 @@ def attend_blocks(backend: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     return out
 
 
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The towers' 2-D RoPE applied in fp32 (cos/sin hold each patch's row and column angles, halves repeated)."""
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
+
+
 class ExLlamaV2VisionTower:
     """Subclasses (one per family module) implement _setup, _load_steps, _drop, forward and _embed."""
 
