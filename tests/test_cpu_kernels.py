@@ -3,6 +3,7 @@ kernel lookup, and the model with and without it."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Cache, ext
 
 kernels = ext.cpu_kernels()
+_attn_decode = kernels and kernels.attn_decode
 needs_kernels = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2/F16C or no compiler)")
 
 
@@ -60,6 +62,23 @@ def test_attn_decode_matches_sdpa(dtype, b, s, hq, hkv, d, isa, threads):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attn_decode_per_row_lengths(dtype, isa, threads):
+    """Row b sees its first lengths[b] keys (a ragged batch's decode step); a row seeing none outputs zeros."""
+    gen = torch.Generator().manual_seed(5)
+    b, s, hq, hkv, d = 4, 40, 8, 2, 64
+    k, v = (torch.randn(b, s, hkv, d, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(b, 1, hq, d, generator=gen).to(dtype)
+    lengths = torch.tensor([40, 1, 0, 23])
+    out = kernels.attn_decode(q, k, v, 0.125, lengths).float()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1 / 128, atol=1e-3)
+    for row, n in enumerate(lengths.tolist()):
+        expect = (torch.zeros(1, 1, hq, d) if n == 0 else
+                  _attention_reference(q[row : row + 1], k[row : row + 1, :n], v[row : row + 1, :n], 0.125))
+        torch.testing.assert_close(out[row : row + 1], expect, **tol)
+
+
+@needs_kernels
 def test_attn_decode_refuses_wrong_input():
     q, k = torch.randn(1, 1, 4, 64), torch.randn(1, 9, 2, 64)
     with pytest.raises(RuntimeError, match="all be float32 or all bfloat16"):
@@ -70,6 +89,10 @@ def test_attn_decode_refuses_wrong_input():
         kernels.attn_decode(torch.randn(1, 1, 4, 24), torch.randn(1, 9, 2, 24), torch.randn(1, 9, 2, 24), 0.125)
     with pytest.raises(RuntimeError, match="contiguous heads"):
         kernels.attn_decode(q, k.transpose(1, 2).contiguous().transpose(1, 2), k, 0.125)
+    with pytest.raises(RuntimeError, match="outside 0..9"):
+        kernels.attn_decode(q, k, k, 0.125, torch.tensor([10]))
+    with pytest.raises(RuntimeError, match="int64"):
+        kernels.attn_decode(q, k, k, 0.125, torch.tensor([3], dtype=torch.int32))
 
 
 @needs_kernels
@@ -152,3 +175,71 @@ def test_avx512_instructions_stay_in_the_avx512_kernels():
                 offenders.add(function)
     assert not offenders
     assert seen > 0 or kernels.isa() == "avx2"
+
+
+def _without_decode_attention(model) -> None:
+    """The model's ops tables as they are, less the decode-attention kernel (the backends' own path)."""
+    for key, table in model._ops.items():
+        model._ops[key] = dataclasses.replace(table, decode_attention=None)
+
+
+def _contiguous_decode(model, batch: int) -> torch.Tensor:
+    ids = torch.randint(3, 250, (batch, 14), generator=torch.Generator().manual_seed(9))
+    cache = ExLlamaV2Cache(model, batch_size=batch, max_seq_len=32)
+    parts = [model.forward(ids[:, :8], cache)] + [model.forward(ids[:, i : i + 1], cache) for i in range(8, 14)]
+    return torch.cat(parts, 1).float()
+
+
+def _paged_decode(model, lengths: list[int]) -> torch.Tensor:
+    """Each sequence prefilled alone into its own page, then decoded together: one query per row over a different
+    number of keys (the gather path's ragged metadata)."""
+    from exllamav2.model.attn_params import PagedParams
+
+    gen = torch.Generator().manual_seed(11)
+    cache = ExLlamaV2Cache(model, max_seq_len=256 * len(lengths))
+    table = torch.arange(len(lengths), dtype=torch.int32).view(-1, 1)
+    for row, n in enumerate(lengths):
+        ids = torch.randint(3, 250, (1, n), generator=gen)
+        model.forward(ids, cache, attn_params=PagedParams(1, table[row : row + 1], torch.tensor([0]), q_len=n))
+    seqlens, steps = torch.tensor(lengths), []
+    for _ in range(4):
+        ids = torch.randint(3, 250, (len(lengths), 1), generator=gen)
+        params = PagedParams(len(lengths), table, seqlens, max_cache_seqlen=int(seqlens.max()))
+        steps.append(model.forward(ids, cache, attn_params=params))
+        seqlens = seqlens + 1
+    return torch.cat(steps, 1).float()
+
+
+def _with_and_without_decode_attention(model_dir, dtype: str, calls: list) -> tuple[tuple, tuple]:
+    """Decode logits (a contiguous cache with batch 2, a paged batch of rows over different numbers of keys) with
+    the kernel wired, then without it."""
+    config = ExLlamaV2Config(str(model_dir))
+    config.cpu_dtype = dtype
+    model = ExLlamaV2(config)
+    model.load()
+    with_kernel = _contiguous_decode(model, 2), _paged_decode(model, [5, 11, 1])
+    # per layer (2): 6 contiguous steps, the one-token prompt, 4 paged steps; the last over 9, 15 and 5 keys
+    assert len(calls) == 2 * (6 + 1 + 4) and calls[0] is None and calls[-1].tolist() == [9, 15, 5]
+    _without_decode_attention(model)
+    without = _contiguous_decode(model, 2), _paged_decode(model, [5, 11, 1])
+    assert len(calls) == 2 * (6 + 1 + 4)
+    return with_kernel, without
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch, backend", [("llama", "sdpa"), ("llama", "matmul"), ("llama_mha", "sdpa")])
+def test_decode_attention_kernel_matches_the_backends(tiny_model_factory, monkeypatch, arch, backend):
+    """Decode logits with the kernel wired (GQA 4/2 and MHA, head dim 16) equal the backend's own path's in float32;
+    in bfloat16 (where one attention output rounding the other way moves logits by bf16 ulps) they are as close
+    to float32's as the backend's own are."""
+    calls = []
+    monkeypatch.setattr(kernels, "attn_decode", lambda *a: calls.append(a[4]) or _attn_decode(*a))
+    monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", backend)
+    model_dir = tiny_model_factory(arch)[0]
+    with_kernel, reference = _with_and_without_decode_attention(model_dir, "float32", calls)
+    for got, expect in zip(with_kernel, reference):
+        torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+    calls.clear()
+    with_kernel, without = _with_and_without_decode_attention(model_dir, "bfloat16", calls)
+    for got, own, expect in zip(with_kernel, without, reference):
+        assert (got - expect).abs().max() <= 1.25 * (own - expect).abs().max() + 1e-3

@@ -116,7 +116,8 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
             v_pages = vc.view(-1, page, self.num_kv_heads, self.head_dim)
             out = self.backend.attend_paged(q, k, v, k_pages, v_pages, block_table, seqlens,
                                             meta=attn_params.paged_metadata(self.device),
-                                            kernel=ops.paged_attention, **opts)
+                                            kernel=ops.paged_attention, decode_kernel=ops.decode_attention,
+                                            **opts)
             cache.store_kv_state(self.layer_idx, 1, 0, q_len, page, seqlens, block_table)
         elif cache is not None:
             past = attn_params.past_len
@@ -124,7 +125,8 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
             kc[:bsz, past : past + q_len] = k
             vc[:bsz, past : past + q_len] = v
             meta = attn_params.metadata(self.device)
-            out = self.backend.attend(q, kc[:bsz, : past + q_len], vc[:bsz, : past + q_len], meta, **opts)
+            out = self.backend.attend(q, kc[:bsz, : past + q_len], vc[:bsz, : past + q_len], meta,
+                                      decode_kernel=ops.decode_attention, **opts)
             cache.store_kv_state(self.layer_idx, bsz, past, q_len)
         else:
             out = self.backend.attend(q, k, v, attn_params.metadata(self.device), **opts)

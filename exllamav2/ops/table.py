@@ -48,6 +48,9 @@ class DeviceOps:
     layer_norm: Callable
     rotate_qk: rope.RotateQK
     paged_attention: Callable | None   # the fused paged-attention kernel; None: the backend's gather path
+    # the CPU's decode attention (one query position, per-row key counts; attn/backends/backend.py says which
+    # calls it takes); None: the backend's own path
+    decode_attention: Callable | None
     fp8_to_fp16: Callable
     fp16_to_fp8: Callable
     q_to_fp16: Callable
@@ -77,6 +80,7 @@ def build_ops(device: torch.device | str, dtype: torch.dtype) -> DeviceOps:
         layer_norm=cuda.layer_norm if cuda else norm.layer_norm,
         rotate_qk=rope.kernel_rotate_qk(cuda) if cuda else rope.rotate_qk,
         paged_attention=cuda.paged_attention if cuda else None,
+        decode_attention=cpu.attn_decode if cpu else None,
         fp8_to_fp16=cuda.fp8_to_fp16 if cuda else kv_cache.fp8_to_fp16,
         fp16_to_fp8=cuda.fp16_to_fp8 if cuda else kv_cache.fp16_to_fp8,
         q_to_fp16=cuda.q_to_fp16 if cuda else kv_cache.q_to_fp16,

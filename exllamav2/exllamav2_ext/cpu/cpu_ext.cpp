@@ -236,9 +236,11 @@ torch::Tensor q_dequant(const torch::Tensor& qw, const torch::Tensor& chunks, co
 }
 
 // Decode attention: q [B, 1, Hq, D], k and v [B, S, Hkv, D] (views of the cache: any batch and position strides,
-// heads and dims contiguous), all float32 or all bfloat16, D a multiple of 16; every query sees all S keys
-// (no mask, window or softcap). Returns [B, 1, Hq, D] in q's dtype, computed in float32.
-torch::Tensor attn_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
+// heads and dims contiguous), all float32 or all bfloat16, D a multiple of 16; the query of row b sees its first
+// lengths[b] keys (int64 [B], 0..S; without lengths all S; a row seeing none outputs zeros), no other mask, window
+// or softcap. Returns [B, 1, Hq, D] in q's dtype, computed in float32.
+torch::Tensor attn_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
+                          const std::optional<torch::Tensor>& lengths) {
     TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attn_decode: CPU tensors only");
     const auto dt = q.scalar_type();
     TORCH_CHECK((dt == torch::kFloat32 || dt == torch::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
@@ -250,9 +252,18 @@ torch::Tensor attn_decode(const torch::Tensor& q, const torch::Tensor& k, const 
     TORCH_CHECK(D % exlcpu::kBlock == 0 && S > 0, "attn_decode: head dim must be a multiple of 16 and S > 0");
     for (const auto* t : {&k, &v})
         TORCH_CHECK(t->stride(3) == 1 && t->stride(2) == D, "attn_decode: k and v need contiguous heads and dims");
+    const int64_t* lens = nullptr;
+    if (lengths && lengths->defined()) {
+        TORCH_CHECK(lengths->scalar_type() == torch::kInt64 && lengths->dim() == 1 && lengths->size(0) == B &&
+                    lengths->is_contiguous() && lengths->device().is_cpu(),
+                    "attn_decode: lengths must be a contiguous int64 CPU tensor [B]");
+        lens = lengths->data_ptr<int64_t>();
+        for (int64_t b = 0; b < B; ++b)
+            TORCH_CHECK(lens[b] >= 0 && lens[b] <= S, "attn_decode: lengths[", b, "] = ", lens[b], " outside 0..", S);
+    }
     auto qc = q.contiguous();
     auto out = torch::empty_like(qc);
-    exlcpu::AttnArgs a{qc.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Hq, Hkv, D, S, Hq * D,
+    exlcpu::AttnArgs a{qc.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lens, B, Hq, Hkv, D, S, Hq * D,
                        k.stride(0), k.stride(1), v.stride(0), v.stride(1), float(scale), dt == torch::kBFloat16};
     auto fn = kernels().attn_decode;
     at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
@@ -274,8 +285,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"), py::arg("K"),
           py::arg("scale_values") = py::none());
     m.def("attn_decode", &attn_decode,
-          "decode attention: q [B, 1, Hq, D] over all S keys of k, v [B, S, Hkv, D] (cache views), float32 or "
-          "bfloat16, computed in float32", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"));
+          "decode attention: q [B, 1, Hq, D] over the first lengths[b] (default all S) keys of k, v [B, S, Hkv, D] "
+          "(cache views), float32 or bfloat16, computed in float32", py::arg("q"), py::arg("k"), py::arg("v"),
+          py::arg("scale"), py::arg("lengths") = py::none());
     m.def("set_isa", &set_isa, "choose the kernels: 'auto' (from the CPU's flags), 'avx2' or 'avx512'; returns it");
     m.def("isa", &isa, "the instruction set the kernels run");
 }

@@ -47,15 +47,17 @@ using F16GemvFn = void (*)(const float* x, const uint16_t* w, float* y, int64_t 
 // groups whose width b = bits[g] the kernels decode by table (returned by lut_bits)
 using QTablesFn = void (*)(const uint16_t* values, const int8_t* bits, int64_t ngroups, float* gscales, float* gluts);
 
-// Attention of one query position (decode) over S cached keys, every query head seeing every key: for batch
-// b and query head h (kv head h / G, G = Hq / Hkv), out = softmax(scale * q . k) @ v, in fp32. q and out are
-// [B][Hq][D] (row stride qb per batch), key s of kv head j at k + b * kb + s * ks + j * D (v likewise);
-// elements bf16 (bf16 true) or fp32. A task is one (batch, kv head): tasks t0 .. t1 - 1 of B * Hkv.
+// Attention of one query position (decode) over the first lens[b] (lens null: all S) cached keys of batch b,
+// every query head seeing them all: for query head h (kv head h / G, G = Hq / Hkv), out = softmax(scale * q . k)
+// @ v, in fp32, zeros where no key is seen. q and out are [B][Hq][D] (row stride qb per batch), key s of kv head
+// j at k + b * kb + s * ks + j * D (v likewise); elements bf16 (bf16 true) or fp32. A task is one
+// (batch, kv head): tasks t0 .. t1 - 1 of B * Hkv.
 struct AttnArgs {
     const void* q;
     const void* k;
     const void* v;
     void* out;
+    const int64_t* lens;
     int64_t B, Hq, Hkv, D, S, qb, kb, ks, vb, vs;
     float scale;
     bool bf16;

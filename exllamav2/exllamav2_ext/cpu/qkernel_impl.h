@@ -413,15 +413,10 @@ void attn_values(const float* p, int64_t ns, const void* v, int64_t vs, int64_t 
         for (int c = 0; c < NCH; ++c) S::store(out + g * D + d0 + c * kBlock, S::mul(acc[g][c], S::set1(inv[g])));
 }
 
+// the G query heads of kv head j of batch b over its ns >= 1 keys, into q (the scaled queries, then the outputs)
 template <class S, bool BF>
-void attn_task(const AttnArgs& a, int64_t t, std::vector<float>& buf) {
-    const int64_t b = t / a.Hkv, j = t % a.Hkv, G = a.Hq / a.Hkv, D = a.D, ns = a.S;
-    const size_t need = size_t(G * D + G + G * ns);
-    if (buf.size() < need) buf.resize(need);
-    float* q = buf.data();               // [G][D]: the scaled queries, then the outputs
-    float* inv = q + G * D;
-    float* sc = inv + G;                 // [G][ns]
-    const int64_t q0 = b * a.qb + j * G * D;
+void attn_heads(const AttnArgs& a, int64_t b, int64_t j, int64_t ns, float* q, float* inv, float* sc) {
+    const int64_t G = a.Hq / a.Hkv, D = a.D, q0 = b * a.qb + j * G * D;
     for (int64_t i = 0; i < G * D; ++i) q[i] = scalar_kv<BF>(a.q, q0 + i) * a.scale;
     const void* k = offset<BF>(a.k, b * a.kb + j * D);
     const void* v = offset<BF>(a.v, b * a.vb + j * D);
@@ -435,6 +430,19 @@ void attn_task(const AttnArgs& a, int64_t t, std::vector<float>& buf) {
             attn_values<S, BF, 4>(sc + g0 * ns, ns, v, a.vs, d0, ng, inv + g0, q + g0 * D, D);
         for (; d0 < D; d0 += kBlock) attn_values<S, BF, 1>(sc + g0 * ns, ns, v, a.vs, d0, ng, inv + g0, q + g0 * D, D);
     }
+}
+
+template <class S, bool BF>
+void attn_task(const AttnArgs& a, int64_t t, std::vector<float>& buf) {
+    const int64_t b = t / a.Hkv, j = t % a.Hkv, G = a.Hq / a.Hkv, D = a.D, ns = a.lens ? a.lens[b] : a.S;
+    const size_t need = size_t(G * D + G + G * ns);
+    if (buf.size() < need) buf.resize(need);
+    float* q = buf.data();               // [G][D]: the scaled queries, then the outputs
+    if (ns > 0)
+        attn_heads<S, BF>(a, b, j, ns, q, q + G * D, q + G * D + G);
+    else                                 // a row that sees no key outputs zeros, as the backends do
+        for (int64_t i = 0; i < G * D; ++i) q[i] = 0.f;
+    const int64_t q0 = b * a.qb + j * G * D;
     for (int64_t i = 0; i < G * D; i += kBlock) {
         if constexpr (BF) S::store_bf(static_cast<uint16_t*>(a.out) + q0 + i, S::load_f(q + i));
         else S::store(static_cast<float*>(a.out) + q0 + i, S::load_f(q + i));
