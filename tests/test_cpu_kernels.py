@@ -35,6 +35,22 @@ def test_16_bit_weight_kernels_match_fp64_matmul(m, n, k, kernel, dtype, isa, th
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5 * k**0.5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n, k", [(5, 15), (33, 100), (256, 768), (1030, 72)])
+@pytest.mark.parametrize("kernel, dtype", [("linear_f16w", torch.float16), ("linear_bf16w", torch.bfloat16)])
+def test_16_bit_weight_kernels_take_and_return_bf16(m, n, k, kernel, dtype, isa, threads):
+    """bf16 activations (the bf16 mode's) in and out, summed in float32: the fp64 product rounded once to bf16, to
+    within one bf16 ulp (a float32 sum near a rounding tie may round the other way)."""
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    expect = x.double() @ w.double().T
+    got = getattr(kernels, kernel)(x, w)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), expect, rtol=2**-7, atol=1e-5 * k**0.5)
+
+
 def _attention_reference(q, k, v, scale):
     """float32 SDPA with the kv heads repeated for their query heads (repeat_kv's order)."""
     groups = q.shape[2] // k.shape[2]
@@ -135,6 +151,8 @@ def test_linear_f16w_refuses_wrong_input():
         kernels.linear_f16w(torch.randn(1, 8), torch.randn(4, 9).half())
     with pytest.raises(RuntimeError, match="w must be bfloat16"):
         kernels.linear_bf16w(torch.randn(1, 8), torch.randn(4, 8).half())
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
+        kernels.linear_bf16w(torch.randn(1, 8).half(), torch.randn(4, 8).bfloat16())
 
 
 def _decode_logits(model_dir) -> tuple[ExLlamaV2, torch.Tensor]:

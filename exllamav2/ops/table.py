@@ -1,8 +1,8 @@
 """The ops table: for one device and activation dtype, which implementation runs each op that has a compiled
 kernel, chosen once (when the model loads) instead of on every call.
 
-exllamav2_ext's kernels take float16 CUDA tensors; the CPU kernels take float32 activations with fp16 or
-quantized weights. Where a kernel does not serve (no GPU, no extension, another dtype) the op is its PyTorch
+exllamav2_ext's kernels take float16 CUDA tensors; the CPU kernels take float32 or bfloat16 activations (and
+return them in that dtype) with 16-bit or quantized weights. Where a kernel does not serve (no GPU, no extension, another dtype) the op is its PyTorch
 twin, which the tests hold the kernel to. The model kit, the caches and the attention layer call through
 this table and never ask the extension loader themselves.
 """
@@ -43,7 +43,7 @@ class DeviceOps:
     cuda: ModuleType | None            # exllamav2_ext on this GPU (quantized matmuls build their QMatrix on it)
     cpu: ModuleType | None             # the CPU kernels (quantized and fp16-weight matmuls from packed weights)
     weight_dtype: torch.dtype          # the dtype FP16 checkpoint weights are kept in here (one copy)
-    matvec: Callable | None            # y = x @ w.T for a few rows of float32 x and weights in weight_dtype
+    matvec: Callable | None            # y = x @ w.T for a few rows of x in `dtype` and weights in weight_dtype
     rms_norm: Callable
     layer_norm: Callable
     rotate_qk: rope.RotateQK

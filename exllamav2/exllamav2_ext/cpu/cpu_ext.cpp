@@ -45,23 +45,25 @@ std::string set_isa(const std::string& name) {
 
 std::string isa() { return kernels().name; }
 
-// y = x @ w.T for float32 x and 16-bit weights (fp16 or bf16, `dtype`) through `fn`
+// y = x @ w.T for 16-bit weights (fp16 or bf16, `dtype`) through `fn`; x and y float32 or bfloat16 (the bf16
+// mode's activations, taken and returned as they are: no conversions around the call)
 torch::Tensor linear_w16(const char* name, torch::Tensor x, torch::Tensor w, at::ScalarType dtype,
                          const char* dtype_name, exlcpu::F16GemvFn fn) {
     TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors only");
-    TORCH_CHECK(x.scalar_type() == torch::kFloat32, name, ": x must be float32");
+    const bool xbf = x.scalar_type() == torch::kBFloat16;
+    TORCH_CHECK(xbf || x.scalar_type() == torch::kFloat32, name, ": x must be float32 or bfloat16");
     TORCH_CHECK(w.scalar_type() == dtype, name, ": w must be ", dtype_name);
     TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x (M, K) and w (N, K) must share K");
     x = x.contiguous();
     w = w.contiguous();
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
     auto y = torch::empty({M, N}, x.options());
-    const float* xp = x.data_ptr<float>();
+    const void* xp = x.data_ptr();
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-    float* yp = y.data_ptr<float>();
+    void* yp = y.data_ptr();
     // a thread takes a contiguous run of at least ~32k weights: one sequential stream each
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
-    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { fn(xp, wp, yp, M, K, N, r0, r1); });
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { fn(xp, xbf, wp, yp, M, K, N, r0, r1); });
     return y;
 }
 
@@ -162,15 +164,16 @@ void check_src(const QView& v, int64_t K) {
         TORCH_CHECK(v.src[p] >= -1 && v.src[p] < K, "q kernels: src[", p, "] = ", v.src[p], " outside -1..", K - 1);
 }
 
-// x [M, K] in padded stored-row order (zeros on padding rows), in a buffer kept per calling thread so that
-// decode allocates nothing but its output
-const float* gather_x(const QView& v, const float* x, int64_t M, int64_t K) {
+// x [M, K] (float32 or bf16) as float32 in padded stored-row order (zeros on padding rows), in a buffer kept per
+// calling thread so that decode allocates nothing but its output
+template <class T>
+const float* gather_x(const QView& v, const T* x, int64_t M, int64_t K) {
     thread_local std::vector<float> buf;
     if (buf.size() < size_t(M * v.kpad)) buf.resize(size_t(M * v.kpad));
     for (int64_t m = 0; m < M; ++m) {
         float* row = buf.data() + m * v.kpad;
-        const float* xr = x + m * K;
-        for (int64_t p = 0; p < v.kpad; ++p) row[p] = v.src[p] >= 0 ? xr[v.src[p]] : 0.f;
+        const T* xr = x + m * K;
+        for (int64_t p = 0; p < v.kpad; ++p) row[p] = v.src[p] >= 0 ? float(xr[v.src[p]]) : 0.f;
     }
     return buf.data();
 }
@@ -195,8 +198,9 @@ torch::Tensor q_matmul(torch::Tensor x, const torch::Tensor& qw, const torch::Te
                        const torch::Tensor& scales, const std::optional<torch::Tensor>& zeros,
                        const torch::Tensor& src, const std::optional<torch::Tensor>& bias, int64_t N,
                        int64_t max_gemv_rows, const std::optional<torch::Tensor>& scale_values) {
-    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2,
-                "q_matmul: x must be a float32 CPU tensor [M, K]");
+    const bool xbf = x.scalar_type() == torch::kBFloat16;
+    TORCH_CHECK(x.device().is_cpu() && (xbf || x.scalar_type() == torch::kFloat32) && x.dim() == 2,
+                "q_matmul: x must be a float32 or bfloat16 CPU tensor [M, K]");
     QView v = q_view(qw, chunks, scales, zeros, src, scale_values);
     const int64_t M = x.size(0), K = x.size(1);
     TORCH_CHECK(N > 0 && N <= v.nblocks * exlcpu::kBlock, "q_matmul: N = ", N, " outside 1..", v.nblocks * 16);
@@ -210,16 +214,17 @@ torch::Tensor q_matmul(torch::Tensor x, const torch::Tensor& qw, const torch::Te
     x = x.contiguous();
     auto y = torch::empty({M, N}, x.options());
     if (M == 0) return y;
-    if (M > max_gemv_rows) {
-        q_gemm(v, x, y, N);
-        if (bp) y.add_(*bias);
-        return y;
+    if (M > max_gemv_rows) {      // the GEMM of fp32 tiles: bf16 rows widened, the result rounded back
+        auto yf = xbf ? torch::empty({M, N}, x.options().dtype(torch::kFloat32)) : y;
+        q_gemm(v, xbf ? x.to(torch::kFloat32) : x, yf, N);
+        if (bp) yf.add_(*bias);
+        return xbf ? yf.to(torch::kBFloat16) : yf;
     }
-    const float* xp = gather_x(v, x.data_ptr<float>(), M, K);
-    float* yp = y.data_ptr<float>();
+    const float* xp = xbf ? gather_x(v, x.data_ptr<at::BFloat16>(), M, K) : gather_x(v, x.data_ptr<float>(), M, K);
+    void* yp = y.data_ptr();
     auto fn = kernels().q_gemv;
     at::parallel_for(0, v.nblocks, block_grain(v.kpad), [&](int64_t b0, int64_t b1) {
-        fn(v.args, xp, M, v.kpad, bp, yp, N, N, b0, b1);
+        fn(v.args, xp, M, v.kpad, bp, yp, xbf, N, N, b0, b1);
     });
     return y;
 }
@@ -274,11 +279,12 @@ torch::Tensor attn_decode(const torch::Tensor& q, const torch::Tensor& k, const 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     set_isa("auto");
-    m.def("linear_f16w", &linear_f16w, "y = x @ w.T, x float32 (M, K), w float16 (N, K)");
-    m.def("linear_bf16w", &linear_bf16w, "y = x @ w.T, x float32 (M, K), w bfloat16 (N, K)");
+    m.def("linear_f16w", &linear_f16w, "y = x @ w.T, x float32 or bfloat16 (M, K), w float16 (N, K); y in x's dtype");
+    m.def("linear_bf16w", &linear_bf16w, "y = x @ w.T, x float32 or bfloat16 (M, K), w bfloat16 (N, K); y in x's dtype");
     m.def("q_matmul", &q_matmul,
-          "y = x @ W (+ bias) for a quantized W in the CPU layout (exllamav2/quant/cpu_layout.py); rows above "
-          "max_gemv_rows go through tiles of dequantized columns and a GEMM",
+          "y = x @ W (+ bias) for a quantized W in the CPU layout (exllamav2/quant/cpu_layout.py), x float32 or "
+          "bfloat16 and y in its dtype (summed in float32); rows above max_gemv_rows go through tiles of dequantized "
+          "columns and a GEMM",
           py::arg("x"), py::arg("qw"), py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"),
           py::arg("bias"), py::arg("N"), py::arg("max_gemv_rows"), py::arg("scale_values") = py::none());
     m.def("q_dequant", &q_dequant, "W as float32 [K, blocks * 16] from the CPU layout", py::arg("qw"),

@@ -34,13 +34,14 @@ struct QArgs {
 constexpr int kLutStride = 32;   // floats per table: up to 5-bit codes
 
 // y[m, n] = sum_p x[m, p] * w[p, n] (+ bias[n]) for the column blocks cb0..cb1; x in padded-row order
-// (x[m * kpad + p], zero on padding rows), y[m * ldy + n] for n < N.
-using QGemvFn = void (*)(const QArgs&, const float* x, int64_t M, int64_t kpad, const float* bias, float* y,
-                         int64_t ldy, int64_t N, int64_t cb0, int64_t cb1);
+// (x[m * kpad + p], zero on padding rows), y[m * ldy + n] for n < N, float32 or (ybf) rounded to bf16.
+using QGemvFn = void (*)(const QArgs&, const float* x, int64_t M, int64_t kpad, const float* bias, void* y,
+                         bool ybf, int64_t ldy, int64_t N, int64_t cb0, int64_t cb1);
 // out[src[p] * ldo + (cb - cb0) * 16 + j] = w[p, cb * 16 + j] for every padded row p with src[p] >= 0
 using QDequantFn = void (*)(const QArgs&, const int32_t* src, float* out, int64_t ldo, int64_t cb0, int64_t cb1);
-// y[m * N + n] = sum_k x[m * K + k] * w[n * K + k] (w fp16) for output rows n0..n1
-using F16GemvFn = void (*)(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N,
+// y[m * N + n] = sum_k x[m * K + k] * w[n * K + k] (w fp16) for output rows n0..n1; x and y float32, or bf16
+// with xbf (summed in float32 either way)
+using F16GemvFn = void (*)(const void* x, bool xbf, const uint16_t* w, void* y, int64_t M, int64_t K, int64_t N,
                            int64_t n0, int64_t n1);
 
 // gscales[g][k] = values[g][k] as float; gluts[g][k][c] = fp16((c mod 2^b - 2^(b-1)) * gscales[g][k]) for the

@@ -17,6 +17,40 @@
 
 #define EXL_INLINE inline __attribute__((always_inline))
 
+// Activations, keys and values: float32, or bf16 (the upper half of a float32: a shift) widened on load and
+// rounded to nearest even on store (as torch rounds), all arithmetic in float32.
+template <bool BF>
+using Elem = std::conditional_t<BF, uint16_t, float>;
+
+EXL_INLINE float bf16_to_float(uint16_t h) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+template <bool BF>
+EXL_INLINE float elem_to_float(Elem<BF> e) {
+    if constexpr (BF) return bf16_to_float(e); else return e;
+}
+
+template <bool BF>
+EXL_INLINE Elem<BF> float_to_elem(float f) {
+    if constexpr (BF) {
+        uint32_t u;
+        std::memcpy(&u, &f, sizeof u);
+        if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);    // NaN stays a quiet NaN
+        return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    } else {
+        return f;
+    }
+}
+
+template <class S, bool BF>
+EXL_INLINE typename S::F load_elems(const Elem<BF>* p) {
+    if constexpr (BF) return S::load_bf(p); else return S::load_f(p);
+}
+
 // A group's decoding constants for NC columns of a block: w = fp16((code - zero) * scale). code - zero is
 // exact in fp32 as (2^23 + code) - (2^23 + zero), 2^23 + code being the float with code in its low mantissa
 // bits (no int -> float conversion), and the product with the fp16 scale is exact (8-bit integer x 11-bit
@@ -185,18 +219,19 @@ EXL_INLINE void block_passes(const QArgs& a, int64_t cb, const float* x, int64_t
 
 // MR activation rows of column block cb: as many columns per pass as the accumulators allow, later passes
 // reading the block's words again from cache.
-template <class S, int MR>
-void q_block_rows(const QArgs& a, int64_t cb, const float* x, int64_t kpad, const float* bias, float* y,
+template <class S, int MR, bool YBF>
+void q_block_rows(const QArgs& a, int64_t cb, const float* x, int64_t kpad, const float* bias, Elem<YBF>* y,
                   int64_t ldy, int ncol) {
     alignas(64) float out[MR * kBlock];
     block_passes<S, MR>(a, cb, x, kpad, out, std::make_integer_sequence<int, kBlock / (S::kAccRegs / MR)>{});
     for (int m = 0; m < MR; ++m)
-        for (int j = 0; j < ncol; ++j) y[m * ldy + j] = bias ? out[m * kBlock + j] + bias[j] : out[m * kBlock + j];
+        for (int j = 0; j < ncol; ++j)
+            y[m * ldy + j] = float_to_elem<YBF>(bias ? out[m * kBlock + j] + bias[j] : out[m * kBlock + j]);
 }
 
-template <class S>
-void q_gemv(const QArgs& a, const float* x, int64_t M, int64_t kpad, const float* bias, float* y, int64_t ldy,
-            int64_t N, int64_t cb0, int64_t cb1) {
+template <class S, bool YBF>
+void q_gemv_rows(const QArgs& a, const float* x, int64_t M, int64_t kpad, const float* bias, Elem<YBF>* y,
+                 int64_t ldy, int64_t N, int64_t cb0, int64_t cb1) {
     for (int64_t cb = cb0; cb < cb1; ++cb) {
         const int64_t n0 = cb * kBlock;
         if (n0 >= N) break;
@@ -204,13 +239,20 @@ void q_gemv(const QArgs& a, const float* x, int64_t M, int64_t kpad, const float
         const float* b = bias ? bias + n0 : nullptr;
         int64_t m = 0;
         // four activation rows share each decoded weight vector
-        for (; m + 4 <= M; m += 4) q_block_rows<S, 4>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
+        for (; m + 4 <= M; m += 4) q_block_rows<S, 4, YBF>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
         if (m + 2 <= M) {
-            q_block_rows<S, 2>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
+            q_block_rows<S, 2, YBF>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
             m += 2;
         }
-        if (m < M) q_block_rows<S, 1>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
+        if (m < M) q_block_rows<S, 1, YBF>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
     }
+}
+
+template <class S>
+void q_gemv(const QArgs& a, const float* x, int64_t M, int64_t kpad, const float* bias, void* y, bool ybf,
+            int64_t ldy, int64_t N, int64_t cb0, int64_t cb1) {
+    if (ybf) q_gemv_rows<S, true>(a, x, M, kpad, bias, static_cast<uint16_t*>(y), ldy, N, cb0, cb1);
+    else q_gemv_rows<S, false>(a, x, M, kpad, bias, static_cast<float*>(y), ldy, N, cb0, cb1);
 }
 
 template <class S, int B, bool Z>
@@ -256,7 +298,7 @@ void q_dequant(const QArgs& a, const int32_t* src, float* out, int64_t ldo, int6
     }
 }
 
-// 16-bit weights: fp16 (F16C's conversion) or bf16 (the upper half of a float32: a shift)
+// 16-bit weights: fp16 (F16C's conversion) or bf16
 template <class S, bool BF16>
 EXL_INLINE typename S::F load_w16(const uint16_t* p) {
     if constexpr (BF16) return S::load_bf(p); else return S::load_h(p);
@@ -264,14 +306,7 @@ EXL_INLINE typename S::F load_w16(const uint16_t* p) {
 
 template <class S, bool BF16>
 EXL_INLINE float w16_to_float(uint16_t h) {
-    if constexpr (BF16) {
-        uint32_t u = static_cast<uint32_t>(h) << 16;
-        float f;
-        std::memcpy(&f, &u, sizeof f);
-        return f;
-    } else {
-        return S::half_to_float(h);
-    }
+    if constexpr (BF16) return bf16_to_float(h); else return S::half_to_float(h);
 }
 
 // 16-bit-weight rows, one output row at a time for MR activation rows: the weight is then read as one
@@ -279,51 +314,51 @@ EXL_INLINE float w16_to_float(uint16_t h) {
 // several short streams, and rows of 1-4 KB read that way run at half the speed; software prefetches only
 // get in its way). One accumulator per activation row: its FMA latency still allows ~29 GB/s per core, and
 // unrolling over more accumulators measured 10-20% slower on the DRAM stream (Zen 4, both ISA paths).
-template <class S, bool BF16, int MR>
-EXL_INLINE void f16_row(const float* x, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
-    constexpr int NA = 1;
-    typename S::F acc[MR][NA];
-    for (int m = 0; m < MR; ++m)
-        for (int a = 0; a < NA; ++a) acc[m][a] = S::zero();
+// XBF: bf16 activations in and out (the bf16 mode's), else float32.
+template <class S, bool BF16, bool XBF, int MR>
+EXL_INLINE void f16_row(const Elem<XBF>* x, int64_t K, const uint16_t* w, Elem<XBF>* y, int64_t ldy) {
+    typename S::F acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = S::zero();
     int64_t k = 0;
-    for (; k + NA * kBlock <= K; k += NA * kBlock)
-        for (int a = 0; a < NA; ++a) {
-            typename S::F wv = load_w16<S, BF16>(w + k + a * kBlock);
-            for (int m = 0; m < MR; ++m) acc[m][a] = S::fmav(wv, S::load_f(x + m * K + k + a * kBlock), acc[m][a]);
-        }
     for (; k + kBlock <= K; k += kBlock) {
         typename S::F wv = load_w16<S, BF16>(w + k);
-        for (int m = 0; m < MR; ++m) acc[m][0] = S::fmav(wv, S::load_f(x + m * K + k), acc[m][0]);
+        for (int m = 0; m < MR; ++m) acc[m] = S::fmav(wv, load_elems<S, XBF>(x + m * K + k), acc[m]);
     }
     for (int m0 = 0; m0 < MR; m0 += 4) {
         typename S::F t[4];
-        for (int i = 0; i < 4; ++i) {
-            t[i] = S::zero();
-            if (m0 + i < MR)
-                for (int a = 0; a < NA; ++a) t[i] = S::add(t[i], acc[m0 + i][a]);
-        }
+        for (int i = 0; i < 4; ++i) t[i] = m0 + i < MR ? acc[m0 + i] : S::zero();
         float s[4];
         S::hsum4(t[0], t[1], t[2], t[3], s);
         for (int i = 0; i < 4 && m0 + i < MR; ++i) {
-            for (int64_t kk = k; kk < K; ++kk) s[i] += w16_to_float<S, BF16>(w[kk]) * x[(m0 + i) * K + kk];
-            y[(m0 + i) * ldy] = s[i];
+            for (int64_t kk = k; kk < K; ++kk)
+                s[i] += w16_to_float<S, BF16>(w[kk]) * elem_to_float<XBF>(x[(m0 + i) * K + kk]);
+            y[(m0 + i) * ldy] = float_to_elem<XBF>(s[i]);
         }
     }
 }
 
-template <class S, bool BF16 = false>
-void f16_gemv(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+template <class S, bool BF16, bool XBF>
+void f16_rows(const Elem<XBF>* x, const uint16_t* w, Elem<XBF>* y, int64_t M, int64_t K, int64_t N, int64_t n0,
               int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
         // later groups of activation rows read the row again from L1
         int64_t m = 0;
-        for (; m + 4 <= M; m += 4) f16_row<S, BF16, 4>(x + m * K, K, w + n * K, y + m * N + n, N);
+        for (; m + 4 <= M; m += 4) f16_row<S, BF16, XBF, 4>(x + m * K, K, w + n * K, y + m * N + n, N);
         if (m + 2 <= M) {
-            f16_row<S, BF16, 2>(x + m * K, K, w + n * K, y + m * N + n, N);
+            f16_row<S, BF16, XBF, 2>(x + m * K, K, w + n * K, y + m * N + n, N);
             m += 2;
         }
-        if (m < M) f16_row<S, BF16, 1>(x + m * K, K, w + n * K, y + m * N + n, N);
+        if (m < M) f16_row<S, BF16, XBF, 1>(x + m * K, K, w + n * K, y + m * N + n, N);
     }
+}
+
+template <class S, bool BF16 = false>
+void f16_gemv(const void* x, bool xbf, const uint16_t* w, void* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+              int64_t n1) {
+    if (xbf)
+        f16_rows<S, BF16, true>(static_cast<const uint16_t*>(x), w, static_cast<uint16_t*>(y), M, K, N, n0, n1);
+    else
+        f16_rows<S, BF16, false>(static_cast<const float*>(x), w, static_cast<float*>(y), M, K, N, n0, n1);
 }
 
 // Decode attention (AttnArgs in qkernel.h). Per (batch, kv head): the scores of its G query heads against every
@@ -331,20 +366,12 @@ void f16_gemv(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K,
 // output columns in registers per pass over the values. The scores live in a buffer kept per thread.
 template <class S, bool BF>
 EXL_INLINE typename S::F load_kv(const void* p, int64_t i) {
-    if constexpr (BF) return S::load_bf(static_cast<const uint16_t*>(p) + i);
-    else return S::load_f(static_cast<const float*>(p) + i);
+    return load_elems<S, BF>(static_cast<const Elem<BF>*>(p) + i);
 }
 
 template <bool BF>
 EXL_INLINE float scalar_kv(const void* p, int64_t i) {
-    if constexpr (BF) {
-        uint32_t b = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
-        float f;
-        __builtin_memcpy(&f, &b, 4);
-        return f;
-    } else {
-        return static_cast<const float*>(p)[i];
-    }
+    return elem_to_float<BF>(static_cast<const Elem<BF>*>(p)[i]);
 }
 
 template <bool BF>
