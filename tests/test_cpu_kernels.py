@@ -112,6 +112,51 @@ def test_attn_decode_refuses_wrong_input():
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, d", [(1, 768), (3, 16), (5, 100), (40, 64)])
+def test_rms_norm_matches_the_twin(dtype, rows, d, isa, threads):
+    """Rows of 16-wide vectors and a scalar tail (d = 100), many rows split over threads; float32 to float32
+    rounding of a different summation order, bf16 to one bf16 ulp."""
+    from exllamav2.ops import norm
+
+    gen = torch.Generator().manual_seed(rows * 100 + d)
+    x = (torch.randn(rows, 2, d, generator=gen) * 3).to(dtype)
+    w = torch.rand(d, generator=gen) + 0.5
+    got = kernels.rms_norm(x, w, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=0)
+    torch.testing.assert_close(got.float(), norm.rms_norm(x, w, 1e-5).float(), **tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, n, h, d, r", [(1, 1, 12, 64, 64), (2, 5, 4, 16, 16), (1, 3, 2, 96, 64), (2, 2, 3, 64, 40)])
+def test_rope_neox_matches_the_twin(dtype, b, n, h, d, r, isa, threads):
+    """Full and partial rotary dims (the rest copied), halves of 8 and 20 (a scalar tail), non-contiguous q."""
+    from exllamav2.architecture import RopeStyle
+    from exllamav2.ops.rope import apply_rope
+
+    gen = torch.Generator().manual_seed(b * n * h + d + r)
+    x = torch.randn(b, n, h * 2, d, generator=gen).to(dtype)[:, :, ::2]
+    angles = torch.rand(b, n, 1, r // 2, generator=gen) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    got = kernels.rope_neox(x, cos, sin)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(got.float(), apply_rope(x, cos, sin, RopeStyle.NEOX).float(), **tol)
+
+
+@needs_kernels
+def test_norm_and_rope_refuse_wrong_input():
+    with pytest.raises(RuntimeError, match="w must be float32"):
+        kernels.rms_norm(torch.randn(2, 8), torch.randn(8).bfloat16(), 1e-5)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.rms_norm(torch.randn(2, 8).half(), torch.randn(8), 1e-5)
+    with pytest.raises(RuntimeError, match="R even and at most D"):
+        kernels.rope_neox(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 1, 10), torch.randn(1, 1, 1, 10))
+
+
+@needs_kernels
 def test_isa_is_chosen_from_the_cpu():
     assert kernels.isa() in ("avx2", "avx512")
     if kernels.isa() == "avx2":

@@ -59,7 +59,8 @@ class DeviceOps:
     def describe(self) -> str:
         if self.cuda is not None:
             return "exllamav2_ext kernels"
-        return "CPU kernels for matmuls, PyTorch for the rest" if self.cpu is not None else "PyTorch only"
+        return ("CPU kernels for matmuls, decode attention, RMS norm and NeoX RoPE, PyTorch for the rest"
+                if self.cpu is not None else "PyTorch only")
 
 
 # CPU activation dtype -> (weight dtype, the CPU kernel multiplying few rows by such weights)
@@ -76,9 +77,9 @@ def build_ops(device: torch.device | str, dtype: torch.dtype) -> DeviceOps:
     weight_dtype, matvec = (_CPU_MATVEC[dtype][0], getattr(cpu, _CPU_MATVEC[dtype][1])) if cpu else (dtype, None)
     return DeviceOps(
         device=device, dtype=dtype, cuda=cuda, cpu=cpu, weight_dtype=weight_dtype, matvec=matvec,
-        rms_norm=cuda.rms_norm if cuda else norm.rms_norm,
+        rms_norm=cuda.rms_norm if cuda else norm.cpu_rms_norm(cpu) if cpu else norm.rms_norm,
         layer_norm=cuda.layer_norm if cuda else norm.layer_norm,
-        rotate_qk=rope.kernel_rotate_qk(cuda) if cuda else rope.rotate_qk,
+        rotate_qk=rope.kernel_rotate_qk(cuda) if cuda else rope.cpu_rotate_qk(cpu) if cpu else rope.rotate_qk,
         paged_attention=cuda.paged_attention if cuda else None,
         decode_attention=cpu.attn_decode if cpu else None,
         fp8_to_fp16=cuda.fp8_to_fp16 if cuda else kv_cache.fp8_to_fp16,

@@ -275,6 +275,49 @@ torch::Tensor attn_decode(const torch::Tensor& q, const torch::Tensor& k, const 
     return out;
 }
 
+bool float32_or_bf16(const torch::Tensor& x) {
+    return x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16;
+}
+
+// The RMS norm over x's last dim with float32 weight w [D]: x float32 or bfloat16, y in its dtype (computed in
+// float32 as ops/norm.py's twin)
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+    TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && float32_or_bf16(x) && x.dim() >= 1,
+                "rms_norm: x must be a float32 or bfloat16 CPU tensor");
+    TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 1 && w.size(0) == x.size(-1),
+                "rms_norm: w must be float32 [D], D being x's last dim");
+    auto xc = x.contiguous();
+    auto wc = w.contiguous();
+    auto y = torch::empty_like(xc);
+    const int64_t D = x.size(-1), rows = D ? xc.numel() / D : 0;
+    const bool bf = x.scalar_type() == torch::kBFloat16;
+    auto fn = kernels().rms_norm;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+        fn(xc.data_ptr(), bf, wc.data_ptr<float>(), y.data_ptr(), D, float(eps), r0, r1);
+    });
+    return y;
+}
+
+// NeoX rotary embedding of x [B, L, H, D] (float32 or bfloat16) by cos and sin (float32, [B, L, 1, R], R even and
+// at most D: the first R dims of each head rotate, the rest are copied); a new tensor in x's dtype
+torch::Tensor rope_neox(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+    TORCH_CHECK(x.device().is_cpu() && float32_or_bf16(x) && x.dim() == 4,
+                "rope_neox: x must be a float32 or bfloat16 CPU tensor [B, L, H, D]");
+    const int64_t rows = x.size(0) * x.size(1), H = x.size(2), D = x.size(3), R = cos.size(-1);
+    for (const auto* t : {&cos, &sin})
+        TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->is_contiguous() &&
+                    t->numel() == rows * R && t->size(-1) == R && R % 2 == 0 && R <= D,
+                    "rope_neox: cos and sin must be contiguous float32 [B, L, 1, R], R even and at most D");
+    auto xc = x.contiguous();
+    auto y = torch::empty_like(xc);
+    const bool bf = x.scalar_type() == torch::kBFloat16;
+    auto fn = kernels().rope_neox;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(H * D, 1)), [&](int64_t r0, int64_t r1) {
+        fn(xc.data_ptr(), bf, cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr(), H, D, R, r0, r1);
+    });
+    return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -294,6 +337,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "decode attention: q [B, 1, Hq, D] over the first lengths[b] (default all S) keys of k, v [B, S, Hkv, D] "
           "(cache views), float32 or bfloat16, computed in float32", py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("scale"), py::arg("lengths") = py::none());
+    m.def("rms_norm", &rms_norm, "RMS norm over the last dim: x float32 or bfloat16, w float32 [D]; y in x's dtype",
+          py::arg("x"), py::arg("w"), py::arg("eps"));
+    m.def("rope_neox", &rope_neox, "NeoX RoPE of x [B, L, H, D] (float32 or bfloat16) by float32 cos, sin "
+          "[B, L, 1, R]; a new tensor in x's dtype", py::arg("x"), py::arg("cos"), py::arg("sin"));
     m.def("set_isa", &set_isa, "choose the kernels: 'auto' (from the CPU's flags), 'avx2' or 'avx512'; returns it");
     m.def("isa", &isa, "the instruction set the kernels run");
 }

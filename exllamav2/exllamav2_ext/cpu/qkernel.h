@@ -65,6 +65,13 @@ struct AttnArgs {
 };
 using AttnFn = void (*)(const AttnArgs&, int64_t t0, int64_t t1);
 
+// RMS norm of rows r0 .. r1 - 1 of x [rows][D] with float32 weight w into y; x and y float32, or bf16 with bf
+using RmsNormFn = void (*)(const void* x, bool bf, const float* w, void* y, int64_t D, float eps, int64_t r0,
+                           int64_t r1);
+// NeoX RoPE of rows r0 .. r1 - 1 of x [rows][H][D] (first R dims) by cos, sin [rows][R] into y; x, y as above
+using RopeFn = void (*)(const void* x, bool bf, const float* cos, const float* sin, void* y, int64_t H, int64_t D,
+                        int64_t R, int64_t r0, int64_t r1);
+
 struct Kernels {
     const char* name;
     QGemvFn q_gemv;
@@ -73,6 +80,8 @@ struct Kernels {
     QTablesFn q_tables;
     F16GemvFn bf16_gemv;    // f16_gemv with bf16 weights
     AttnFn attn_decode;
+    RmsNormFn rms_norm;
+    RopeFn rope_neox;
 };
 
 const Kernels& kernels_avx2();

@@ -484,3 +484,74 @@ void attn_decode(const AttnArgs& a, int64_t t0, int64_t t1) {
         else attn_task<S, false>(a, t, buf);
     }
 }
+
+// RMS norm of rows [r0, r1) of x [rows][D]: y = x * (1 / sqrt(mean(x^2) + eps)) * w (w float32), in float32 as
+// ops/norm.py's twin computes it (two roundings of the products, then one to y's dtype).
+template <class S, bool BF>
+void rms_norm_rows(const Elem<BF>* x, const float* w, Elem<BF>* y, int64_t D, float eps, int64_t r0, int64_t r1) {
+    using F = typename S::F;
+    for (int64_t r = r0; r < r1; ++r) {
+        const Elem<BF>* xr = x + r * D;
+        Elem<BF>* yr = y + r * D;
+        F acc = S::zero();
+        int64_t d = 0;
+        for (; d + kBlock <= D; d += kBlock) {
+            F v = load_elems<S, BF>(xr + d);
+            acc = S::fmav(v, v, acc);
+        }
+        float ss = S::reduce_add(acc);
+        for (int64_t t = d; t < D; ++t) ss += elem_to_float<BF>(xr[t]) * elem_to_float<BF>(xr[t]);
+        const float inv = 1.f / std::sqrt(ss / float(D) + eps);
+        const F iv = S::set1(inv);
+        for (d = 0; d + kBlock <= D; d += kBlock) {
+            F out = S::mul(S::mul(load_elems<S, BF>(xr + d), iv), S::load_f(w + d));
+            if constexpr (BF) S::store_bf(yr + d, out); else S::store(yr + d, out);
+        }
+        for (int64_t t = d; t < D; ++t) yr[t] = float_to_elem<BF>(elem_to_float<BF>(xr[t]) * inv * w[t]);
+    }
+}
+
+template <class S>
+void rms_norm(const void* x, bool bf, const float* w, void* y, int64_t D, float eps, int64_t r0, int64_t r1) {
+    if (bf) rms_norm_rows<S, true>(static_cast<const uint16_t*>(x), w, static_cast<uint16_t*>(y), D, eps, r0, r1);
+    else rms_norm_rows<S, false>(static_cast<const float*>(x), w, static_cast<float*>(y), D, eps, r0, r1);
+}
+
+// NeoX RoPE of rows [r0, r1) of x [B * L][H][D]: the first R dims (R even) of each head rotated by row r's cos and
+// sin [R] (float32), the rest copied; out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 in float32 as ops/rope.py's twin
+// computes them (up to the compiler fusing a product and the sum).
+template <class S, bool BF>
+void rope_rows(const Elem<BF>* x, const float* cos, const float* sin, Elem<BF>* y, int64_t H, int64_t D, int64_t R,
+               int64_t r0, int64_t r1) {
+    using F = typename S::F;
+    const int64_t half = R / 2;
+    for (int64_t r = r0; r < r1; ++r) {
+        const float* c = cos + r * R;
+        const float* s = sin + r * R;
+        for (int64_t h = 0; h < H; ++h) {
+            const Elem<BF>* xh = x + (r * H + h) * D;
+            Elem<BF>* yh = y + (r * H + h) * D;
+            int64_t d = 0;
+            for (; d + kBlock <= half; d += kBlock) {
+                F x1 = load_elems<S, BF>(xh + d), x2 = load_elems<S, BF>(xh + half + d);
+                F o1 = S::add(S::mul(x1, S::load_f(c + d)), S::mul(S::mul(x2, S::set1(-1.f)), S::load_f(s + d)));
+                F o2 = S::add(S::mul(x2, S::load_f(c + half + d)), S::mul(x1, S::load_f(s + half + d)));
+                if constexpr (BF) { S::store_bf(yh + d, o1); S::store_bf(yh + half + d, o2); }
+                else { S::store(yh + d, o1); S::store(yh + half + d, o2); }
+            }
+            for (; d < half; ++d) {
+                const float x1 = elem_to_float<BF>(xh[d]), x2 = elem_to_float<BF>(xh[half + d]);
+                yh[d] = float_to_elem<BF>(x1 * c[d] - x2 * s[d]);
+                yh[half + d] = float_to_elem<BF>(x2 * c[half + d] + x1 * s[half + d]);
+            }
+            for (d = R; d < D; ++d) yh[d] = xh[d];
+        }
+    }
+}
+
+template <class S>
+void rope_neox(const void* x, bool bf, const float* cos, const float* sin, void* y, int64_t H, int64_t D, int64_t R,
+               int64_t r0, int64_t r1) {
+    if (bf) rope_rows<S, true>(static_cast<const uint16_t*>(x), cos, sin, static_cast<uint16_t*>(y), H, D, R, r0, r1);
+    else rope_rows<S, false>(static_cast<const float*>(x), cos, sin, static_cast<float*>(y), H, D, R, r0, r1);
+}
