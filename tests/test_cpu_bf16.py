@@ -70,7 +70,7 @@ def test_bf16_prefill_and_decode_against_transformers_fp32(arch, tiny_model_fact
 
 
 def test_bf16_exl2_decode_and_prefill_paths(monkeypatch):
-    """A quantized layer with bf16 activations: few rows run the packed-code kernel on float32 copies, many rows
+    """A quantized layer with bf16 activations: few rows run the packed-code kernel on them as they are, many rows
     one bf16 GEMM on the decoded weight; both within bf16 rounding of the twin's float32 result."""
     kern, twin = exl2_pair(256, 96, [4, 3], 32, seed=2)
     for rows in (1, qlinear.CPU_KERNEL_MAX_ROWS, qlinear.CPU_KERNEL_MAX_ROWS + 1, 40):

@@ -160,6 +160,21 @@ def test_the_packed_tensors_are_replaced_not_duplicated():
     assert 4.0 < kern.bits_per_weight() < 4.5
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])      # 9: above MAX_GEMV_ROWS, the tiled GEMM
+@pytest.mark.parametrize("fmt", ["exl2", "gptq"])
+def test_bf16_activations_in_and_out(fmt, rows, isa):
+    """The packed-code kernel takes and returns bf16 activations (the bf16 mode's decode), summed in float32: its
+    float32 result rounded once to bf16, to within one bf16 ulp (a sum near a rounding tie may round the other
+    way)."""
+    kern, twin = exl2_pair(200, 48, [8, 6, 5, 4, 3, 2], 32, seed=rows) if fmt == "exl2" else gptq_pair(256, 40, 4, True)
+    x = torch.randn(rows, kern.in_features, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    got = kern.cpu_matrix().matmul(kernels, x)
+    want = kern.cpu_matrix().matmul(kernels, x.float())
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-6)
+    assert (got.float() == want.bfloat16().float()).float().mean() > 0.95
+
+
 def test_other_dtypes_multiply_the_decoded_weight():
     kern, twin = exl2_pair(64, 32, [4], 32, seed=1)
     x = torch.randn(2, 64).to(torch.float16)
@@ -196,7 +211,7 @@ def test_bad_arguments_are_refused():
         call(src=m.src.clone().fill_(64))
     with pytest.raises(RuntimeError, match="qw must be"):
         call(qw=m.qw.float())
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         kernels.q_matmul(x.half(), m.qw, m.chunks, m.scales, None, m.src, None, 32, 8)
     with pytest.raises(RuntimeError, match="unknown instruction set"):
         kernels.set_isa("sse2")

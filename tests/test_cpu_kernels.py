@@ -3,6 +3,7 @@ kernel lookup, and the model with and without it."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ import torch
 from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Cache, ext
 
 kernels = ext.cpu_kernels()
+_attn_decode = kernels and kernels.attn_decode
 needs_kernels = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2/F16C or no compiler)")
 
 
@@ -31,6 +33,22 @@ def test_16_bit_weight_kernels_match_fp64_matmul(m, n, k, kernel, dtype, isa, th
     expect = x.double() @ w.double().T                  # 16-bit weights are exact in fp64
     got = getattr(kernels, kernel)(x, w).double()
     torch.testing.assert_close(got, expect, rtol=1e-5, atol=1e-5 * k**0.5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("n, k", [(5, 15), (33, 100), (256, 768), (1030, 72)])
+@pytest.mark.parametrize("kernel, dtype", [("linear_f16w", torch.float16), ("linear_bf16w", torch.bfloat16)])
+def test_16_bit_weight_kernels_take_and_return_bf16(m, n, k, kernel, dtype, isa, threads):
+    """bf16 activations (the bf16 mode's) in and out, summed in float32: the fp64 product rounded once to bf16, to
+    within one bf16 ulp (a float32 sum near a rounding tie may round the other way)."""
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).to(dtype)
+    expect = x.double() @ w.double().T
+    got = getattr(kernels, kernel)(x, w)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), expect, rtol=2**-7, atol=1e-5 * k**0.5)
 
 
 def _attention_reference(q, k, v, scale):
@@ -60,6 +78,23 @@ def test_attn_decode_matches_sdpa(dtype, b, s, hq, hkv, d, isa, threads):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attn_decode_per_row_lengths(dtype, isa, threads):
+    """Row b sees its first lengths[b] keys (a ragged batch's decode step); a row seeing none outputs zeros."""
+    gen = torch.Generator().manual_seed(5)
+    b, s, hq, hkv, d = 4, 40, 8, 2, 64
+    k, v = (torch.randn(b, s, hkv, d, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(b, 1, hq, d, generator=gen).to(dtype)
+    lengths = torch.tensor([40, 1, 0, 23])
+    out = kernels.attn_decode(q, k, v, 0.125, lengths).float()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1 / 128, atol=1e-3)
+    for row, n in enumerate(lengths.tolist()):
+        expect = (torch.zeros(1, 1, hq, d) if n == 0 else
+                  _attention_reference(q[row : row + 1], k[row : row + 1, :n], v[row : row + 1, :n], 0.125))
+        torch.testing.assert_close(out[row : row + 1], expect, **tol)
+
+
+@needs_kernels
 def test_attn_decode_refuses_wrong_input():
     q, k = torch.randn(1, 1, 4, 64), torch.randn(1, 9, 2, 64)
     with pytest.raises(RuntimeError, match="all be float32 or all bfloat16"):
@@ -70,6 +105,55 @@ def test_attn_decode_refuses_wrong_input():
         kernels.attn_decode(torch.randn(1, 1, 4, 24), torch.randn(1, 9, 2, 24), torch.randn(1, 9, 2, 24), 0.125)
     with pytest.raises(RuntimeError, match="contiguous heads"):
         kernels.attn_decode(q, k.transpose(1, 2).contiguous().transpose(1, 2), k, 0.125)
+    with pytest.raises(RuntimeError, match="outside 0..9"):
+        kernels.attn_decode(q, k, k, 0.125, torch.tensor([10]))
+    with pytest.raises(RuntimeError, match="int64"):
+        kernels.attn_decode(q, k, k, 0.125, torch.tensor([3], dtype=torch.int32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, d", [(1, 768), (3, 16), (5, 100), (40, 64)])
+def test_rms_norm_matches_the_twin(dtype, rows, d, isa, threads):
+    """Rows of 16-wide vectors and a scalar tail (d = 100), many rows split over threads; float32 to float32
+    rounding of a different summation order, bf16 to one bf16 ulp."""
+    from exllamav2.ops import norm
+
+    gen = torch.Generator().manual_seed(rows * 100 + d)
+    x = (torch.randn(rows, 2, d, generator=gen) * 3).to(dtype)
+    w = torch.rand(d, generator=gen) + 0.5
+    got = kernels.rms_norm(x, w, 1e-5)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=0)
+    torch.testing.assert_close(got.float(), norm.rms_norm(x, w, 1e-5).float(), **tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, n, h, d, r", [(1, 1, 12, 64, 64), (2, 5, 4, 16, 16), (1, 3, 2, 96, 64), (2, 2, 3, 64, 40)])
+def test_rope_neox_matches_the_twin(dtype, b, n, h, d, r, isa, threads):
+    """Full and partial rotary dims (the rest copied), halves of 8 and 20 (a scalar tail), non-contiguous q."""
+    from exllamav2.architecture import RopeStyle
+    from exllamav2.ops.rope import apply_rope
+
+    gen = torch.Generator().manual_seed(b * n * h + d + r)
+    x = torch.randn(b, n, h * 2, d, generator=gen).to(dtype)[:, :, ::2]
+    angles = torch.rand(b, n, 1, r // 2, generator=gen) * 6
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    got = kernels.rope_neox(x, cos, sin)
+    assert got.dtype == dtype and got.shape == x.shape
+    tol = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=1e-6)
+    torch.testing.assert_close(got.float(), apply_rope(x, cos, sin, RopeStyle.NEOX).float(), **tol)
+
+
+@needs_kernels
+def test_norm_and_rope_refuse_wrong_input():
+    with pytest.raises(RuntimeError, match="w must be float32"):
+        kernels.rms_norm(torch.randn(2, 8), torch.randn(8).bfloat16(), 1e-5)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        kernels.rms_norm(torch.randn(2, 8).half(), torch.randn(8), 1e-5)
+    with pytest.raises(RuntimeError, match="R even and at most D"):
+        kernels.rope_neox(torch.randn(1, 1, 2, 8), torch.randn(1, 1, 1, 10), torch.randn(1, 1, 1, 10))
 
 
 @needs_kernels
@@ -112,6 +196,8 @@ def test_linear_f16w_refuses_wrong_input():
         kernels.linear_f16w(torch.randn(1, 8), torch.randn(4, 9).half())
     with pytest.raises(RuntimeError, match="w must be bfloat16"):
         kernels.linear_bf16w(torch.randn(1, 8), torch.randn(4, 8).half())
+    with pytest.raises(RuntimeError, match="x must be float32 or bfloat16"):
+        kernels.linear_bf16w(torch.randn(1, 8).half(), torch.randn(4, 8).bfloat16())
 
 
 def _decode_logits(model_dir) -> tuple[ExLlamaV2, torch.Tensor]:
@@ -152,3 +238,71 @@ def test_avx512_instructions_stay_in_the_avx512_kernels():
                 offenders.add(function)
     assert not offenders
     assert seen > 0 or kernels.isa() == "avx2"
+
+
+def _without_decode_attention(model) -> None:
+    """The model's ops tables as they are, less the decode-attention kernel (the backends' own path)."""
+    for key, table in model._ops.items():
+        model._ops[key] = dataclasses.replace(table, decode_attention=None)
+
+
+def _contiguous_decode(model, batch: int) -> torch.Tensor:
+    ids = torch.randint(3, 250, (batch, 14), generator=torch.Generator().manual_seed(9))
+    cache = ExLlamaV2Cache(model, batch_size=batch, max_seq_len=32)
+    parts = [model.forward(ids[:, :8], cache)] + [model.forward(ids[:, i : i + 1], cache) for i in range(8, 14)]
+    return torch.cat(parts, 1).float()
+
+
+def _paged_decode(model, lengths: list[int]) -> torch.Tensor:
+    """Each sequence prefilled alone into its own page, then decoded together: one query per row over a different
+    number of keys (the gather path's ragged metadata)."""
+    from exllamav2.model.attn_params import PagedParams
+
+    gen = torch.Generator().manual_seed(11)
+    cache = ExLlamaV2Cache(model, max_seq_len=256 * len(lengths))
+    table = torch.arange(len(lengths), dtype=torch.int32).view(-1, 1)
+    for row, n in enumerate(lengths):
+        ids = torch.randint(3, 250, (1, n), generator=gen)
+        model.forward(ids, cache, attn_params=PagedParams(1, table[row : row + 1], torch.tensor([0]), q_len=n))
+    seqlens, steps = torch.tensor(lengths), []
+    for _ in range(4):
+        ids = torch.randint(3, 250, (len(lengths), 1), generator=gen)
+        params = PagedParams(len(lengths), table, seqlens, max_cache_seqlen=int(seqlens.max()))
+        steps.append(model.forward(ids, cache, attn_params=params))
+        seqlens = seqlens + 1
+    return torch.cat(steps, 1).float()
+
+
+def _with_and_without_decode_attention(model_dir, dtype: str, calls: list) -> tuple[tuple, tuple]:
+    """Decode logits (a contiguous cache with batch 2, a paged batch of rows over different numbers of keys) with
+    the kernel wired, then without it."""
+    config = ExLlamaV2Config(str(model_dir))
+    config.cpu_dtype = dtype
+    model = ExLlamaV2(config)
+    model.load()
+    with_kernel = _contiguous_decode(model, 2), _paged_decode(model, [5, 11, 1])
+    # per layer (2): 6 contiguous steps, the one-token prompt, 4 paged steps; the last over 9, 15 and 5 keys
+    assert len(calls) == 2 * (6 + 1 + 4) and calls[0] is None and calls[-1].tolist() == [9, 15, 5]
+    _without_decode_attention(model)
+    without = _contiguous_decode(model, 2), _paged_decode(model, [5, 11, 1])
+    assert len(calls) == 2 * (6 + 1 + 4)
+    return with_kernel, without
+
+
+@needs_kernels
+@pytest.mark.parametrize("arch, backend", [("llama", "sdpa"), ("llama", "matmul"), ("llama_mha", "sdpa")])
+def test_decode_attention_kernel_matches_the_backends(tiny_model_factory, monkeypatch, arch, backend):
+    """Decode logits with the kernel wired (GQA 4/2 and MHA, head dim 16) equal the backend's own path's in float32;
+    in bfloat16 (where one attention output rounding the other way moves logits by bf16 ulps) they are as close
+    to float32's as the backend's own are."""
+    calls = []
+    monkeypatch.setattr(kernels, "attn_decode", lambda *a: calls.append(a[4]) or _attn_decode(*a))
+    monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", backend)
+    model_dir = tiny_model_factory(arch)[0]
+    with_kernel, reference = _with_and_without_decode_attention(model_dir, "float32", calls)
+    for got, expect in zip(with_kernel, reference):
+        torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
+    calls.clear()
+    with_kernel, without = _with_and_without_decode_attention(model_dir, "bfloat16", calls)
+    for got, own, expect in zip(with_kernel, without, reference):
+        assert (got - expect).abs().max() <= 1.25 * (own - expect).abs().max() + 1e-3

@@ -334,9 +334,12 @@ def test_ops_table_takes_the_kernels_for_float16_only(fake, monkeypatch):
     assert table.cuda is fake and table.paged_attention == fake.paged_attention
     assert (table.rms_norm, table.layer_norm, table.q_to_fp16) == (fake.rms_norm, fake.layer_norm, fake.q_to_fp16)
     assert table.rotate_qk is not rotate_qk
-    for twin in (build_ops("cuda:0", torch.float32), build_ops("cpu", torch.bfloat16)):
-        assert twin.cuda is None and twin.paged_attention is None
-        assert (twin.rms_norm, twin.rotate_qk, twin.fp16_to_fp8) == (rms_norm, rotate_qk, kv_cache.fp16_to_fp8)
+    twin = build_ops("cuda:0", torch.float32)
+    assert twin.cuda is None and twin.paged_attention is None and twin.decode_attention is None
+    assert (twin.rms_norm, twin.rotate_qk, twin.fp16_to_fp8) == (rms_norm, rotate_qk, kv_cache.fp16_to_fp8)
+    cpu = build_ops("cpu", torch.bfloat16)      # the CPU kernels' norm, RoPE and decode attention where they load
+    assert cpu.cuda is None and cpu.paged_attention is None and cpu.fp16_to_fp8 is kv_cache.fp16_to_fp8
+    assert {cpu.rms_norm is rms_norm, cpu.rotate_qk is rotate_qk, cpu.decode_attention is None} == {cpu.cpu is None}
     monkeypatch.setattr(ext, "kernels_for", lambda device: None)
     assert build_ops("cuda:0", torch.float16).rms_norm is rms_norm
 

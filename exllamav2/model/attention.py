@@ -135,7 +135,8 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         spans = attn_params.image_spans
         if spans is None:
             end = past + q.shape[1]
-            return self.backend.attend(q, k[:, :end], v[:, :end], attn_params.metadata(self.device), **opts)
+            return self.backend.attend(q, k[:, :end], v[:, :end], attn_params.metadata(self.device),
+                                       decode_kernel=self.ops.decode_attention, **opts)
         return torch.cat([self.backend.attend(q[:, s:e], k[:, : past + e], v[:, : past + e],
                                               attn_params.metadata(self.device, (s, e, causal)), **opts)
                           for s, e, causal in spans], dim=1)
@@ -148,7 +149,8 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         kernel = self.ops.paged_attention
         if attn_params.image_spans is None:
             return self.backend.attend_paged(q, k, v, k_pages, v_pages, block_table, seqlens,
-                                             meta=attn_params.paged_metadata(self.device), kernel=kernel, **opts)
+                                             meta=attn_params.paged_metadata(self.device), kernel=kernel,
+                                             decode_kernel=self.ops.decode_attention, **opts)
         out = []
         for s, e, causal in attn_params.image_spans:
             lens, meta = attn_params.span_metadata(self.device, (s, e, causal))

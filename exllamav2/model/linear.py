@@ -134,11 +134,12 @@ class ExLlamaV2Linear(ExLlamaV2Module):
 
     def _forward_matvec(self, x: torch.Tensor) -> torch.Tensor:
         """On the CPU with 16-bit weights: the matvec kernel for few rows (decode, where reading the weights
-        dominates), else one GEMM (prefill): bf16 activations multiply the bf16 weights as they are, float32 ones
-        multiply fp16 weights converted for the call."""
+        dominates; it takes and returns the activations' float32 or bf16), else one GEMM (prefill): bf16
+        activations multiply the bf16 weights as they are, float32 ones multiply fp16 weights converted for the
+        call."""
         x2 = x.reshape(-1, x.shape[-1])
         if x2.shape[0] <= _KERNEL_MAX_ROWS:
-            y = self.ops.matvec(x2.float(), self.weight).to(x.dtype)
+            y = self.ops.matvec(x2, self.weight)
             if self.bias is not None:
                 y += self.bias
         else:

@@ -71,4 +71,6 @@ def apply_norm(norm: ExLlamaV2Module | None, x: torch.Tensor) -> torch.Tensor:
     projection), or x itself where there is no norm."""
     if norm is None:
         return x
+    if norm.size == x.shape[-1]:        # a norm over the whole last dim (every hidden-state norm): no views
+        return norm.forward(x)
     return norm.forward(x.view(*x.shape[:-1], -1, norm.size)).view(x.shape)

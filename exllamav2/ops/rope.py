@@ -1,5 +1,6 @@
-"""Rotary embedding of queries and keys: the PyTorch twin (`apply_rope`, `rotate_qk`) and the form that runs
-exllamav2_ext's in-place `rope_` kernel (`kernel_rotate_qk`). Both take the batch's attention params and one
+"""Rotary embedding of queries and keys: the PyTorch twin (`apply_rope`, `rotate_qk`), the form that runs
+exllamav2_ext's in-place `rope_` kernel (`kernel_rotate_qk`) and the one running the CPU kernels' `rope_neox`
+(`cpu_rotate_qk`). Both take the batch's attention params and one
 device's RoPE tables (model/rope.py) and return the rotated q and k."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from typing import Callable
 import torch
 
 from ..architecture import RopeStyle
+from .norm import CPU_KERNEL_DTYPES
 
 RotateQK = Callable[[torch.Tensor, torch.Tensor, object, object, RopeStyle], tuple[torch.Tensor, torch.Tensor]]
 
@@ -63,3 +65,22 @@ def kernel_rotate_qk(kernels: ModuleType) -> RotateQK:
         return q, k
 
     return rotate
+
+
+def cpu_rotate_qk(kernels: ModuleType) -> RotateQK:
+    """`rotate_qk` through the CPU kernels' `rope_neox` (one call per tensor instead of about ten small ops) for
+    NeoX-style rotation of float32/bf16 q and k with the forward's float32 cos/sin; GPT-J style and other dtypes
+    through the twin."""
+    kernel = kernels.rope_neox
+
+    def rotate(q: torch.Tensor, k: torch.Tensor, attn_params, tables, style: RopeStyle
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if style != RopeStyle.NEOX or q.dtype not in CPU_KERNEL_DTYPES or k.dtype != q.dtype:
+            return rotate_qk(q, k, attn_params, tables, style)
+        cos, sin = attn_params.rope(tables)
+        if cos.dtype != torch.float32:
+            return rotate_qk(q, k, attn_params, tables, style)
+        return kernel(q, cos, sin), kernel(k, cos, sin)
+
+    return rotate
+

@@ -1,8 +1,8 @@
 """The ops table: for one device and activation dtype, which implementation runs each op that has a compiled
 kernel, chosen once (when the model loads) instead of on every call.
 
-exllamav2_ext's kernels take float16 CUDA tensors; the CPU kernels take float32 activations with fp16 or
-quantized weights. Where a kernel does not serve (no GPU, no extension, another dtype) the op is its PyTorch
+exllamav2_ext's kernels take float16 CUDA tensors; the CPU kernels take float32 or bfloat16 activations (and
+return them in that dtype) with 16-bit or quantized weights. Where a kernel does not serve (no GPU, no extension, another dtype) the op is its PyTorch
 twin, which the tests hold the kernel to. The model kit, the caches and the attention layer call through
 this table and never ask the extension loader themselves.
 """
@@ -43,11 +43,14 @@ class DeviceOps:
     cuda: ModuleType | None            # exllamav2_ext on this GPU (quantized matmuls build their QMatrix on it)
     cpu: ModuleType | None             # the CPU kernels (quantized and fp16-weight matmuls from packed weights)
     weight_dtype: torch.dtype          # the dtype FP16 checkpoint weights are kept in here (one copy)
-    matvec: Callable | None            # y = x @ w.T for a few rows of float32 x and weights in weight_dtype
+    matvec: Callable | None            # y = x @ w.T for a few rows of x in `dtype` and weights in weight_dtype
     rms_norm: Callable
     layer_norm: Callable
     rotate_qk: rope.RotateQK
     paged_attention: Callable | None   # the fused paged-attention kernel; None: the backend's gather path
+    # the CPU's decode attention (one query position, per-row key counts; attn/backends/backend.py says which
+    # calls it takes); None: the backend's own path
+    decode_attention: Callable | None
     fp8_to_fp16: Callable
     fp16_to_fp8: Callable
     q_to_fp16: Callable
@@ -56,7 +59,8 @@ class DeviceOps:
     def describe(self) -> str:
         if self.cuda is not None:
             return "exllamav2_ext kernels"
-        return "CPU kernels for matmuls, PyTorch for the rest" if self.cpu is not None else "PyTorch only"
+        return ("CPU kernels for matmuls, decode attention, RMS norm and NeoX RoPE, PyTorch for the rest"
+                if self.cpu is not None else "PyTorch only")
 
 
 # CPU activation dtype -> (weight dtype, the CPU kernel multiplying few rows by such weights)
@@ -73,10 +77,11 @@ def build_ops(device: torch.device | str, dtype: torch.dtype) -> DeviceOps:
     weight_dtype, matvec = (_CPU_MATVEC[dtype][0], getattr(cpu, _CPU_MATVEC[dtype][1])) if cpu else (dtype, None)
     return DeviceOps(
         device=device, dtype=dtype, cuda=cuda, cpu=cpu, weight_dtype=weight_dtype, matvec=matvec,
-        rms_norm=cuda.rms_norm if cuda else norm.rms_norm,
+        rms_norm=cuda.rms_norm if cuda else norm.cpu_rms_norm(cpu) if cpu else norm.rms_norm,
         layer_norm=cuda.layer_norm if cuda else norm.layer_norm,
-        rotate_qk=rope.kernel_rotate_qk(cuda) if cuda else rope.rotate_qk,
+        rotate_qk=rope.kernel_rotate_qk(cuda) if cuda else rope.cpu_rotate_qk(cpu) if cpu else rope.rotate_qk,
         paged_attention=cuda.paged_attention if cuda else None,
+        decode_attention=cpu.attn_decode if cpu else None,
         fp8_to_fp16=cuda.fp8_to_fp16 if cuda else kv_cache.fp8_to_fp16,
         fp16_to_fp8=cuda.fp16_to_fp8 if cuda else kv_cache.fp16_to_fp8,
         q_to_fp16=cuda.q_to_fp16 if cuda else kv_cache.q_to_fp16,

@@ -45,7 +45,7 @@ class CpuQMatrix:
     scale_values: torch.Tensor | None = None     # fp16 [groups, 16] (EXL2)
 
     def matmul(self, kernels: ModuleType, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] float32 -> x @ W + bias [M, N] float32."""
+        """x [M, K] float32 or bfloat16 -> x @ W + bias [M, N] in x's dtype (summed in float32)."""
         return kernels.q_matmul(x, self.qw, self.chunks, self.scales, self.zeros, self.src, self.bias,
                                 self.out_features, MAX_GEMV_ROWS, self.scale_values)
 

@@ -214,7 +214,7 @@ class QuantWeight:
         dtype (one bf16 GEMM beats the kernel there), as the twin does."""
         x2 = x.reshape(-1, self.in_features)
         if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x2.shape[0] <= CPU_KERNEL_MAX_ROWS):
-            y = self._cpu.matmul(self._cpu_kernels, x2.float()).to(x.dtype)
+            y = self._cpu.matmul(self._cpu_kernels, x2)      # in x's dtype, summed in float32
         else:
             y = x2 @ self.dequantize().to(x.dtype)
             if self.bias is not None:

@@ -12,6 +12,8 @@ attends over the whole sequence. The default here gathers pages into a dense ten
 every backend batch; flash-attn overrides it with its native block-table kernel. Where the caller's ops
 table holds exllamav2_ext's paged-attention kernel (`kernel`), the default runs it instead for decode steps
 it fits (q_len <= PAGED_KERNEL_MAX_Q_LEN, float16 pages it can write in place), reading the pages there.
+Likewise `decode_kernel`, the CPU's decode attention from the ops table: the sdpa and matmul backends run it for
+the calls it computes exactly (`run_decode_kernel`), the GPU backends never get one.
 """
 
 from __future__ import annotations
@@ -73,9 +75,11 @@ class AttentionBackend:
         window: int = 0,
         softcap: float = 0.0,
         chunk: int = 0,
+        decode_kernel: Callable | None = None,
     ) -> torch.Tensor:
         """`chunk`: chunked local attention (metadata.py's rule), 0 for none; a backend whose `validate` refuses
-        it (ModelNeeds.attention_chunk) raises `refuse_chunk` instead of ignoring it."""
+        it (ModelNeeds.attention_chunk) raises `refuse_chunk` instead of ignoring it. `decode_kernel`: the
+        device's decode-attention kernel (DeviceOps.decode_attention) or None; see `run_decode_kernel`."""
         raise NotImplementedError
 
     def attend_paged(
@@ -94,11 +98,13 @@ class AttentionBackend:
         chunk: int = 0,
         meta: AttnMetadata | None = None,
         kernel: Callable | None = None,
+        decode_kernel: Callable | None = None,
     ) -> torch.Tensor:
         """Append k_new/v_new to the pages at cache_seqlens and attend over each sequence. `meta` is the paged
         batch's metadata (PagedParams.paged_metadata, built once per forward); without it, it is built here,
         which costs a host sync for the longest sequence. `kernel` is the device's fused paged-attention kernel
-        from its ops table, or None; it knows no chunks, so chunked layers gather."""
+        from its ops table, or None; it knows no chunks, so chunked layers gather. `decode_kernel` goes to `attend`
+        with the gathered keys."""
         if kernel is not None and not chunk and paged_kernel_fits(q, k_pages, v_pages):
             return kernel(
                 q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_pages, v_pages, block_table,
@@ -107,7 +113,43 @@ class AttentionBackend:
         write_pages(k_pages, v_pages, k_new, v_new, block_table, cache_seqlens)
         meta = meta or paged_metadata(cache_seqlens, q.shape[1])
         k, v = gather_pages(k_pages, v_pages, block_table, meta.k_len)
-        return self.attend(q, k, v, meta, scale=scale, window=window, softcap=softcap, chunk=chunk)
+        return self.attend(q, k, v, meta, scale=scale, window=window, softcap=softcap, chunk=chunk,
+                           decode_kernel=decode_kernel)
+
+
+def _decode_lengths(meta: AttnMetadata) -> tuple[bool, torch.Tensor | None]:
+    """Whether the decode kernel computes `meta`'s visibility exactly, and the keys each row sees (None: all).
+    One query at position past_len[b] that may see every key j <= past_len[b] and j < key_lengths[b]: a prefix
+    of its keys; key masks (left padding) and segments are not prefixes."""
+    if meta.q_len != 1 or not meta.causal or meta.segments is not None or meta.key_mask is not None:
+        return False, None
+    if meta.is_uniform:
+        return True, None
+    past = meta.past_len
+    seen = past.long().cpu() + 1 if isinstance(past, torch.Tensor) else torch.full((meta.batch_size,), past + 1)
+    if meta.key_lengths is not None:
+        seen = torch.minimum(seen, meta.key_lengths.long().cpu())
+    return True, seen.clamp(0, meta.k_len).contiguous()
+
+
+def run_decode_kernel(kernel: Callable | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      meta: AttnMetadata, scale: float, window: int, softcap: float, chunk: int) -> torch.Tensor | None:
+    """The CPU decode-attention kernel's output where it computes this call exactly (one query position seeing a
+    prefix of its keys, no window, softcap or chunks, float32 or bfloat16, head dim a multiple of 16, keys and
+    values with contiguous heads), else None: the backend's own path runs."""
+    if kernel is None or window or softcap or chunk or q.shape[-1] % 16 or q.dtype not in _DECODE_KERNEL_DTYPES:
+        return None
+    if k.dtype != q.dtype or v.dtype != q.dtype or not (_heads_contiguous(k) and _heads_contiguous(v)):
+        return None
+    fits, lengths = meta.derived("decode_kernel_lengths", lambda: _decode_lengths(meta))
+    return kernel(q, k, v, scale, lengths) if fits else None
+
+
+_DECODE_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _heads_contiguous(t: torch.Tensor) -> bool:
+    return t.stride(3) == 1 and t.stride(2) == t.shape[3]
 
 
 

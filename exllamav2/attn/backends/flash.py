@@ -114,7 +114,7 @@ class FlashAttnBackend(AttentionBackend):
     def paged_mode(cls, installed) -> str:
         return "block_table" if at_least(installed.flash_attn, PAGED_VERSION) else "gather"
 
-    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0):
+    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0, decode_kernel=None):
         if chunk:
             raise refuse_chunk("flash_attn")
         if meta.is_full and not window:                 # non-causal, every key (vision towers): flash-attn's own
@@ -147,7 +147,7 @@ class FlashAttnBackend(AttentionBackend):
 
     def attend_paged(
         self, q, k_new, v_new, k_pages, v_pages, block_table, cache_seqlens, *, scale, window=0, softcap=0.0,
-        chunk=0, meta=None, kernel=None,
+        chunk=0, meta=None, kernel=None, decode_kernel=None,
     ):
         if chunk:
             raise refuse_chunk("flash_attn")
@@ -155,7 +155,7 @@ class FlashAttnBackend(AttentionBackend):
         if not self.paged_native or k_pages.shape[1] % PAGE_MULTIPLE or (meta is not None and not meta.causal):
             return super().attend_paged(
                 q, k_new, v_new, k_pages, v_pages, block_table, cache_seqlens,
-                scale=scale, window=window, softcap=softcap, meta=meta, kernel=kernel,
+                scale=scale, window=window, softcap=softcap, meta=meta, kernel=kernel, decode_kernel=decode_kernel,
             )
         # appends k_new/v_new at cache_seqlens[b] in place, then attends over the whole sequence
         return self._kvcache(

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from .backend import AttentionBackend, repeat_kv
+from .backend import AttentionBackend, repeat_kv, run_decode_kernel
 from .metadata import AttnMetadata
 
 
 class MatmulBackend(AttentionBackend):
     name = "matmul"
 
-    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0):
+    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0, decode_kernel=None):
+        out = run_decode_kernel(decode_kernel, q, k, v, meta, scale, window, softcap, chunk)
+        if out is not None:
+            return out
         groups = q.shape[2] // k.shape[2]
         qf = q.float().transpose(1, 2) * scale                      # (B, Hq, q, D)
         kf = repeat_kv(k, groups).float().transpose(1, 2)           # (B, Hq, k, D)

@@ -19,7 +19,9 @@ from contextlib import ExitStack
 import torch
 import torch.nn.functional as F
 
-from .backend import AttentionBackend, fold_query_groups, refuse_softcap, repeat_kv, unfold_query_groups
+from .backend import (
+    AttentionBackend, fold_query_groups, refuse_softcap, repeat_kv, run_decode_kernel, unfold_query_groups,
+)
 from ..devices import DeviceInfo
 from ..installed import at_least
 from .metadata import AttnMetadata
@@ -65,7 +67,10 @@ class SdpaBackend(AttentionBackend):
             reasons.append("cannot apply attention logit softcapping")
         return reasons
 
-    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0):
+    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0, decode_kernel=None):
+        out = run_decode_kernel(decode_kernel, q, k, v, meta, scale, window, softcap, chunk)
+        if out is not None:
+            return out
         if softcap:
             raise refuse_softcap("sdpa")
         groups = q.shape[2] // k.shape[2]

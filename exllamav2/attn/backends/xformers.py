@@ -64,7 +64,7 @@ class XformersBackend(AttentionBackend):
             reasons.append(CHUNK_REFUSAL)
         return reasons
 
-    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0):
+    def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0, decode_kernel=None):
         if softcap:
             raise refuse_softcap("xformers")
         if chunk:

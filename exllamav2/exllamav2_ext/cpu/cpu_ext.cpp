@@ -45,23 +45,25 @@ std::string set_isa(const std::string& name) {
 
 std::string isa() { return kernels().name; }
 
-// y = x @ w.T for float32 x and 16-bit weights (fp16 or bf16, `dtype`) through `fn`
+// y = x @ w.T for 16-bit weights (fp16 or bf16, `dtype`) through `fn`; x and y float32 or bfloat16 (the bf16
+// mode's activations, taken and returned as they are: no conversions around the call)
 torch::Tensor linear_w16(const char* name, torch::Tensor x, torch::Tensor w, at::ScalarType dtype,
                          const char* dtype_name, exlcpu::F16GemvFn fn) {
     TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors only");
-    TORCH_CHECK(x.scalar_type() == torch::kFloat32, name, ": x must be float32");
+    const bool xbf = x.scalar_type() == torch::kBFloat16;
+    TORCH_CHECK(xbf || x.scalar_type() == torch::kFloat32, name, ": x must be float32 or bfloat16");
     TORCH_CHECK(w.scalar_type() == dtype, name, ": w must be ", dtype_name);
     TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x (M, K) and w (N, K) must share K");
     x = x.contiguous();
     w = w.contiguous();
     const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
     auto y = torch::empty({M, N}, x.options());
-    const float* xp = x.data_ptr<float>();
+    const void* xp = x.data_ptr();
     const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-    float* yp = y.data_ptr<float>();
+    void* yp = y.data_ptr();
     // a thread takes a contiguous run of at least ~32k weights: one sequential stream each
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
-    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { fn(xp, wp, yp, M, K, N, r0, r1); });
+    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { fn(xp, xbf, wp, yp, M, K, N, r0, r1); });
     return y;
 }
 
@@ -162,15 +164,16 @@ void check_src(const QView& v, int64_t K) {
         TORCH_CHECK(v.src[p] >= -1 && v.src[p] < K, "q kernels: src[", p, "] = ", v.src[p], " outside -1..", K - 1);
 }
 
-// x [M, K] in padded stored-row order (zeros on padding rows), in a buffer kept per calling thread so that
-// decode allocates nothing but its output
-const float* gather_x(const QView& v, const float* x, int64_t M, int64_t K) {
+// x [M, K] (float32 or bf16) as float32 in padded stored-row order (zeros on padding rows), in a buffer kept per
+// calling thread so that decode allocates nothing but its output
+template <class T>
+const float* gather_x(const QView& v, const T* x, int64_t M, int64_t K) {
     thread_local std::vector<float> buf;
     if (buf.size() < size_t(M * v.kpad)) buf.resize(size_t(M * v.kpad));
     for (int64_t m = 0; m < M; ++m) {
         float* row = buf.data() + m * v.kpad;
-        const float* xr = x + m * K;
-        for (int64_t p = 0; p < v.kpad; ++p) row[p] = v.src[p] >= 0 ? xr[v.src[p]] : 0.f;
+        const T* xr = x + m * K;
+        for (int64_t p = 0; p < v.kpad; ++p) row[p] = v.src[p] >= 0 ? float(xr[v.src[p]]) : 0.f;
     }
     return buf.data();
 }
@@ -195,8 +198,9 @@ torch::Tensor q_matmul(torch::Tensor x, const torch::Tensor& qw, const torch::Te
                        const torch::Tensor& scales, const std::optional<torch::Tensor>& zeros,
                        const torch::Tensor& src, const std::optional<torch::Tensor>& bias, int64_t N,
                        int64_t max_gemv_rows, const std::optional<torch::Tensor>& scale_values) {
-    TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2,
-                "q_matmul: x must be a float32 CPU tensor [M, K]");
+    const bool xbf = x.scalar_type() == torch::kBFloat16;
+    TORCH_CHECK(x.device().is_cpu() && (xbf || x.scalar_type() == torch::kFloat32) && x.dim() == 2,
+                "q_matmul: x must be a float32 or bfloat16 CPU tensor [M, K]");
     QView v = q_view(qw, chunks, scales, zeros, src, scale_values);
     const int64_t M = x.size(0), K = x.size(1);
     TORCH_CHECK(N > 0 && N <= v.nblocks * exlcpu::kBlock, "q_matmul: N = ", N, " outside 1..", v.nblocks * 16);
@@ -210,16 +214,17 @@ torch::Tensor q_matmul(torch::Tensor x, const torch::Tensor& qw, const torch::Te
     x = x.contiguous();
     auto y = torch::empty({M, N}, x.options());
     if (M == 0) return y;
-    if (M > max_gemv_rows) {
-        q_gemm(v, x, y, N);
-        if (bp) y.add_(*bias);
-        return y;
+    if (M > max_gemv_rows) {      // the GEMM of fp32 tiles: bf16 rows widened, the result rounded back
+        auto yf = xbf ? torch::empty({M, N}, x.options().dtype(torch::kFloat32)) : y;
+        q_gemm(v, xbf ? x.to(torch::kFloat32) : x, yf, N);
+        if (bp) yf.add_(*bias);
+        return xbf ? yf.to(torch::kBFloat16) : yf;
     }
-    const float* xp = gather_x(v, x.data_ptr<float>(), M, K);
-    float* yp = y.data_ptr<float>();
+    const float* xp = xbf ? gather_x(v, x.data_ptr<at::BFloat16>(), M, K) : gather_x(v, x.data_ptr<float>(), M, K);
+    void* yp = y.data_ptr();
     auto fn = kernels().q_gemv;
     at::parallel_for(0, v.nblocks, block_grain(v.kpad), [&](int64_t b0, int64_t b1) {
-        fn(v.args, xp, M, v.kpad, bp, yp, N, N, b0, b1);
+        fn(v.args, xp, M, v.kpad, bp, yp, xbf, N, N, b0, b1);
     });
     return y;
 }
@@ -236,9 +241,11 @@ torch::Tensor q_dequant(const torch::Tensor& qw, const torch::Tensor& chunks, co
 }
 
 // Decode attention: q [B, 1, Hq, D], k and v [B, S, Hkv, D] (views of the cache: any batch and position strides,
-// heads and dims contiguous), all float32 or all bfloat16, D a multiple of 16; every query sees all S keys
-// (no mask, window or softcap). Returns [B, 1, Hq, D] in q's dtype, computed in float32.
-torch::Tensor attn_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale) {
+// heads and dims contiguous), all float32 or all bfloat16, D a multiple of 16; the query of row b sees its first
+// lengths[b] keys (int64 [B], 0..S; without lengths all S; a row seeing none outputs zeros), no other mask, window
+// or softcap. Returns [B, 1, Hq, D] in q's dtype, computed in float32.
+torch::Tensor attn_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
+                          const std::optional<torch::Tensor>& lengths) {
     TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attn_decode: CPU tensors only");
     const auto dt = q.scalar_type();
     TORCH_CHECK((dt == torch::kFloat32 || dt == torch::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
@@ -250,32 +257,90 @@ torch::Tensor attn_decode(const torch::Tensor& q, const torch::Tensor& k, const 
     TORCH_CHECK(D % exlcpu::kBlock == 0 && S > 0, "attn_decode: head dim must be a multiple of 16 and S > 0");
     for (const auto* t : {&k, &v})
         TORCH_CHECK(t->stride(3) == 1 && t->stride(2) == D, "attn_decode: k and v need contiguous heads and dims");
+    const int64_t* lens = nullptr;
+    if (lengths && lengths->defined()) {
+        TORCH_CHECK(lengths->scalar_type() == torch::kInt64 && lengths->dim() == 1 && lengths->size(0) == B &&
+                    lengths->is_contiguous() && lengths->device().is_cpu(),
+                    "attn_decode: lengths must be a contiguous int64 CPU tensor [B]");
+        lens = lengths->data_ptr<int64_t>();
+        for (int64_t b = 0; b < B; ++b)
+            TORCH_CHECK(lens[b] >= 0 && lens[b] <= S, "attn_decode: lengths[", b, "] = ", lens[b], " outside 0..", S);
+    }
     auto qc = q.contiguous();
     auto out = torch::empty_like(qc);
-    exlcpu::AttnArgs a{qc.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, Hq, Hkv, D, S, Hq * D,
+    exlcpu::AttnArgs a{qc.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lens, B, Hq, Hkv, D, S, Hq * D,
                        k.stride(0), k.stride(1), v.stride(0), v.stride(1), float(scale), dt == torch::kBFloat16};
     auto fn = kernels().attn_decode;
     at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
     return out;
 }
 
+bool float32_or_bf16(const torch::Tensor& x) {
+    return x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16;
+}
+
+// The RMS norm over x's last dim with float32 weight w [D]: x float32 or bfloat16, y in its dtype (computed in
+// float32 as ops/norm.py's twin)
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+    TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu() && float32_or_bf16(x) && x.dim() >= 1,
+                "rms_norm: x must be a float32 or bfloat16 CPU tensor");
+    TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.dim() == 1 && w.size(0) == x.size(-1),
+                "rms_norm: w must be float32 [D], D being x's last dim");
+    auto xc = x.contiguous();
+    auto wc = w.contiguous();
+    auto y = torch::empty_like(xc);
+    const int64_t D = x.size(-1), rows = D ? xc.numel() / D : 0;
+    const bool bf = x.scalar_type() == torch::kBFloat16;
+    auto fn = kernels().rms_norm;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+        fn(xc.data_ptr(), bf, wc.data_ptr<float>(), y.data_ptr(), D, float(eps), r0, r1);
+    });
+    return y;
+}
+
+// NeoX rotary embedding of x [B, L, H, D] (float32 or bfloat16) by cos and sin (float32, [B, L, 1, R], R even and
+// at most D: the first R dims of each head rotate, the rest are copied); a new tensor in x's dtype
+torch::Tensor rope_neox(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& sin) {
+    TORCH_CHECK(x.device().is_cpu() && float32_or_bf16(x) && x.dim() == 4,
+                "rope_neox: x must be a float32 or bfloat16 CPU tensor [B, L, H, D]");
+    const int64_t rows = x.size(0) * x.size(1), H = x.size(2), D = x.size(3), R = cos.size(-1);
+    for (const auto* t : {&cos, &sin})
+        TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == torch::kFloat32 && t->is_contiguous() &&
+                    t->numel() == rows * R && t->size(-1) == R && R % 2 == 0 && R <= D,
+                    "rope_neox: cos and sin must be contiguous float32 [B, L, 1, R], R even and at most D");
+    auto xc = x.contiguous();
+    auto y = torch::empty_like(xc);
+    const bool bf = x.scalar_type() == torch::kBFloat16;
+    auto fn = kernels().rope_neox;
+    at::parallel_for(0, rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(H * D, 1)), [&](int64_t r0, int64_t r1) {
+        fn(xc.data_ptr(), bf, cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr(), H, D, R, r0, r1);
+    });
+    return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     set_isa("auto");
-    m.def("linear_f16w", &linear_f16w, "y = x @ w.T, x float32 (M, K), w float16 (N, K)");
-    m.def("linear_bf16w", &linear_bf16w, "y = x @ w.T, x float32 (M, K), w bfloat16 (N, K)");
+    m.def("linear_f16w", &linear_f16w, "y = x @ w.T, x float32 or bfloat16 (M, K), w float16 (N, K); y in x's dtype");
+    m.def("linear_bf16w", &linear_bf16w, "y = x @ w.T, x float32 or bfloat16 (M, K), w bfloat16 (N, K); y in x's dtype");
     m.def("q_matmul", &q_matmul,
-          "y = x @ W (+ bias) for a quantized W in the CPU layout (exllamav2/quant/cpu_layout.py); rows above "
-          "max_gemv_rows go through tiles of dequantized columns and a GEMM",
+          "y = x @ W (+ bias) for a quantized W in the CPU layout (exllamav2/quant/cpu_layout.py), x float32 or "
+          "bfloat16 and y in its dtype (summed in float32); rows above max_gemv_rows go through tiles of dequantized "
+          "columns and a GEMM",
           py::arg("x"), py::arg("qw"), py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"),
           py::arg("bias"), py::arg("N"), py::arg("max_gemv_rows"), py::arg("scale_values") = py::none());
     m.def("q_dequant", &q_dequant, "W as float32 [K, blocks * 16] from the CPU layout", py::arg("qw"),
           py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"), py::arg("K"),
           py::arg("scale_values") = py::none());
     m.def("attn_decode", &attn_decode,
-          "decode attention: q [B, 1, Hq, D] over all S keys of k, v [B, S, Hkv, D] (cache views), float32 or "
-          "bfloat16, computed in float32", py::arg("q"), py::arg("k"), py::arg("v"), py::arg("scale"));
+          "decode attention: q [B, 1, Hq, D] over the first lengths[b] (default all S) keys of k, v [B, S, Hkv, D] "
+          "(cache views), float32 or bfloat16, computed in float32", py::arg("q"), py::arg("k"), py::arg("v"),
+          py::arg("scale"), py::arg("lengths") = py::none());
+    m.def("rms_norm", &rms_norm, "RMS norm over the last dim: x float32 or bfloat16, w float32 [D]; y in x's dtype",
+          py::arg("x"), py::arg("w"), py::arg("eps"));
+    m.def("rope_neox", &rope_neox, "NeoX RoPE of x [B, L, H, D] (float32 or bfloat16) by float32 cos, sin "
+          "[B, L, 1, R]; a new tensor in x's dtype", py::arg("x"), py::arg("cos"), py::arg("sin"));
     m.def("set_isa", &set_isa, "choose the kernels: 'auto' (from the CPU's flags), 'avx2' or 'avx512'; returns it");
     m.def("isa", &isa, "the instruction set the kernels run");
 }

@@ -3,8 +3,10 @@
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -188,7 +190,8 @@ struct S {
 const Kernels& kernels_avx2() {
     static const Kernels k{"avx2", &avx2::q_gemv<avx2::S>, &avx2::q_dequant<avx2::S>, &avx2::f16_gemv<avx2::S>,
                            &avx2::q_tables<avx2::S>, &avx2::f16_gemv<avx2::S, true>,
-                           &avx2::attn_decode<avx2::S>};
+                           &avx2::attn_decode<avx2::S>,
+                           &avx2::rms_norm<avx2::S>, &avx2::rope_neox<avx2::S>};
     return k;
 }
 

@@ -4,8 +4,10 @@
 
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -150,7 +152,8 @@ const Kernels& kernels_avx512() {
     static const Kernels k{"avx512", &avx512::q_gemv<avx512::S>, &avx512::q_dequant<avx512::S>,
                            &avx512::f16_gemv<avx512::S>, &avx512::q_tables<avx512::S>,
                            &avx512::f16_gemv<avx512::S, true>,
-                           &avx512::attn_decode<avx512::S>};
+                           &avx512::attn_decode<avx512::S>,
+                           &avx512::rms_norm<avx512::S>, &avx512::rope_neox<avx512::S>};
     return k;
 }
 

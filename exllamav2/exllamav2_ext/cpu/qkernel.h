@@ -34,33 +34,43 @@ struct QArgs {
 constexpr int kLutStride = 32;   // floats per table: up to 5-bit codes
 
 // y[m, n] = sum_p x[m, p] * w[p, n] (+ bias[n]) for the column blocks cb0..cb1; x in padded-row order
-// (x[m * kpad + p], zero on padding rows), y[m * ldy + n] for n < N.
-using QGemvFn = void (*)(const QArgs&, const float* x, int64_t M, int64_t kpad, const float* bias, float* y,
-                         int64_t ldy, int64_t N, int64_t cb0, int64_t cb1);
+// (x[m * kpad + p], zero on padding rows), y[m * ldy + n] for n < N, float32 or (ybf) rounded to bf16.
+using QGemvFn = void (*)(const QArgs&, const float* x, int64_t M, int64_t kpad, const float* bias, void* y,
+                         bool ybf, int64_t ldy, int64_t N, int64_t cb0, int64_t cb1);
 // out[src[p] * ldo + (cb - cb0) * 16 + j] = w[p, cb * 16 + j] for every padded row p with src[p] >= 0
 using QDequantFn = void (*)(const QArgs&, const int32_t* src, float* out, int64_t ldo, int64_t cb0, int64_t cb1);
-// y[m * N + n] = sum_k x[m * K + k] * w[n * K + k] (w fp16) for output rows n0..n1
-using F16GemvFn = void (*)(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N,
+// y[m * N + n] = sum_k x[m * K + k] * w[n * K + k] (w fp16) for output rows n0..n1; x and y float32, or bf16
+// with xbf (summed in float32 either way)
+using F16GemvFn = void (*)(const void* x, bool xbf, const uint16_t* w, void* y, int64_t M, int64_t K, int64_t N,
                            int64_t n0, int64_t n1);
 
 // gscales[g][k] = values[g][k] as float; gluts[g][k][c] = fp16((c mod 2^b - 2^(b-1)) * gscales[g][k]) for the
 // groups whose width b = bits[g] the kernels decode by table (returned by lut_bits)
 using QTablesFn = void (*)(const uint16_t* values, const int8_t* bits, int64_t ngroups, float* gscales, float* gluts);
 
-// Attention of one query position (decode) over S cached keys, every query head seeing every key: for batch
-// b and query head h (kv head h / G, G = Hq / Hkv), out = softmax(scale * q . k) @ v, in fp32. q and out are
-// [B][Hq][D] (row stride qb per batch), key s of kv head j at k + b * kb + s * ks + j * D (v likewise);
-// elements bf16 (bf16 true) or fp32. A task is one (batch, kv head): tasks t0 .. t1 - 1 of B * Hkv.
+// Attention of one query position (decode) over the first lens[b] (lens null: all S) cached keys of batch b,
+// every query head seeing them all: for query head h (kv head h / G, G = Hq / Hkv), out = softmax(scale * q . k)
+// @ v, in fp32, zeros where no key is seen. q and out are [B][Hq][D] (row stride qb per batch), key s of kv head
+// j at k + b * kb + s * ks + j * D (v likewise); elements bf16 (bf16 true) or fp32. A task is one
+// (batch, kv head): tasks t0 .. t1 - 1 of B * Hkv.
 struct AttnArgs {
     const void* q;
     const void* k;
     const void* v;
     void* out;
+    const int64_t* lens;
     int64_t B, Hq, Hkv, D, S, qb, kb, ks, vb, vs;
     float scale;
     bool bf16;
 };
 using AttnFn = void (*)(const AttnArgs&, int64_t t0, int64_t t1);
+
+// RMS norm of rows r0 .. r1 - 1 of x [rows][D] with float32 weight w into y; x and y float32, or bf16 with bf
+using RmsNormFn = void (*)(const void* x, bool bf, const float* w, void* y, int64_t D, float eps, int64_t r0,
+                           int64_t r1);
+// NeoX RoPE of rows r0 .. r1 - 1 of x [rows][H][D] (first R dims) by cos, sin [rows][R] into y; x, y as above
+using RopeFn = void (*)(const void* x, bool bf, const float* cos, const float* sin, void* y, int64_t H, int64_t D,
+                        int64_t R, int64_t r0, int64_t r1);
 
 struct Kernels {
     const char* name;
@@ -70,6 +80,8 @@ struct Kernels {
     QTablesFn q_tables;
     F16GemvFn bf16_gemv;    // f16_gemv with bf16 weights
     AttnFn attn_decode;
+    RmsNormFn rms_norm;
+    RopeFn rope_neox;
 };
 
 const Kernels& kernels_avx2();

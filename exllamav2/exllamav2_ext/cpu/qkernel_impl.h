@@ -17,6 +17,40 @@
 
 #define EXL_INLINE inline __attribute__((always_inline))
 
+// Activations, keys and values: float32, or bf16 (the upper half of a float32: a shift) widened on load and
+// rounded to nearest even on store (as torch rounds), all arithmetic in float32.
+template <bool BF>
+using Elem = std::conditional_t<BF, uint16_t, float>;
+
+EXL_INLINE float bf16_to_float(uint16_t h) {
+    uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+template <bool BF>
+EXL_INLINE float elem_to_float(Elem<BF> e) {
+    if constexpr (BF) return bf16_to_float(e); else return e;
+}
+
+template <bool BF>
+EXL_INLINE Elem<BF> float_to_elem(float f) {
+    if constexpr (BF) {
+        uint32_t u;
+        std::memcpy(&u, &f, sizeof u);
+        if ((u & 0x7FFFFFFFu) > 0x7F800000u) return uint16_t((u >> 16) | 0x40);    // NaN stays a quiet NaN
+        return uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+    } else {
+        return f;
+    }
+}
+
+template <class S, bool BF>
+EXL_INLINE typename S::F load_elems(const Elem<BF>* p) {
+    if constexpr (BF) return S::load_bf(p); else return S::load_f(p);
+}
+
 // A group's decoding constants for NC columns of a block: w = fp16((code - zero) * scale). code - zero is
 // exact in fp32 as (2^23 + code) - (2^23 + zero), 2^23 + code being the float with code in its low mantissa
 // bits (no int -> float conversion), and the product with the fp16 scale is exact (8-bit integer x 11-bit
@@ -185,18 +219,19 @@ EXL_INLINE void block_passes(const QArgs& a, int64_t cb, const float* x, int64_t
 
 // MR activation rows of column block cb: as many columns per pass as the accumulators allow, later passes
 // reading the block's words again from cache.
-template <class S, int MR>
-void q_block_rows(const QArgs& a, int64_t cb, const float* x, int64_t kpad, const float* bias, float* y,
+template <class S, int MR, bool YBF>
+void q_block_rows(const QArgs& a, int64_t cb, const float* x, int64_t kpad, const float* bias, Elem<YBF>* y,
                   int64_t ldy, int ncol) {
     alignas(64) float out[MR * kBlock];
     block_passes<S, MR>(a, cb, x, kpad, out, std::make_integer_sequence<int, kBlock / (S::kAccRegs / MR)>{});
     for (int m = 0; m < MR; ++m)
-        for (int j = 0; j < ncol; ++j) y[m * ldy + j] = bias ? out[m * kBlock + j] + bias[j] : out[m * kBlock + j];
+        for (int j = 0; j < ncol; ++j)
+            y[m * ldy + j] = float_to_elem<YBF>(bias ? out[m * kBlock + j] + bias[j] : out[m * kBlock + j]);
 }
 
-template <class S>
-void q_gemv(const QArgs& a, const float* x, int64_t M, int64_t kpad, const float* bias, float* y, int64_t ldy,
-            int64_t N, int64_t cb0, int64_t cb1) {
+template <class S, bool YBF>
+void q_gemv_rows(const QArgs& a, const float* x, int64_t M, int64_t kpad, const float* bias, Elem<YBF>* y,
+                 int64_t ldy, int64_t N, int64_t cb0, int64_t cb1) {
     for (int64_t cb = cb0; cb < cb1; ++cb) {
         const int64_t n0 = cb * kBlock;
         if (n0 >= N) break;
@@ -204,13 +239,20 @@ void q_gemv(const QArgs& a, const float* x, int64_t M, int64_t kpad, const float
         const float* b = bias ? bias + n0 : nullptr;
         int64_t m = 0;
         // four activation rows share each decoded weight vector
-        for (; m + 4 <= M; m += 4) q_block_rows<S, 4>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
+        for (; m + 4 <= M; m += 4) q_block_rows<S, 4, YBF>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
         if (m + 2 <= M) {
-            q_block_rows<S, 2>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
+            q_block_rows<S, 2, YBF>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
             m += 2;
         }
-        if (m < M) q_block_rows<S, 1>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
+        if (m < M) q_block_rows<S, 1, YBF>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
     }
+}
+
+template <class S>
+void q_gemv(const QArgs& a, const float* x, int64_t M, int64_t kpad, const float* bias, void* y, bool ybf,
+            int64_t ldy, int64_t N, int64_t cb0, int64_t cb1) {
+    if (ybf) q_gemv_rows<S, true>(a, x, M, kpad, bias, static_cast<uint16_t*>(y), ldy, N, cb0, cb1);
+    else q_gemv_rows<S, false>(a, x, M, kpad, bias, static_cast<float*>(y), ldy, N, cb0, cb1);
 }
 
 template <class S, int B, bool Z>
@@ -256,7 +298,7 @@ void q_dequant(const QArgs& a, const int32_t* src, float* out, int64_t ldo, int6
     }
 }
 
-// 16-bit weights: fp16 (F16C's conversion) or bf16 (the upper half of a float32: a shift)
+// 16-bit weights: fp16 (F16C's conversion) or bf16
 template <class S, bool BF16>
 EXL_INLINE typename S::F load_w16(const uint16_t* p) {
     if constexpr (BF16) return S::load_bf(p); else return S::load_h(p);
@@ -264,14 +306,7 @@ EXL_INLINE typename S::F load_w16(const uint16_t* p) {
 
 template <class S, bool BF16>
 EXL_INLINE float w16_to_float(uint16_t h) {
-    if constexpr (BF16) {
-        uint32_t u = static_cast<uint32_t>(h) << 16;
-        float f;
-        std::memcpy(&f, &u, sizeof f);
-        return f;
-    } else {
-        return S::half_to_float(h);
-    }
+    if constexpr (BF16) return bf16_to_float(h); else return S::half_to_float(h);
 }
 
 // 16-bit-weight rows, one output row at a time for MR activation rows: the weight is then read as one
@@ -279,51 +314,51 @@ EXL_INLINE float w16_to_float(uint16_t h) {
 // several short streams, and rows of 1-4 KB read that way run at half the speed; software prefetches only
 // get in its way). One accumulator per activation row: its FMA latency still allows ~29 GB/s per core, and
 // unrolling over more accumulators measured 10-20% slower on the DRAM stream (Zen 4, both ISA paths).
-template <class S, bool BF16, int MR>
-EXL_INLINE void f16_row(const float* x, int64_t K, const uint16_t* w, float* y, int64_t ldy) {
-    constexpr int NA = 1;
-    typename S::F acc[MR][NA];
-    for (int m = 0; m < MR; ++m)
-        for (int a = 0; a < NA; ++a) acc[m][a] = S::zero();
+// XBF: bf16 activations in and out (the bf16 mode's), else float32.
+template <class S, bool BF16, bool XBF, int MR>
+EXL_INLINE void f16_row(const Elem<XBF>* x, int64_t K, const uint16_t* w, Elem<XBF>* y, int64_t ldy) {
+    typename S::F acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = S::zero();
     int64_t k = 0;
-    for (; k + NA * kBlock <= K; k += NA * kBlock)
-        for (int a = 0; a < NA; ++a) {
-            typename S::F wv = load_w16<S, BF16>(w + k + a * kBlock);
-            for (int m = 0; m < MR; ++m) acc[m][a] = S::fmav(wv, S::load_f(x + m * K + k + a * kBlock), acc[m][a]);
-        }
     for (; k + kBlock <= K; k += kBlock) {
         typename S::F wv = load_w16<S, BF16>(w + k);
-        for (int m = 0; m < MR; ++m) acc[m][0] = S::fmav(wv, S::load_f(x + m * K + k), acc[m][0]);
+        for (int m = 0; m < MR; ++m) acc[m] = S::fmav(wv, load_elems<S, XBF>(x + m * K + k), acc[m]);
     }
     for (int m0 = 0; m0 < MR; m0 += 4) {
         typename S::F t[4];
-        for (int i = 0; i < 4; ++i) {
-            t[i] = S::zero();
-            if (m0 + i < MR)
-                for (int a = 0; a < NA; ++a) t[i] = S::add(t[i], acc[m0 + i][a]);
-        }
+        for (int i = 0; i < 4; ++i) t[i] = m0 + i < MR ? acc[m0 + i] : S::zero();
         float s[4];
         S::hsum4(t[0], t[1], t[2], t[3], s);
         for (int i = 0; i < 4 && m0 + i < MR; ++i) {
-            for (int64_t kk = k; kk < K; ++kk) s[i] += w16_to_float<S, BF16>(w[kk]) * x[(m0 + i) * K + kk];
-            y[(m0 + i) * ldy] = s[i];
+            for (int64_t kk = k; kk < K; ++kk)
+                s[i] += w16_to_float<S, BF16>(w[kk]) * elem_to_float<XBF>(x[(m0 + i) * K + kk]);
+            y[(m0 + i) * ldy] = float_to_elem<XBF>(s[i]);
         }
     }
 }
 
-template <class S, bool BF16 = false>
-void f16_gemv(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+template <class S, bool BF16, bool XBF>
+void f16_rows(const Elem<XBF>* x, const uint16_t* w, Elem<XBF>* y, int64_t M, int64_t K, int64_t N, int64_t n0,
               int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
         // later groups of activation rows read the row again from L1
         int64_t m = 0;
-        for (; m + 4 <= M; m += 4) f16_row<S, BF16, 4>(x + m * K, K, w + n * K, y + m * N + n, N);
+        for (; m + 4 <= M; m += 4) f16_row<S, BF16, XBF, 4>(x + m * K, K, w + n * K, y + m * N + n, N);
         if (m + 2 <= M) {
-            f16_row<S, BF16, 2>(x + m * K, K, w + n * K, y + m * N + n, N);
+            f16_row<S, BF16, XBF, 2>(x + m * K, K, w + n * K, y + m * N + n, N);
             m += 2;
         }
-        if (m < M) f16_row<S, BF16, 1>(x + m * K, K, w + n * K, y + m * N + n, N);
+        if (m < M) f16_row<S, BF16, XBF, 1>(x + m * K, K, w + n * K, y + m * N + n, N);
     }
+}
+
+template <class S, bool BF16 = false>
+void f16_gemv(const void* x, bool xbf, const uint16_t* w, void* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+              int64_t n1) {
+    if (xbf)
+        f16_rows<S, BF16, true>(static_cast<const uint16_t*>(x), w, static_cast<uint16_t*>(y), M, K, N, n0, n1);
+    else
+        f16_rows<S, BF16, false>(static_cast<const float*>(x), w, static_cast<float*>(y), M, K, N, n0, n1);
 }
 
 // Decode attention (AttnArgs in qkernel.h). Per (batch, kv head): the scores of its G query heads against every
@@ -331,20 +366,12 @@ void f16_gemv(const float* x, const uint16_t* w, float* y, int64_t M, int64_t K,
 // output columns in registers per pass over the values. The scores live in a buffer kept per thread.
 template <class S, bool BF>
 EXL_INLINE typename S::F load_kv(const void* p, int64_t i) {
-    if constexpr (BF) return S::load_bf(static_cast<const uint16_t*>(p) + i);
-    else return S::load_f(static_cast<const float*>(p) + i);
+    return load_elems<S, BF>(static_cast<const Elem<BF>*>(p) + i);
 }
 
 template <bool BF>
 EXL_INLINE float scalar_kv(const void* p, int64_t i) {
-    if constexpr (BF) {
-        uint32_t b = uint32_t(static_cast<const uint16_t*>(p)[i]) << 16;
-        float f;
-        __builtin_memcpy(&f, &b, 4);
-        return f;
-    } else {
-        return static_cast<const float*>(p)[i];
-    }
+    return elem_to_float<BF>(static_cast<const Elem<BF>*>(p)[i]);
 }
 
 template <bool BF>
@@ -353,11 +380,32 @@ EXL_INLINE const void* offset(const void* p, int64_t i) {
     else return static_cast<const float*>(p) + i;
 }
 
-// sc[g][s] = q[g] . k[s] for ng <= 4 query heads, q already scaled
+// sc[g][s] = q[g] . k[s] for ng <= 4 query heads, q already scaled. With AVX-512's 32 registers, four keys at a
+// time: each key vector loaded once for all heads, 4 x ng independent FMA chains, and each head's four scores from
+// one transposed sum (hsum4) instead of a full reduction per score (attention 12-15% faster at 512-1024 keys on
+// Zen 4; the same with AVX2's 16 registers measured 5-10% slower, so AVX2 keeps one key at a time).
 template <class S, bool BF>
 void attn_scores(const float* q, int64_t D, const void* k, int64_t ks, int64_t ns, int ng, float* sc) {
     using F = typename S::F;
-    for (int64_t s = 0; s < ns; ++s) {
+    int64_t s = 0;
+    if constexpr (S::kAccRegs >= 16) {
+        for (; s + 4 <= ns; s += 4) {
+            F acc[4][4];
+            for (int g = 0; g < 4; ++g)
+                for (int i = 0; i < 4; ++i) acc[g][i] = S::zero();
+            for (int64_t d = 0; d < D; d += kBlock)
+                for (int i = 0; i < 4; ++i) {
+                    F kv = load_kv<S, BF>(k, (s + i) * ks + d);
+                    for (int g = 0; g < ng; ++g) acc[g][i] = S::fmav(S::load_f(q + g * D + d), kv, acc[g][i]);
+                }
+            for (int g = 0; g < ng; ++g) {
+                float out[4];
+                S::hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3], out);
+                for (int i = 0; i < 4; ++i) sc[g * ns + s + i] = out[i];
+            }
+        }
+    }
+    for (; s < ns; ++s) {
         F acc[4] = {S::zero(), S::zero(), S::zero(), S::zero()};
         for (int64_t d = 0; d < D; d += kBlock) {
             F kv = load_kv<S, BF>(k, s * ks + d);
@@ -413,15 +461,10 @@ void attn_values(const float* p, int64_t ns, const void* v, int64_t vs, int64_t 
         for (int c = 0; c < NCH; ++c) S::store(out + g * D + d0 + c * kBlock, S::mul(acc[g][c], S::set1(inv[g])));
 }
 
+// the G query heads of kv head j of batch b over its ns >= 1 keys, into q (the scaled queries, then the outputs)
 template <class S, bool BF>
-void attn_task(const AttnArgs& a, int64_t t, std::vector<float>& buf) {
-    const int64_t b = t / a.Hkv, j = t % a.Hkv, G = a.Hq / a.Hkv, D = a.D, ns = a.S;
-    const size_t need = size_t(G * D + G + G * ns);
-    if (buf.size() < need) buf.resize(need);
-    float* q = buf.data();               // [G][D]: the scaled queries, then the outputs
-    float* inv = q + G * D;
-    float* sc = inv + G;                 // [G][ns]
-    const int64_t q0 = b * a.qb + j * G * D;
+void attn_heads(const AttnArgs& a, int64_t b, int64_t j, int64_t ns, float* q, float* inv, float* sc) {
+    const int64_t G = a.Hq / a.Hkv, D = a.D, q0 = b * a.qb + j * G * D;
     for (int64_t i = 0; i < G * D; ++i) q[i] = scalar_kv<BF>(a.q, q0 + i) * a.scale;
     const void* k = offset<BF>(a.k, b * a.kb + j * D);
     const void* v = offset<BF>(a.v, b * a.vb + j * D);
@@ -435,6 +478,19 @@ void attn_task(const AttnArgs& a, int64_t t, std::vector<float>& buf) {
             attn_values<S, BF, 4>(sc + g0 * ns, ns, v, a.vs, d0, ng, inv + g0, q + g0 * D, D);
         for (; d0 < D; d0 += kBlock) attn_values<S, BF, 1>(sc + g0 * ns, ns, v, a.vs, d0, ng, inv + g0, q + g0 * D, D);
     }
+}
+
+template <class S, bool BF>
+void attn_task(const AttnArgs& a, int64_t t, std::vector<float>& buf) {
+    const int64_t b = t / a.Hkv, j = t % a.Hkv, G = a.Hq / a.Hkv, D = a.D, ns = a.lens ? a.lens[b] : a.S;
+    const size_t need = size_t(G * D + G + G * ns);
+    if (buf.size() < need) buf.resize(need);
+    float* q = buf.data();               // [G][D]: the scaled queries, then the outputs
+    if (ns > 0)
+        attn_heads<S, BF>(a, b, j, ns, q, q + G * D, q + G * D + G);
+    else                                 // a row that sees no key outputs zeros, as the backends do
+        for (int64_t i = 0; i < G * D; ++i) q[i] = 0.f;
+    const int64_t q0 = b * a.qb + j * G * D;
     for (int64_t i = 0; i < G * D; i += kBlock) {
         if constexpr (BF) S::store_bf(static_cast<uint16_t*>(a.out) + q0 + i, S::load_f(q + i));
         else S::store(static_cast<float*>(a.out) + q0 + i, S::load_f(q + i));
@@ -448,4 +504,75 @@ void attn_decode(const AttnArgs& a, int64_t t0, int64_t t1) {
         if (a.bf16) attn_task<S, true>(a, t, buf);
         else attn_task<S, false>(a, t, buf);
     }
+}
+
+// RMS norm of rows [r0, r1) of x [rows][D]: y = x * (1 / sqrt(mean(x^2) + eps)) * w (w float32), in float32 as
+// ops/norm.py's twin computes it (two roundings of the products, then one to y's dtype).
+template <class S, bool BF>
+void rms_norm_rows(const Elem<BF>* x, const float* w, Elem<BF>* y, int64_t D, float eps, int64_t r0, int64_t r1) {
+    using F = typename S::F;
+    for (int64_t r = r0; r < r1; ++r) {
+        const Elem<BF>* xr = x + r * D;
+        Elem<BF>* yr = y + r * D;
+        F acc = S::zero();
+        int64_t d = 0;
+        for (; d + kBlock <= D; d += kBlock) {
+            F v = load_elems<S, BF>(xr + d);
+            acc = S::fmav(v, v, acc);
+        }
+        float ss = S::reduce_add(acc);
+        for (int64_t t = d; t < D; ++t) ss += elem_to_float<BF>(xr[t]) * elem_to_float<BF>(xr[t]);
+        const float inv = 1.f / std::sqrt(ss / float(D) + eps);
+        const F iv = S::set1(inv);
+        for (d = 0; d + kBlock <= D; d += kBlock) {
+            F out = S::mul(S::mul(load_elems<S, BF>(xr + d), iv), S::load_f(w + d));
+            if constexpr (BF) S::store_bf(yr + d, out); else S::store(yr + d, out);
+        }
+        for (int64_t t = d; t < D; ++t) yr[t] = float_to_elem<BF>(elem_to_float<BF>(xr[t]) * inv * w[t]);
+    }
+}
+
+template <class S>
+void rms_norm(const void* x, bool bf, const float* w, void* y, int64_t D, float eps, int64_t r0, int64_t r1) {
+    if (bf) rms_norm_rows<S, true>(static_cast<const uint16_t*>(x), w, static_cast<uint16_t*>(y), D, eps, r0, r1);
+    else rms_norm_rows<S, false>(static_cast<const float*>(x), w, static_cast<float*>(y), D, eps, r0, r1);
+}
+
+// NeoX RoPE of rows [r0, r1) of x [B * L][H][D]: the first R dims (R even) of each head rotated by row r's cos and
+// sin [R] (float32), the rest copied; out1 = x1 c1 - x2 s1, out2 = x2 c2 + x1 s2 in float32 as ops/rope.py's twin
+// computes them (up to the compiler fusing a product and the sum).
+template <class S, bool BF>
+void rope_rows(const Elem<BF>* x, const float* cos, const float* sin, Elem<BF>* y, int64_t H, int64_t D, int64_t R,
+               int64_t r0, int64_t r1) {
+    using F = typename S::F;
+    const int64_t half = R / 2;
+    for (int64_t r = r0; r < r1; ++r) {
+        const float* c = cos + r * R;
+        const float* s = sin + r * R;
+        for (int64_t h = 0; h < H; ++h) {
+            const Elem<BF>* xh = x + (r * H + h) * D;
+            Elem<BF>* yh = y + (r * H + h) * D;
+            int64_t d = 0;
+            for (; d + kBlock <= half; d += kBlock) {
+                F x1 = load_elems<S, BF>(xh + d), x2 = load_elems<S, BF>(xh + half + d);
+                F o1 = S::add(S::mul(x1, S::load_f(c + d)), S::mul(S::mul(x2, S::set1(-1.f)), S::load_f(s + d)));
+                F o2 = S::add(S::mul(x2, S::load_f(c + half + d)), S::mul(x1, S::load_f(s + half + d)));
+                if constexpr (BF) { S::store_bf(yh + d, o1); S::store_bf(yh + half + d, o2); }
+                else { S::store(yh + d, o1); S::store(yh + half + d, o2); }
+            }
+            for (; d < half; ++d) {
+                const float x1 = elem_to_float<BF>(xh[d]), x2 = elem_to_float<BF>(xh[half + d]);
+                yh[d] = float_to_elem<BF>(x1 * c[d] - x2 * s[d]);
+                yh[half + d] = float_to_elem<BF>(x2 * c[half + d] + x1 * s[half + d]);
+            }
+            for (d = R; d < D; ++d) yh[d] = xh[d];
+        }
+    }
+}
+
+template <class S>
+void rope_neox(const void* x, bool bf, const float* cos, const float* sin, void* y, int64_t H, int64_t D, int64_t R,
+               int64_t r0, int64_t r1) {
+    if (bf) rope_rows<S, true>(static_cast<const uint16_t*>(x), cos, sin, static_cast<uint16_t*>(y), H, D, R, r0, r1);
+    else rope_rows<S, false>(static_cast<const float*>(x), cos, sin, static_cast<float*>(y), H, D, R, r0, r1);
 }
