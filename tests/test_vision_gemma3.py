@@ -21,7 +21,7 @@ from exllamav2.model.embedding import EMBEDDING_INDEX
 from exllamav2.model.mm_embedding import remap_embeddings
 from exllamav2.vlm.gemma3_preprocess import Gemma3ImageSettings, pixel_values_gemma3
 from tests.tiny_models import _GEMMA3, build_tiny_model, write_tokenizer
-from tests.vision_helpers import assert_logits_match, image, run_jobs
+from tests.vision_helpers import assert_logits_match, image, prompt_ids, run_jobs
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -162,13 +162,6 @@ def embed(gemma, seed: int, size: tuple[int, int]):
     e = tower.get_image_embeddings(model, tokenizer, img)
     e.source_image = img
     return e
-
-
-def prompt_ids(parts: list) -> list[int]:
-    ids: list[int] = []
-    for part in parts:
-        ids += part.get_ids() if hasattr(part, "get_ids") else part
-    return ids
 
 
 def hf_inputs(processor, ids: list[int], images: list) -> dict:

@@ -20,7 +20,7 @@ from exllamav2.model.embedding import EMBEDDING_INDEX
 from exllamav2.model.mm_embedding import SLOT, ExLlamaV2MMEmbedding, check_aliases_present, remap_embeddings
 from exllamav2.vlm.pixtral_preprocess import PixtralImageSettings, preprocess_pixtral
 from tests.tiny_models import build_tiny_model, rewrite_checkpoint, write_tokenizer
-from tests.vision_helpers import assert_logits_match, image, run_jobs
+from tests.vision_helpers import assert_logits_match, image, prompt_ids, run_jobs
 
 PIL = pytest.importorskip("PIL.Image")
 
@@ -134,13 +134,6 @@ def embed(px, seed: int, size: tuple[int, int], alias: str | None = None):
     e = px.tower.get_image_embeddings(px.model, px.tokenizer, img, text_alias=alias)
     e.source_image = img
     return e
-
-
-def prompt_ids(parts: list) -> list[int]:
-    ids: list[int] = []
-    for part in parts:
-        ids += part.get_ids() if hasattr(part, "get_ids") else part
-    return ids
 
 
 def hf_logits(px, parts: list) -> torch.Tensor:

@@ -35,3 +35,11 @@ def run_jobs(generator, jobs: list) -> dict:
                 if r["eos"]:
                     out[r["identifier"], "cached"] = r["cached_tokens"]
     return out
+
+
+def prompt_ids(parts: list) -> list[int]:
+    """A prompt's ids from lists of plain ids and embeddings (each standing for its whole image block)."""
+    ids: list[int] = []
+    for part in parts:
+        ids += part.get_ids() if hasattr(part, "get_ids") else part
+    return ids
