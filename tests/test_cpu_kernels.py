@@ -62,7 +62,8 @@ def _attention_reference(q, k, v, scale):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("b, s, hq, hkv, d", [(1, 576, 12, 4, 64), (2, 37, 8, 8, 128), (1, 5, 6, 2, 80),
-                                              (3, 1, 4, 1, 16), (1, 100, 32, 4, 32)])
+                                              (3, 1, 4, 1, 16), (1, 100, 32, 4, 32),
+                                              (3, 45, 4, 2, 32)])
 def test_attn_decode_matches_sdpa(dtype, b, s, hq, hkv, d, isa, threads):
     """One query position over a cache view (positions past S in the buffer ignored): GQA ratios 1-8, more than
     4 query heads per kv head, head dims not a multiple of 64, one key, batches; float32 to fp32 rounding,
