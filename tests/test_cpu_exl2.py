@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ext
+from exllamav2.ops import build_ops
 from exllamav2.quant import cpu_layout, group_layout, load_quantized, qlinear, quantize_rtn
 
 kernels = ext.cpu_kernels()
@@ -33,26 +34,29 @@ class Source:
         return self.tensors[name]
 
 
-def _pair(t: dict[str, torch.Tensor], k: int, n: int, prescale: float = 1.0):
-    """(kernel weight, twin weight) loaded from the same tensors; the kernel one already in its CPU layout."""
+def _pair(t: dict[str, torch.Tensor], k: int, n: int, prescale: float = 1.0, bf16: bool = False):
+    """(kernel weight, twin weight) loaded from the same tensors; the kernel one already in its CPU layout (for
+    `bf16` activations: the pair layout where the kernels in use run it)."""
     src = Source({f"l.{a}": v for a, v in t.items()})
     kern = load_quantized("l", src, k, n, prescale=prescale)
     twin = load_quantized("l", src, k, n, prescale=prescale)
     twin.use_cpu_kernels = False
-    kern.forward(torch.zeros(1, k))
+    if bf16:
+        kern.ops = build_ops("cpu", torch.bfloat16)
+    kern.forward(torch.zeros(1, k, dtype=torch.bfloat16 if bf16 else torch.float32))
     assert kern.cpu_matrix() is not None and twin.cpu_matrix() is None
     return kern, twin
 
 
-def exl2_pair(k, n, bits, group_size=32, seed=0, bias=True, perm=True, prescale=1.0):
+def exl2_pair(k, n, bits, group_size=32, seed=0, bias=True, perm=True, prescale=1.0, bf16=False):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(k, n, generator=g) * 0.05
     t = quantize_rtn(w, group_layout(k, bits, group_size), torch.randperm(k, generator=g) if perm else None,
                      bias=torch.randn(n, generator=g) if bias else None)
-    return _pair(t, k, n, prescale)
+    return _pair(t, k, n, prescale, bf16)
 
 
-def gptq_pair(k, n, groups, act_order, seed=0):
+def gptq_pair(k, n, groups, act_order, seed=0, bf16=False):
     g = torch.Generator().manual_seed(seed)
     t = {
         "qweight": torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, generator=g),
@@ -62,7 +66,7 @@ def gptq_pair(k, n, groups, act_order, seed=0):
     }
     if act_order:
         t["g_idx"] = torch.randint(0, groups, (k,), generator=g, dtype=torch.int32)
-    return _pair(t, k, n)
+    return _pair(t, k, n, bf16=bf16)
 
 
 EXL2_CASES = {
@@ -173,6 +177,77 @@ def test_bf16_activations_in_and_out(fmt, rows, isa):
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-6)
     assert (got.float() == want.bfloat16().float()).float().mean() > 0.95
+
+
+def _runs_pair_kernels() -> bool:
+    if kernels is None:
+        return False
+    previous = kernels.isa()
+    try:
+        kernels.set_isa("avx512bf16")
+        return True
+    except RuntimeError:        # no AVX512-BF16 here
+        return False
+    finally:
+        kernels.set_isa(previous)
+
+
+needs_pairs = pytest.mark.skipif(not _runs_pair_kernels(), reason="no AVX512-BF16: the pair layout cannot run here")
+PAIR_CASES = sorted(EXL2_CASES) + ["gptq_sequential", "gptq_act_order"]
+
+
+@pytest.fixture
+def pair_isa():
+    previous = kernels.isa()
+    kernels.set_isa("avx512bf16")
+    yield
+    kernels.set_isa(previous)
+
+
+def _pair_weights(case: str, seed: int):
+    if case.startswith("gptq"):
+        return gptq_pair(256, 40, 4, case.endswith("act_order"), seed=seed, bf16=True)
+    k, n, bits, gs = EXL2_CASES[case]
+    return exl2_pair(k, n, bits, gs, seed=seed, prescale=0.7, bf16=True)
+
+
+@needs_pairs
+@pytest.mark.parametrize("case", PAIR_CASES)
+def test_pair_layout_decodes_bit_exactly(case, pair_isa):
+    kern, twin = _pair_weights(case, len(case))
+    assert kern.cpu_matrix().pairs
+    assert torch.equal(kern.dequantize().view(torch.int16), twin.dequantize().view(torch.int16))
+
+
+@needs_pairs
+@pytest.mark.parametrize("case", PAIR_CASES)
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 9])      # 9: above MAX_GEMV_ROWS, decoded tiles and a GEMM
+def test_pair_kernel_matches_twin(case, rows, pair_isa, threads):
+    """bf16 activations through the dot-product kernel: its weights (code - zero) * scale are exact where the
+    twin rounds each to fp16 (at most 2^-12 of it), and the float32 sum is rounded once to bf16; so each output
+    is within 2^-8 of its value plus 2^-11 of sum |x| |w| of the twin's x @ W (+ bias)."""
+    kern, twin = _pair_weights(case, rows + len(case))
+    x = torch.randn(rows, kern.in_features, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    w = twin.dequantize().double()
+    want = x.double() @ w + (twin.bias.double() if twin.bias is not None else 0)
+    got = kern.forward(x)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    bound = 2**-8 * want.abs() + 2**-11 * (x.double().abs() @ w.abs()) + 1e-6
+    assert ((got.double() - want).abs() <= bound).all()
+
+
+@needs_pairs
+def test_pair_layout_with_float32_activations_multiplies_the_decoded_weight(pair_isa):
+    kern, twin = _pair_weights("mixed_all_widths", 3)
+    _check_matmul(kern, twin, 2, seed=2)
+
+
+@needs_pairs
+def test_the_pair_layout_needs_its_kernels(pair_isa):
+    kern, _ = _pair_weights("4bit", 0)
+    kernels.set_isa("avx512")
+    with pytest.raises(RuntimeError, match="pair layout needs the avx512bf16 kernels"):
+        kern.forward(torch.zeros(1, kern.in_features, dtype=torch.bfloat16))
 
 
 def test_other_dtypes_multiply_the_decoded_weight():

@@ -159,7 +159,7 @@ def test_norm_and_rope_refuse_wrong_input():
 
 @needs_kernels
 def test_isa_is_chosen_from_the_cpu():
-    assert kernels.isa() in ("avx2", "avx512")
+    assert kernels.isa() in ("avx2", "avx512", "avx512bf16")
     if kernels.isa() == "avx2":
         with pytest.raises(RuntimeError, match="lacks AVX-512F"):
             kernels.set_isa("avx512")
@@ -225,7 +225,8 @@ def test_fp16_weights_on_the_cpu_match_fp32_weights(tiny_model_factory, monkeypa
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="objdump (binutils) not installed")
 def test_avx512_instructions_stay_in_the_avx512_kernels():
     """The library must run on AVX2-only CPUs: AVX-512 registers and EVEX-only instructions may appear only in
-    functions of the exlcpu::avx512 namespace (reached after the run-time CPU check), never in shared code."""
+    functions of the exlcpu::avx512 and exlcpu::avx512bf16 namespaces (reached after the run-time CPU checks),
+    never in shared code."""
     listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", kernels.__file__],
                              capture_output=True, text=True, check=True).stdout
     evex = re.compile(r"zmm|[xy]mm(1[6-9]|2[0-9]|3[01])\b|\{1to|%k[0-7]|vpternlog|vpermt2|kmov")
@@ -235,7 +236,7 @@ def test_avx512_instructions_stay_in_the_avx512_kernels():
             function = line
         elif evex.search(line):
             seen += 1
-            if "exlcpu::avx512::" not in function:
+            if "exlcpu::avx512::" not in function and "exlcpu::avx512bf16::" not in function:
                 offenders.add(function)
     assert not offenders
     assert seen > 0 or kernels.isa() == "avx2"

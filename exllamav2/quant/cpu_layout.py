@@ -13,6 +13,10 @@ times the group's maximum), so they are kept as those values [G, 16] and each co
 then round each group's 16 x 2^b weights to fp16 once per call instead of once per column block. `src[p]` is the input feature of padded row p (-1 on
 padding): the kernel gathers x through it, which applies the act-order permutation.
 
+The pair layout (`pairs`, for bf16 activations where the kernels have AVX512-BF16) holds the same codes
+otherwise: lane j of a block is column j, and the halves of its words are the 16-bit streams of the chunk's
+even and odd rows (`_pack_pairs`), which one vdpbf16ps multiplies two rows at a time (kernels_avx512bf16.cpp).
+
 Bytes against the file: the codes take the same space up to the padding of each group's last chunk; the
 scales take 8 bits per (group, column) instead of EXL2's 4 (GPTQ: 16); src is int32 [K] like the permutation.
 """
@@ -43,16 +47,17 @@ class CpuQMatrix:
     in_features: int
     out_features: int
     scale_values: torch.Tensor | None = None     # fp16 [groups, 16] (EXL2)
+    pairs: bool = False              # the pair layout (bf16 activations on AVX512-BF16 CPUs)
 
     def matmul(self, kernels: ModuleType, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] float32 or bfloat16 -> x @ W + bias [M, N] in x's dtype (summed in float32)."""
         return kernels.q_matmul(x, self.qw, self.chunks, self.scales, self.zeros, self.src, self.bias,
-                                self.out_features, MAX_GEMV_ROWS, self.scale_values)
+                                self.out_features, MAX_GEMV_ROWS, self.scale_values, self.pairs)
 
     def dequantize(self, kernels: ModuleType) -> torch.Tensor:
         """W as float32 [K, N] (every value an fp16 value)."""
         w = kernels.q_dequant(self.qw, self.chunks, self.scales, self.zeros, self.src, self.in_features,
-                              self.scale_values)
+                              self.scale_values, self.pairs)
         return w[:, : self.out_features]
 
     def tensors(self) -> list[torch.Tensor]:
@@ -78,6 +83,36 @@ def _lanes_by_row(padded: torch.Tensor) -> torch.Tensor:
     return tiles.permute(0, 1, 4, 3, 2).reshape(chunks * CHUNK_ROWS, columns)
 
 
+def _halfword_streams(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes [n, 16, C] -> [n, bits, C]: each 16 codes an LSB-first stream of `bits`-bit fields in 16-bit words."""
+    n, _, c = codes.shape
+    words = torch.zeros((n, bits + 1, c), dtype=torch.int64)
+    for p in range(16):
+        i, shift = divmod(p * bits, 16)
+        field = codes[:, p] << shift
+        words[:, i] |= field & 0xFFFF
+        words[:, i + 1] |= field >> 16
+    return words[:, :bits]
+
+
+def _pack_pairs(padded: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [chunks * 32, C] -> the pair layout's words [chunks * bits, C] (int32): word w of a chunk's column holds
+    halfword w of its even rows' stream (low half) and of its odd rows' (high half); 8-bit codes as two 4-bit
+    streams, low nibbles first (kernels_avx512bf16.cpp)."""
+    chunks = padded.shape[0] // CHUNK_ROWS
+    rows = padded.view(chunks, CHUNK_ROWS // 2, 2, -1)            # chunk, pair, parity, column
+
+    def stream(parity: int) -> torch.Tensor:
+        codes = rows[:, :, parity]
+        if bits == 8:
+            return torch.cat([_halfword_streams(codes & 15, 4), _halfword_streams(codes >> 4, 4)], dim=1)
+        return _halfword_streams(codes, bits)
+
+    high = stream(1)
+    high = torch.where(high >= 0x8000, high - 0x10000, high)      # the signed high half: the word fits int32
+    return (high * 0x10000 + stream(0)).to(torch.int32).reshape(chunks * bits, -1)
+
+
 def assemble(
     runs: Iterator[tuple[int, int, torch.Tensor, torch.Tensor]],
     scales: torch.Tensor,
@@ -86,10 +121,11 @@ def assemble(
     in_features: int,
     out_features: int,
     scale_values: torch.Tensor | None = None,
+    pairs: bool = False,
 ) -> CpuQMatrix:
     """The layout from `runs`: (bits, group, codes [rows, C] in stored order, features [rows] int64) per run of
     rows of one group, in stored order; scales fp16 [G, C], or with scale_values [G, 16] indices into them;
-    zeros [G, C] (GPTQ zero points) or None."""
+    zeros [G, C] (GPTQ zero points) or None; `pairs` packs the codes in the pair layout."""
     columns = _padded(out_features, BLOCK)        # EXL2's padding to 32 columns is not kept past the block
     scales = scales[:, :columns]
     pad = columns - scales.shape[1]
@@ -100,7 +136,8 @@ def assemble(
         n_chunks = -(-rows // CHUNK_ROWS)
         padded = torch.zeros((n_chunks * CHUNK_ROWS, columns), dtype=torch.int64)
         padded[:rows, : min(columns, codes.shape[1])] = codes[:, :columns]
-        words.append(exl2.pack_codes(_lanes_by_row(padded), bits))   # chunk j: words j*bits .. (j+1)*bits - 1
+        # chunk j: words j*bits .. (j+1)*bits - 1
+        words.append(_pack_pairs(padded, bits) if pairs else exl2.pack_codes(_lanes_by_row(padded), bits))
         chunks += [[bits, word + j * bits, group] for j in range(n_chunks)]
         word += n_chunks * bits
         s = torch.full((n_chunks * CHUNK_ROWS,), -1, dtype=torch.int32)
@@ -119,12 +156,13 @@ def assemble(
         in_features=in_features,
         out_features=out_features,
         scale_values=None if scale_values is None else scale_values.to(torch.float16).contiguous(),
+        pairs=pairs,
     )
 
 
 def from_exl2(q_weight: torch.Tensor, q_scale: torch.Tensor, scale_max: torch.Tensor,
               groups: list[exl2.Exl2Group], perm: torch.Tensor, bias: torch.Tensor | None,
-              in_features: int, out_features: int) -> CpuQMatrix:
+              in_features: int, out_features: int, pairs: bool = False) -> CpuQMatrix:
     """The layout of an EXL2 layer (the tensors as Exl2Weight keeps them: scale_max prescaled, perm int64)."""
     codes16 = torch.arange(16).expand(scale_max.shape[0], 16)
     values = exl2.group_scales(codes16, scale_max.cpu())          # [G, 16]: every scale a group can take
@@ -135,11 +173,11 @@ def from_exl2(q_weight: torch.Tensor, q_scale: torch.Tensor, scale_max: torch.Te
             codes = exl2.unpack_codes(q_weight[grp.word_start : grp.word_start + grp.words], grp.bits, grp.rows)
             yield grp.bits, g, codes, perm[grp.row_start : grp.row_start + grp.rows]
 
-    return assemble(runs(), exl2.unpack_scale_codes(q_scale), None, bias, in_features, out_features, values)
+    return assemble(runs(), exl2.unpack_scale_codes(q_scale), None, bias, in_features, out_features, values, pairs)
 
 
 def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, row_groups: torch.Tensor,
-              bias: torch.Tensor | None, in_features: int, out_features: int) -> CpuQMatrix:
+              bias: torch.Tensor | None, in_features: int, out_features: int, pairs: bool = False) -> CpuQMatrix:
     """The layout of a 4-bit GPTQ layer (v1 zeros; `row_groups` [K] the group of each row, any order: rows are
     regrouped, the order going into src)."""
     row_groups = row_groups.cpu()
@@ -156,4 +194,4 @@ def from_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
             yield 4, g, codes.to(torch.int64), features
             start += rows
 
-    return assemble(runs(), scales, zeros, bias, in_features, out_features)
+    return assemble(runs(), scales, zeros, bias, in_features, out_features, pairs=pairs)

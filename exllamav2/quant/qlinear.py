@@ -135,13 +135,15 @@ class QuantWeight:
                         and self._kernel_matrix is None:
                     kernels = self._table().cpu
                     if kernels is not None:
-                        self._cpu = self._cpu_layout()
+                        # bf16 activations on a CPU with AVX512-BF16: the pair layout and its dot-product kernel
+                        self._cpu = self._cpu_layout(self._table().dtype == torch.bfloat16
+                                                     and kernels.has_pair_kernels())
                         self._cpu_kernels = kernels
                         self._release_packed()
                 self._cpu_checked = True
         return self._cpu
 
-    def _cpu_layout(self) -> cpu_layout.CpuQMatrix:
+    def _cpu_layout(self, pairs: bool) -> cpu_layout.CpuQMatrix:
         raise NotImplementedError
 
     def _release_packed(self) -> None:
@@ -246,9 +248,9 @@ class Exl2Weight(QuantWeight):
     def kernel_form(self) -> qmatrix.PreparedQMatrix:
         return qmatrix.prepare_exl2(self)
 
-    def _cpu_layout(self):
+    def _cpu_layout(self, pairs):
         return cpu_layout.from_exl2(self.q_weight, self.q_scale, self.scale_max, self.groups, self.perm, self.bias,
-                                    self.in_features, self.out_features)
+                                    self.in_features, self.out_features, pairs)
 
     def _release_packed(self):
         self.q_weight = self.q_scale = self.perm = None
@@ -292,9 +294,9 @@ class GptqWeight(QuantWeight):
     def kernel_form(self) -> qmatrix.PreparedQMatrix:
         return qmatrix.prepare_gptq(self)
 
-    def _cpu_layout(self):
+    def _cpu_layout(self, pairs):
         return cpu_layout.from_gptq(self.qweight, self.qzeros, self.scales, self.groups, self.bias,
-                                    self.in_features, self.out_features)
+                                    self.in_features, self.out_features, pairs)
 
     def _release_packed(self):
         self.qweight = self.qzeros = self.scales = self.groups = None

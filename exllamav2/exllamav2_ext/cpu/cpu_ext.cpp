@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <string>
 #include <vector>
@@ -27,23 +28,36 @@ bool cpu_has_avx512() {
     return __builtin_cpu_supports("avx512f");
 }
 
+bool cpu_has_avx512bf16() {
+    __builtin_cpu_init();
+    return cpu_has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512bf16");
+}
+
 const exlcpu::Kernels& kernels() { return *g_kernels.load(std::memory_order_relaxed); }
 
 std::string set_isa(const std::string& name) {
     if (name == "auto") {
-        g_kernels = cpu_has_avx512() ? &exlcpu::kernels_avx512() : &exlcpu::kernels_avx2();
+        g_kernels = cpu_has_avx512bf16() ? &exlcpu::kernels_avx512bf16()
+                    : cpu_has_avx512()   ? &exlcpu::kernels_avx512()
+                                         : &exlcpu::kernels_avx2();
     } else if (name == "avx2") {
         g_kernels = &exlcpu::kernels_avx2();
     } else if (name == "avx512") {
         TORCH_CHECK(cpu_has_avx512(), "set_isa: this CPU lacks AVX-512F; use 'avx2' or 'auto'");
         g_kernels = &exlcpu::kernels_avx512();
+    } else if (name == "avx512bf16") {
+        TORCH_CHECK(cpu_has_avx512bf16(), "set_isa: this CPU lacks AVX512-BF16; use 'avx512', 'avx2' or 'auto'");
+        g_kernels = &exlcpu::kernels_avx512bf16();
     } else {
-        TORCH_CHECK(false, "set_isa: unknown instruction set '", name, "'; expected 'auto', 'avx2' or 'avx512'");
+        TORCH_CHECK(false, "set_isa: unknown instruction set '", name,
+                    "'; expected 'auto', 'avx2', 'avx512' or 'avx512bf16'");
     }
     return kernels().name;
 }
 
 std::string isa() { return kernels().name; }
+
+bool has_pair_kernels() { return kernels().q_gemv_pairs != nullptr; }
 
 // y = x @ w.T for 16-bit weights (fp16 or bf16, `dtype`) through `fn`; x and y float32 or bfloat16 (the bf16
 // mode's activations, taken and returned as they are: no conversions around the call)
@@ -79,6 +93,7 @@ struct QView {
     exlcpu::QArgs args;
     const int32_t* src;
     int64_t kpad, nblocks;
+    bool pairs;       // the pair layout (kernels_avx512bf16.cpp)
 };
 
 // EXL2's indexed scales: each group's 16 scales as floats and their weight tables, built once per call
@@ -114,7 +129,9 @@ void check_chunks(const torch::Tensor& chunks, int64_t words, int64_t ngroups, s
 // scales: fp16 [blocks, groups, 16], or with scale_values (fp16 [groups, 16]) uint8 indices into them
 QView q_view(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
              const std::optional<torch::Tensor>& zeros, const torch::Tensor& src,
-             const std::optional<torch::Tensor>& scale_values) {
+             const std::optional<torch::Tensor>& scale_values, bool pairs) {
+    TORCH_CHECK(!pairs || kernels().q_gemv_pairs, "q kernels: the pair layout needs the avx512bf16 kernels (isa '",
+                kernels().name, "')");
     TORCH_CHECK(qw.scalar_type() == torch::kInt32 && qw.dim() == 3 && qw.size(2) == exlcpu::kBlock &&
                 qw.is_contiguous(), "q kernels: qw must be contiguous int32 [blocks, words, 16]");
     TORCH_CHECK(chunks.scalar_type() == torch::kInt32 && chunks.dim() == 2 && chunks.size(1) == 3 &&
@@ -142,18 +159,21 @@ QView q_view(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::
                     scale_values->size(0) == scales.size(1) && scale_values->size(1) == 16 &&
                     scale_values->is_contiguous(), "q kernels: scale_values must be contiguous float16 [groups, 16]");
         a.sidx = scales.data_ptr<uint8_t>();
-        build_tables(a, *scale_values, group_bits);
+        if (pairs)       // the pair kernels pick each column's value per chunk: no tables
+            a.svalues = reinterpret_cast<const uint16_t*>(scale_values->data_ptr<at::Half>());
+        else
+            build_tables(a, *scale_values, group_bits);
     } else {
         a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
     }
-    return {a, src.data_ptr<int32_t>(), nc * exlcpu::kChunkRows, nb};
+    return {a, src.data_ptr<int32_t>(), nc * exlcpu::kChunkRows, nb, pairs};
 }
 
 // column blocks per task: at least ~64k weights, so small layers are not split across threads
 int64_t block_grain(int64_t kpad) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(kpad, 1)); }
 
 void dequant_blocks(const QView& v, float* out, int64_t ldo, int64_t cb0, int64_t cb1) {
-    auto fn = kernels().q_dequant;
+    auto fn = v.pairs ? kernels().q_dequant_pairs : kernels().q_dequant;
     at::parallel_for(cb0, cb1, block_grain(v.kpad), [&](int64_t b0, int64_t b1) {
         fn(v.args, v.src, out + (b0 - cb0) * exlcpu::kBlock, ldo, b0, b1);
     });
@@ -178,6 +198,34 @@ const float* gather_x(const QView& v, const T* x, int64_t M, int64_t K) {
     return buf.data();
 }
 
+// The pair kernels' activations: x [M, K] bf16 as bf16 pairs in padded stored-row order (zeros on padding rows)
+// and each chunk's sum of them, in buffers kept per calling thread
+void gather_pairs(const QView& v, const uint16_t* x, int64_t M, int64_t K, const uint32_t*& pairs, const float*& sums) {
+    thread_local std::vector<uint16_t> buf;
+    thread_local std::vector<float> sbuf;
+    const int64_t nchunks = v.args.nchunks;
+    if (buf.size() < size_t(M * v.kpad)) buf.resize(size_t(M * v.kpad));
+    if (sbuf.size() < size_t(M * nchunks)) sbuf.resize(size_t(M * nchunks));
+    for (int64_t m = 0; m < M; ++m) {
+        uint16_t* row = buf.data() + m * v.kpad;
+        const uint16_t* xr = x + m * K;
+        for (int64_t c = 0; c < nchunks; ++c) {
+            float sum = 0.f;
+            for (int64_t p = c * exlcpu::kChunkRows; p < (c + 1) * exlcpu::kChunkRows; ++p) {
+                const uint16_t e = v.src[p] >= 0 ? xr[v.src[p]] : uint16_t(0);
+                row[p] = e;
+                const uint32_t u = uint32_t(e) << 16;
+                float f;
+                std::memcpy(&f, &u, sizeof f);
+                sum += f;
+            }
+            sbuf[size_t(m * nchunks + c)] = sum;
+        }
+    }
+    pairs = reinterpret_cast<const uint32_t*>(buf.data());
+    sums = sbuf.data();
+}
+
 // Many rows: dequantize a tile of columns (about 4 MB of fp32, never the whole weight) and multiply it
 // with torch's GEMM, tile by tile.
 void q_gemm(const QView& v, const torch::Tensor& x, torch::Tensor& y, int64_t N) {
@@ -197,11 +245,11 @@ void q_gemm(const QView& v, const torch::Tensor& x, torch::Tensor& y, int64_t N)
 torch::Tensor q_matmul(torch::Tensor x, const torch::Tensor& qw, const torch::Tensor& chunks,
                        const torch::Tensor& scales, const std::optional<torch::Tensor>& zeros,
                        const torch::Tensor& src, const std::optional<torch::Tensor>& bias, int64_t N,
-                       int64_t max_gemv_rows, const std::optional<torch::Tensor>& scale_values) {
+                       int64_t max_gemv_rows, const std::optional<torch::Tensor>& scale_values, bool pairs) {
     const bool xbf = x.scalar_type() == torch::kBFloat16;
     TORCH_CHECK(x.device().is_cpu() && (xbf || x.scalar_type() == torch::kFloat32) && x.dim() == 2,
                 "q_matmul: x must be a float32 or bfloat16 CPU tensor [M, K]");
-    QView v = q_view(qw, chunks, scales, zeros, src, scale_values);
+    QView v = q_view(qw, chunks, scales, zeros, src, scale_values, pairs);
     const int64_t M = x.size(0), K = x.size(1);
     TORCH_CHECK(N > 0 && N <= v.nblocks * exlcpu::kBlock, "q_matmul: N = ", N, " outside 1..", v.nblocks * 16);
     check_src(v, K);
@@ -214,11 +262,22 @@ torch::Tensor q_matmul(torch::Tensor x, const torch::Tensor& qw, const torch::Te
     x = x.contiguous();
     auto y = torch::empty({M, N}, x.options());
     if (M == 0) return y;
-    if (M > max_gemv_rows) {      // the GEMM of fp32 tiles: bf16 rows widened, the result rounded back
+    if (M > max_gemv_rows || (pairs && !xbf)) {   // fp32 tiles and a GEMM: bf16 rows widened, rounded back
         auto yf = xbf ? torch::empty({M, N}, x.options().dtype(torch::kFloat32)) : y;
         q_gemm(v, xbf ? x.to(torch::kFloat32) : x, yf, N);
         if (bp) yf.add_(*bias);
         return xbf ? yf.to(torch::kBFloat16) : yf;
+    }
+    if (pairs) {
+        const uint32_t* xp;
+        const float* xs;
+        gather_pairs(v, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, xp, xs);
+        uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
+        auto fn = kernels().q_gemv_pairs;
+        at::parallel_for(0, v.nblocks, block_grain(v.kpad), [&](int64_t b0, int64_t b1) {
+            fn(v.args, xp, xs, M, v.kpad / 2, bp, yp, N, N, b0, b1);
+        });
+        return y;
     }
     const float* xp = xbf ? gather_x(v, x.data_ptr<at::BFloat16>(), M, K) : gather_x(v, x.data_ptr<float>(), M, K);
     void* yp = y.data_ptr();
@@ -231,8 +290,8 @@ torch::Tensor q_matmul(torch::Tensor x, const torch::Tensor& qw, const torch::Te
 
 torch::Tensor q_dequant(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
                         const std::optional<torch::Tensor>& zeros, const torch::Tensor& src, int64_t K,
-                        const std::optional<torch::Tensor>& scale_values) {
-    QView v = q_view(qw, chunks, scales, zeros, src, scale_values);
+                        const std::optional<torch::Tensor>& scale_values, bool pairs) {
+    QView v = q_view(qw, chunks, scales, zeros, src, scale_values, pairs);
     check_src(v, K);
     const int64_t cols = v.nblocks * exlcpu::kBlock;
     auto out = torch::empty({K, cols}, torch::dtype(torch::kFloat32));
@@ -329,10 +388,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "bfloat16 and y in its dtype (summed in float32); rows above max_gemv_rows go through tiles of dequantized "
           "columns and a GEMM",
           py::arg("x"), py::arg("qw"), py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"),
-          py::arg("bias"), py::arg("N"), py::arg("max_gemv_rows"), py::arg("scale_values") = py::none());
+          py::arg("bias"), py::arg("N"), py::arg("max_gemv_rows"), py::arg("scale_values") = py::none(),
+          py::arg("pairs") = false);
     m.def("q_dequant", &q_dequant, "W as float32 [K, blocks * 16] from the CPU layout", py::arg("qw"),
           py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"), py::arg("K"),
-          py::arg("scale_values") = py::none());
+          py::arg("scale_values") = py::none(), py::arg("pairs") = false);
     m.def("attn_decode", &attn_decode,
           "decode attention: q [B, 1, Hq, D] over the first lengths[b] (default all S) keys of k, v [B, S, Hkv, D] "
           "(cache views), float32 or bfloat16, computed in float32", py::arg("q"), py::arg("k"), py::arg("v"),
@@ -341,6 +401,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("x"), py::arg("w"), py::arg("eps"));
     m.def("rope_neox", &rope_neox, "NeoX RoPE of x [B, L, H, D] (float32 or bfloat16) by float32 cos, sin "
           "[B, L, 1, R]; a new tensor in x's dtype", py::arg("x"), py::arg("cos"), py::arg("sin"));
-    m.def("set_isa", &set_isa, "choose the kernels: 'auto' (from the CPU's flags), 'avx2' or 'avx512'; returns it");
+    m.def("set_isa", &set_isa, "choose the kernels: 'auto' (from the CPU's flags), 'avx2', 'avx512' or "
+          "'avx512bf16'; returns it");
     m.def("isa", &isa, "the instruction set the kernels run");
+    m.def("has_pair_kernels", &has_pair_kernels,
+          "whether the kernels in use run the pair layout (quant/cpu_layout.py, pairs=True)");
 }

@@ -29,6 +29,7 @@ struct QArgs {
     const uint8_t* sidx;
     const float* gscales;
     const float* gluts;
+    const uint16_t* svalues;  // EXL2 on the pair layout: the fp16 values [groups][16] that sidx indexes
 };
 
 constexpr int kLutStride = 32;   // floats per table: up to 5-bit codes
@@ -72,6 +73,11 @@ using RmsNormFn = void (*)(const void* x, bool bf, const float* w, void* y, int6
 using RopeFn = void (*)(const void* x, bool bf, const float* cos, const float* sin, void* y, int64_t H, int64_t D,
                         int64_t R, int64_t r0, int64_t r1);
 
+// The pair layout (kernels_avx512bf16.cpp), bf16 activations: x [M][npairs] the activations in padded-row order
+// as bf16 pairs (rows 2p, 2p + 1 of a chunk in one uint32), xs [M][nchunks] each chunk's sum of them; y bf16.
+using QPairGemvFn = void (*)(const QArgs&, const uint32_t* x, const float* xs, int64_t M, int64_t npairs,
+                             const float* bias, uint16_t* y, int64_t ldy, int64_t N, int64_t cb0, int64_t cb1);
+
 struct Kernels {
     const char* name;
     QGemvFn q_gemv;
@@ -82,9 +88,12 @@ struct Kernels {
     AttnFn attn_decode;
     RmsNormFn rms_norm;
     RopeFn rope_neox;
+    QPairGemvFn q_gemv_pairs = nullptr;       // the pair layout's kernels: only where the CPU has AVX512-BF16
+    QDequantFn q_dequant_pairs = nullptr;
 };
 
 const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();
+const Kernels& kernels_avx512bf16();
 
 }  // namespace exlcpu
