@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ext
+from exllamav2.model import linear as linear_module
 from exllamav2.ops import build_ops
 from exllamav2.quant import cpu_layout, group_layout, load_quantized, qlinear, quantize_rtn
 
@@ -320,3 +321,45 @@ def test_demo_model_logits_match_the_twin(monkeypatch, isa):
     twin = _demo_logits(False, monkeypatch)
     torch.testing.assert_close(with_kernels, twin, rtol=1e-4, atol=1e-4)
     assert (with_kernels.argmax(-1) == twin.argmax(-1)).all()
+
+
+def _many_layers(bf16: bool):
+    """q, k and v like layers of one input: different widths, group sizes, permutations and biases."""
+    return [exl2_pair(96, 64, [4], 32, seed=1, bf16=bf16)[0], exl2_pair(96, 33, [6, 3], 32, seed=2, bf16=bf16)[0],
+            exl2_pair(96, 16, [8, 5], 32, seed=3, bias=False, perm=False, bf16=bf16)[0]]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+def test_many_layers_in_one_call_equal_each_layer_alone(dtype, rows, isa, threads):
+    """q_matmul_many runs each layer's own kernel over its blocks, so every output equals its q_matmul exactly
+    (the pair layout where the kernels in use run it and the activations are bf16)."""
+    layers = _many_layers(dtype == torch.bfloat16)
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    together = qlinear.forward_many(layers, x)
+    assert together is not None and len(together) == 3
+    for got, layer in zip(together, layers):
+        assert torch.equal(got, layer.forward(x))
+
+
+def test_many_layers_fall_back_where_one_call_cannot_serve():
+    layers = _many_layers(False)
+    assert qlinear.forward_many(layers, torch.randn(cpu_layout.MAX_GEMV_ROWS + 1, 96)) is None   # prefill
+    assert qlinear.forward_many(layers, torch.randn(1, 96).half()) is None
+    twin = exl2_pair(96, 16, [4], 32)[1]                  # on the PyTorch twin
+    assert qlinear.forward_many(layers + [twin], torch.randn(1, 96)) is None
+    with pytest.raises(RuntimeError, match="1..8 rows"):
+        kernels.q_matmul_many(torch.randn(9, 96), [m.cpu_matrix().call_args() for m in layers], 8)
+
+
+def test_the_demo_model_projects_q_k_v_and_gate_up_in_one_call_each(monkeypatch):
+    """Decode calls q_matmul_many twice per layer (q/k/v, gate/up) and gives the logits of one call per layer."""
+    calls = []
+    real = kernels.q_matmul_many
+    monkeypatch.setattr(kernels, "q_matmul_many", lambda x, layers, rows: calls.append(len(layers)) or
+                        real(x, layers, rows))
+    together = _demo_logits(True, monkeypatch)
+    layers = ExLlamaV2Config(str(DEMO_EXL2)).num_hidden_layers
+    assert calls.count(3) == calls.count(2) == 8 * layers      # 8 decode steps; prefill runs layer by layer
+    monkeypatch.setattr(linear_module, "forward_many_quantized", lambda weights, x: None)
+    assert torch.equal(_demo_logits(True, monkeypatch), together)

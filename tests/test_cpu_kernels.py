@@ -201,6 +201,23 @@ def test_linear_f16w_refuses_wrong_input():
         kernels.linear_bf16w(torch.randn(1, 8).half(), torch.randn(4, 8).bfloat16())
 
 
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_linear_w16_many_equals_one_call_per_weight(dtype, xdtype, isa, threads):
+    """q, k and v (or gate and up) in one call: each output equal to its own call's, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 200, generator=gen).to(xdtype)
+    ws = [torch.randn(n, 200, generator=gen).to(dtype) for n in (256, 40, 7)]
+    one = kernels.linear_f16w if dtype == torch.float16 else kernels.linear_bf16w
+    for got, w in zip(kernels.linear_w16_many(x, ws), ws):
+        assert torch.equal(got, one(x, w))
+    with pytest.raises(RuntimeError, match="w must be float16"):
+        kernels.linear_w16_many(x, [ws[0].half(), ws[1].bfloat16()])
+    with pytest.raises(RuntimeError, match="no weights"):
+        kernels.linear_w16_many(x, [])
+
+
 def _decode_logits(model_dir) -> tuple[ExLlamaV2, torch.Tensor]:
     model = ExLlamaV2(ExLlamaV2Config(str(model_dir)))
     model.load()
@@ -208,6 +225,21 @@ def _decode_logits(model_dir) -> tuple[ExLlamaV2, torch.Tensor]:
     cache = ExLlamaV2Cache(model, max_seq_len=32)
     parts = [model.forward(ids[:, :12], cache)] + [model.forward(ids[:, i : i + 1], cache) for i in range(12, 20)]
     return model, torch.cat(parts, 1)
+
+
+@needs_kernels
+def test_decode_projects_q_k_v_and_gate_up_in_one_call_each(tiny_model_factory, monkeypatch):
+    """A forward of up to 16 rows calls linear_w16_many twice per layer (q/k/v, gate/up), with the logits of one
+    call per weight."""
+    model_dir, _ = tiny_model_factory("qwen2")           # biases on q, k and v too
+    calls, real = [], kernels.linear_w16_many
+    monkeypatch.setattr(kernels, "linear_w16_many", lambda x, ws: calls.append(len(ws)) or real(x, ws))
+    model, together = _decode_logits(model_dir)
+    # the 12-row prefill and 8 decode steps
+    assert calls.count(3) == calls.count(2) == 9 * model.config.num_hidden_layers
+    monkeypatch.setattr(kernels, "linear_w16_many", lambda x, ws: [
+        (kernels.linear_f16w if w.dtype == torch.float16 else kernels.linear_bf16w)(x, w) for w in ws])
+    assert torch.equal(_decode_logits(model_dir)[1], together)
 
 
 @needs_kernels

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..architecture import RopeStyle
-from .linear import ExLlamaV2Linear
+from .linear import ExLlamaV2Linear, forward_many
 from .module import ExLlamaV2CompositeModule, ExLlamaV2Module
 from .norm import apply_norm, optional_norm
 from .attn_params import PagedParams, Params
@@ -97,9 +97,10 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
     def attend(self, h: torch.Tensor, cache, attn_params, loras: list | None = None) -> torch.Tensor:
         """Attention of the normed input `h` through the cache, after the output projection (no residual)."""
         bsz, q_len, _ = h.shape
-        q = apply_norm(self.q_norm, self.q_proj.forward(h, loras)).view(bsz, q_len, self.num_heads, self.head_dim)
-        k = apply_norm(self.k_norm, self.k_proj.forward(h, loras)).view(bsz, q_len, self.num_kv_heads, self.head_dim)
-        v = self.v_proj.forward(h, loras).view(bsz, q_len, self.num_kv_heads, self.head_dim)
+        q, k, v = forward_many((self.q_proj, self.k_proj, self.v_proj), h, loras)
+        q = apply_norm(self.q_norm, q).view(bsz, q_len, self.num_heads, self.head_dim)
+        k = apply_norm(self.k_norm, k).view(bsz, q_len, self.num_kv_heads, self.head_dim)
+        v = v.view(bsz, q_len, self.num_kv_heads, self.head_dim)
         if self.clip_qkv is not None:           # OLMoE: q, k and v clamped after their norms
             q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
         ops = self.ops

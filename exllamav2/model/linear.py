@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from .module import ExLlamaV2Module, TensorShapeError
 from ..errors import MissingTensorError
+from ..quant import forward_many as forward_many_quantized
 from ..quant import load_quantized, stored_format
 
 
@@ -151,3 +152,21 @@ class ExLlamaV2Linear(ExLlamaV2Module):
         if self.q is not None:
             return self.q.dequantize()
         return self.weight.T
+
+
+def forward_many(linears: tuple[ExLlamaV2Linear, ...], x: torch.Tensor, loras: list | None = None
+                 ) -> list[torch.Tensor]:
+    """Several layers of the same input (q, k and v; gate and up): on the CPU's kernels in one call where they
+    can (quantized: qlinear.forward_many; 16-bit weights: the ops table's matvec_many for decode rows), else one
+    by one."""
+    if not loras and all(lin.q is not None for lin in linears):
+        ys = forward_many_quantized([lin.q for lin in linears], x)
+        if ys is not None:
+            return ys
+    elif not loras and all(lin._matvec for lin in linears) and x.numel() <= _KERNEL_MAX_ROWS * x.shape[-1]:
+        ys = linears[0].ops.matvec_many(x.reshape(-1, x.shape[-1]), [lin.weight for lin in linears])
+        for y, lin in zip(ys, linears):
+            if lin.bias is not None:
+                y += lin.bias
+        return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
+    return [lin.forward(x, loras) for lin in linears]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .linear import ExLlamaV2Linear
+from .linear import ExLlamaV2Linear, forward_many
 from .module import ExLlamaV2CompositeModule, ExLlamaV2Module
 from .norm import apply_norm, optional_norm
 
@@ -51,6 +51,7 @@ class ExLlamaV2MLP(ExLlamaV2CompositeModule):
 
     def project(self, h: torch.Tensor, loras: list | None = None) -> torch.Tensor:
         """The MLP of the normed input `h` (no residual)."""
-        up = self.up_proj.forward(h, loras)
-        a = self.act(up) if self.gate_proj is None else self.act(self.gate_proj.forward(h, loras)) * up
-        return self.down_proj.forward(a, loras)
+        if self.gate_proj is None:
+            return self.down_proj.forward(self.act(self.up_proj.forward(h, loras)), loras)
+        gate, up = forward_many((self.gate_proj, self.up_proj), h, loras)
+        return self.down_proj.forward(self.act(gate) * up, loras)

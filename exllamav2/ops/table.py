@@ -44,6 +44,7 @@ class DeviceOps:
     cpu: ModuleType | None             # the CPU kernels (quantized and fp16-weight matmuls from packed weights)
     weight_dtype: torch.dtype          # the dtype FP16 checkpoint weights are kept in here (one copy)
     matvec: Callable | None            # y = x @ w.T for a few rows of x in `dtype` and weights in weight_dtype
+    matvec_many: Callable | None       # [x @ w.T for w in ws]: matvec for several weights in one call
     rms_norm: Callable
     layer_norm: Callable
     rotate_qk: rope.RotateQK
@@ -77,6 +78,7 @@ def build_ops(device: torch.device | str, dtype: torch.dtype) -> DeviceOps:
     weight_dtype, matvec = (_CPU_MATVEC[dtype][0], getattr(cpu, _CPU_MATVEC[dtype][1])) if cpu else (dtype, None)
     return DeviceOps(
         device=device, dtype=dtype, cuda=cuda, cpu=cpu, weight_dtype=weight_dtype, matvec=matvec,
+        matvec_many=cpu.linear_w16_many if cpu else None,
         rms_norm=cuda.rms_norm if cuda else norm.cpu_rms_norm(cpu) if cpu else norm.rms_norm,
         layer_norm=cuda.layer_norm if cuda else norm.layer_norm,
         rotate_qk=rope.kernel_rotate_qk(cuda) if cuda else rope.cpu_rotate_qk(cpu) if cpu else rope.rotate_qk,

@@ -54,6 +54,11 @@ class CpuQMatrix:
         return kernels.q_matmul(x, self.qw, self.chunks, self.scales, self.zeros, self.src, self.bias,
                                 self.out_features, MAX_GEMV_ROWS, self.scale_values, self.pairs)
 
+    def call_args(self) -> tuple:
+        """This layer as one entry of kernels.q_matmul_many."""
+        return (self.qw, self.chunks, self.scales, self.zeros, self.src, self.bias, self.out_features,
+                self.scale_values, self.pairs)
+
     def dequantize(self, kernels: ModuleType) -> torch.Tensor:
         """W as float32 [K, N] (every value an fp16 value)."""
         w = kernels.q_dequant(self.qw, self.chunks, self.scales, self.zeros, self.src, self.in_features,
@@ -63,6 +68,11 @@ class CpuQMatrix:
     def tensors(self) -> list[torch.Tensor]:
         kept = (self.qw, self.chunks, self.scales, self.zeros, self.src, self.bias, self.scale_values)
         return [t for t in kept if t is not None]
+
+
+def matmul_many(kernels: ModuleType, x: torch.Tensor, layers: list[CpuQMatrix]) -> list[torch.Tensor]:
+    """x [M, K] (M <= MAX_GEMV_ROWS) through several layers in one kernel call and one parallel region."""
+    return kernels.q_matmul_many(x, [m.call_args() for m in layers], MAX_GEMV_ROWS)
 
 
 def _padded(n: int, multiple: int) -> int:

@@ -230,6 +230,21 @@ class QuantWeight:
         return self._packed_bits / (self.in_features * self.out_features)
 
 
+def forward_many(weights: list[QuantWeight], x: torch.Tensor) -> list[torch.Tensor] | None:
+    """x through several quantized layers of the same input in one CPU kernel call (decode rows, every layer on
+    the CPU kernels: q, k and v, or gate and up, cost one call and one parallel region instead of three or two),
+    else None (the caller runs them one by one)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.shape[0] > cpu_layout.MAX_GEMV_ROWS or x.dtype not in _CPU_ACTIVATIONS:
+        return None
+    layers = [w._cpu_form() for w in weights]
+    if any(m is None or (m.pairs and x.dtype != torch.bfloat16) or w.in_features != x2.shape[1]
+           for m, w in zip(layers, weights)):
+        return None
+    ys = cpu_layout.matmul_many(weights[0]._cpu_kernels, x2, layers)
+    return [y.view(*x.shape[:-1], y.shape[-1]) for y in ys]
+
+
 class Exl2Weight(QuantWeight):
     format = "exl2"
 

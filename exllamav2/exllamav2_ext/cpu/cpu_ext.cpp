@@ -59,34 +59,58 @@ std::string isa() { return kernels().name; }
 
 bool has_pair_kernels() { return kernels().q_gemv_pairs != nullptr; }
 
-// y = x @ w.T for 16-bit weights (fp16 or bf16, `dtype`) through `fn`; x and y float32 or bfloat16 (the bf16
-// mode's activations, taken and returned as they are: no conversions around the call)
-torch::Tensor linear_w16(const char* name, torch::Tensor x, torch::Tensor w, at::ScalarType dtype,
-                         const char* dtype_name, exlcpu::F16GemvFn fn) {
-    TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), name, ": CPU tensors only");
+exlcpu::F16GemvFn w16_kernel(at::ScalarType dtype) {
+    return dtype == torch::kFloat16 ? kernels().f16_gemv : kernels().bf16_gemv;
+}
+
+// y = x @ w.T for 16-bit weights (fp16 or bf16, `dtype`), each w of `ws` one output; x and y float32 or bfloat16
+// (the bf16 mode's activations, taken and returned as they are: no conversions around the call). Several weights
+// (q, k and v; gate and up) share one parallel region: rows of all of them split among the threads.
+std::vector<torch::Tensor> linear_w16(const char* name, torch::Tensor x, const std::vector<torch::Tensor>& ws,
+                                      at::ScalarType dtype, const char* dtype_name) {
+    TORCH_CHECK(x.device().is_cpu(), name, ": CPU tensors only");
     const bool xbf = x.scalar_type() == torch::kBFloat16;
     TORCH_CHECK(xbf || x.scalar_type() == torch::kFloat32, name, ": x must be float32 or bfloat16");
-    TORCH_CHECK(w.scalar_type() == dtype, name, ": w must be ", dtype_name);
-    TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), name, ": x (M, K) and w (N, K) must share K");
+    TORCH_CHECK(x.dim() == 2, name, ": x must be (M, K)");
     x = x.contiguous();
-    w = w.contiguous();
-    const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
-    auto y = torch::empty({M, N}, x.options());
+    const int64_t M = x.size(0), K = x.size(1);
+    std::vector<torch::Tensor> wc, ys;
+    std::vector<int64_t> first{0};      // the first row of each weight in the call's numbering
+    for (const auto& w : ws) {
+        TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == dtype, name, ": w must be ", dtype_name, " on the CPU");
+        TORCH_CHECK(w.dim() == 2 && w.size(1) == K, name, ": x (M, K) and w (N, K) must share K");
+        wc.push_back(w.contiguous());
+        ys.push_back(torch::empty({M, w.size(0)}, x.options()));
+        first.push_back(first.back() + w.size(0));
+    }
+    const auto fn = w16_kernel(dtype);
     const void* xp = x.data_ptr();
-    const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-    void* yp = y.data_ptr();
     // a thread takes a contiguous run of at least ~32k weights: one sequential stream each
     const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
-    at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) { fn(xp, xbf, wp, yp, M, K, N, r0, r1); });
-    return y;
+    at::parallel_for(0, first.back(), grain, [&](int64_t r0, int64_t r1) {
+        for (size_t i = 0; i < wc.size(); ++i) {
+            const int64_t lo = std::max(r0, first[i]), hi = std::min(r1, first[i + 1]);
+            if (lo < hi)
+                fn(xp, xbf, reinterpret_cast<const uint16_t*>(wc[i].data_ptr()), ys[i].data_ptr(), M, K,
+                   wc[i].size(0), lo - first[i], hi - first[i]);
+        }
+    });
+    return ys;
 }
 
 torch::Tensor linear_f16w(torch::Tensor x, torch::Tensor w) {
-    return linear_w16("linear_f16w", x, w, torch::kFloat16, "float16", kernels().f16_gemv);
+    return linear_w16("linear_f16w", x, {w}, torch::kFloat16, "float16")[0];
 }
 
 torch::Tensor linear_bf16w(torch::Tensor x, torch::Tensor w) {
-    return linear_w16("linear_bf16w", x, w, torch::kBFloat16, "bfloat16", kernels().bf16_gemv);
+    return linear_w16("linear_bf16w", x, {w}, torch::kBFloat16, "bfloat16")[0];
+}
+
+std::vector<torch::Tensor> linear_w16_many(torch::Tensor x, const std::vector<torch::Tensor>& ws) {
+    TORCH_CHECK(!ws.empty(), "linear_w16_many: no weights");
+    const auto dt = ws[0].scalar_type();
+    TORCH_CHECK(dt == torch::kFloat16 || dt == torch::kBFloat16, "linear_w16_many: weights must be float16 or bfloat16");
+    return linear_w16("linear_w16_many", x, ws, dt, dt == torch::kFloat16 ? "float16" : "bfloat16");
 }
 
 struct QView {
@@ -96,10 +120,19 @@ struct QView {
     bool pairs;       // the pair layout (kernels_avx512bf16.cpp)
 };
 
+// A calling thread's buffers for one layer of a call (slot: the layer's index in a q_matmul_many call), kept
+// between calls so that decode allocates nothing but its outputs
+template <class T>
+std::vector<T>& slot_buffer(size_t slot) {
+    thread_local std::vector<std::vector<T>> bufs;
+    if (bufs.size() <= slot) bufs.resize(slot + 1);
+    return bufs[slot];
+}
+
 // EXL2's indexed scales: each group's 16 scales as floats and their weight tables, built once per call
-// into buffers kept per calling thread (decode allocates nothing but its output)
-void build_tables(exlcpu::QArgs& a, const torch::Tensor& values, const std::vector<int8_t>& group_bits) {
-    thread_local std::vector<float> buf;
+void build_tables(exlcpu::QArgs& a, const torch::Tensor& values, const std::vector<int8_t>& group_bits,
+                  size_t slot) {
+    std::vector<float>& buf = slot_buffer<float>(2 * slot);
     const size_t ng = size_t(a.ngroups), tables = ng * 16 * exlcpu::kLutStride;
     if (buf.size() < tables + ng * 16 + 16) buf.resize(tables + ng * 16 + 16);
     // 64-byte aligned: the kernels read the tables with aligned vector loads
@@ -129,7 +162,7 @@ void check_chunks(const torch::Tensor& chunks, int64_t words, int64_t ngroups, s
 // scales: fp16 [blocks, groups, 16], or with scale_values (fp16 [groups, 16]) uint8 indices into them
 QView q_view(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
              const std::optional<torch::Tensor>& zeros, const torch::Tensor& src,
-             const std::optional<torch::Tensor>& scale_values, bool pairs) {
+             const std::optional<torch::Tensor>& scale_values, bool pairs, size_t slot = 0) {
     TORCH_CHECK(!pairs || kernels().q_gemv_pairs, "q kernels: the pair layout needs the avx512bf16 kernels (isa '",
                 kernels().name, "')");
     TORCH_CHECK(qw.scalar_type() == torch::kInt32 && qw.dim() == 3 && qw.size(2) == exlcpu::kBlock &&
@@ -162,7 +195,7 @@ QView q_view(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::
         if (pairs)       // the pair kernels pick each column's value per chunk: no tables
             a.svalues = reinterpret_cast<const uint16_t*>(scale_values->data_ptr<at::Half>());
         else
-            build_tables(a, *scale_values, group_bits);
+            build_tables(a, *scale_values, group_bits, slot);
     } else {
         a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
     }
@@ -184,11 +217,10 @@ void check_src(const QView& v, int64_t K) {
         TORCH_CHECK(v.src[p] >= -1 && v.src[p] < K, "q kernels: src[", p, "] = ", v.src[p], " outside -1..", K - 1);
 }
 
-// x [M, K] (float32 or bf16) as float32 in padded stored-row order (zeros on padding rows), in a buffer kept per
-// calling thread so that decode allocates nothing but its output
+// x [M, K] (float32 or bf16) as float32 in padded stored-row order (zeros on padding rows)
 template <class T>
-const float* gather_x(const QView& v, const T* x, int64_t M, int64_t K) {
-    thread_local std::vector<float> buf;
+const float* gather_x(const QView& v, const T* x, int64_t M, int64_t K, size_t slot) {
+    std::vector<float>& buf = slot_buffer<float>(2 * slot + 1);
     if (buf.size() < size_t(M * v.kpad)) buf.resize(size_t(M * v.kpad));
     for (int64_t m = 0; m < M; ++m) {
         float* row = buf.data() + m * v.kpad;
@@ -199,10 +231,11 @@ const float* gather_x(const QView& v, const T* x, int64_t M, int64_t K) {
 }
 
 // The pair kernels' activations: x [M, K] bf16 as bf16 pairs in padded stored-row order (zeros on padding rows)
-// and each chunk's sum of them, in buffers kept per calling thread
-void gather_pairs(const QView& v, const uint16_t* x, int64_t M, int64_t K, const uint32_t*& pairs, const float*& sums) {
-    thread_local std::vector<uint16_t> buf;
-    thread_local std::vector<float> sbuf;
+// and each chunk's sum of them
+void gather_pairs(const QView& v, const uint16_t* x, int64_t M, int64_t K, size_t slot, const uint32_t*& pairs,
+                  const float*& sums) {
+    std::vector<uint16_t>& buf = slot_buffer<uint16_t>(slot);
+    std::vector<float>& sbuf = slot_buffer<float>(2 * slot + 1);
     const int64_t nchunks = v.args.nchunks;
     if (buf.size() < size_t(M * v.kpad)) buf.resize(size_t(M * v.kpad));
     if (sbuf.size() < size_t(M * nchunks)) sbuf.resize(size_t(M * nchunks));
@@ -242,50 +275,112 @@ void q_gemm(const QView& v, const torch::Tensor& x, torch::Tensor& y, int64_t N)
     }
 }
 
+// One quantized layer of a call, checked, with its output and gathered activations (few rows: the gemv kernels)
+struct QCall {
+    QView v;
+    const float* bias;
+    int64_t N;
+    torch::Tensor y;
+    const float* xf = nullptr;          // the float32 kernel's activations
+    const uint32_t* xp = nullptr;       // the pair kernel's
+    const float* xs = nullptr;
+
+    void run(bool xbf, int64_t M, int64_t cb0, int64_t cb1) const {
+        if (v.pairs)
+            kernels().q_gemv_pairs(v.args, xp, xs, M, v.kpad / 2, bias,
+                                   reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), N, N, cb0, cb1);
+        else
+            kernels().q_gemv(v.args, xf, M, v.kpad, bias, y.data_ptr(), xbf, N, N, cb0, cb1);
+    }
+};
+
+QCall q_call(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
+             const std::optional<torch::Tensor>& zeros, const torch::Tensor& src,
+             const std::optional<torch::Tensor>& bias, int64_t N, const std::optional<torch::Tensor>& scale_values,
+             bool pairs, size_t slot) {
+    QCall c{q_view(qw, chunks, scales, zeros, src, scale_values, pairs, slot), nullptr, N, torch::Tensor()};
+    const int64_t M = x.size(0), K = x.size(1);
+    TORCH_CHECK(N > 0 && N <= c.v.nblocks * exlcpu::kBlock, "q_matmul: N = ", N, " outside 1..", c.v.nblocks * 16);
+    check_src(c.v, K);
+    if (bias && bias->defined()) {
+        TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->dim() == 1 && bias->size(0) == N &&
+                    bias->is_contiguous(), "q_matmul: bias must be contiguous float32 [N]");
+        c.bias = bias->data_ptr<float>();
+    }
+    c.y = torch::empty({M, N}, x.options());
+    return c;
+}
+
+void gather_for(QCall& c, const torch::Tensor& x, size_t slot) {
+    const int64_t M = x.size(0), K = x.size(1);
+    if (c.v.pairs)
+        gather_pairs(c.v, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, slot, c.xp, c.xs);
+    else if (x.scalar_type() == torch::kBFloat16)
+        c.xf = gather_x(c.v, x.data_ptr<at::BFloat16>(), M, K, slot);
+    else
+        c.xf = gather_x(c.v, x.data_ptr<float>(), M, K, slot);
+}
+
+torch::Tensor check_activations(torch::Tensor x) {
+    TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat32) &&
+                x.dim() == 2, "q_matmul: x must be a float32 or bfloat16 CPU tensor [M, K]");
+    return x.contiguous();
+}
+
 torch::Tensor q_matmul(torch::Tensor x, const torch::Tensor& qw, const torch::Tensor& chunks,
                        const torch::Tensor& scales, const std::optional<torch::Tensor>& zeros,
                        const torch::Tensor& src, const std::optional<torch::Tensor>& bias, int64_t N,
                        int64_t max_gemv_rows, const std::optional<torch::Tensor>& scale_values, bool pairs) {
+    x = check_activations(x);
     const bool xbf = x.scalar_type() == torch::kBFloat16;
-    TORCH_CHECK(x.device().is_cpu() && (xbf || x.scalar_type() == torch::kFloat32) && x.dim() == 2,
-                "q_matmul: x must be a float32 or bfloat16 CPU tensor [M, K]");
-    QView v = q_view(qw, chunks, scales, zeros, src, scale_values, pairs);
-    const int64_t M = x.size(0), K = x.size(1);
-    TORCH_CHECK(N > 0 && N <= v.nblocks * exlcpu::kBlock, "q_matmul: N = ", N, " outside 1..", v.nblocks * 16);
-    check_src(v, K);
-    const float* bp = nullptr;
-    if (bias && bias->defined()) {
-        TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->dim() == 1 && bias->size(0) == N &&
-                    bias->is_contiguous(), "q_matmul: bias must be contiguous float32 [N]");
-        bp = bias->data_ptr<float>();
-    }
-    x = x.contiguous();
-    auto y = torch::empty({M, N}, x.options());
-    if (M == 0) return y;
+    QCall c = q_call(x, qw, chunks, scales, zeros, src, bias, N, scale_values, pairs, 0);
+    const int64_t M = x.size(0);
+    if (M == 0) return c.y;
     if (M > max_gemv_rows || (pairs && !xbf)) {   // fp32 tiles and a GEMM: bf16 rows widened, rounded back
-        auto yf = xbf ? torch::empty({M, N}, x.options().dtype(torch::kFloat32)) : y;
-        q_gemm(v, xbf ? x.to(torch::kFloat32) : x, yf, N);
-        if (bp) yf.add_(*bias);
+        auto yf = xbf ? torch::empty({M, N}, x.options().dtype(torch::kFloat32)) : c.y;
+        q_gemm(c.v, xbf ? x.to(torch::kFloat32) : x, yf, N);
+        if (c.bias) yf.add_(*bias);
         return xbf ? yf.to(torch::kBFloat16) : yf;
     }
-    if (pairs) {
-        const uint32_t* xp;
-        const float* xs;
-        gather_pairs(v, reinterpret_cast<const uint16_t*>(x.data_ptr<at::BFloat16>()), M, K, xp, xs);
-        uint16_t* yp = reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>());
-        auto fn = kernels().q_gemv_pairs;
-        at::parallel_for(0, v.nblocks, block_grain(v.kpad), [&](int64_t b0, int64_t b1) {
-            fn(v.args, xp, xs, M, v.kpad / 2, bp, yp, N, N, b0, b1);
-        });
-        return y;
+    gather_for(c, x, 0);
+    at::parallel_for(0, c.v.nblocks, block_grain(c.v.kpad), [&](int64_t b0, int64_t b1) { c.run(xbf, M, b0, b1); });
+    return c.y;
+}
+
+// Several layers of the same input (q, k and v; gate and up) in one call and one parallel region: each layer as
+// q_matmul would take it, a tuple (qw, chunks, scales, zeros, src, bias, N, scale_values, pairs); decode rows only
+std::vector<torch::Tensor> q_matmul_many(torch::Tensor x, const std::vector<py::tuple>& layers, int64_t max_gemv_rows) {
+    x = check_activations(x);
+    const bool xbf = x.scalar_type() == torch::kBFloat16;
+    const int64_t M = x.size(0);
+    TORCH_CHECK(M >= 1 && M <= max_gemv_rows, "q_matmul_many: 1..", max_gemv_rows, " rows, got ", M);
+    auto opt = [](const py::handle& h) {
+        return h.is_none() ? std::optional<torch::Tensor>() : std::optional<torch::Tensor>(h.cast<torch::Tensor>());
+    };
+    std::vector<QCall> calls;
+    std::vector<int64_t> first{0};      // the first block of each layer in the call's numbering
+    for (size_t i = 0; i < layers.size(); ++i) {
+        const py::tuple& t = layers[i];
+        TORCH_CHECK(t.size() == 9, "q_matmul_many: each layer is (qw, chunks, scales, zeros, src, bias, N, "
+                    "scale_values, pairs)");
+        const bool pairs = t[8].cast<bool>();
+        TORCH_CHECK(!pairs || xbf, "q_matmul_many: the pair layout takes bfloat16 activations");
+        calls.push_back(q_call(x, t[0].cast<torch::Tensor>(), t[1].cast<torch::Tensor>(), t[2].cast<torch::Tensor>(),
+                               opt(t[3]), t[4].cast<torch::Tensor>(), opt(t[5]), t[6].cast<int64_t>(), opt(t[7]),
+                               pairs, i));
+        gather_for(calls.back(), x, i);
+        first.push_back(first.back() + calls.back().v.nblocks);
     }
-    const float* xp = xbf ? gather_x(v, x.data_ptr<at::BFloat16>(), M, K) : gather_x(v, x.data_ptr<float>(), M, K);
-    void* yp = y.data_ptr();
-    auto fn = kernels().q_gemv;
-    at::parallel_for(0, v.nblocks, block_grain(v.kpad), [&](int64_t b0, int64_t b1) {
-        fn(v.args, xp, M, v.kpad, bp, yp, xbf, N, N, b0, b1);
+    const int64_t grain = calls.empty() ? 1 : block_grain(calls[0].v.kpad);
+    at::parallel_for(0, first.back(), grain, [&](int64_t b0, int64_t b1) {
+        for (size_t i = 0; i < calls.size(); ++i) {
+            const int64_t lo = std::max(b0, first[i]), hi = std::min(b1, first[i + 1]);
+            if (lo < hi) calls[i].run(xbf, M, lo - first[i], hi - first[i]);
+        }
     });
-    return y;
+    std::vector<torch::Tensor> out;
+    for (const auto& c : calls) out.push_back(c.y);
+    return out;
 }
 
 torch::Tensor q_dequant(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
@@ -383,6 +478,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     set_isa("auto");
     m.def("linear_f16w", &linear_f16w, "y = x @ w.T, x float32 or bfloat16 (M, K), w float16 (N, K); y in x's dtype");
     m.def("linear_bf16w", &linear_bf16w, "y = x @ w.T, x float32 or bfloat16 (M, K), w bfloat16 (N, K); y in x's dtype");
+    m.def("linear_w16_many", &linear_w16_many, "[x @ w.T for w in ws] in one call, the weights all float16 or all "
+          "bfloat16 (N_i, K), x float32 or bfloat16 (M, K); each y in x's dtype", py::arg("x"), py::arg("ws"));
     m.def("q_matmul", &q_matmul,
           "y = x @ W (+ bias) for a quantized W in the CPU layout (exllamav2/quant/cpu_layout.py), x float32 or "
           "bfloat16 and y in its dtype (summed in float32); rows above max_gemv_rows go through tiles of dequantized "
@@ -390,6 +487,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("x"), py::arg("qw"), py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"),
           py::arg("bias"), py::arg("N"), py::arg("max_gemv_rows"), py::arg("scale_values") = py::none(),
           py::arg("pairs") = false);
+    m.def("q_matmul_many", &q_matmul_many,
+          "q_matmul for several layers of one input x [M, K] (M <= max_gemv_rows) in one call: a list of "
+          "(qw, chunks, scales, zeros, src, bias, N, scale_values, pairs), one output each",
+          py::arg("x"), py::arg("layers"), py::arg("max_gemv_rows"));
     m.def("q_dequant", &q_dequant, "W as float32 [K, blocks * 16] from the CPU layout", py::arg("qw"),
           py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"), py::arg("K"),
           py::arg("scale_values") = py::none(), py::arg("pairs") = false);
