@@ -368,9 +368,10 @@ void f16_gemv(const void* x, bool xbf, const uint16_t* w, void* y, int64_t M, in
 // its G query heads (each key read once for up to 4 heads), an exact two-pass softmax, then p @ v with up to
 // 4 heads x 64 output columns in registers per pass over a block's values. Buffers are kept per thread.
 constexpr int64_t kKeyBlock = 32;
-// The rows kPfAhead blocks ahead are prefetched into L2 by hand: the blocks stream at 3.3x the speed
-// of the per-head walk, and the hand prefetch adds ~30% on top of the hardware's (Zen 4, 640 keys, cold).
-constexpr int64_t kPfAhead = 2;
+// Each key row read is followed by a prefetch into L2 of the same head's row kPfRows positions ahead (Zen 4, 12
+// layers x 640 cold keys: 1.1 ms with a burst of prefetches per block, 0.7 ms spread like this; 32-64 rows ahead
+// measured alike, 128 slower).
+constexpr int64_t kPfRows = 2 * kKeyBlock;
 
 template <class S, bool BF>
 EXL_INLINE typename S::F load_kv(const void* p, int64_t i) {
@@ -388,36 +389,35 @@ EXL_INLINE const void* offset(const void* p, int64_t i) {
     else return static_cast<const float*>(p) + i;
 }
 
-// into L2: the first len elements of the rows (stride rs) of the block kPfAhead blocks after the one at s0
+// into L2 by hand, spread over the reads (a burst of a block's prefetches stalled the loads behind it): the part
+// of row s + kPfRows that this head reads, D elements at p + (s + kPfRows) * rs
 template <bool BF>
-EXL_INLINE void prefetch_ahead(const void* p, int64_t s0, int64_t ns, int64_t rs, int64_t len) {
-    const int64_t s1 = s0 + (kPfAhead + 1) * kKeyBlock;
-    for (int64_t s = s0 + kPfAhead * kKeyBlock; s < s1 && s < ns; ++s) {
-        const char* row = static_cast<const char*>(offset<BF>(p, s * rs));
-        for (int64_t b = 0; b < len * int64_t(sizeof(Elem<BF>)); b += 64) __builtin_prefetch(row + b, 0, 1);
-    }
+EXL_INLINE void prefetch_row(const void* p, int64_t s, int64_t rs, int64_t D) {
+    const char* row = static_cast<const char*>(offset<BF>(p, (s + kPfRows) * rs));
+    for (int64_t b = 0; b < D * int64_t(sizeof(Elem<BF>)); b += 64) __builtin_prefetch(row + b, 0, 1);
 }
 
-// sc[g * ld + s] = q[g] . k[s] for ng <= 4 query heads and keys s < ns, q already scaled. With AVX-512's 32
-// registers, four keys at a time: each key vector loaded once for all heads, 4 x ng independent FMA chains, and
+// sc[g * ld + s] = q[g] . k[s] for NG <= 4 query heads and keys s < ns, q already scaled. With AVX-512's 32
+// registers, four keys at a time: each key vector loaded once for all heads, 4 x NG independent FMA chains, and
 // each head's four scores from one transposed sum (hsum4) instead of a full reduction per score (attention
 // 12-15% faster at 512-1024 keys on Zen 4; the same with AVX2's 16 registers measured 5-10% slower, so AVX2
 // keeps one key at a time).
-template <class S, bool BF>
-void attn_scores(const float* q, int64_t D, const void* k, int64_t ks, int64_t ns, int ng, float* sc, int64_t ld) {
+template <class S, bool BF, int NG>
+void attn_scores(const float* q, int64_t D, const void* k, int64_t ks, int64_t ns, float* sc, int64_t ld) {
     using F = typename S::F;
     int64_t s = 0;
     if constexpr (S::kAccRegs >= 16) {
         for (; s + 4 <= ns; s += 4) {
-            F acc[4][4];
-            for (int g = 0; g < 4; ++g)
+            for (int i = 0; i < 4; ++i) prefetch_row<BF>(k, s + i, ks, D);
+            F acc[NG][4];
+            for (int g = 0; g < NG; ++g)
                 for (int i = 0; i < 4; ++i) acc[g][i] = S::zero();
             for (int64_t d = 0; d < D; d += kBlock)
                 for (int i = 0; i < 4; ++i) {
                     F kv = load_kv<S, BF>(k, (s + i) * ks + d);
-                    for (int g = 0; g < ng; ++g) acc[g][i] = S::fmav(S::load_f(q + g * D + d), kv, acc[g][i]);
+                    for (int g = 0; g < NG; ++g) acc[g][i] = S::fmav(S::load_f(q + g * D + d), kv, acc[g][i]);
                 }
-            for (int g = 0; g < ng; ++g) {
+            for (int g = 0; g < NG; ++g) {
                 float out[4];
                 S::hsum4(acc[g][0], acc[g][1], acc[g][2], acc[g][3], out);
                 for (int i = 0; i < 4; ++i) sc[g * ld + s + i] = out[i];
@@ -425,12 +425,14 @@ void attn_scores(const float* q, int64_t D, const void* k, int64_t ks, int64_t n
         }
     }
     for (; s < ns; ++s) {
-        F acc[4] = {S::zero(), S::zero(), S::zero(), S::zero()};
+        prefetch_row<BF>(k, s, ks, D);
+        F acc[NG];
+        for (int g = 0; g < NG; ++g) acc[g] = S::zero();
         for (int64_t d = 0; d < D; d += kBlock) {
             F kv = load_kv<S, BF>(k, s * ks + d);
-            for (int g = 0; g < ng; ++g) acc[g] = S::fmav(S::load_f(q + g * D + d), kv, acc[g]);
+            for (int g = 0; g < NG; ++g) acc[g] = S::fmav(S::load_f(q + g * D + d), kv, acc[g]);
         }
-        for (int g = 0; g < ng; ++g) sc[g * ld + s] = S::reduce_add(acc[g]);
+        for (int g = 0; g < NG; ++g) sc[g * ld + s] = S::reduce_add(acc[g]);
     }
 }
 
@@ -463,37 +465,55 @@ void softmax_row(float* sc, int64_t ns) {
     for (; s < ns; ++s) sc[s] *= inv;
 }
 
-// out[g][d0 .. d0 + 16 NCH) += sum_{s < ns} p[g * ld + s] v[s][d0 ..] for ng <= 4 query heads
-template <class S, bool BF, int NCH>
-void attn_values(const float* p, int64_t ld, int64_t ns, const void* v, int64_t vs, int64_t d0, int ng, float* out,
+// out[g][d0 .. d0 + 16 NCH) += sum_{s < ns} p[g * ld + s] v[s][d0 ..] for NG <= 4 query heads
+template <class S, bool BF, int NCH, int NG>
+void attn_values(const float* p, int64_t ld, int64_t ns, const void* v, int64_t vs, int64_t d0, float* out,
                  int64_t D) {
     using F = typename S::F;
-    F acc[4][NCH];
-    for (int g = 0; g < 4; ++g)
+    F acc[NG][NCH];
+    for (int g = 0; g < NG; ++g)
         for (int c = 0; c < NCH; ++c) acc[g][c] = S::zero();
     for (int64_t s = 0; s < ns; ++s) {
+        if (d0 == 0) prefetch_row<BF>(v, s, vs, D);
         F vv[NCH];
         for (int c = 0; c < NCH; ++c) vv[c] = load_kv<S, BF>(v, s * vs + d0 + c * kBlock);
-        for (int g = 0; g < ng; ++g) {
+        for (int g = 0; g < NG; ++g) {
             F pb = S::set1(p[g * ld + s]);
             for (int c = 0; c < NCH; ++c) acc[g][c] = S::fmav(pb, vv[c], acc[g][c]);
         }
     }
-    for (int g = 0; g < ng; ++g)
+    for (int g = 0; g < NG; ++g)
         for (int c = 0; c < NCH; ++c) {
             float* o = out + g * D + d0 + c * kBlock;
             S::store(o, S::add(S::load_f(o), acc[g][c]));
         }
 }
 
-// keys s0 .. s0 + n - 1 of nh kv heads (from k, key row stride ks) for their nh * G query heads
+// keys s0 .. s0 + n - 1 of nh kv heads (from k, key row stride ks) for their nh * G query heads, up to 4 heads per
+// call with the count a template argument (the accumulators then stay in registers)
 template <class S, bool BF>
 void scores_block(const float* q, const void* k, int64_t ks, int64_t s0, int64_t n, int64_t nh, int64_t G,
                   int64_t D, float* sc, int64_t ns) {
     for (int64_t j = 0; j < nh; ++j)
-        for (int64_t g0 = 0; g0 < G; g0 += 4)
-            attn_scores<S, BF>(q + (j * G + g0) * D, D, offset<BF>(k, s0 * ks + j * D), ks, n,
-                               int(G - g0 < 4 ? G - g0 : 4), sc + (j * G + g0) * ns + s0, ns);
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {
+            const float* qg = q + (j * G + g0) * D;
+            const void* kj = offset<BF>(k, s0 * ks + j * D);
+            float* out = sc + (j * G + g0) * ns + s0;
+            switch (G - g0 < 4 ? G - g0 : 4) {
+                case 1: attn_scores<S, BF, 1>(qg, D, kj, ks, n, out, ns); break;
+                case 2: attn_scores<S, BF, 2>(qg, D, kj, ks, n, out, ns); break;
+                case 3: attn_scores<S, BF, 3>(qg, D, kj, ks, n, out, ns); break;
+                default: attn_scores<S, BF, 4>(qg, D, kj, ks, n, out, ns); break;
+            }
+        }
+}
+
+// out[g][..] += p @ v of NG query heads over n keys, 64 and then 16 output columns per pass
+template <class S, bool BF, int NG>
+void values_heads(const float* p, int64_t ld, int64_t n, const void* v, int64_t vs, float* out, int64_t D) {
+    int64_t d0 = 0;
+    for (; d0 + 4 * kBlock <= D; d0 += 4 * kBlock) attn_values<S, BF, 4, NG>(p, ld, n, v, vs, d0, out, D);
+    for (; d0 < D; d0 += kBlock) attn_values<S, BF, 1, NG>(p, ld, n, v, vs, d0, out, D);
 }
 
 template <class S, bool BF>
@@ -501,13 +521,15 @@ void values_block(const float* p, const void* v, int64_t vs, int64_t s0, int64_t
                   int64_t D, float* out, int64_t ns) {
     for (int64_t j = 0; j < nh; ++j)
         for (int64_t g0 = 0; g0 < G; g0 += 4) {
-            const int ng = int(G - g0 < 4 ? G - g0 : 4);
             const float* pj = p + (j * G + g0) * ns + s0;
             const void* vj = offset<BF>(v, s0 * vs + j * D);
             float* o = out + (j * G + g0) * D;
-            int64_t d0 = 0;
-            for (; d0 + 4 * kBlock <= D; d0 += 4 * kBlock) attn_values<S, BF, 4>(pj, ns, n, vj, vs, d0, ng, o, D);
-            for (; d0 < D; d0 += kBlock) attn_values<S, BF, 1>(pj, ns, n, vj, vs, d0, ng, o, D);
+            switch (G - g0 < 4 ? G - g0 : 4) {
+                case 1: values_heads<S, BF, 1>(pj, ns, n, vj, vs, o, D); break;
+                case 2: values_heads<S, BF, 2>(pj, ns, n, vj, vs, o, D); break;
+                case 3: values_heads<S, BF, 3>(pj, ns, n, vj, vs, o, D); break;
+                default: values_heads<S, BF, 4>(pj, ns, n, vj, vs, o, D); break;
+            }
         }
 }
 
@@ -520,14 +542,12 @@ void attn_span(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, int64_t ns,
     const void* v = offset<BF>(a.v, b * a.vb + j0 * D);
     for (int64_t s0 = 0; s0 < ns; s0 += kKeyBlock) {
         const int64_t n = ns - s0 < kKeyBlock ? ns - s0 : kKeyBlock;
-        prefetch_ahead<BF>(k, s0, ns, a.ks, nh * D);
         scores_block<S, BF>(q, k, a.ks, s0, n, nh, G, D, sc, ns);
     }
     for (int64_t h = 0; h < H; ++h) softmax_row<S>(sc + h * ns, ns);
     for (int64_t i = 0; i < H * D; ++i) q[i] = 0.f;
     for (int64_t s0 = 0; s0 < ns; s0 += kKeyBlock) {
         const int64_t n = ns - s0 < kKeyBlock ? ns - s0 : kKeyBlock;
-        prefetch_ahead<BF>(v, s0, ns, a.vs, nh * D);
         values_block<S, BF>(sc, v, a.vs, s0, n, nh, G, D, q, ns);
     }
 }
