@@ -238,6 +238,16 @@ def test_pair_kernel_matches_twin(case, rows, pair_isa, threads):
 
 
 @needs_pairs
+def test_pair_kernel_rows_do_not_depend_on_the_rows_beside_them(pair_isa):
+    """A batch's decode gives each row the bits it gets alone (1, 2 and 4 rows per pass sum in the same order)."""
+    kern, _ = exl2_pair(1024, 512, [5, 4, 3], 32, seed=4, bf16=True)     # long sums: roundings that differ show
+    x = torch.randn(7, kern.in_features, generator=torch.Generator().manual_seed(7)).bfloat16()
+    together = kern.forward(x)
+    for r in range(7):
+        assert torch.equal(together[r : r + 1], kern.forward(x[r : r + 1]))
+
+
+@needs_pairs
 def test_pair_layout_with_float32_activations_multiplies_the_decoded_weight(pair_isa):
     kern, twin = _pair_weights("mixed_all_widths", 3)
     _check_matmul(kern, twin, 2, seed=2)

@@ -48,7 +48,8 @@ PAIR_INLINE __m512bh offset_bf16(__m512i c) {
 }
 
 // acc[m][p % NA] += sum over pair p of bf16(128 + code) * x[m] for the chunk's 16 row pairs; x holds the pairs of
-// activation row m at x[m * ld + p]. NA chains per row keep the dot products' latency hidden.
+// activation row m at x[m * ld + p]. NA chains per row keep the dot products' latency hidden; their number and
+// order do not depend on MR, so a row's result does not depend on the rows beside it.
 template <int B, int MR, int NA>
 struct Dots {
     template <int P>
@@ -68,7 +69,7 @@ struct Dots {
 // each with its 128, so 2176 + code) into s[m]; returns the offset 128 or 2176 that goes with it
 template <int B, int MR>
 PAIR_INLINE float chunk_dots(const int32_t* w, const uint32_t* x, int64_t ld, __m512 (&s)[MR]) {
-    constexpr int NA = MR >= 4 ? 1 : 4 / MR;
+    constexpr int NA = 4;       // for every MR: a row's sum is then the same bits at any batch size
     constexpr auto seq = std::make_integer_sequence<int, 16>{};
     __m512 acc[MR][NA];
     for (int m = 0; m < MR; ++m)
