@@ -28,6 +28,8 @@
 namespace exlcpu {
 namespace avx512bf16 {
 
+#include "qkernel_impl.h"     // the shared scalar helpers (bf16 rounding, row groups), here in this ISA's namespace
+
 #define PAIR_INLINE inline __attribute__((always_inline))
 
 // code p of every half at the bottom of its half (bits above it left for the mask)
@@ -144,32 +146,18 @@ void pair_block(const QArgs& a, int64_t cb, const uint32_t* x, const float* xs, 
     for (int m = 0; m < MR; ++m) {
         alignas(64) float out[kBlock];
         _mm512_store_ps(out, total[m]);
-        for (int j = 0; j < ncol; ++j) {
-            const float v = bias ? out[j] + bias[j] : out[j];
-            uint32_t u;
-            std::memcpy(&u, &v, sizeof u);
-            y[m * ldy + j] = (u & 0x7FFFFFFFu) > 0x7F800000u ? uint16_t((u >> 16) | 0x40)
-                                                             : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-        }
+        for (int j = 0; j < ncol; ++j) y[m * ldy + j] = float_to_elem<true>(bias ? out[j] + bias[j] : out[j]);
     }
 }
 
 void q_gemv_pairs(const QArgs& a, const uint32_t* x, const float* xs, int64_t M, int64_t npairs, const float* bias,
                   uint16_t* y, int64_t ldy, int64_t N, int64_t cb0, int64_t cb1) {
-    for (int64_t cb = cb0; cb < cb1; ++cb) {
-        const int64_t n0 = cb * kBlock;
-        if (n0 >= N) break;
-        const int ncol = int(N - n0 < kBlock ? N - n0 : kBlock);
-        const float* b = bias ? bias + n0 : nullptr;
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4)
-            pair_block<4>(a, cb, x + m * npairs, xs + m * a.nchunks, npairs, b, y + m * ldy + n0, ldy, ncol);
-        if (m + 2 <= M) {
-            pair_block<2>(a, cb, x + m * npairs, xs + m * a.nchunks, npairs, b, y + m * ldy + n0, ldy, ncol);
-            m += 2;
-        }
-        if (m < M) pair_block<1>(a, cb, x + m * npairs, xs + m * a.nchunks, npairs, b, y + m * ldy + n0, ldy, ncol);
-    }
+    column_blocks(cb0, cb1, N, bias, [&](int64_t cb, int64_t n0, int ncol, const float* b) {
+        row_groups(M, [&](auto mr, int64_t m) {
+            pair_block<decltype(mr)::value>(a, cb, x + m * npairs, xs + m * a.nchunks, npairs, b, y + m * ldy + n0, ldy,
+                                            ncol);
+        });
+    });
 }
 
 // the codes of pair p of a chunk as int32 halves: even rows' (low halves) and odd rows' (high halves)

@@ -46,6 +46,28 @@ EXL_INLINE Elem<BF> float_to_elem(float f) {
     }
 }
 
+// f(std::integral_constant<int, MR>{}, m) for the activation rows m .. m + MR - 1 of M, in groups of 4, then 2,
+// then 1 (the kernels' row counts per pass)
+template <class F>
+EXL_INLINE void row_groups(int64_t M, F&& f) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) f(std::integral_constant<int, 4>{}, m);
+    if (m + 2 <= M) {
+        f(std::integral_constant<int, 2>{}, m);
+        m += 2;
+    }
+    if (m < M) f(std::integral_constant<int, 1>{}, m);
+}
+
+// f(cb, n0, ncol, the block's bias or null) for the column blocks cb0 .. cb1 - 1 that hold some of the N columns
+template <class F>
+EXL_INLINE void column_blocks(int64_t cb0, int64_t cb1, int64_t N, const float* bias, F&& f) {
+    for (int64_t cb = cb0; cb < cb1 && cb * kBlock < N; ++cb) {
+        const int64_t n0 = cb * kBlock;
+        f(cb, n0, int(N - n0 < kBlock ? N - n0 : kBlock), bias ? bias + n0 : nullptr);
+    }
+}
+
 template <class S, bool BF>
 EXL_INLINE typename S::F load_elems(const Elem<BF>* p) {
     if constexpr (BF) return S::load_bf(p); else return S::load_f(p);
@@ -232,20 +254,12 @@ void q_block_rows(const QArgs& a, int64_t cb, const float* x, int64_t kpad, cons
 template <class S, bool YBF>
 void q_gemv_rows(const QArgs& a, const float* x, int64_t M, int64_t kpad, const float* bias, Elem<YBF>* y,
                  int64_t ldy, int64_t N, int64_t cb0, int64_t cb1) {
-    for (int64_t cb = cb0; cb < cb1; ++cb) {
-        const int64_t n0 = cb * kBlock;
-        if (n0 >= N) break;
-        const int ncol = int(N - n0 < kBlock ? N - n0 : kBlock);
-        const float* b = bias ? bias + n0 : nullptr;
-        int64_t m = 0;
-        // four activation rows share each decoded weight vector
-        for (; m + 4 <= M; m += 4) q_block_rows<S, 4, YBF>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
-        if (m + 2 <= M) {
-            q_block_rows<S, 2, YBF>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
-            m += 2;
-        }
-        if (m < M) q_block_rows<S, 1, YBF>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
-    }
+    column_blocks(cb0, cb1, N, bias, [&](int64_t cb, int64_t n0, int ncol, const float* b) {
+        // up to four activation rows share each decoded weight vector
+        row_groups(M, [&](auto mr, int64_t m) {
+            q_block_rows<S, decltype(mr)::value, YBF>(a, cb, x + m * kpad, kpad, b, y + m * ldy + n0, ldy, ncol);
+        });
+    });
 }
 
 template <class S>
@@ -342,13 +356,9 @@ void f16_rows(const Elem<XBF>* x, const uint16_t* w, Elem<XBF>* y, int64_t M, in
               int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
         // later groups of activation rows read the row again from L1
-        int64_t m = 0;
-        for (; m + 4 <= M; m += 4) f16_row<S, BF16, XBF, 4>(x + m * K, K, w + n * K, y + m * N + n, N);
-        if (m + 2 <= M) {
-            f16_row<S, BF16, XBF, 2>(x + m * K, K, w + n * K, y + m * N + n, N);
-            m += 2;
-        }
-        if (m < M) f16_row<S, BF16, XBF, 1>(x + m * K, K, w + n * K, y + m * N + n, N);
+        row_groups(M, [&](auto mr, int64_t m) {
+            f16_row<S, BF16, XBF, decltype(mr)::value>(x + m * K, K, w + n * K, y + m * N + n, N);
+        });
     }
 }
 
