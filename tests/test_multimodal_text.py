@@ -11,18 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Config
 from exllamav2.errors import ArchitectureError, CheckpointError
-from tests.tiny_models import rewrite_checkpoint
+from tests.tiny_models import native_multimodal_key, rewrite_checkpoint
 
 VOCAB = 250
-
-
-def _native(key: str) -> str:
-    """transformers >= 4.52's layout: the base model under model.language_model., lm_head at the top."""
-    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
-                     ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")):
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
 
 
 def _logits(model_dir: str, ids: torch.Tensor) -> torch.Tensor:
@@ -38,7 +29,7 @@ def test_both_key_layouts_give_transformers_logits(arch, tiny_model_factory, tmp
     ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = hf(ids).logits
-    native = str(rewrite_checkpoint(src, tmp_path / "native", rename=_native))
+    native = str(rewrite_checkpoint(src, tmp_path / "native", rename=native_multimodal_key))
     with caplog.at_level("INFO"):
         for model_dir in (str(src), native):
             torch.testing.assert_close(_logits(model_dir, ids), ref, atol=1e-3, rtol=1e-3)

@@ -20,7 +20,7 @@ from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, 
 from exllamav2.model.embedding import EMBEDDING_INDEX
 from exllamav2.model.mm_embedding import remap_embeddings
 from exllamav2.vlm.gemma3_preprocess import Gemma3ImageSettings, pixel_values_gemma3
-from tests.tiny_models import _GEMMA3, build_tiny_model, write_tokenizer
+from tests.tiny_models import _GEMMA3, build_tiny_model, native_multimodal_key, write_tokenizer
 from tests.vision_helpers import assert_logits_match, image, prompt_ids, run_jobs
 
 PIL = pytest.importorskip("PIL.Image")
@@ -133,16 +133,7 @@ def _hub(key: str) -> str:
     return key.replace("vision_tower.", "vision_tower.vision_model.", 1)
 
 
-def _native(key: str) -> str:
-    """transformers 5's own layout: everything but the head under model."""
-    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
-                     ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")):
-        if key.startswith(old):
-            return new + key[len(old):]
-    return key
-
-
-@pytest.mark.parametrize("rename", [_hub, _native])
+@pytest.mark.parametrize("rename", [_hub, native_multimodal_key])
 def test_other_key_layouts_give_the_same_embeddings(gemma, tmp_path, rename):
     from tests.tiny_models import rewrite_checkpoint
 

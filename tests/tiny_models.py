@@ -171,6 +171,16 @@ def write_tokenizer(model_dir: Path) -> None:
     )
 
 
+def native_multimodal_key(key: str) -> str:
+    """A Llava-style checkpoint key in transformers >= 4.52's own layout: the base model under
+    model.language_model., the tower and projector under model., lm_head at the top."""
+    for old, new in (("language_model.model.", "model.language_model."), ("language_model.lm_head", "lm_head"),
+                     ("vision_tower.", "model.vision_tower."), ("multi_modal_projector.", "model.multi_modal_projector.")):
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
 def rewrite_checkpoint(src: Path, dst: Path, rename=lambda key: key, edit=lambda cfg: None,
                        architecture: str | None = None) -> Path:
     """A copy of the model directory `src` at `dst` with its tensors renamed by `rename`, config.json changed in
