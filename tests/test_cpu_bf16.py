@@ -11,7 +11,7 @@ import torch
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ext
 from exllamav2.errors import ConfigError
 from exllamav2.ops import activation_dtype, cpu_multiplies_bf16
-from exllamav2.quant import qlinear
+from exllamav2.quant import cpu_layout
 from tests.test_cpu_exl2 import DEMO_EXL2, exl2_pair
 from tests.test_model import VOCAB
 
@@ -70,10 +70,10 @@ def test_bf16_prefill_and_decode_against_transformers_fp32(arch, tiny_model_fact
 
 
 def test_bf16_exl2_decode_and_prefill_paths(monkeypatch):
-    """A quantized layer with bf16 activations: few rows run the packed-code kernel on them as they are, many rows
-    one bf16 GEMM on the decoded weight; both within bf16 rounding of the twin's float32 result."""
+    """A quantized layer with bf16 activations: few rows run the packed-code kernel on them as they are, more rows
+    bf16 GEMMs on tiles of the decoded weight; both within bf16 rounding of the twin's float32 result."""
     kern, twin = exl2_pair(256, 96, [4, 3], 32, seed=2)
-    for rows in (1, qlinear.CPU_KERNEL_MAX_ROWS, qlinear.CPU_KERNEL_MAX_ROWS + 1, 40):
+    for rows in (1, cpu_layout.MAX_GEMV_ROWS, cpu_layout.MAX_GEMV_ROWS + 1, 40):
         x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
         want = twin.forward(x)
         got = kern.forward(x.bfloat16())

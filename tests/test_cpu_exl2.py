@@ -165,19 +165,45 @@ def test_the_packed_tensors_are_replaced_not_duplicated():
     assert 4.0 < kern.bits_per_weight() < 4.5
 
 
-@pytest.mark.parametrize("rows", [1, 3, 4, 9])      # 9: above MAX_GEMV_ROWS, the tiled GEMM
+@pytest.mark.parametrize("rows", [1, 3, 4, 8])
 @pytest.mark.parametrize("fmt", ["exl2", "gptq"])
 def test_bf16_activations_in_and_out(fmt, rows, isa):
     """The packed-code kernel takes and returns bf16 activations (the bf16 mode's decode), summed in float32: its
     float32 result rounded once to bf16, to within one bf16 ulp (a sum near a rounding tie may round the other
     way)."""
-    kern, twin = exl2_pair(200, 48, [8, 6, 5, 4, 3, 2], 32, seed=rows) if fmt == "exl2" else gptq_pair(256, 40, 4, True)
+    kern, twin = _bf16_case(fmt, rows)
     x = torch.randn(rows, kern.in_features, generator=torch.Generator().manual_seed(rows)).bfloat16()
     got = kern.cpu_matrix().matmul(kernels, x)
     want = kern.cpu_matrix().matmul(kernels, x.float())
     assert got.dtype == torch.bfloat16 and got.shape == want.shape
     torch.testing.assert_close(got.float(), want, rtol=2**-7, atol=1e-6)
     assert (got.float() == want.bfloat16().float()).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("rows", [9, 33])      # above MAX_GEMV_ROWS
+@pytest.mark.parametrize("fmt", ["exl2", "gptq"])
+def test_bf16_prefill_rows_multiply_bf16_tiles(fmt, rows, isa):
+    kern, twin = _bf16_case(fmt, rows)
+    x = torch.randn(rows, kern.in_features, generator=torch.Generator().manual_seed(rows)).bfloat16()
+    assert_bf16_result(kern.forward(x), x, twin, tiles=True)
+
+
+def _bf16_case(fmt: str, seed: int):
+    return exl2_pair(200, 48, [8, 6, 5, 4, 3, 2], 32, seed=seed) if fmt == "exl2" else gptq_pair(256, 40, 4, True)
+
+
+def assert_bf16_result(got: torch.Tensor, x: torch.Tensor, twin, tiles: bool) -> None:
+    """`got` within bf16 rounding of the twin's x @ W + bias: the float32 sum rounded to bf16 (2^-8 of the value)
+    plus, per product, 2^-11 (the pair kernel's exact weights (code - zero) * scale against the twin's fp16 ones)
+    or, through decoded tiles (rows above MAX_GEMV_ROWS), 2^-8 (each weight rounded to bf16; the bias added to the
+    GEMM's rounded result)."""
+    w = twin.dequantize().double()
+    bias = twin.bias.double() if twin.bias is not None else torch.zeros(w.shape[1], dtype=torch.float64)
+    want = x.double() @ w + bias
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    per_product = 2**-8 if tiles else 2**-11
+    bound = 2**-8 * (want.abs() + bias.abs()) + per_product * (x.double().abs() @ w.abs()) + 1e-6
+    assert ((got.double() - want).abs() <= bound).all()
 
 
 def _runs_pair_kernels() -> bool:
@@ -224,17 +250,10 @@ def test_pair_layout_decodes_bit_exactly(case, pair_isa):
 @pytest.mark.parametrize("case", PAIR_CASES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 9])      # 9: above MAX_GEMV_ROWS, decoded tiles and a GEMM
 def test_pair_kernel_matches_twin(case, rows, pair_isa, threads):
-    """bf16 activations through the dot-product kernel: its weights (code - zero) * scale are exact where the
-    twin rounds each to fp16 (at most 2^-12 of it), and the float32 sum is rounded once to bf16; so each output
-    is within 2^-8 of its value plus 2^-11 of sum |x| |w| of the twin's x @ W (+ bias)."""
+    """bf16 activations through the dot-product kernel (and, for 9 rows, the bf16 tiles of the pair layout)."""
     kern, twin = _pair_weights(case, rows + len(case))
     x = torch.randn(rows, kern.in_features, generator=torch.Generator().manual_seed(rows)).bfloat16()
-    w = twin.dequantize().double()
-    want = x.double() @ w + (twin.bias.double() if twin.bias is not None else 0)
-    got = kern.forward(x)
-    assert got.dtype == torch.bfloat16 and got.shape == want.shape
-    bound = 2**-8 * want.abs() + 2**-11 * (x.double().abs() @ w.abs()) + 1e-6
-    assert ((got.double() - want).abs() <= bound).all()
+    assert_bf16_result(kern.forward(x), x, twin, tiles=rows > cpu_layout.MAX_GEMV_ROWS)
 
 
 @needs_pairs

@@ -31,7 +31,6 @@ MAX_DQ_ELEMENTS = 1 << 24        # scratch size cap (elements); wider layers go 
 _scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 _cpu_form_lock = threading.Lock()
 _CPU_ACTIVATIONS = (torch.float32, torch.bfloat16)   # the model's CPU dtypes, which the CPU kernels serve
-CPU_KERNEL_MAX_ROWS = 16    # bf16 rows up to which the packed-code kernel beats dequantizing for a bf16 GEMM
 
 
 def scratch(device: torch.device, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -211,12 +210,12 @@ class QuantWeight:
     __call__ = forward
 
     def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
-        """Through the CPU kernels: float32 activations, and a few rows of bfloat16 ones (decode), straight from
-        the packed codes; more rows of bfloat16 (prefill) and other dtypes multiply the decoded weight in their own
-        dtype (one bf16 GEMM beats the kernel there), as the twin does."""
+        """Through the CPU kernels: float32 and bfloat16 activations straight from the packed codes (decode rows) or
+        through tiles of the decoded weight and a GEMM in their dtype (prefill: a bf16 GEMM on bf16 tiles); other
+        dtypes multiply the decoded weight in their own dtype, as the twin does."""
         x2 = x.reshape(-1, self.in_features)
-        if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and x2.shape[0] <= CPU_KERNEL_MAX_ROWS):
-            y = self._cpu.matmul(self._cpu_kernels, x2)      # in x's dtype, summed in float32
+        if x.dtype in _CPU_ACTIVATIONS:
+            y = self._cpu.matmul(self._cpu_kernels, x2)
         else:
             y = x2 @ self.dequantize().to(x.dtype)
             if self.bias is not None:

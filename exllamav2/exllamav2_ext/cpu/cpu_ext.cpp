@@ -259,19 +259,25 @@ void gather_pairs(const QView& v, const uint16_t* x, int64_t M, int64_t K, size_
     sums = sbuf.data();
 }
 
-// Many rows: dequantize a tile of columns (about 4 MB of fp32, never the whole weight) and multiply it
-// with torch's GEMM, tile by tile.
+// Many rows: dequantize a tile of columns (never the whole weight) and multiply it with torch's GEMM, tile by
+// tile, in x's dtype: float32 rows take float32 tiles (about 4 MB); bf16 rows take the tile rounded to bf16 (each
+// fp16 weight rounded once, as the bf16 mode's 16-bit weights are) and oneDNN's bf16 GEMM, the tile small enough
+// (about 2 MB in float32) that the rounding pass reads it from cache.
 void q_gemm(const QView& v, const torch::Tensor& x, torch::Tensor& y, int64_t N) {
     const int64_t K = x.size(1);
-    int64_t cols = std::clamp<int64_t>((int64_t(1) << 20) / std::max<int64_t>(K, 1), 64, v.nblocks * exlcpu::kBlock);
+    const bool xbf = x.scalar_type() == torch::kBFloat16;
+    const int64_t budget = int64_t(1) << (xbf ? 19 : 20);
+    int64_t cols = std::clamp<int64_t>(budget / std::max<int64_t>(K, 1), 64, v.nblocks * exlcpu::kBlock);
     cols = std::max<int64_t>(exlcpu::kBlock, cols / exlcpu::kBlock * exlcpu::kBlock);
-    auto tile = torch::empty({K, cols}, x.options());
+    auto tile = torch::empty({K, cols}, torch::dtype(torch::kFloat32));
+    auto wtile = xbf ? torch::empty({K, cols}, x.options()) : tile;
     for (int64_t n0 = 0; n0 < N; n0 += cols) {
         const int64_t nc = std::min(cols, N - n0), cb0 = n0 / exlcpu::kBlock;
         const int64_t cb1 = std::min(v.nblocks, (n0 + nc + exlcpu::kBlock - 1) / exlcpu::kBlock);
         dequant_blocks(v, tile.data_ptr<float>(), cols, cb0, cb1);
+        if (xbf) wtile.copy_(tile);
         auto out = y.narrow(1, n0, nc);
-        at::mm_out(out, x, tile.narrow(1, 0, nc));
+        at::mm_out(out, x, wtile.narrow(1, 0, nc));
     }
 }
 
@@ -336,11 +342,10 @@ torch::Tensor q_matmul(torch::Tensor x, const torch::Tensor& qw, const torch::Te
     QCall c = q_call(x, qw, chunks, scales, zeros, src, bias, N, scale_values, pairs, 0);
     const int64_t M = x.size(0);
     if (M == 0) return c.y;
-    if (M > max_gemv_rows || (pairs && !xbf)) {   // fp32 tiles and a GEMM: bf16 rows widened, rounded back
-        auto yf = xbf ? torch::empty({M, N}, x.options().dtype(torch::kFloat32)) : c.y;
-        q_gemm(c.v, xbf ? x.to(torch::kFloat32) : x, yf, N);
-        if (c.bias) yf.add_(*bias);
-        return xbf ? yf.to(torch::kBFloat16) : yf;
+    if (M > max_gemv_rows || (pairs && !xbf)) {   // decoded tiles and a GEMM in x's dtype
+        q_gemm(c.v, x, c.y, N);
+        if (c.bias) c.y.add_(*bias);
+        return c.y;
     }
     gather_for(c, x, 0);
     at::parallel_for(0, c.v.nblocks, block_grain(c.v.kpad), [&](int64_t b0, int64_t b1) { c.run(xbf, M, b0, b1); });
@@ -483,7 +488,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.def("q_matmul", &q_matmul,
           "y = x @ W (+ bias) for a quantized W in the CPU layout (exllamav2/quant/cpu_layout.py), x float32 or "
           "bfloat16 and y in its dtype (summed in float32); rows above max_gemv_rows go through tiles of dequantized "
-          "columns and a GEMM",
+          "columns and a GEMM in x's dtype (bf16 rows: the weights rounded to bf16)",
           py::arg("x"), py::arg("qw"), py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"),
           py::arg("bias"), py::arg("N"), py::arg("max_gemv_rows"), py::arg("scale_values") = py::none(),
           py::arg("pairs") = false);
