@@ -312,8 +312,10 @@ def test_bad_arguments_are_refused():
         call(chunks=m.chunks.clone().index_fill_(1, torch.tensor([0]), 7))
     with pytest.raises(RuntimeError, match="words out of range"):
         call(chunks=m.chunks.clone().index_fill_(1, torch.tensor([1]), 1000))
-    with pytest.raises(RuntimeError, match="src"):
+    with pytest.raises(RuntimeError, match=r"src\[0\] = 64 outside -1..63"):
         call(src=m.src.clone().fill_(64))
+    with pytest.raises(RuntimeError, match=r"src\[5\] = -2 outside"):
+        call(src=m.src.clone().index_fill_(0, torch.tensor([5]), -2))
     with pytest.raises(RuntimeError, match="qw must be"):
         call(qw=m.qw.float())
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
