@@ -15,6 +15,7 @@ from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Cache, ext
 
 kernels = ext.cpu_kernels()
 _attn_decode = kernels and kernels.attn_decode
+_attn_decode_paged = kernels and kernels.attn_decode_paged
 needs_kernels = pytest.mark.skipif(kernels is None, reason="CPU kernels unavailable (no AVX2/F16C or no compiler)")
 
 
@@ -110,6 +111,50 @@ def test_attn_decode_refuses_wrong_input():
         kernels.attn_decode(q, k, k, 0.125, torch.tensor([10]))
     with pytest.raises(RuntimeError, match="int64"):
         kernels.attn_decode(q, k, k, 0.125, torch.tensor([3], dtype=torch.int32))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths, page, hq, hkv, d", [([0, 31, 32, 100], 32, 8, 2, 64), ([300], 256, 12, 4, 64),
+                                                       ([5, 70], 64, 4, 4, 128), ([63, 1], 32, 6, 1, 16)])
+def test_attn_decode_paged_matches_writing_and_gathering(dtype, lengths, page, hq, hkv, d, isa, threads):
+    """Rows holding different numbers of tokens (none, a page exactly, several pages) in pages scattered over the
+    pool: the new keys and values land where the backends' write_pages puts them, and each row's output equals
+    the decode kernel's over the gathered keys (same kernel, same keys, same order: bit for bit)."""
+    from exllamav2.attn.backends.backend import gather_pages, write_pages
+
+    gen = torch.Generator().manual_seed(sum(lengths) + page + d)
+    per_row = max(n // page + 1 for n in lengths)
+    pool = len(lengths) * per_row + 3
+    table = torch.randperm(pool, generator=gen)[: len(lengths) * per_row].view(len(lengths), per_row).int()
+    k_pages, v_pages = (torch.randn(pool, page, hkv, d, generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(len(lengths), 1, hq, d, generator=gen).to(dtype)
+    k_new, v_new = (torch.randn(len(lengths), 1, hkv, d, generator=gen).to(dtype) for _ in range(2))
+    seqlens = torch.tensor(lengths, dtype=torch.int32)
+    want_k, want_v = k_pages.clone(), v_pages.clone()
+    write_pages(want_k, want_v, k_new, v_new, table, seqlens)
+    k, v = gather_pages(want_k, want_v, table, max(lengths) + 1)
+    want = kernels.attn_decode(q, k, v, d**-0.5, seqlens.long() + 1)
+    got = kernels.attn_decode_paged(q, k_new, v_new, k_pages, v_pages, table, seqlens, d**-0.5)
+    assert torch.equal(k_pages, want_k) and torch.equal(v_pages, want_v)
+    assert got.dtype == dtype and torch.equal(got, want)
+
+
+@needs_kernels
+def test_attn_decode_paged_refuses_wrong_input():
+    q, new, pages = torch.randn(1, 1, 4, 64), torch.randn(1, 1, 2, 64), torch.randn(3, 32, 2, 64)
+    table, seqlens = torch.tensor([[2, 0]], dtype=torch.int32), torch.tensor([40], dtype=torch.int32)
+    kernels.attn_decode_paged(q, new, new, pages, pages.clone(), table, seqlens, 0.125)
+    with pytest.raises(RuntimeError, match=r"seqlens\[0\] = 64 outside 0..63"):
+        kernels.attn_decode_paged(q, new, new, pages, pages, table, torch.tensor([64], dtype=torch.int32), 0.125)
+    with pytest.raises(RuntimeError, match=r"block_table\[0, 1\] = 3 outside 0..2"):
+        kernels.attn_decode_paged(q, new, new, pages, pages, torch.tensor([[2, 3]], dtype=torch.int32), seqlens, 0.125)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        kernels.attn_decode_paged(q, new, new, pages[:, :16], pages[:, :16], table, seqlens, 0.125)
+    with pytest.raises(RuntimeError, match="int32"):
+        kernels.attn_decode_paged(q, new, new, pages, pages, table.long(), seqlens, 0.125)
+    with pytest.raises(RuntimeError, match=r"k_new and v_new must be \[B, 1, Hkv, D\]"):
+        kernels.attn_decode_paged(q, new.bfloat16(), new, pages, pages, table, seqlens, 0.125)
 
 
 @needs_kernels
@@ -275,9 +320,9 @@ def test_avx512_instructions_stay_in_the_avx512_kernels():
 
 
 def _without_decode_attention(model) -> None:
-    """The model's ops tables as they are, less the decode-attention kernel (the backends' own path)."""
+    """The model's ops tables as they are, less the decode-attention kernels (the backends' own path)."""
     for key, table in model._ops.items():
-        model._ops[key] = dataclasses.replace(table, decode_attention=None)
+        model._ops[key] = dataclasses.replace(table, decode_attention=None, paged_decode_attention=None)
 
 
 def _contiguous_decode(model, batch: int) -> torch.Tensor:
@@ -315,8 +360,9 @@ def _with_and_without_decode_attention(model_dir, dtype: str, calls: list) -> tu
     model = ExLlamaV2(config)
     model.load()
     with_kernel = _contiguous_decode(model, 2), _paged_decode(model, [5, 11, 1])
-    # per layer (2): 6 contiguous steps, the one-token prompt, 4 paged steps; the last over 9, 15 and 5 keys
-    assert len(calls) == 2 * (6 + 1 + 4) and calls[0] is None and calls[-1].tolist() == [9, 15, 5]
+    # per layer (2): 6 contiguous steps and the one-token prompt (attn_decode), 4 paged steps (attn_decode_paged),
+    # the last writing positions 8, 14 and 4
+    assert len(calls) == 2 * (6 + 1 + 4) and calls[0] is None and calls[-1].tolist() == [8, 14, 4]
     _without_decode_attention(model)
     without = _contiguous_decode(model, 2), _paged_decode(model, [5, 11, 1])
     assert len(calls) == 2 * (6 + 1 + 4)
@@ -331,6 +377,7 @@ def test_decode_attention_kernel_matches_the_backends(tiny_model_factory, monkey
     to float32's as the backend's own are."""
     calls = []
     monkeypatch.setattr(kernels, "attn_decode", lambda *a: calls.append(a[4]) or _attn_decode(*a))
+    monkeypatch.setattr(kernels, "attn_decode_paged", lambda *a: calls.append(a[6]) or _attn_decode_paged(*a))
     monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", backend)
     model_dir = tiny_model_factory(arch)[0]
     with_kernel, reference = _with_and_without_decode_attention(model_dir, "float32", calls)

@@ -147,11 +147,13 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         """Paged attention (the new keys/values written into the pages): in one call, or one per query span, each
         span written after the tokens before it."""
         block_table, seqlens = attn_params.on(self.device)
-        kernel = self.ops.paged_attention
+        ops = self.ops
+        kernel = ops.paged_attention
         if attn_params.image_spans is None:
             return self.backend.attend_paged(q, k, v, k_pages, v_pages, block_table, seqlens,
                                              meta=attn_params.paged_metadata(self.device), kernel=kernel,
-                                             decode_kernel=self.ops.decode_attention, **opts)
+                                             decode_kernel=ops.decode_attention,
+                                             paged_decode_kernel=ops.paged_decode_attention, **opts)
         out = []
         for s, e, causal in attn_params.image_spans:
             lens, meta = attn_params.span_metadata(self.device, (s, e, causal))

@@ -52,6 +52,9 @@ class DeviceOps:
     # the CPU's decode attention (one query position, per-row key counts; attn/backends/backend.py says which
     # calls it takes); None: the backend's own path
     decode_attention: Callable | None
+    # its paged form (writes the new token into the pages, reads them in place; run_paged_decode_kernel says which
+    # calls it takes); None: the backend writes and gathers the pages
+    paged_decode_attention: Callable | None
     fp8_to_fp16: Callable
     fp16_to_fp8: Callable
     q_to_fp16: Callable
@@ -84,6 +87,7 @@ def build_ops(device: torch.device | str, dtype: torch.dtype) -> DeviceOps:
         rotate_qk=rope.kernel_rotate_qk(cuda) if cuda else rope.cpu_rotate_qk(cpu) if cpu else rope.rotate_qk,
         paged_attention=cuda.paged_attention if cuda else None,
         decode_attention=cpu.attn_decode if cpu else None,
+        paged_decode_attention=cpu.attn_decode_paged if cpu else None,
         fp8_to_fp16=cuda.fp8_to_fp16 if cuda else kv_cache.fp8_to_fp16,
         fp16_to_fp8=cuda.fp16_to_fp8 if cuda else kv_cache.fp16_to_fp8,
         q_to_fp16=cuda.q_to_fp16 if cuda else kv_cache.q_to_fp16,

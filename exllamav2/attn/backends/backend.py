@@ -13,7 +13,9 @@ every backend batch; flash-attn overrides it with its native block-table kernel.
 table holds exllamav2_ext's paged-attention kernel (`kernel`), the default runs it instead for decode steps
 it fits (q_len <= PAGED_KERNEL_MAX_Q_LEN, float16 pages it can write in place), reading the pages there.
 Likewise `decode_kernel`, the CPU's decode attention from the ops table: the sdpa and matmul backends run it for
-the calls it computes exactly (`run_decode_kernel`), the GPU backends never get one.
+the calls it computes exactly (`run_decode_kernel`), the GPU backends never get one; and `paged_decode_kernel`,
+its paged form, which `attend_paged` runs for the decode steps it computes exactly (`run_paged_decode_kernel`),
+reading the pages in place instead of gathering them.
 """
 
 from __future__ import annotations
@@ -99,17 +101,22 @@ class AttentionBackend:
         meta: AttnMetadata | None = None,
         kernel: Callable | None = None,
         decode_kernel: Callable | None = None,
+        paged_decode_kernel: Callable | None = None,
     ) -> torch.Tensor:
         """Append k_new/v_new to the pages at cache_seqlens and attend over each sequence. `meta` is the paged
         batch's metadata (PagedParams.paged_metadata, built once per forward); without it, it is built here,
         which costs a host sync for the longest sequence. `kernel` is the device's fused paged-attention kernel
-        from its ops table, or None; it knows no chunks, so chunked layers gather. `decode_kernel` goes to `attend`
-        with the gathered keys."""
+        from its ops table, or None; it knows no chunks, so chunked layers gather. `paged_decode_kernel`: the
+        CPU's (see `run_paged_decode_kernel`). `decode_kernel` goes to `attend` with the gathered keys."""
         if kernel is not None and not chunk and paged_kernel_fits(q, k_pages, v_pages):
             return kernel(
                 q.contiguous(), k_new.contiguous(), v_new.contiguous(), k_pages, v_pages, block_table,
                 cache_seqlens, scale, window, softcap,
             )
+        out = run_paged_decode_kernel(paged_decode_kernel, q, k_new, v_new, k_pages, v_pages, block_table,
+                                      cache_seqlens, scale, window, softcap, chunk)
+        if out is not None:
+            return out
         write_pages(k_pages, v_pages, k_new, v_new, block_table, cache_seqlens)
         meta = meta or paged_metadata(cache_seqlens, q.shape[1])
         k, v = gather_pages(k_pages, v_pages, block_table, meta.k_len)
@@ -146,6 +153,26 @@ def run_decode_kernel(kernel: Callable | None, q: torch.Tensor, k: torch.Tensor,
 
 
 _DECODE_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_KEY_BLOCK = 32         # the CPU kernel reads keys in blocks of 32 positions, which must not cross a page
+
+
+def run_paged_decode_kernel(kernel: Callable | None, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
+                            k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
+                            cache_seqlens: torch.Tensor, scale: float, window: int, softcap: float,
+                            chunk: int) -> torch.Tensor | None:
+    """The CPU paged decode kernel's output (k_new/v_new written into the pages, each row's query over its
+    cache_seqlens[b] + 1 keys read from the pages in place) where it computes this call exactly: one new token
+    per row, causal, no window, softcap or chunks, float32 or bfloat16 throughout, head dim a multiple of 16,
+    contiguous pages of a multiple of 32 positions, int32 tables; else None (the backend writes and gathers)."""
+    if kernel is None or q.shape[1] != 1 or window or softcap or chunk or q.shape[-1] % 16:
+        return None
+    if q.dtype not in _DECODE_KERNEL_DTYPES or any(t.dtype != q.dtype for t in (k_new, v_new, k_pages, v_pages)):
+        return None
+    if k_pages.shape[1] % _KEY_BLOCK or not (k_pages.is_contiguous() and v_pages.is_contiguous()):
+        return None
+    if block_table.dtype != torch.int32 or cache_seqlens.dtype != torch.int32:
+        return None
+    return kernel(q, k_new, v_new, k_pages, v_pages, block_table.contiguous(), cache_seqlens.contiguous(), scale)
 
 
 def _heads_contiguous(t: torch.Tensor) -> bool:

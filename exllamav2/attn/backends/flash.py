@@ -147,7 +147,7 @@ class FlashAttnBackend(AttentionBackend):
 
     def attend_paged(
         self, q, k_new, v_new, k_pages, v_pages, block_table, cache_seqlens, *, scale, window=0, softcap=0.0,
-        chunk=0, meta=None, kernel=None, decode_kernel=None,
+        chunk=0, meta=None, kernel=None, decode_kernel=None, paged_decode_kernel=None,
     ):
         if chunk:
             raise refuse_chunk("flash_attn")
@@ -156,6 +156,7 @@ class FlashAttnBackend(AttentionBackend):
             return super().attend_paged(
                 q, k_new, v_new, k_pages, v_pages, block_table, cache_seqlens,
                 scale=scale, window=window, softcap=softcap, meta=meta, kernel=kernel, decode_kernel=decode_kernel,
+                paged_decode_kernel=paged_decode_kernel,
             )
         # appends k_new/v_new at cache_seqlens[b] in place, then attends over the whole sequence
         return self._kvcache(

@@ -406,39 +406,102 @@ torch::Tensor q_dequant(const torch::Tensor& qw, const torch::Tensor& chunks, co
     return out;
 }
 
+// q [B, 1, Hq, D] and the keys and values k, v [*, *, Hkv, D] of one call, checked (name: the binding's);
+// returns the attention arguments less the cache layout
+exlcpu::AttnArgs attn_args(const char* name, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
+                           double scale) {
+    TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), name, ": CPU tensors only");
+    const auto dt = q.scalar_type();
+    TORCH_CHECK((dt == torch::kFloat32 || dt == torch::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
+                name, ": q, k and v must all be float32 or all bfloat16");
+    TORCH_CHECK(q.dim() == 4 && q.size(1) == 1 && k.dim() == 4 && v.sizes() == k.sizes() && k.size(3) == q.size(3),
+                name, ": q [B, 1, Hq, D], k and v [*, *, Hkv, D] alike");
+    const int64_t Hq = q.size(2), D = q.size(3), Hkv = k.size(2);
+    TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, name, ": query heads (", Hq, ") not a multiple of kv heads (", Hkv, ")");
+    TORCH_CHECK(D % exlcpu::kBlock == 0, name, ": head dim must be a multiple of 16");
+    for (const auto* t : {&k, &v})
+        TORCH_CHECK(t->stride(3) == 1 && t->stride(2) == D, name, ": k and v need contiguous heads and dims");
+    return {nullptr, k.data_ptr(), v.data_ptr(), nullptr, nullptr, q.size(0), Hq, Hkv, D, 0, Hq * D,
+            k.stride(0), k.stride(1), v.stride(0), v.stride(1), float(scale), dt == torch::kBFloat16};
+}
+
+torch::Tensor run_attention(exlcpu::AttnArgs& a, const torch::Tensor& q) {
+    auto qc = q.contiguous();
+    auto out = torch::empty_like(qc);
+    a.q = qc.data_ptr();
+    a.out = out.data_ptr();
+    auto fn = kernels().attn_decode;
+    at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+    return out;
+}
+
 // Decode attention: q [B, 1, Hq, D], k and v [B, S, Hkv, D] (views of the cache: any batch and position strides,
 // heads and dims contiguous), all float32 or all bfloat16, D a multiple of 16; the query of row b sees its first
 // lengths[b] keys (int64 [B], 0..S; without lengths all S; a row seeing none outputs zeros), no other mask, window
 // or softcap. Returns [B, 1, Hq, D] in q's dtype, computed in float32.
 torch::Tensor attn_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
                           const std::optional<torch::Tensor>& lengths) {
-    TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "attn_decode: CPU tensors only");
-    const auto dt = q.scalar_type();
-    TORCH_CHECK((dt == torch::kFloat32 || dt == torch::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
-                "attn_decode: q, k and v must all be float32 or all bfloat16");
-    TORCH_CHECK(q.dim() == 4 && q.size(1) == 1 && k.dim() == 4 && v.sizes() == k.sizes() && k.size(0) == q.size(0) &&
-                k.size(3) == q.size(3), "attn_decode: q [B, 1, Hq, D], k and v [B, S, Hkv, D]");
-    const int64_t B = q.size(0), Hq = q.size(2), D = q.size(3), S = k.size(1), Hkv = k.size(2);
-    TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "attn_decode: query heads (", Hq, ") not a multiple of kv heads (", Hkv, ")");
-    TORCH_CHECK(D % exlcpu::kBlock == 0 && S > 0, "attn_decode: head dim must be a multiple of 16 and S > 0");
-    for (const auto* t : {&k, &v})
-        TORCH_CHECK(t->stride(3) == 1 && t->stride(2) == D, "attn_decode: k and v need contiguous heads and dims");
-    const int64_t* lens = nullptr;
+    exlcpu::AttnArgs a = attn_args("attn_decode", q, k, v, scale);
+    TORCH_CHECK(k.size(0) == q.size(0) && k.size(1) > 0, "attn_decode: k and v [B, S > 0, Hkv, D]");
+    a.S = k.size(1);
     if (lengths && lengths->defined()) {
-        TORCH_CHECK(lengths->scalar_type() == torch::kInt64 && lengths->dim() == 1 && lengths->size(0) == B &&
+        TORCH_CHECK(lengths->scalar_type() == torch::kInt64 && lengths->dim() == 1 && lengths->size(0) == a.B &&
                     lengths->is_contiguous() && lengths->device().is_cpu(),
                     "attn_decode: lengths must be a contiguous int64 CPU tensor [B]");
-        lens = lengths->data_ptr<int64_t>();
-        for (int64_t b = 0; b < B; ++b)
-            TORCH_CHECK(lens[b] >= 0 && lens[b] <= S, "attn_decode: lengths[", b, "] = ", lens[b], " outside 0..", S);
+        a.lens = lengths->data_ptr<int64_t>();
+        for (int64_t b = 0; b < a.B; ++b)
+            TORCH_CHECK(a.lens[b] >= 0 && a.lens[b] <= a.S, "attn_decode: lengths[", b, "] = ", a.lens[b],
+                        " outside 0..", a.S);
     }
-    auto qc = q.contiguous();
-    auto out = torch::empty_like(qc);
-    exlcpu::AttnArgs a{qc.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lens, B, Hq, Hkv, D, S, Hq * D,
-                       k.stride(0), k.stride(1), v.stride(0), v.stride(1), float(scale), dt == torch::kBFloat16};
-    auto fn = kernels().attn_decode;
-    at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
-    return out;
+    return run_attention(a, q);
+}
+
+// Paged decode attention: the new keys and values k_new, v_new [B, 1, Hkv, D] written at position seqlens[b] of
+// each row (int32 [B]) through its pages (block_table int32 [B, pages per row]) into the pools k_pages, v_pages
+// [P, page_size, Hkv, D] (contiguous, page_size a multiple of 32), then the query q [B, 1, Hq, D] of row b over
+// its seqlens[b] + 1 keys, read from the pages in place. All float32 or all bfloat16; returns [B, 1, Hq, D].
+torch::Tensor attn_decode_paged(const torch::Tensor& q, const torch::Tensor& k_new, const torch::Tensor& v_new,
+                                const torch::Tensor& k_pages, const torch::Tensor& v_pages,
+                                const torch::Tensor& block_table, const torch::Tensor& seqlens, double scale) {
+    exlcpu::AttnArgs a = attn_args("attn_decode_paged", q, k_pages, v_pages, scale);
+    const int64_t B = a.B, P = k_pages.size(0), page = k_pages.size(1), row = a.Hkv * a.D;
+    TORCH_CHECK(k_pages.is_contiguous() && v_pages.is_contiguous() && page > 0 && page % 32 == 0,
+                "attn_decode_paged: the pages must be contiguous [P, page_size, Hkv, D], page_size a multiple of 32");
+    for (const auto* t : {&k_new, &v_new})
+        TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->sizes() == torch::IntArrayRef({B, 1, a.Hkv, a.D}),
+                    "attn_decode_paged: k_new and v_new must be [B, 1, Hkv, D] in q's dtype");
+    TORCH_CHECK(block_table.scalar_type() == torch::kInt32 && block_table.dim() == 2 && block_table.size(0) == B &&
+                block_table.is_contiguous() && seqlens.scalar_type() == torch::kInt32 && seqlens.dim() == 1 &&
+                seqlens.size(0) == B && seqlens.is_contiguous() && block_table.device().is_cpu() &&
+                seqlens.device().is_cpu(),
+                "attn_decode_paged: block_table int32 [B, pages per row] and seqlens int32 [B], contiguous, on the CPU");
+    const int32_t* bt = block_table.data_ptr<int32_t>();
+    const int32_t* sl = seqlens.data_ptr<int32_t>();
+    std::vector<int64_t> lens(static_cast<size_t>(B));
+    for (int64_t b = 0; b < B; ++b) {
+        TORCH_CHECK(sl[b] >= 0 && sl[b] < block_table.size(1) * page, "attn_decode_paged: seqlens[", b, "] = ", sl[b],
+                    " outside 0..", block_table.size(1) * page - 1, " (the row's pages)");
+        for (int64_t i = 0; i <= sl[b] / page; ++i)
+            TORCH_CHECK(bt[b * block_table.size(1) + i] >= 0 && bt[b * block_table.size(1) + i] < P,
+                        "attn_decode_paged: block_table[", b, ", ", i, "] = ", bt[b * block_table.size(1) + i],
+                        " outside 0..", P - 1);
+        lens[size_t(b)] = sl[b] + 1;
+        a.S = std::max(a.S, lens[size_t(b)]);
+    }
+    const size_t esize = k_pages.element_size();
+    auto kn = k_new.contiguous(), vn = v_new.contiguous();
+    for (int64_t b = 0; b < B; ++b) {     // the new position's row of each pool
+        const int64_t at = (bt[b * block_table.size(1) + sl[b] / page] * page + sl[b] % page) * row;
+        std::memcpy(static_cast<char*>(k_pages.data_ptr()) + at * esize,
+                    static_cast<const char*>(kn.data_ptr()) + b * row * esize, row * esize);
+        std::memcpy(static_cast<char*>(v_pages.data_ptr()) + at * esize,
+                    static_cast<const char*>(vn.data_ptr()) + b * row * esize, row * esize);
+    }
+    a.lens = lens.data();
+    a.pages = bt;
+    a.page_size = page;
+    a.pages_stride = block_table.size(1);
+    return run_attention(a, q);
 }
 
 bool float32_or_bf16(const torch::Tensor& x) {
@@ -510,6 +573,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "decode attention: q [B, 1, Hq, D] over the first lengths[b] (default all S) keys of k, v [B, S, Hkv, D] "
           "(cache views), float32 or bfloat16, computed in float32", py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("scale"), py::arg("lengths") = py::none());
+    m.def("attn_decode_paged", &attn_decode_paged,
+          "paged decode attention: k_new, v_new [B, 1, Hkv, D] written at position seqlens[b] through block_table "
+          "into the page pools k_pages, v_pages [P, page_size, Hkv, D], then q [B, 1, Hq, D] over each row's "
+          "seqlens[b] + 1 keys, read from the pages in place; float32 or bfloat16, computed in float32",
+          py::arg("q"), py::arg("k_new"), py::arg("v_new"), py::arg("k_pages"), py::arg("v_pages"),
+          py::arg("block_table"), py::arg("seqlens"), py::arg("scale"));
     m.def("rms_norm", &rms_norm, "RMS norm over the last dim: x float32 or bfloat16, w float32 [D]; y in x's dtype",
           py::arg("x"), py::arg("w"), py::arg("eps"));
     m.def("rope_neox", &rope_neox, "NeoX RoPE of x [B, L, H, D] (float32 or bfloat16) by float32 cos, sin "

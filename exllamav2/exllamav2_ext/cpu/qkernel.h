@@ -52,8 +52,10 @@ using QTablesFn = void (*)(const uint16_t* values, const int8_t* bits, int64_t n
 // Attention of one query position (decode) over the first lens[b] (lens null: all S) cached keys of batch b,
 // every query head seeing them all: for query head h (kv head h / G, G = Hq / Hkv), out = softmax(scale * q . k)
 // @ v, in fp32, zeros where no key is seen. q and out are [B][Hq][D] (row stride qb per batch), key s of kv head
-// j at k + b * kb + s * ks + j * D (v likewise); elements bf16 (bf16 true) or fp32. A task is one
-// (batch, kv head): tasks t0 .. t1 - 1 of B * Hkv.
+// j at k + b * kb + s * ks + j * D (v likewise); elements bf16 (bf16 true) or fp32. Paged (pages non-null): k and v
+// are pools of pages of page_size positions (a multiple of 32), key s of batch b at row pages[b * pages_stride +
+// s / page_size] * page_size + s % page_size of the pool (kb, vb unused). A task is one (batch, kv head): tasks
+// t0 .. t1 - 1 of B * Hkv.
 struct AttnArgs {
     const void* q;
     const void* k;
@@ -63,6 +65,8 @@ struct AttnArgs {
     int64_t B, Hq, Hkv, D, S, qb, kb, ks, vb, vs;
     float scale;
     bool bf16;
+    const int32_t* pages = nullptr;
+    int64_t page_size = 0, pages_stride = 0;
 };
 using AttnFn = void (*)(const AttnArgs&, int64_t t0, int64_t t1);
 

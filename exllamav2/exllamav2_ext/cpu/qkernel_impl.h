@@ -499,15 +499,15 @@ void attn_values(const float* p, int64_t ld, int64_t ns, const void* v, int64_t 
         }
 }
 
-// keys s0 .. s0 + n - 1 of nh kv heads (from k, key row stride ks) for their nh * G query heads, up to 4 heads per
-// call with the count a template argument (the accumulators then stay in registers)
+// keys s0 .. s0 + n - 1 of nh kv heads (k: key s0 of the first head, key row stride ks) for their nh * G query
+// heads, up to 4 heads per call with the count a template argument (the accumulators then stay in registers)
 template <class S, bool BF>
 void scores_block(const float* q, const void* k, int64_t ks, int64_t s0, int64_t n, int64_t nh, int64_t G,
                   int64_t D, float* sc, int64_t ns) {
     for (int64_t j = 0; j < nh; ++j)
         for (int64_t g0 = 0; g0 < G; g0 += 4) {
             const float* qg = q + (j * G + g0) * D;
-            const void* kj = offset<BF>(k, s0 * ks + j * D);
+            const void* kj = offset<BF>(k, j * D);
             float* out = sc + (j * G + g0) * ns + s0;
             switch (G - g0 < 4 ? G - g0 : 4) {
                 case 1: attn_scores<S, BF, 1>(qg, D, kj, ks, n, out, ns); break;
@@ -532,7 +532,7 @@ void values_block(const float* p, const void* v, int64_t vs, int64_t s0, int64_t
     for (int64_t j = 0; j < nh; ++j)
         for (int64_t g0 = 0; g0 < G; g0 += 4) {
             const float* pj = p + (j * G + g0) * ns + s0;
-            const void* vj = offset<BF>(v, s0 * vs + j * D);
+            const void* vj = offset<BF>(v, j * D);
             float* o = out + (j * G + g0) * D;
             switch (G - g0 < 4 ? G - g0 : 4) {
                 case 1: values_heads<S, BF, 1>(pj, ns, n, vj, vs, o, D); break;
@@ -543,22 +543,30 @@ void values_block(const float* p, const void* v, int64_t vs, int64_t s0, int64_t
         }
 }
 
+// Where key (value) s0 of kv head j0 of batch b starts in `base` (the keys or the values, row stride rs, batch
+// stride bs): in the row itself, or in its page (a block of kKeyBlock keys never crosses a page)
+template <bool BF>
+EXL_INLINE const void* key_row(const AttnArgs& a, const void* base, int64_t bs, int64_t rs, int64_t b, int64_t j0,
+                               int64_t s0) {
+    if (!a.pages) return offset<BF>(base, b * bs + s0 * rs + j0 * a.D);
+    const int64_t page = a.pages[b * a.pages_stride + s0 / a.page_size];
+    return offset<BF>(base, (page * a.page_size + s0 % a.page_size) * rs + j0 * a.D);
+}
+
 // kv heads j0 .. j0 + nh - 1 of batch b over its ns >= 1 keys: the scaled queries in q, then the outputs
 template <class S, bool BF>
 void attn_span(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, int64_t ns, float* q, float* sc) {
     const int64_t G = a.Hq / a.Hkv, D = a.D, H = nh * G, q0 = b * a.qb + j0 * G * D;
     for (int64_t i = 0; i < H * D; ++i) q[i] = scalar_kv<BF>(a.q, q0 + i) * a.scale;
-    const void* k = offset<BF>(a.k, b * a.kb + j0 * D);
-    const void* v = offset<BF>(a.v, b * a.vb + j0 * D);
     for (int64_t s0 = 0; s0 < ns; s0 += kKeyBlock) {
         const int64_t n = ns - s0 < kKeyBlock ? ns - s0 : kKeyBlock;
-        scores_block<S, BF>(q, k, a.ks, s0, n, nh, G, D, sc, ns);
+        scores_block<S, BF>(q, key_row<BF>(a, a.k, a.kb, a.ks, b, j0, s0), a.ks, s0, n, nh, G, D, sc, ns);
     }
     for (int64_t h = 0; h < H; ++h) softmax_row<S>(sc + h * ns, ns);
     for (int64_t i = 0; i < H * D; ++i) q[i] = 0.f;
     for (int64_t s0 = 0; s0 < ns; s0 += kKeyBlock) {
         const int64_t n = ns - s0 < kKeyBlock ? ns - s0 : kKeyBlock;
-        values_block<S, BF>(sc, v, a.vs, s0, n, nh, G, D, q, ns);
+        values_block<S, BF>(sc, key_row<BF>(a, a.v, a.vb, a.vs, b, j0, s0), a.vs, s0, n, nh, G, D, q, ns);
     }
 }
 
