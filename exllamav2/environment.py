@@ -15,11 +15,11 @@ from pathlib import Path
 
 from .exllamav2_ext import build
 
-CPU_ISA_VAR = "EXLLAMA_CPU_ISA"          # auto (default), avx2 or avx512: which CPU kernels run (avx2 to test that path)
+CPU_ISA_VAR = "EXLLAMA_CPU_ISA"          # auto (default), avx2, avx512 or avx512bf16: which CPU kernels run
 CACHE_VAR = "EXLLAMA_CACHE_DIR"          # where CPU kernel builds are kept (default ~/.cache/exllamav2)
 BUILD_WAIT_VAR = "EXLLAMA_BUILD_WAIT_S"  # longest wait for another process's build of the same key
 DEFAULT_BUILD_WAIT_S = 900.0
-CPU_ISAS = ("auto", "avx2", "avx512")
+CPU_ISAS = ("auto", "avx2", "avx512", "avx512bf16")
 
 
 @dataclass(frozen=True)

@@ -230,6 +230,7 @@ def test_isa_variable_is_read_by_value():
 
     assert ext._cpu_isa(build_settings({"EXLLAMA_CPU_ISA": "AVX2 "})) == "avx2"
     assert ext._cpu_isa(build_settings({"EXLLAMA_CPU_ISA": ""})) == "auto"
+    assert ext._cpu_isa(build_settings({"EXLLAMA_CPU_ISA": "AVX512BF16"})) == "avx512bf16"   # the pair kernels
     with pytest.raises(ext._Unavailable, match="EXLLAMA_CPU_ISA='neon'"):
         ext._cpu_isa(build_settings({"EXLLAMA_CPU_ISA": "neon"}))
 
