@@ -153,7 +153,7 @@ def run_decode_kernel(kernel: Callable | None, q: torch.Tensor, k: torch.Tensor,
 
 
 _DECODE_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-_KEY_BLOCK = 32         # the CPU kernel reads keys in blocks of 32 positions, which must not cross a page
+_KEY_BLOCK = 32         # kKeyBlock (exllamav2_ext/cpu/qkernel.h): the kernel's key blocks must not cross a page
 
 
 def run_paged_decode_kernel(kernel: Callable | None, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,

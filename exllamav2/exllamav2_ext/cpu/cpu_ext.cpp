@@ -465,7 +465,7 @@ torch::Tensor attn_decode_paged(const torch::Tensor& q, const torch::Tensor& k_n
                                 const torch::Tensor& block_table, const torch::Tensor& seqlens, double scale) {
     exlcpu::AttnArgs a = attn_args("attn_decode_paged", q, k_pages, v_pages, scale);
     const int64_t B = a.B, P = k_pages.size(0), page = k_pages.size(1), row = a.Hkv * a.D;
-    TORCH_CHECK(k_pages.is_contiguous() && v_pages.is_contiguous() && page > 0 && page % 32 == 0,
+    TORCH_CHECK(k_pages.is_contiguous() && v_pages.is_contiguous() && page > 0 && page % exlcpu::kKeyBlock == 0,
                 "attn_decode_paged: the pages must be contiguous [P, page_size, Hkv, D], page_size a multiple of 32");
     for (const auto* t : {&k_new, &v_new})
         TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->sizes() == torch::IntArrayRef({B, 1, a.Hkv, a.D}),

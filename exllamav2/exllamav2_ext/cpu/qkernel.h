@@ -9,6 +9,7 @@ namespace exlcpu {
 
 constexpr int kBlock = 16;      // output columns per block: one AVX-512 vector, two AVX2 vectors
 constexpr int kChunkRows = 32;  // rows per chunk: a b-bit chunk is exactly b words per column
+constexpr int64_t kKeyBlock = 32;  // cached positions per block of the decode attention (a page holds whole blocks)
 
 // A quantized matrix in the CPU layout (built at load by exllamav2/quant/cpu_layout.py):
 // the rows are cut into chunks of 32 (padded) rows inside one group; chunk c of column block cb holds

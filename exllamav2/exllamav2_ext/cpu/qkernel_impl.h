@@ -377,7 +377,7 @@ void f16_gemv(const void* x, bool xbf, const uint16_t* w, void* y, int64_t M, in
 // keys alone, a short read every Hkv * D elements, ran at 3.3 GB/s from DRAM on Zen 4). Per head: the scores of
 // its G query heads (each key read once for up to 4 heads), an exact two-pass softmax, then p @ v with up to
 // 4 heads x 64 output columns in registers per pass over a block's values. Buffers are kept per thread.
-constexpr int64_t kKeyBlock = 32;
+// (kKeyBlock, the block length, is in qkernel.h: paged caches need page sizes that are multiples of it.)
 // Each key row read is followed by a prefetch into L2 of the same head's row kPfRows positions ahead (Zen 4, 12
 // layers x 640 cold keys: 1.1 ms with a burst of prefetches per block, 0.7 ms spread like this; 32-64 rows ahead
 // measured alike, 128 slower).
