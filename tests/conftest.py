@@ -15,7 +15,7 @@ import torch
 
 import exllamav2.ext as ext
 from tests.fakes import forget_fake_modules, use_fakes
-from tests.cpu_fixtures import isa, threads  # noqa: F401  (fixtures of the CPU kernel tests)
+from tests.cpu_fixtures import isa, layer_path, threads  # noqa: F401  (fixtures of the CPU kernel tests)
 from tests.tiny_models import ARCH_SPECS, build_tiny_model, write_tokenizer
 
 

@@ -1,5 +1,6 @@
 """Fixtures shared by the CPU kernel tests: each instruction-set path the CPU can run (AVX2 is forced on AVX-512
-CPUs through set_isa) and 1 or 2 torch threads, each restored afterwards. Import the fixtures into a test module."""
+CPUs through set_isa), 1 or 2 torch threads, each restored afterwards, and models loaded without their fused
+decode blocks (`layer_path`). Import the fixtures into a test module."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from exllamav2 import ext
+from exllamav2.model import decode_blocks
 
 kernels = ext.cpu_kernels()
 
@@ -39,3 +41,11 @@ def threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def layer_path(monkeypatch):
+    """Models loaded in the test run their layers' own decode path, which calls the single-op kernels: the fused
+    decode blocks (model/decode_blocks.py; tests/test_decode_blocks.py holds them to this path) are not built."""
+    monkeypatch.setattr(decode_blocks, "attention_block", lambda attn: None)
+    monkeypatch.setattr(decode_blocks, "mlp_block", lambda mlp: None)

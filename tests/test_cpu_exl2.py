@@ -383,8 +383,9 @@ def test_many_layers_fall_back_where_one_call_cannot_serve():
         kernels.q_matmul_many(torch.randn(9, 96), [m.cpu_matrix().call_args() for m in layers], 8)
 
 
-def test_the_demo_model_projects_q_k_v_and_gate_up_in_one_call_each(monkeypatch):
-    """Decode calls q_matmul_many twice per layer (q/k/v, gate/up) and gives the logits of one call per layer."""
+def test_the_demo_model_projects_q_k_v_and_gate_up_in_one_call_each(monkeypatch, layer_path):
+    """The layers' own decode path calls q_matmul_many twice per layer (q/k/v, gate/up) and gives the logits of one
+    call per layer."""
     calls = []
     real = kernels.q_matmul_many
     monkeypatch.setattr(kernels, "q_matmul_many", lambda x, layers, rows: calls.append(len(layers)) or

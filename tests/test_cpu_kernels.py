@@ -274,8 +274,8 @@ def _decode_logits(model_dir) -> tuple[ExLlamaV2, torch.Tensor]:
 
 
 @needs_kernels
-def test_decode_projects_q_k_v_and_gate_up_in_one_call_each(tiny_model_factory, monkeypatch):
-    """A forward of up to 16 rows calls linear_w16_many twice per layer (q/k/v, gate/up), with the logits of one
+def test_decode_projects_q_k_v_and_gate_up_in_one_call_each(tiny_model_factory, monkeypatch, layer_path):
+    """The layers' own path: a forward of up to 16 rows calls linear_w16_many twice per layer (q/k/v, gate/up), with the logits of one
     call per weight."""
     model_dir, _ = tiny_model_factory("qwen2")           # biases on q, k and v too
     calls, real = [], kernels.linear_w16_many
@@ -372,8 +372,8 @@ def _with_and_without_decode_attention(model_dir, dtype: str, calls: list) -> tu
 
 @needs_kernels
 @pytest.mark.parametrize("arch, backend", [("llama", "sdpa"), ("llama", "matmul"), ("llama_mha", "sdpa")])
-def test_decode_attention_kernel_matches_the_backends(tiny_model_factory, monkeypatch, arch, backend):
-    """Decode logits with the kernel wired (GQA 4/2 and MHA, head dim 16) equal the backend's own path's in float32;
+def test_decode_attention_kernel_matches_the_backends(tiny_model_factory, monkeypatch, arch, backend, layer_path):
+    """The layers' own path: decode logits with the kernel wired (GQA 4/2 and MHA, head dim 16) equal the backend's own path's in float32;
     in bfloat16 (where one attention output rounding the other way moves logits by bf16 ulps) they are as close
     to float32's as the backend's own are."""
     calls = []

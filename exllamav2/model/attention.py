@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..architecture import RopeStyle
+from . import decode_blocks
 from .linear import ExLlamaV2Linear, forward_many
 from .module import ExLlamaV2CompositeModule, ExLlamaV2Module
 from .norm import apply_norm, optional_norm
@@ -73,6 +74,7 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         self.rope_local = cfg.rope_local(layer_idx)
         self.residual_scale = cfg.residual_multiplier
         self.backend = None
+        self.decode_block: decode_blocks.AttentionBlock | None = None    # built at load where the layer allows
 
     def submodules(self) -> list[ExLlamaV2Module]:
         parts = (self.pre_norm, self.post_norm, self.q_proj, self.k_proj, self.v_proj, self.o_proj,
@@ -84,13 +86,17 @@ class ExLlamaV2Attention(ExLlamaV2CompositeModule):
         self.backend = self.model.attn_plan.backend_for(self.device)
         if self.qk_l2_eps is not None:      # the weightless norm runs as the ops table's RMS norm with weight 1
             self.qk_l2_weight = torch.ones(self.head_dim, device=self.device)
+        self.decode_block = decode_blocks.attention_block(self)
 
     def unload(self) -> None:
         super().unload()
-        self.backend = self.qk_l2_weight = None
+        self.backend = self.qk_l2_weight = self.decode_block = None
 
     def forward(self, hidden_states: torch.Tensor, cache=None, attn_params=None, loras: list | None = None,
                 **kwargs) -> torch.Tensor:
+        block = self.decode_block
+        if block is not None and block.takes(hidden_states, cache, attn_params, loras):
+            return block.forward(hidden_states, cache, attn_params)
         o = self.attend(apply_norm(self.pre_norm, hidden_states), cache, attn_params, loras)
         return torch.add(hidden_states, apply_norm(self.post_norm, o), alpha=self.residual_scale)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import decode_blocks
 from .linear import ExLlamaV2Linear, forward_many
 from .module import ExLlamaV2CompositeModule, ExLlamaV2Module
 from .norm import apply_norm, optional_norm
@@ -21,6 +22,7 @@ ACTIVATION_FUNCTIONS = {
 
 class ExLlamaV2MLP(ExLlamaV2CompositeModule):
     name = "MLP"
+    decode_block: decode_blocks.MlpBlock | None = None      # built at load where the layer allows
 
     def __init__(self, model, layer_key: str, layer_idx: int) -> None:
         super().__init__(model, f"{layer_key}.mlp")            # upstream's module key
@@ -42,10 +44,21 @@ class ExLlamaV2MLP(ExLlamaV2CompositeModule):
         self.act = ACTIVATION_FUNCTIONS[cfg.activation]
         self.residual_scale = cfg.residual_multiplier
 
+    def load(self) -> None:
+        super().load()
+        self.decode_block = decode_blocks.mlp_block(self)
+
+    def unload(self) -> None:
+        super().unload()
+        self.decode_block = None
+
     def submodules(self) -> list[ExLlamaV2Module]:
         return [m for m in (self.pre_norm, self.post_norm, self.gate_proj, self.up_proj, self.down_proj) if m]
 
     def forward(self, hidden_states: torch.Tensor, loras: list | None = None, **kwargs) -> torch.Tensor:
+        block = self.decode_block
+        if block is not None and block.takes(hidden_states, loras):
+            return block.forward(hidden_states)
         h = apply_norm(self.post_norm, self.project(apply_norm(self.pre_norm, hidden_states), loras))
         return torch.add(hidden_states, h, alpha=self.residual_scale)
 

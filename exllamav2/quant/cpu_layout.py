@@ -59,6 +59,11 @@ class CpuQMatrix:
         return (self.qw, self.chunks, self.scales, self.zeros, self.src, self.bias, self.out_features,
                 self.scale_values, self.pairs)
 
+    def decode_proj(self, kernels: ModuleType):
+        """This layer as a projection of the kernels' fused decode blocks (checked once, there)."""
+        return kernels.DecodeProj.quantized(self.qw, self.chunks, self.scales, self.zeros, self.src, self.bias,
+                                            self.out_features, self.in_features, self.scale_values, self.pairs)
+
     def dequantize(self, kernels: ModuleType) -> torch.Tensor:
         """W as float32 [K, N] (every value an fp16 value)."""
         w = kernels.q_dequant(self.qw, self.chunks, self.scales, self.zeros, self.src, self.in_features,

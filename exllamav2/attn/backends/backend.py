@@ -50,6 +50,9 @@ def paged_kernel_fits(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
 
 class AttentionBackend:
     name: ClassVar[str] = "base"
+    # whether `attend` runs the CPU's decode kernel for the calls it computes exactly (run_decode_kernel): the
+    # model's fused decode blocks (model/decode_blocks.py) stand in for such a backend only
+    runs_decode_kernel: ClassVar[bool] = False
 
     def __init__(self, device: torch.device | str = "cpu", **options) -> None:
         self.device = torch.device(device)

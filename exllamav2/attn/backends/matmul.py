@@ -14,6 +14,7 @@ from .metadata import AttnMetadata
 
 class MatmulBackend(AttentionBackend):
     name = "matmul"
+    runs_decode_kernel = True
 
     def attend(self, q, k, v, meta: AttnMetadata, *, scale, window=0, softcap=0.0, chunk=0, decode_kernel=None):
         out = run_decode_kernel(decode_kernel, q, k, v, meta, scale, window, softcap, chunk)

@@ -48,6 +48,7 @@ def allowed_kernels(device: DeviceInfo) -> tuple[str, ...]:
 
 class SdpaBackend(AttentionBackend):
     name = "sdpa"
+    runs_decode_kernel = True
 
     def __init__(self, device: torch.device | str = "cpu", kernels: tuple[str, ...] | None = None, **options) -> None:
         super().__init__(device, **options)

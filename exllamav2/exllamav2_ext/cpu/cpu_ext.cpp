@@ -17,9 +17,9 @@
 #include <string>
 #include <vector>
 
-#include "qkernel.h"
+#include "host.h"
 
-namespace {
+namespace exlcpu::host {
 
 std::atomic<const exlcpu::Kernels*> g_kernels{nullptr};
 
@@ -113,22 +113,6 @@ std::vector<torch::Tensor> linear_w16_many(torch::Tensor x, const std::vector<to
     return linear_w16("linear_w16_many", x, ws, dt, dt == torch::kFloat16 ? "float16" : "bfloat16");
 }
 
-struct QView {
-    exlcpu::QArgs args;
-    const int32_t* src;
-    int64_t kpad, nblocks;
-    bool pairs;       // the pair layout (kernels_avx512bf16.cpp)
-};
-
-// A calling thread's buffers for one layer of a call (slot: the layer's index in a q_matmul_many call), kept
-// between calls so that decode allocates nothing but its outputs
-template <class T>
-std::vector<T>& slot_buffer(size_t slot) {
-    thread_local std::vector<std::vector<T>> bufs;
-    if (bufs.size() <= slot) bufs.resize(slot + 1);
-    return bufs[slot];
-}
-
 // EXL2's indexed scales: each group's 16 scales as floats and their weight tables, built once per call
 void build_tables(exlcpu::QArgs& a, const torch::Tensor& values, const std::vector<int8_t>& group_bits,
                   size_t slot) {
@@ -162,7 +146,7 @@ void check_chunks(const torch::Tensor& chunks, int64_t words, int64_t ngroups, s
 // scales: fp16 [blocks, groups, 16], or with scale_values (fp16 [groups, 16]) uint8 indices into them
 QView q_view(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
              const std::optional<torch::Tensor>& zeros, const torch::Tensor& src,
-             const std::optional<torch::Tensor>& scale_values, bool pairs, size_t slot = 0) {
+             const std::optional<torch::Tensor>& scale_values, bool pairs, size_t slot) {
     TORCH_CHECK(!pairs || kernels().q_gemv_pairs, "q kernels: the pair layout needs the avx512bf16 kernels (isa '",
                 kernels().name, "')");
     TORCH_CHECK(qw.scalar_type() == torch::kInt32 && qw.dim() == 3 && qw.size(2) == exlcpu::kBlock &&
@@ -288,25 +272,6 @@ void q_gemm(const QView& v, const torch::Tensor& x, torch::Tensor& y, int64_t N)
     }
 }
 
-// One quantized layer of a call, checked, with its output and gathered activations (few rows: the gemv kernels)
-struct QCall {
-    QView v;
-    const float* bias;
-    int64_t N;
-    torch::Tensor y;
-    const float* xf = nullptr;          // the float32 kernel's activations
-    const uint32_t* xp = nullptr;       // the pair kernel's
-    const float* xs = nullptr;
-
-    void run(bool xbf, int64_t M, int64_t cb0, int64_t cb1) const {
-        if (v.pairs)
-            kernels().q_gemv_pairs(v.args, xp, xs, M, v.kpad / 2, bias,
-                                   reinterpret_cast<uint16_t*>(y.data_ptr<at::BFloat16>()), N, N, cb0, cb1);
-        else
-            kernels().q_gemv(v.args, xf, M, v.kpad, bias, y.data_ptr(), xbf, N, N, cb0, cb1);
-    }
-};
-
 QCall q_call(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
              const std::optional<torch::Tensor>& zeros, const torch::Tensor& src,
              const std::optional<torch::Tensor>& bias, int64_t N, const std::optional<torch::Tensor>& scale_values,
@@ -425,13 +390,17 @@ exlcpu::AttnArgs attn_args(const char* name, const torch::Tensor& q, const torch
             k.stride(0), k.stride(1), v.stride(0), v.stride(1), float(scale), dt == torch::kBFloat16};
 }
 
+void run_attention(AttnArgs& a, const void* q, void* out) {
+    a.q = q;
+    a.out = out;
+    auto fn = kernels().attn_decode;
+    at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+}
+
 torch::Tensor run_attention(exlcpu::AttnArgs& a, const torch::Tensor& q) {
     auto qc = q.contiguous();
     auto out = torch::empty_like(qc);
-    a.q = qc.data_ptr();
-    a.out = out.data_ptr();
-    auto fn = kernels().attn_decode;
-    at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+    run_attention(a, qc.data_ptr(), out.data_ptr());
     return out;
 }
 
@@ -456,6 +425,47 @@ torch::Tensor attn_decode(const torch::Tensor& q, const torch::Tensor& k, const 
     return run_attention(a, q);
 }
 
+// The pools k_pages, v_pages [P, page_size, Hkv, D] and tables of a paged decode step checked against `a` (B rows,
+// its heads), each row's new key and value (k_new, v_new: contiguous [B][Hkv][D] in the pools' dtype) written at
+// position seqlens[b] through its pages, and `a` pointed at the pools with lens[b] = seqlens[b] + 1 keys
+void write_paged(const char* name, AttnArgs& a, const void* k_new, const void* v_new, const torch::Tensor& k_pages,
+                 const torch::Tensor& v_pages, const torch::Tensor& block_table, const torch::Tensor& seqlens,
+                 std::vector<int64_t>& lens) {
+    const int64_t B = a.B, P = k_pages.size(0), page = k_pages.size(1), row = a.Hkv * a.D;
+    TORCH_CHECK(k_pages.is_contiguous() && v_pages.is_contiguous() && page > 0 && page % exlcpu::kKeyBlock == 0,
+                name, ": the pages must be contiguous [P, page_size, Hkv, D], page_size a multiple of 32");
+    TORCH_CHECK(block_table.scalar_type() == torch::kInt32 && block_table.dim() == 2 && block_table.size(0) == B &&
+                block_table.is_contiguous() && seqlens.scalar_type() == torch::kInt32 && seqlens.dim() == 1 &&
+                seqlens.size(0) == B && seqlens.is_contiguous() && block_table.device().is_cpu() &&
+                seqlens.device().is_cpu(),
+                name, ": block_table int32 [B, pages per row] and seqlens int32 [B], contiguous, on the CPU");
+    const int32_t* bt = block_table.data_ptr<int32_t>();
+    const int32_t* sl = seqlens.data_ptr<int32_t>();
+    const int64_t per_row = block_table.size(1);
+    lens.assign(static_cast<size_t>(B), 0);
+    for (int64_t b = 0; b < B; ++b) {
+        TORCH_CHECK(sl[b] >= 0 && sl[b] < per_row * page, name, ": seqlens[", b, "] = ", sl[b], " outside 0..",
+                    per_row * page - 1, " (the row's pages)");
+        for (int64_t i = 0; i <= sl[b] / page; ++i)
+            TORCH_CHECK(bt[b * per_row + i] >= 0 && bt[b * per_row + i] < P, name, ": block_table[", b, ", ", i,
+                        "] = ", bt[b * per_row + i], " outside 0..", P - 1);
+        lens[size_t(b)] = sl[b] + 1;
+        a.S = std::max(a.S, lens[size_t(b)]);
+    }
+    const size_t esize = k_pages.element_size();
+    for (int64_t b = 0; b < B; ++b) {     // the new position's row of each pool
+        const int64_t at = (bt[b * per_row + sl[b] / page] * page + sl[b] % page) * row;
+        std::memcpy(static_cast<char*>(k_pages.data_ptr()) + at * esize,
+                    static_cast<const char*>(k_new) + b * row * esize, row * esize);
+        std::memcpy(static_cast<char*>(v_pages.data_ptr()) + at * esize,
+                    static_cast<const char*>(v_new) + b * row * esize, row * esize);
+    }
+    a.lens = lens.data();
+    a.pages = bt;
+    a.page_size = page;
+    a.pages_stride = per_row;
+}
+
 // Paged decode attention: the new keys and values k_new, v_new [B, 1, Hkv, D] written at position seqlens[b] of
 // each row (int32 [B]) through its pages (block_table int32 [B, pages per row]) into the pools k_pages, v_pages
 // [P, page_size, Hkv, D] (contiguous, page_size a multiple of 32), then the query q [B, 1, Hq, D] of row b over
@@ -464,43 +474,12 @@ torch::Tensor attn_decode_paged(const torch::Tensor& q, const torch::Tensor& k_n
                                 const torch::Tensor& k_pages, const torch::Tensor& v_pages,
                                 const torch::Tensor& block_table, const torch::Tensor& seqlens, double scale) {
     exlcpu::AttnArgs a = attn_args("attn_decode_paged", q, k_pages, v_pages, scale);
-    const int64_t B = a.B, P = k_pages.size(0), page = k_pages.size(1), row = a.Hkv * a.D;
-    TORCH_CHECK(k_pages.is_contiguous() && v_pages.is_contiguous() && page > 0 && page % exlcpu::kKeyBlock == 0,
-                "attn_decode_paged: the pages must be contiguous [P, page_size, Hkv, D], page_size a multiple of 32");
     for (const auto* t : {&k_new, &v_new})
-        TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->sizes() == torch::IntArrayRef({B, 1, a.Hkv, a.D}),
+        TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->sizes() == torch::IntArrayRef({a.B, 1, a.Hkv, a.D}),
                     "attn_decode_paged: k_new and v_new must be [B, 1, Hkv, D] in q's dtype");
-    TORCH_CHECK(block_table.scalar_type() == torch::kInt32 && block_table.dim() == 2 && block_table.size(0) == B &&
-                block_table.is_contiguous() && seqlens.scalar_type() == torch::kInt32 && seqlens.dim() == 1 &&
-                seqlens.size(0) == B && seqlens.is_contiguous() && block_table.device().is_cpu() &&
-                seqlens.device().is_cpu(),
-                "attn_decode_paged: block_table int32 [B, pages per row] and seqlens int32 [B], contiguous, on the CPU");
-    const int32_t* bt = block_table.data_ptr<int32_t>();
-    const int32_t* sl = seqlens.data_ptr<int32_t>();
-    std::vector<int64_t> lens(static_cast<size_t>(B));
-    for (int64_t b = 0; b < B; ++b) {
-        TORCH_CHECK(sl[b] >= 0 && sl[b] < block_table.size(1) * page, "attn_decode_paged: seqlens[", b, "] = ", sl[b],
-                    " outside 0..", block_table.size(1) * page - 1, " (the row's pages)");
-        for (int64_t i = 0; i <= sl[b] / page; ++i)
-            TORCH_CHECK(bt[b * block_table.size(1) + i] >= 0 && bt[b * block_table.size(1) + i] < P,
-                        "attn_decode_paged: block_table[", b, ", ", i, "] = ", bt[b * block_table.size(1) + i],
-                        " outside 0..", P - 1);
-        lens[size_t(b)] = sl[b] + 1;
-        a.S = std::max(a.S, lens[size_t(b)]);
-    }
-    const size_t esize = k_pages.element_size();
     auto kn = k_new.contiguous(), vn = v_new.contiguous();
-    for (int64_t b = 0; b < B; ++b) {     // the new position's row of each pool
-        const int64_t at = (bt[b * block_table.size(1) + sl[b] / page] * page + sl[b] % page) * row;
-        std::memcpy(static_cast<char*>(k_pages.data_ptr()) + at * esize,
-                    static_cast<const char*>(kn.data_ptr()) + b * row * esize, row * esize);
-        std::memcpy(static_cast<char*>(v_pages.data_ptr()) + at * esize,
-                    static_cast<const char*>(vn.data_ptr()) + b * row * esize, row * esize);
-    }
-    a.lens = lens.data();
-    a.pages = bt;
-    a.page_size = page;
-    a.pages_stride = block_table.size(1);
+    std::vector<int64_t> lens;
+    write_paged("attn_decode_paged", a, kn.data_ptr(), vn.data_ptr(), k_pages, v_pages, block_table, seqlens, lens);
     return run_attention(a, q);
 }
 
@@ -547,9 +526,21 @@ torch::Tensor rope_neox(const torch::Tensor& x, const torch::Tensor& cos, const 
     return y;
 }
 
-}  // namespace
+// y = silu(g) * u, the gated MLP's activation (the decode blocks' kernel): g and u alike, float32 or bfloat16
+torch::Tensor silu_mul(const torch::Tensor& g, const torch::Tensor& u) {
+    TORCH_CHECK(g.device().is_cpu() && float32_or_bf16(g) && u.scalar_type() == g.scalar_type() &&
+                u.sizes() == g.sizes() && u.device().is_cpu(), "silu_mul: g and u must be float32 or bfloat16 CPU "
+                "tensors of one shape");
+    auto gc = g.contiguous(), uc = u.contiguous();
+    auto y = torch::empty_like(gc);
+    kernels().silu_mul(gc.data_ptr(), uc.data_ptr(), g.scalar_type() == torch::kBFloat16, y.data_ptr(), y.numel());
+    return y;
+}
+
+}  // namespace exlcpu::host
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+    using namespace exlcpu::host;
     set_isa("auto");
     m.def("linear_f16w", &linear_f16w, "y = x @ w.T, x float32 or bfloat16 (M, K), w float16 (N, K); y in x's dtype");
     m.def("linear_bf16w", &linear_bf16w, "y = x @ w.T, x float32 or bfloat16 (M, K), w bfloat16 (N, K); y in x's dtype");
@@ -583,6 +574,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("x"), py::arg("w"), py::arg("eps"));
     m.def("rope_neox", &rope_neox, "NeoX RoPE of x [B, L, H, D] (float32 or bfloat16) by float32 cos, sin "
           "[B, L, 1, R]; a new tensor in x's dtype", py::arg("x"), py::arg("cos"), py::arg("sin"));
+    m.def("silu_mul", &silu_mul, "silu(g) * u, g and u float32 or bfloat16 alike; silu rounded to their dtype "
+          "before the product, as torch's two ops", py::arg("g"), py::arg("u"));
+    register_decode_blocks(m);
     m.def("set_isa", &set_isa, "choose the kernels: 'auto' (from the CPU's flags), 'avx2', 'avx512' or "
           "'avx512bf16'; returns it");
     m.def("isa", &isa, "the instruction set the kernels run");

@@ -122,6 +122,8 @@ struct S {
     static inline __attribute__((always_inline)) F set1(float v) { __m256 s = _mm256_set1_ps(v); return {s, s}; }
     static inline __attribute__((always_inline)) F mul(F a, F b) { return {_mm256_mul_ps(a.lo, b.lo), _mm256_mul_ps(a.hi, b.hi)}; }
     static inline __attribute__((always_inline)) F max(F a, F b) { return {_mm256_max_ps(a.lo, b.lo), _mm256_max_ps(a.hi, b.hi)}; }
+    static inline __attribute__((always_inline)) F min(F a, F b) { return {_mm256_min_ps(a.lo, b.lo), _mm256_min_ps(a.hi, b.hi)}; }
+    static inline __attribute__((always_inline)) F div(F a, F b) { return {_mm256_div_ps(a.lo, b.lo), _mm256_div_ps(a.hi, b.hi)}; }
     static inline __attribute__((always_inline)) float hsum8(__m256 v) {
         __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -191,7 +193,8 @@ const Kernels& kernels_avx2() {
     static const Kernels k{"avx2", &avx2::q_gemv<avx2::S>, &avx2::q_dequant<avx2::S>, &avx2::f16_gemv<avx2::S>,
                            &avx2::q_tables<avx2::S>, &avx2::f16_gemv<avx2::S, true>,
                            &avx2::attn_decode<avx2::S>,
-                           &avx2::rms_norm<avx2::S>, &avx2::rope_neox<avx2::S>};
+                           &avx2::rms_norm<avx2::S>, &avx2::rope_neox<avx2::S>,
+                           &avx2::silu_mul<avx2::S>};
     return k;
 }
 

@@ -101,6 +101,8 @@ struct S {
     static inline __attribute__((always_inline)) F set1(float v) { return _mm512_set1_ps(v); }
     static inline __attribute__((always_inline)) F mul(F a, F b) { return _mm512_mul_ps(a, b); }
     static inline __attribute__((always_inline)) F max(F a, F b) { return _mm512_max_ps(a, b); }
+    static inline __attribute__((always_inline)) F min(F a, F b) { return _mm512_min_ps(a, b); }
+    static inline __attribute__((always_inline)) F div(F a, F b) { return _mm512_div_ps(a, b); }
     static inline __attribute__((always_inline)) float reduce_add(F v) { return _mm512_reduce_add_ps(v); }
     static inline __attribute__((always_inline)) float reduce_max(F v) { return _mm512_reduce_max_ps(v); }
     // e^x for x <= 0 (softmax after subtracting the maximum), within 2 ulp: 2^n * p(r), x = n ln2 + r
@@ -153,7 +155,8 @@ const Kernels& kernels_avx512() {
                            &avx512::f16_gemv<avx512::S>, &avx512::q_tables<avx512::S>,
                            &avx512::f16_gemv<avx512::S, true>,
                            &avx512::attn_decode<avx512::S>,
-                           &avx512::rms_norm<avx512::S>, &avx512::rope_neox<avx512::S>};
+                           &avx512::rms_norm<avx512::S>, &avx512::rope_neox<avx512::S>,
+                           &avx512::silu_mul<avx512::S>};
     return k;
 }
 

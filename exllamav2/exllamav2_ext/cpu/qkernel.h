@@ -77,6 +77,9 @@ using RmsNormFn = void (*)(const void* x, bool bf, const float* w, void* y, int6
 // NeoX RoPE of rows r0 .. r1 - 1 of x [rows][H][D] (first R dims) by cos, sin [rows][R] into y; x, y as above
 using RopeFn = void (*)(const void* x, bool bf, const float* cos, const float* sin, void* y, int64_t H, int64_t D,
                         int64_t R, int64_t r0, int64_t r1);
+// y = silu(g) * u over n elements (g, u, y float32, or bf16 with bf): silu(g) rounded to the element type, then
+// the product, as the twin's two ops round them (silu within a few float32 ulp of torch's)
+using ActMulFn = void (*)(const void* g, const void* u, bool bf, void* y, int64_t n);
 
 // The pair layout (kernels_avx512bf16.cpp), bf16 activations: x [M][npairs] the activations in padded-row order
 // as bf16 pairs (rows 2p, 2p + 1 of a chunk in one uint32), xs [M][nchunks] each chunk's sum of them; y bf16.
@@ -93,6 +96,7 @@ struct Kernels {
     AttnFn attn_decode;
     RmsNormFn rms_norm;
     RopeFn rope_neox;
+    ActMulFn silu_mul;
     QPairGemvFn q_gemv_pairs = nullptr;       // the pair layout's kernels: only where the CPU has AVX512-BF16
     QDequantFn q_dequant_pairs = nullptr;
 };

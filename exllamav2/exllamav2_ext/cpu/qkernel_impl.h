@@ -669,3 +669,35 @@ void rope_neox(const void* x, bool bf, const float* cos, const float* sin, void*
     if (bf) rope_rows<S, true>(static_cast<const uint16_t*>(x), cos, sin, static_cast<uint16_t*>(y), H, D, R, r0, r1);
     else rope_rows<S, false>(static_cast<const float*>(x), cos, sin, static_cast<float*>(y), H, D, R, r0, r1);
 }
+
+// silu(x) = x e^min(x, 0) / (1 + e^-|x|): both exponents <= 0, the range exp_neg covers, for either sign of x
+template <class S, bool BF>
+void silu_mul_elems(const Elem<BF>* g, const Elem<BF>* u, Elem<BF>* y, int64_t n) {
+    using F = typename S::F;
+    int64_t i = 0;
+    for (; i + kBlock <= n; i += kBlock) {
+        const F x = load_elems<S, BF>(g + i), zero = S::zero();
+        const F num = S::mul(x, S::exp_neg(S::min(x, zero)));
+        F act = S::div(num, S::add(S::set1(1.f), S::exp_neg(S::min(x, S::mul(x, S::set1(-1.f))))));
+        if constexpr (BF) {         // the twin rounds silu's output to bf16 before the product
+            alignas(64) uint16_t t[kBlock];
+            S::store_bf(t, act);
+            act = S::load_bf(t);
+            S::store_bf(y + i, S::mul(act, load_elems<S, BF>(u + i)));
+        } else {
+            S::store(y + i, S::mul(act, load_elems<S, BF>(u + i)));
+        }
+    }
+    for (; i < n; ++i) {
+        const float x = elem_to_float<BF>(g[i]);
+        const float act = elem_to_float<BF>(float_to_elem<BF>(x / (1.f + std::exp(-x))));
+        y[i] = float_to_elem<BF>(act * elem_to_float<BF>(u[i]));
+    }
+}
+
+template <class S>
+void silu_mul(const void* g, const void* u, bool bf, void* y, int64_t n) {
+    if (bf) silu_mul_elems<S, true>(static_cast<const uint16_t*>(g), static_cast<const uint16_t*>(u),
+                                    static_cast<uint16_t*>(y), n);
+    else silu_mul_elems<S, false>(static_cast<const float*>(g), static_cast<const float*>(u), static_cast<float*>(y), n);
+}

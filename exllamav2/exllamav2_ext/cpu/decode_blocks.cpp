@@ -1,0 +1,343 @@
+// Whole decode blocks in one call each: the attention block (norm, q/k/v, RoPE, cache write, attention, output
+// projection, residual) and the MLP block (norm, gate/up, SiLU, down, residual) for one new token per row. At the
+// sizes where decode is bound by reading the weights, the fifteen-odd Python and dispatcher calls a block makes
+// otherwise cost as much as a fifth of the step. The Python path (model/attention.py, model/mlp.py) is their twin:
+// the same kernels in the same order, so the two agree bit for bit, save where this SiLU's last float32 bits
+// differ from torch's and move a bf16 rounding. The projections are checked once, when a block is built.
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+#include "host.h"
+
+namespace exlcpu::host {
+namespace {
+
+bool is_bf16(const torch::Tensor& t) { return t.scalar_type() == torch::kBFloat16; }
+
+// One projection, checked once: the quantized CPU layout (exllamav2/quant/cpu_layout.py) or a 16-bit weight
+struct Proj {
+    std::vector<torch::Tensor> keep;     // the tensors the view points into
+    QView v{};
+    bool quant = false, tables = false;  // tables: EXL2's indexed scales off the pair layout, built per call
+    std::vector<int8_t> group_bits;
+    torch::Tensor scale_values, w, bias;
+    int64_t N = 0, K = 0;
+
+    static Proj quantized(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
+                          const std::optional<torch::Tensor>& zeros, const torch::Tensor& src,
+                          const std::optional<torch::Tensor>& bias, int64_t N, int64_t K,
+                          const std::optional<torch::Tensor>& scale_values, bool pairs) {
+        Proj p;
+        p.v = q_view(qw, chunks, scales, zeros, src, scale_values, pairs);
+        check_src(p.v, K);
+        TORCH_CHECK(N > 0 && N <= p.v.nblocks * kBlock, "DecodeProj: N = ", N, " outside 1..", p.v.nblocks * kBlock);
+        p.quant = true;
+        p.N = N;
+        p.K = K;
+        p.keep = {qw, chunks, scales, src};
+        if (zeros && zeros->defined()) p.keep.push_back(*zeros);
+        if (scale_values && scale_values->defined()) {
+            p.scale_values = *scale_values;
+            p.tables = !pairs;
+            if (p.tables) check_chunks(chunks, qw.size(1), scales.size(1), p.group_bits);
+        }
+        if (bias && bias->defined()) {
+            TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->dim() == 1 && bias->size(0) == N &&
+                        bias->is_contiguous(), "DecodeProj: a quantized layer's bias must be contiguous float32 [N]");
+            p.bias = *bias;
+        }
+        return p;
+    }
+
+    static Proj dense(const torch::Tensor& w, const std::optional<torch::Tensor>& bias) {
+        TORCH_CHECK(w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() &&
+                    (w.scalar_type() == torch::kFloat16 || w.scalar_type() == torch::kBFloat16),
+                    "DecodeProj: w must be a contiguous float16 or bfloat16 CPU tensor [N, K]");
+        Proj p;
+        p.w = w;
+        p.N = w.size(0);
+        p.K = w.size(1);
+        if (bias && bias->defined()) {
+            TORCH_CHECK(bias->dim() == 1 && bias->size(0) == p.N && bias->is_contiguous() && float32_or_bf16(*bias),
+                        "DecodeProj: bias must be contiguous float32 or bfloat16 [N]");
+            p.bias = *bias;
+        }
+        return p;
+    }
+
+    static bool float32_or_bf16(const torch::Tensor& t) {
+        return t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16;
+    }
+};
+
+// y[m, n] += b[n] in y's dtype (bf16: the float sum rounded, as torch's in-place add)
+template <class T>
+void add_rows(T* y, const T* b, int64_t M, int64_t N) {
+    for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) y[m * N + n] = y[m * N + n] + b[n];
+}
+
+void add_bias(torch::Tensor& y, const torch::Tensor& bias) {
+    TORCH_CHECK(bias.scalar_type() == y.scalar_type(), "DecodeProj: a 16-bit layer's bias must be in the "
+                "activations' dtype");
+    if (is_bf16(y))
+        add_rows(y.data_ptr<at::BFloat16>(), bias.data_ptr<at::BFloat16>(), y.size(0), y.size(1));
+    else
+        add_rows(y.data_ptr<float>(), bias.data_ptr<float>(), y.size(0), y.size(1));
+}
+
+// x [M, K] through quantized projections of the same input, in one parallel region (as q_matmul_many)
+std::vector<torch::Tensor> project_quantized(const std::vector<const Proj*>& ps, const torch::Tensor& x) {
+    const int64_t M = x.size(0);
+    const bool xbf = is_bf16(x);
+    std::vector<QCall> calls;
+    std::vector<int64_t> first{0};
+    for (size_t i = 0; i < ps.size(); ++i) {
+        const Proj& p = *ps[i];
+        TORCH_CHECK(!p.v.pairs || (xbf && kernels().q_gemv_pairs), "decode block: the pair layout takes bfloat16 "
+                    "activations and the avx512bf16 kernels (isa '", kernels().name, "')");
+        QCall c{p.v, p.bias.defined() ? p.bias.data_ptr<float>() : nullptr, p.N, torch::empty({M, p.N}, x.options())};
+        if (p.tables) build_tables(c.v.args, p.scale_values, p.group_bits, i);
+        gather_for(c, x, i);
+        calls.push_back(std::move(c));
+        first.push_back(first.back() + calls.back().v.nblocks);
+    }
+    at::parallel_for(0, first.back(), block_grain(calls[0].v.kpad), [&](int64_t b0, int64_t b1) {
+        for (size_t i = 0; i < calls.size(); ++i) {
+            const int64_t lo = std::max(b0, first[i]), hi = std::min(b1, first[i + 1]);
+            if (lo < hi) calls[i].run(xbf, M, lo - first[i], hi - first[i]);
+        }
+    });
+    std::vector<torch::Tensor> ys;
+    for (const auto& c : calls) ys.push_back(c.y);
+    return ys;
+}
+
+// x [M, K] through 16-bit projections of the same input, in one parallel region (as linear_w16_many)
+std::vector<torch::Tensor> project_dense(const std::vector<const Proj*>& ps, const torch::Tensor& x) {
+    const int64_t M = x.size(0), K = x.size(1);
+    std::vector<torch::Tensor> ys;
+    std::vector<int64_t> first{0};
+    for (const Proj* p : ps) {
+        ys.push_back(torch::empty({M, p->N}, x.options()));
+        first.push_back(first.back() + p->N);
+    }
+    const bool xbf = is_bf16(x);
+    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
+    at::parallel_for(0, first.back(), grain, [&](int64_t r0, int64_t r1) {
+        for (size_t i = 0; i < ps.size(); ++i) {
+            const int64_t lo = std::max(r0, first[i]), hi = std::min(r1, first[i + 1]);
+            if (lo < hi)
+                w16_kernel(ps[i]->w.scalar_type())(x.data_ptr(), xbf,
+                                                   reinterpret_cast<const uint16_t*>(ps[i]->w.data_ptr()),
+                                                   ys[i].data_ptr(), M, K, ps[i]->N, lo - first[i], hi - first[i]);
+        }
+    });
+    for (size_t i = 0; i < ps.size(); ++i)
+        if (ps[i]->bias.defined()) add_bias(ys[i], ps[i]->bias);
+    return ys;
+}
+
+std::vector<torch::Tensor> project(const std::vector<const Proj*>& ps, const torch::Tensor& x) {
+    return ps[0]->quant ? project_quantized(ps, x) : project_dense(ps, x);
+}
+
+// the projections of one input, checked when a block is built: all of one kind, each taking K inputs
+void check_group(const char* name, const std::vector<const Proj*>& ps, int64_t K) {
+    for (const Proj* p : ps)
+        TORCH_CHECK(p->quant == ps[0]->quant && p->K == K, name, ": the projections of one input must all be "
+                    "quantized or all 16-bit, each with ", K, " inputs");
+}
+
+// x [B, 1, H] (or [B, H]) float32 or bf16 on the CPU as contiguous rows [B, H]
+torch::Tensor rows_of(const char* name, const torch::Tensor& x, int64_t H) {
+    TORCH_CHECK(x.device().is_cpu() && Proj::float32_or_bf16(x) && x.size(-1) == H && x.numel() > 0 &&
+                (x.dim() == 2 || (x.dim() == 3 && x.size(1) == 1)),
+                name, ": x must be a float32 or bfloat16 CPU tensor [B, 1, ", H, "]");
+    TORCH_CHECK(x.size(0) <= 8, name, ": at most 8 rows (decode), got ", x.size(0));
+    return x.reshape({x.size(0), H}).contiguous();
+}
+
+torch::Tensor rms(const torch::Tensor& x, const torch::Tensor& w, double eps) {
+    auto h = torch::empty_like(x);
+    kernels().rms_norm(x.data_ptr(), is_bf16(x), w.data_ptr<float>(), h.data_ptr(), x.size(1), float(eps), 0,
+                       x.size(0));
+    return h;
+}
+
+// x + y in x's dtype, shaped as `like` (bf16: the float sum rounded, as torch.add)
+torch::Tensor residual(const torch::Tensor& x, const torch::Tensor& y, const torch::Tensor& like) {
+    auto out = torch::empty_like(x);
+    const int64_t n = x.numel();
+    if (is_bf16(x)) {
+        const auto *a = x.data_ptr<at::BFloat16>(), *b = y.data_ptr<at::BFloat16>();
+        auto* o = out.data_ptr<at::BFloat16>();
+        for (int64_t i = 0; i < n; ++i) o[i] = a[i] + b[i];
+    } else {
+        const float *a = x.data_ptr<float>(), *b = y.data_ptr<float>();
+        float* o = out.data_ptr<float>();
+        for (int64_t i = 0; i < n; ++i) o[i] = a[i] + b[i];
+    }
+    return out.view(like.sizes());
+}
+
+void check_norm(const char* name, const torch::Tensor& w, int64_t H) {
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == torch::kFloat32 && w.dim() == 1 && w.size(0) == H &&
+                w.is_contiguous(), name, ": the norm weight must be contiguous float32 [", H, "]");
+}
+
+struct AttnBlock {
+    torch::Tensor norm_w;
+    double eps;
+    Proj q, k, v, o;
+    int64_t Hq, Hkv, D;
+    double scale;
+
+    AttnBlock(torch::Tensor norm_w_, double eps_, Proj q_, Proj k_, Proj v_, Proj o_, int64_t Hq_, int64_t Hkv_,
+              int64_t D_, double scale_)
+        : norm_w(std::move(norm_w_)), eps(eps_), q(std::move(q_)), k(std::move(k_)), v(std::move(v_)),
+          o(std::move(o_)), Hq(Hq_), Hkv(Hkv_), D(D_), scale(scale_) {
+        const int64_t H = norm_w.size(0);
+        check_norm("AttnDecodeBlock", norm_w, H);
+        TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && D % kBlock == 0, "AttnDecodeBlock: query heads a multiple of kv "
+                    "heads, head dim a multiple of 16");
+        check_group("AttnDecodeBlock", {&q, &k, &v}, H);
+        check_group("AttnDecodeBlock", {&o}, Hq * D);
+        TORCH_CHECK(q.N == Hq * D && k.N == Hkv * D && v.N == Hkv * D && o.N == H,
+                    "AttnDecodeBlock: projection sizes do not match the heads");
+    }
+
+    // the new token of each row at position `past` of the dense cache k_cache, v_cache [batch, S, Hkv, D]
+    torch::Tensor forward(const torch::Tensor& x, const torch::Tensor& kc, const torch::Tensor& vc, int64_t past,
+                          const std::optional<torch::Tensor>& cos, const std::optional<torch::Tensor>& sin) const {
+        const torch::Tensor x2 = rows_of("AttnDecodeBlock", x, o.N);
+        const int64_t B = x2.size(0);
+        for (const auto* c : {&kc, &vc})
+            TORCH_CHECK(fits_cache(*c, x2) && c->size(0) >= B && past >= 0 && past < c->size(1),
+                        "AttnDecodeBlock: the cache must be [>= B, > past, Hkv, D] in x's dtype, heads contiguous");
+        const auto qkv = rotated_qkv(x2, cos, sin);
+        const size_t row = size_t(Hkv * D) * x2.element_size();
+        for (int64_t b = 0; b < B; ++b) {
+            std::memcpy(static_cast<char*>(kc.data_ptr()) + (b * kc.stride(0) + past * kc.stride(1)) * kc.element_size(),
+                        static_cast<const char*>(qkv[1].data_ptr()) + b * row, row);
+            std::memcpy(static_cast<char*>(vc.data_ptr()) + (b * vc.stride(0) + past * vc.stride(1)) * vc.element_size(),
+                        static_cast<const char*>(qkv[2].data_ptr()) + b * row, row);
+        }
+        AttnArgs a = args(B, kc, vc, is_bf16(x2));
+        a.S = past + 1;
+        a.kb = kc.stride(0);
+        a.vb = vc.stride(0);
+        return attend(a, x2, qkv[0], x);
+    }
+
+    // the new token of row b at position seqlens[b] of its pages (block_table) in the pools [P, page_size, Hkv, D]
+    torch::Tensor forward_paged(const torch::Tensor& x, const torch::Tensor& k_pages, const torch::Tensor& v_pages,
+                                const torch::Tensor& block_table, const torch::Tensor& seqlens,
+                                const std::optional<torch::Tensor>& cos, const std::optional<torch::Tensor>& sin) const {
+        const torch::Tensor x2 = rows_of("AttnDecodeBlock", x, o.N);
+        for (const auto* c : {&k_pages, &v_pages})
+            TORCH_CHECK(fits_cache(*c, x2), "AttnDecodeBlock: the pages must be [P, page_size, Hkv, D] in x's dtype");
+        const auto qkv = rotated_qkv(x2, cos, sin);
+        AttnArgs a = args(x2.size(0), k_pages, v_pages, is_bf16(x2));
+        std::vector<int64_t> lens;
+        write_paged("AttnDecodeBlock", a, qkv[1].data_ptr(), qkv[2].data_ptr(), k_pages, v_pages, block_table, seqlens,
+                    lens);
+        return attend(a, x2, qkv[0], x);
+    }
+
+private:
+    bool fits_cache(const torch::Tensor& c, const torch::Tensor& x2) const {
+        return c.device().is_cpu() && c.scalar_type() == x2.scalar_type() && c.dim() == 4 && c.size(2) == Hkv &&
+               c.size(3) == D && c.stride(3) == 1 && c.stride(2) == D;
+    }
+
+    AttnArgs args(int64_t B, const torch::Tensor& k, const torch::Tensor& v, bool bf) const {
+        return {nullptr, k.data_ptr(), v.data_ptr(), nullptr, nullptr, B, Hq, Hkv, D, 0, Hq * D, 0, k.stride(1), 0,
+                v.stride(1), float(scale), bf};
+    }
+
+    // q, k and v of the normed rows, q and k rotated (NeoX) by cos, sin [B, 1, 1, R] where given
+    std::vector<torch::Tensor> rotated_qkv(const torch::Tensor& x2, const std::optional<torch::Tensor>& cos,
+                                           const std::optional<torch::Tensor>& sin) const {
+        auto qkv = project({&q, &k, &v}, rms(x2, norm_w, eps));
+        TORCH_CHECK(cos.has_value() == sin.has_value(), "AttnDecodeBlock: cos and sin go together");
+        if (!cos) return qkv;
+        const int64_t B = x2.size(0), R = cos->size(-1);
+        for (const auto* t : {&*cos, &*sin})
+            TORCH_CHECK(t->scalar_type() == torch::kFloat32 && t->is_contiguous() && t->numel() == B * R &&
+                        R % 2 == 0 && R <= D, "AttnDecodeBlock: cos and sin must be contiguous float32 [B, 1, 1, R]");
+        const int64_t heads[2] = {Hq, Hkv};
+        for (int i = 0; i < 2; ++i) {
+            auto r = torch::empty_like(qkv[i]);
+            kernels().rope_neox(qkv[i].data_ptr(), is_bf16(x2), cos->data_ptr<float>(), sin->data_ptr<float>(),
+                                r.data_ptr(), heads[i], D, R, 0, B);
+            qkv[i] = r;
+        }
+        return qkv;
+    }
+
+    // x + o_proj(attention of the rotated queries qr by `a`), shaped as `like`
+    torch::Tensor attend(AttnArgs& a, const torch::Tensor& x2, const torch::Tensor& qr, const torch::Tensor& like) const {
+        auto att = torch::empty({x2.size(0), Hq * D}, x2.options());
+        run_attention(a, qr.data_ptr(), att.data_ptr());
+        return residual(x2, project({&o}, att)[0], like);
+    }
+};
+
+struct MlpBlock {
+    torch::Tensor norm_w;
+    double eps;
+    Proj gate, up, down;
+
+    MlpBlock(torch::Tensor norm_w_, double eps_, Proj gate_, Proj up_, Proj down_)
+        : norm_w(std::move(norm_w_)), eps(eps_), gate(std::move(gate_)), up(std::move(up_)), down(std::move(down_)) {
+        const int64_t H = norm_w.size(0);
+        check_norm("MlpDecodeBlock", norm_w, H);
+        check_group("MlpDecodeBlock", {&gate, &up}, H);
+        check_group("MlpDecodeBlock", {&down}, gate.N);
+        TORCH_CHECK(up.N == gate.N && down.N == H, "MlpDecodeBlock: gate and up must have one width, down H outputs");
+    }
+
+    torch::Tensor forward(const torch::Tensor& x) const {
+        const torch::Tensor x2 = rows_of("MlpDecodeBlock", x, down.N);
+        auto gu = project({&gate, &up}, rms(x2, norm_w, eps));
+        auto act = torch::empty_like(gu[0]);
+        kernels().silu_mul(gu[0].data_ptr(), gu[1].data_ptr(), is_bf16(x2), act.data_ptr(), act.numel());
+        return residual(x2, project({&down}, act)[0], x);
+    }
+};
+
+}  // namespace
+
+void register_decode_blocks(pybind11::module_& m) {
+    namespace py = pybind11;
+    py::class_<Proj>(m, "DecodeProj", "one projection of a decode block, checked once")
+        .def_static("quantized", &Proj::quantized, "a layer in the CPU layout (q_matmul's arguments, K its inputs)",
+                    py::arg("qw"), py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"),
+                    py::arg("bias"), py::arg("N"), py::arg("K"), py::arg("scale_values"), py::arg("pairs"))
+        .def_static("dense", &Proj::dense, "16-bit weights w [N, K] (float16 or bfloat16), bias in the activations' "
+                    "dtype", py::arg("w"), py::arg("bias"));
+    py::class_<AttnBlock>(m, "AttnDecodeBlock", "the attention block of one decode token per row")
+        .def(py::init<torch::Tensor, double, Proj, Proj, Proj, Proj, int64_t, int64_t, int64_t, double>(),
+             py::arg("norm_weight"), py::arg("eps"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),
+             py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("scale"))
+        .def("forward", &AttnBlock::forward, "x [B, 1, H] + attention of its token at position `past` of the "
+             "cache [batch, S, Hkv, D] (written there), NeoX RoPE by cos, sin [B, 1, 1, R] where given",
+             py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("past"), py::arg("cos"), py::arg("sin"))
+        .def("forward_paged", &AttnBlock::forward_paged, "x [B, 1, H] + attention of row b's token at position "
+             "seqlens[b] of its pages (block_table int32 [B, pages per row]) in the pools [P, page_size, Hkv, D] "
+             "(written there), NeoX RoPE by cos, sin [B, 1, 1, R] where given", py::arg("x"), py::arg("k_pages"),
+             py::arg("v_pages"), py::arg("block_table"), py::arg("seqlens"), py::arg("cos"), py::arg("sin"));
+    py::class_<MlpBlock>(m, "MlpDecodeBlock", "the gated SiLU MLP block of decode rows")
+        .def(py::init<torch::Tensor, double, Proj, Proj, Proj>(), py::arg("norm_weight"), py::arg("eps"),
+             py::arg("gate"), py::arg("up"), py::arg("down"))
+        .def("forward", &MlpBlock::forward, "x [B, 1, H] + the MLP of its RMS-normed rows", py::arg("x"));
+}
+
+}  // namespace exlcpu::host

@@ -1,0 +1,135 @@
+"""Whole decode blocks on the CPU kernels (exllamav2_ext/cpu/decode_blocks.cpp): an attention or MLP layer of one
+new token per row in one kernel call instead of about fifteen Python and dispatcher calls, which at decode sizes
+cost up to a fifth of the step.
+
+A block is built at load only for a layer whose every part it computes as the layer's own forward does (that
+forward is its twin: the same kernels in the same order), and it runs only for the calls it computes exactly:
+one token per row, few rows, no adapters, the plain cache (dense, or the dynamic generator's pages), no mask,
+offsets, MRoPE positions or image spans. Everything else takes the layer's own path, so a block can only make a supported call faster.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from ..architecture import RopeStyle
+from ..cache.base import ExLlamaV2Cache
+from ..quant.cpu_layout import MAX_GEMV_ROWS
+from .norm import ExLlamaV2RMSNorm
+
+if TYPE_CHECKING:
+    from .attention import ExLlamaV2Attention
+    from .linear import ExLlamaV2Linear
+    from .mlp import ExLlamaV2MLP
+
+_ACTIVATIONS = (torch.float32, torch.bfloat16)
+
+
+def _kernels(module):
+    """The CPU kernels of the module's device where they build decode blocks, else None."""
+    ops = module.ops
+    if ops.cpu is None or ops.dtype not in _ACTIVATIONS or not hasattr(ops.cpu, "AttnDecodeBlock"):
+        return None
+    return ops.cpu
+
+
+def _projections(linears: tuple[ExLlamaV2Linear, ...], kernels) -> list | None:
+    """The layers as the blocks' projections: all on the quantized CPU kernels or all on the 16-bit one, else None."""
+    forms = [lin.q._cpu_form() if lin.q is not None else None for lin in linears]
+    if all(f is not None for f in forms):
+        return [f.decode_proj(kernels) for f in forms]
+    if all(lin._matvec for lin in linears):
+        return [kernels.DecodeProj.dense(lin.weight, lin.bias) for lin in linears]
+    return None
+
+
+def _plain_norm(norm) -> bool:
+    return isinstance(norm, ExLlamaV2RMSNorm)
+
+
+def attention_block(attn: ExLlamaV2Attention) -> AttentionBlock | None:
+    """The layer's fused decode block, or None where it has a part the block does not compute: another norm, a
+    post-norm, q/k norms, clipping, GPT-J RoPE, a window, softcap or chunks, Llama 4's terms, a residual scale,
+    a backend that does not run the CPU's decode kernel."""
+    kernels = _kernels(attn)
+    plain = (_plain_norm(attn.pre_norm) and attn.post_norm is None and attn.q_norm is None and attn.k_norm is None
+             and attn.clip_qkv is None and attn.rope_style in (RopeStyle.NEOX, RopeStyle.NONE) and not attn.window
+             and not attn.softcap and not attn.chunk and attn.qk_l2_eps is None and attn.temperature is None
+             and attn.residual_scale == 1 and attn.head_dim % 16 == 0
+             and getattr(attn.backend, "runs_decode_kernel", False))
+    if kernels is None or not plain:
+        return None
+    projs = _projections((attn.q_proj, attn.k_proj, attn.v_proj), kernels)
+    out = _projections((attn.o_proj,), kernels)
+    if projs is None or out is None:
+        return None
+    block = kernels.AttnDecodeBlock(attn.pre_norm.weight, attn.model.config.norm_eps, *projs, *out, attn.num_heads,
+                                    attn.num_kv_heads, attn.head_dim, attn.scale)
+    return AttentionBlock(attn, block)
+
+
+def mlp_block(mlp: ExLlamaV2MLP) -> MlpBlock | None:
+    """The layer's fused decode block: a gated SiLU MLP after an RMS norm, no post-norm or residual scale; else
+    None."""
+    kernels = _kernels(mlp)
+    plain = (_plain_norm(mlp.pre_norm) and mlp.post_norm is None and mlp.gate_proj is not None
+             and mlp.act is F.silu and mlp.residual_scale == 1)
+    if kernels is None or not plain:
+        return None
+    projs = _projections((mlp.gate_proj, mlp.up_proj), kernels)
+    down = _projections((mlp.down_proj,), kernels)
+    if projs is None or down is None:
+        return None
+    return MlpBlock(mlp.ops.dtype, kernels.MlpDecodeBlock(mlp.pre_norm.weight, mlp.model.config.norm_eps, *projs,
+                                                          *down))
+
+
+def _decode_rows(x: torch.Tensor, dtype: torch.dtype, loras) -> bool:
+    """One token per row, few rows, the activations' dtype, no adapters."""
+    return x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= MAX_GEMV_ROWS and x.dtype == dtype and not loras
+
+
+class AttentionBlock:
+    def __init__(self, attn: ExLlamaV2Attention, block) -> None:
+        self.attn = attn
+        self.block = block
+        self.dtype = attn.ops.dtype
+
+    def takes(self, x: torch.Tensor, cache, attn_params, loras) -> bool:
+        """Whether this call is a plain decode step the block computes exactly."""
+        p = attn_params
+        if not (_decode_rows(x, self.dtype, loras) and type(cache) is ExLlamaV2Cache and cache.dtype == self.dtype
+                and p.mrope_positions is None and p.image_spans is None):
+            return False
+        if p.paged:             # whole key blocks per page (kKeyBlock in exllamav2_ext/cpu/qkernel.h)
+            return p.page_size % 32 == 0
+        return p.input_mask is None and p.position_offsets is None
+
+    def forward(self, x: torch.Tensor, cache, attn_params) -> torch.Tensor:
+        attn = self.attn
+        cos = sin = None
+        if attn.rope_style == RopeStyle.NEOX:
+            cos, sin = attn_params.rope(attn.model.rope_tables(attn.device, attn.rope_local))
+        if attn_params.paged:
+            block_table, seqlens = attn_params.on(attn.device)
+            page = attn_params.page_size
+            kc, vc = cache.get_kv_state(attn.layer_idx, 1, 0, 1, page, seqlens, block_table)
+            shape = (-1, page, attn.num_kv_heads, attn.head_dim)
+            return self.block.forward_paged(x, kc.view(shape), vc.view(shape), block_table, seqlens, cos, sin)
+        kc, vc = cache.get_kv_state(attn.layer_idx, x.shape[0], 0, attn_params.past_len + 1)
+        return self.block.forward(x, kc, vc, attn_params.past_len, cos, sin)
+
+
+class MlpBlock:
+    def __init__(self, dtype: torch.dtype, block) -> None:
+        self.dtype = dtype
+        self.block = block
+
+    def takes(self, x: torch.Tensor, loras) -> bool:
+        return _decode_rows(x, self.dtype, loras)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.forward(x)
