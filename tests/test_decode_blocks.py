@@ -1,5 +1,6 @@
-"""The CPU's fused decode blocks (model/decode_blocks.py over exllamav2_ext/cpu/decode_blocks.cpp) against their
-twin, the layers' own forward: the same logits for dense and paged decode steps, quantized and 16-bit weights,
+"""The CPU's fused decode blocks and the decode stack running them all in one call (model/decode_blocks.py over
+exllamav2_ext/cpu/decode_blocks.cpp) against their twin, the layers' own forward: the same logits for dense and
+paged decode steps, quantized and 16-bit weights,
 float32 and bf16 activations, both instruction sets and thread counts; which layers get a block, which calls fall
 back to the layer's path, and the refusals. The blocks run the same kernels in the same order as the layers' path
 except SiLU, whose last float32 bits may differ from torch's (within 4 ulp here), so float32 results agree to
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer, ext
 from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
+from exllamav2.model.module import Intervention
 from tests.test_cpu_exl2 import DEMO_EXL2
 from tests.test_model import VOCAB
 
@@ -33,11 +35,14 @@ def layers_with_blocks(model: ExLlamaV2) -> list:
     return [m for m in model.modules if getattr(m, "decode_block", None) is not None]
 
 
-def decode_logits(model: ExLlamaV2, blocks: bool, rows: int = 3, steps: int = 6, vocab: int = VOCAB) -> torch.Tensor:
-    """A prefill of 20 tokens per row, then `steps` greedy decode steps, with or without the blocks."""
+def decode_logits(model: ExLlamaV2, path: str, rows: int = 3, steps: int = 6, vocab: int = VOCAB) -> torch.Tensor:
+    """A prefill of 20 tokens per row, then `steps` greedy decode steps through `path`: 'stack' (the whole decoder
+    in one call, as loaded), 'blocks' (one call per layer) or 'layers' (the layers' own path, the twin)."""
     saved = {m: m.decode_block for m in layers_with_blocks(model)}
+    stack = model.decode_stack
     for m in saved:
-        m.decode_block = saved[m] if blocks else None
+        m.decode_block = None if path == "layers" else saved[m]
+    model.decode_stack = stack if path == "stack" else None
     try:
         ids = torch.randint(3, vocab, (rows, 20), generator=torch.Generator().manual_seed(rows))
         cache = ExLlamaV2Cache(model, batch_size=rows, max_seq_len=64)
@@ -48,6 +53,13 @@ def decode_logits(model: ExLlamaV2, blocks: bool, rows: int = 3, steps: int = 6,
     finally:
         for m, b in saved.items():
             m.decode_block = b
+        model.decode_stack = stack
+
+
+def assert_paths_agree(model: ExLlamaV2, dtype: str, **kw) -> None:
+    want = decode_logits(model, "layers", **kw)
+    for path in ("blocks", "stack"):
+        assert_twin(decode_logits(model, path, **kw), want, dtype)
 
 
 def assert_twin(got: torch.Tensor, want: torch.Tensor, dtype: str) -> None:
@@ -75,12 +87,14 @@ def test_silu_mul_matches_the_twin(n, dtype, isa):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("arch", ["llama", "llama_mha", "qwen2", "phi3"])
+@pytest.mark.parametrize("arch", ["llama", "llama_mha", "qwen2", "phi3", "smollm3"])
 def test_blocks_match_the_layers_path(arch, dtype, tiny_model_factory):
-    """16-bit weights: plain, with q/k/v biases (llama_mha, qwen2), from fused qkv and gate_up tensors (phi3)."""
+    """16-bit weights: plain, with q/k/v biases (llama_mha, qwen2), from fused qkv and gate_up tensors (phi3), with
+    layers that do not rotate (smollm3's NoPE layers); each layer's block, and the whole stack in one call."""
     model = load(tiny_model_factory(arch)[0], dtype)
     assert len(layers_with_blocks(model)) == 2 * model.config.num_hidden_layers
-    assert_twin(decode_logits(model, True), decode_logits(model, False), dtype)
+    assert model.decode_stack is not None
+    assert_paths_agree(model, dtype)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -89,18 +103,22 @@ def test_quantized_blocks_match_the_layers_path(dtype, threads):
     AVX512-BF16), at 1 and 2 threads."""
     model = load(DEMO_EXL2, dtype)
     assert len(layers_with_blocks(model)) == 2 * model.config.num_hidden_layers
-    assert_twin(decode_logits(model, True, vocab=2000), decode_logits(model, False, vocab=2000), dtype)
+    assert_paths_agree(model, dtype, vocab=2000)
 
 
 def test_blocks_on_each_instruction_set(isa, tiny_model_factory):
     model = load(tiny_model_factory("llama")[0], "float32")
-    assert_twin(decode_logits(model, True, rows=1), decode_logits(model, False, rows=1), "float32")
+    assert_paths_agree(model, "float32", rows=1)
 
 
-def _generate(model: ExLlamaV2, tokenizer, blocks: bool) -> list[list[int]]:
+def _generate(model: ExLlamaV2, tokenizer, path: str) -> list[list[int]]:
+    """Three jobs of different lengths through the dynamic generator's paged batch, greedy, through `path` (as
+    decode_logits)."""
     saved = {m: m.decode_block for m in layers_with_blocks(model)}
+    stack = model.decode_stack
     for m in saved:
-        m.decode_block = saved[m] if blocks else None
+        m.decode_block = None if path == "layers" else saved[m]
+    model.decode_stack = stack if path == "stack" else None
     try:
         generator = ExLlamaV2DynamicGenerator(model=model, cache=ExLlamaV2Cache(model, max_seq_len=512),
                                               tokenizer=tokenizer)
@@ -119,25 +137,33 @@ def _generate(model: ExLlamaV2, tokenizer, blocks: bool) -> list[list[int]]:
     finally:
         for m, b in saved.items():
             m.decode_block = b
+        model.decode_stack = stack
 
 
 def test_paged_decode_through_the_blocks(monkeypatch):
-    """The dynamic generator's paged batch: the same greedy tokens with and without the blocks, which it runs."""
+    """The dynamic generator's paged batch: the same greedy tokens through each layer's block and through the
+    stack as through the layers' own path, and each is really run."""
     model = load(DEMO_EXL2, "float32")
     tokenizer = ExLlamaV2Tokenizer(model.config)
-    want = _generate(model, tokenizer, False)
+    want = _generate(model, tokenizer, "layers")
     attn = next(m for m in layers_with_blocks(model) if hasattr(m.decode_block, "attn"))
     calls = []
-    inner = attn.decode_block.block
 
     class Counting:
+        def __init__(self, inner):
+            self.inner = inner
+
         def forward_paged(self, *args):
             calls.append(args)
-            return inner.forward_paged(*args)
+            return self.inner.forward_paged(*args)
 
-    monkeypatch.setattr(attn.decode_block, "block", Counting())
-    assert _generate(model, tokenizer, True) == want
+    monkeypatch.setattr(attn.decode_block, "block", Counting(attn.decode_block.block))
+    monkeypatch.setattr(model.decode_stack, "stack", Counting(model.decode_stack.stack))
+    assert _generate(model, tokenizer, "blocks") == want
     assert calls, "the paged steps did not run the block"
+    calls.clear()
+    assert _generate(model, tokenizer, "stack") == want
+    assert calls and all(len(c[1]) == model.config.num_hidden_layers for c in calls), "the stack did not run"
 
 
 @pytest.mark.parametrize("arch, attention, mlp", [
@@ -151,6 +177,7 @@ def test_which_layers_get_blocks(arch, attention, mlp, tiny_model_factory):
     mlp_blocks = [m.decode_block is not None for m in model.modules if type(m).__name__ == "ExLlamaV2MLP"]
     assert attn_blocks and all(b == attention for b in attn_blocks)
     assert mlp_blocks and all(b == mlp for b in mlp_blocks)
+    assert (model.decode_stack is not None) == (attention and mlp)
 
 
 def test_calls_the_blocks_do_not_compute_take_the_layers_path(tiny_model_factory, monkeypatch):
@@ -165,6 +192,7 @@ def test_calls_the_blocks_do_not_compute_take_the_layers_path(tiny_model_factory
 
     for m in model.attention_layers:
         monkeypatch.setattr(m.decode_block, "block", Refusing())
+    monkeypatch.setattr(model.decode_stack, "stack", Refusing())
     cache = ExLlamaV2Cache(model, batch_size=9, max_seq_len=64)
     ids = torch.randint(3, VOCAB, (9, 8), generator=torch.Generator().manual_seed(0))
     model.forward(ids, cache)                                       # prefill
@@ -202,3 +230,25 @@ def test_bad_block_arguments_are_refused(tiny_model_factory):
     with pytest.raises(RuntimeError, match="all be quantized or all 16-bit, each with 64 inputs"):
         kernels.MlpDecodeBlock(torch.ones(64), 1e-5, w, kernels.DecodeProj.dense(torch.randn(8, 32).bfloat16(), None),
                                kernels.DecodeProj.dense(torch.randn(64, 8).bfloat16(), None))
+
+
+def test_the_stack_steps_aside_for_an_intervention(tiny_model_factory):
+    """A layer wrapped in an Intervention after load runs its hooks: the stack, built over the bare layers, is not
+    used while the model holds the wrapper (each layer's block still is, inside it)."""
+    model = load(tiny_model_factory("llama")[0], "float32")
+    want = decode_logits(model, "stack", rows=1)
+    seen = []
+    model.modules[3] = Intervention(model.modules[3], pre_forward=lambda x, *a, **k: seen.append(x.shape) or x)
+    got = decode_logits(model, "stack", rows=1)
+    assert len(seen) == 7 and seen[-1] == (1, 1, 64)          # the prefill and each of 6 decode steps
+    assert_twin(got, want, "float32")
+
+
+def test_bad_stack_arguments_are_refused(tiny_model_factory):
+    model = load(tiny_model_factory("llama")[0], "float32")
+    stack = model.decode_stack.stack
+    cache = ExLlamaV2Cache(model, max_seq_len=16)
+    with pytest.raises(RuntimeError, match="one key and one value cache per attention block"):
+        stack.forward(torch.randn(1, 1, 64), cache.key_states[:1], cache.value_states[:1], 0, None, None)
+    with pytest.raises(RuntimeError, match="one rope flag per block"):
+        kernels.DecodeStack([model.modules[1].decode_block.block], [True, False])

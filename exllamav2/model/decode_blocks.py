@@ -18,12 +18,14 @@ import torch.nn.functional as F
 from ..architecture import RopeStyle
 from ..cache.base import ExLlamaV2Cache
 from ..quant.cpu_layout import MAX_GEMV_ROWS
+from .module import Intervention
 from .norm import ExLlamaV2RMSNorm
 
 if TYPE_CHECKING:
     from .attention import ExLlamaV2Attention
     from .linear import ExLlamaV2Linear
     from .mlp import ExLlamaV2MLP
+    from .model import ExLlamaV2
 
 _ACTIVATIONS = (torch.float32, torch.bfloat16)
 
@@ -92,6 +94,22 @@ def _decode_rows(x: torch.Tensor, dtype: torch.dtype, loras) -> bool:
     return x.dim() == 3 and x.shape[1] == 1 and x.shape[0] <= MAX_GEMV_ROWS and x.dtype == dtype and not loras
 
 
+def _plain_step(x: torch.Tensor, dtype: torch.dtype, cache, p, loras) -> bool:
+    """A decode step the attention blocks compute exactly: few rows of one token, the plain cache in the activations'
+    dtype (dense: no mask or offsets; paged: pages of whole key blocks, kKeyBlock in exllamav2_ext/cpu/qkernel.h),
+    no MRoPE or image spans."""
+    if not (_decode_rows(x, dtype, loras) and type(cache) is ExLlamaV2Cache and cache.dtype == dtype
+            and p.mrope_positions is None and p.image_spans is None):
+        return False
+    if p.paged:
+        return p.page_size % 32 == 0
+    return p.input_mask is None and p.position_offsets is None
+
+
+def _rope(attn: ExLlamaV2Attention, attn_params) -> tuple[torch.Tensor, torch.Tensor]:
+    return attn_params.rope(attn.model.rope_tables(attn.device, attn.rope_local))
+
+
 class AttentionBlock:
     def __init__(self, attn: ExLlamaV2Attention, block) -> None:
         self.attn = attn
@@ -100,19 +118,13 @@ class AttentionBlock:
 
     def takes(self, x: torch.Tensor, cache, attn_params, loras) -> bool:
         """Whether this call is a plain decode step the block computes exactly."""
-        p = attn_params
-        if not (_decode_rows(x, self.dtype, loras) and type(cache) is ExLlamaV2Cache and cache.dtype == self.dtype
-                and p.mrope_positions is None and p.image_spans is None):
-            return False
-        if p.paged:             # whole key blocks per page (kKeyBlock in exllamav2_ext/cpu/qkernel.h)
-            return p.page_size % 32 == 0
-        return p.input_mask is None and p.position_offsets is None
+        return _plain_step(x, self.dtype, cache, attn_params, loras)
 
     def forward(self, x: torch.Tensor, cache, attn_params) -> torch.Tensor:
         attn = self.attn
         cos = sin = None
         if attn.rope_style == RopeStyle.NEOX:
-            cos, sin = attn_params.rope(attn.model.rope_tables(attn.device, attn.rope_local))
+            cos, sin = _rope(attn, attn_params)
         if attn_params.paged:
             block_table, seqlens = attn_params.on(attn.device)
             page = attn_params.page_size
@@ -133,3 +145,51 @@ class MlpBlock:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block.forward(x)
+
+
+def decode_stack(model: ExLlamaV2) -> DecodeStack | None:
+    """The decoder layers between the embedding and the final norm as one call per decode step, where every one of
+    them is an attention or MLP layer with its block (not wrapped in an Intervention), all on one device, the
+    rotating attention layers sharing one RoPE table; else None."""
+    layers = model.modules[1:-2]
+    blocks = [getattr(m, "decode_block", None) for m in layers]
+    if not layers or any(isinstance(m, Intervention) for m in layers) or \
+            not all(isinstance(b, (AttentionBlock, MlpBlock)) for b in blocks):
+        return None
+    attns = [b.attn for b in blocks if isinstance(b, AttentionBlock)]
+    if not attns or len({m.device for m in layers}) != 1 or len({a.rope_local for a in attns}) != 1:
+        return None
+    return DecodeStack(model, layers, blocks)
+
+
+class DecodeStack:
+    """What `decode_stack` builds: the layers' blocks in one kernel object, run while the model still holds those
+    layers with those blocks (a layer replaced, wrapped or given another block after load stops it)."""
+
+    def __init__(self, model: ExLlamaV2, layers: list, blocks: list) -> None:
+        self.model = model
+        self.layers = layers
+        self.blocks = blocks
+        self.attns = [b.attn for b in blocks if isinstance(b, AttentionBlock)]
+        self.dtype = blocks[0].dtype
+        rope = [isinstance(b, AttentionBlock) and b.attn.rope_style == RopeStyle.NEOX for b in blocks]
+        self.rotates = any(rope)
+        self.stack = model.ops(layers[0].device).cpu.DecodeStack([b.block for b in blocks], rope)
+
+    def takes(self, x: torch.Tensor, cache, attn_params, loras) -> bool:
+        layers = self.model.modules[1:-2]
+        return (_plain_step(x, self.dtype, cache, attn_params, loras) and len(layers) == len(self.layers)
+                and all(m is s and m.decode_block is b for m, s, b in zip(layers, self.layers, self.blocks)))
+
+    def forward(self, x: torch.Tensor, cache, attn_params) -> torch.Tensor:
+        cos, sin = _rope(self.attns[0], attn_params) if self.rotates else (None, None)
+        if attn_params.paged:
+            block_table, seqlens = attn_params.on(self.attns[0].device)
+            page = attn_params.page_size
+            pools = [cache.get_kv_state(a.layer_idx, 1, 0, 1, page, seqlens, block_table) for a in self.attns]
+            shapes = [(-1, page, a.num_kv_heads, a.head_dim) for a in self.attns]
+            return self.stack.forward_paged(x, [k.view(s) for (k, _), s in zip(pools, shapes)],
+                                            [v.view(s) for (_, v), s in zip(pools, shapes)], block_table, seqlens,
+                                            cos, sin)
+        caches = [cache.get_kv_state(a.layer_idx, x.shape[0], 0, attn_params.past_len + 1) for a in self.attns]
+        return self.stack.forward(x, [k for k, _ in caches], [v for _, v in caches], attn_params.past_len, cos, sin)

@@ -20,6 +20,7 @@ from .accounting import check_tensors_accounted
 from ..attn import resolve_attention
 from .attention import ExLlamaV2Attention
 from .attn_params import PagedParams, Params
+from .decode_blocks import DecodeStack, decode_stack
 from ..cache.base import ExLlamaV2CacheBase
 from ..config import ExLlamaV2Config
 from .device import ExLlamaV2DeviceContext
@@ -94,6 +95,7 @@ class ExLlamaV2:
         self.attention_layers = [a for m in self.modules if (a := attention_of(m))]   # by layer index
         self.last_kv_layer_idx = max(i for i, m in enumerate(self.modules) if attention_of(m))
         self.loaded = False
+        self.decode_stack: DecodeStack | None = None     # the CPU's decoder in one call per decode step, where it can
         self.tp_context = None
         self.cache_map: dict[int, str] = {}      # layer index -> device of its attention (and cache), as upstream
         self.loras: weakref.WeakSet = weakref.WeakSet()   # adapters made for this model; see update_loras()
@@ -278,6 +280,7 @@ class ExLlamaV2:
         finally:
             bar.close()
         self.update_loras()
+        self.decode_stack = decode_stack(self)
         self.loaded = True
         log.info("loaded %s: %d layers on %s", self.config.architecture, self.config.num_hidden_layers,
                  ", ".join(sorted({str(m.device) for m in self.modules[1:]})))
@@ -290,6 +293,7 @@ class ExLlamaV2:
         for m in self.modules:
             m.unload()
         self._device_contexts = {}
+        self.decode_stack = None
         self.loaded = False
 
     # queries -------------------------------------------------------------------------------
@@ -416,7 +420,12 @@ class ExLlamaV2:
         if self.archparams.image_attention == "bidirectional":
             params.image_spans = attention_spans(image_mask(input_ids))
         x = self.modules[0].forward(input_ids, indexed_embeddings=kwargs.get("indexed_embeddings"), attn_params=params)
-        for idx, m in enumerate(self.modules[1:-1], start=1):
+        first = 1
+        stack = self.decode_stack
+        if stack is not None and not preprocess_only and stack.takes(x, cache, params, loras):
+            x = stack.forward(x, cache, params)
+            first = len(self.modules) - 2       # the final norm
+        for idx, m in enumerate(self.modules[first:-1], start=first):
             x = m.forward(x.to(m.device), cache=cache, attn_params=params, loras=loras)
             if preprocess_only and idx == self.last_kv_layer_idx:
                 return None
