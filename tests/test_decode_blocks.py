@@ -87,10 +87,11 @@ def test_silu_mul_matches_the_twin(n, dtype, isa):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("arch", ["llama", "llama_mha", "qwen2", "phi3", "smollm3"])
+@pytest.mark.parametrize("arch", ["llama", "llama_mha", "qwen2", "phi3", "smollm3", "qwen3"])
 def test_blocks_match_the_layers_path(arch, dtype, tiny_model_factory):
     """16-bit weights: plain, with q/k/v biases (llama_mha, qwen2), from fused qkv and gate_up tensors (phi3), with
-    layers that do not rotate (smollm3's NoPE layers); each layer's block, and the whole stack in one call."""
+    layers that do not rotate (smollm3's NoPE layers), with per-head q/k norms (qwen3); each layer's block, and the
+    whole stack in one call."""
     model = load(tiny_model_factory(arch)[0], dtype)
     assert len(layers_with_blocks(model)) == 2 * model.config.num_hidden_layers
     assert model.decode_stack is not None
@@ -167,11 +168,11 @@ def test_paged_decode_through_the_blocks(monkeypatch):
 
 
 @pytest.mark.parametrize("arch, attention, mlp", [
-    ("llama", True, True), ("qwen3", False, True), ("mistral", False, True), ("gemma2", False, False),
+    ("llama", True, True), ("qwen3", True, True), ("mistral", False, True), ("gemma2", False, False),
     ("granite", False, False), ("gpt2", False, False)])
 def test_which_layers_get_blocks(arch, attention, mlp, tiny_model_factory):
-    """q/k norms (qwen3), sliding windows (mistral), post-norms and softcaps (gemma2), residual multipliers
-    (granite), LayerNorm and a plain GELU MLP (gpt2): no block where the layer has a part it does not compute."""
+    """Sliding windows (mistral), post-norms and softcaps (gemma2), residual multipliers (granite), LayerNorm and a
+    plain GELU MLP (gpt2): no block where the layer has a part it does not compute (q/k norms it computes)."""
     model = load(tiny_model_factory(arch)[0], "float32")
     attn_blocks = [a.decode_block is not None for a in model.attention_layers]
     mlp_blocks = [m.decode_block is not None for m in model.modules if type(m).__name__ == "ExLlamaV2MLP"]
@@ -223,6 +224,13 @@ def test_bad_block_arguments_are_refused(tiny_model_factory):
         block.forward(x, kc, vc, 0, torch.ones(1, 1, 1, 16, dtype=torch.float64), torch.ones(1, 1, 1, 16))
     with pytest.raises(RuntimeError, match="float16 or bfloat16"):
         kernels.DecodeProj.dense(torch.randn(8, 64), None)
+    a = model.modules[1]
+    projs = [lin.weight for lin in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)]
+    projs = [kernels.DecodeProj.dense(w, None) for w in projs]
+    with pytest.raises(RuntimeError, match="q and k norms go together"):
+        kernels.AttnDecodeBlock(torch.ones(64), 1e-5, *projs, 4, 2, 16, 0.25, torch.ones(16), None)
+    with pytest.raises(RuntimeError, match="q_norm: the norm weight must be contiguous float32"):
+        kernels.AttnDecodeBlock(torch.ones(64), 1e-5, *projs, 4, 2, 16, 0.25, torch.ones(24), torch.ones(16))
     w = kernels.DecodeProj.dense(torch.randn(8, 64).bfloat16(), None)
     with pytest.raises(RuntimeError, match="projection sizes"):
         kernels.AttnDecodeBlock(torch.ones(64), 1e-5, w, w, w, kernels.DecodeProj.dense(torch.randn(64, 32).bfloat16(),

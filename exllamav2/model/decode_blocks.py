@@ -54,11 +54,12 @@ def _plain_norm(norm) -> bool:
 
 def attention_block(attn: ExLlamaV2Attention) -> AttentionBlock | None:
     """The layer's fused decode block, or None where it has a part the block does not compute: another norm, a
-    post-norm, q/k norms, clipping, GPT-J RoPE, a window, softcap or chunks, Llama 4's terms, a residual scale,
-    a backend that does not run the CPU's decode kernel."""
+    post-norm, clipping, GPT-J RoPE, a window, softcap or chunks, Llama 4's terms, a residual scale, a backend that
+    does not run the CPU's decode kernel. q/k RMS norms (per head or over the projection) it computes."""
     kernels = _kernels(attn)
-    plain = (_plain_norm(attn.pre_norm) and attn.post_norm is None and attn.q_norm is None and attn.k_norm is None
-             and attn.clip_qkv is None and attn.rope_style in (RopeStyle.NEOX, RopeStyle.NONE) and not attn.window
+    qk_norms = (attn.q_norm, attn.k_norm)
+    plain = (_plain_norm(attn.pre_norm) and attn.post_norm is None
+             and (qk_norms == (None, None) or all(_plain_norm(n) for n in qk_norms)) and attn.clip_qkv is None and attn.rope_style in (RopeStyle.NEOX, RopeStyle.NONE) and not attn.window
              and not attn.softcap and not attn.chunk and attn.qk_l2_eps is None and attn.temperature is None
              and attn.residual_scale == 1 and attn.head_dim % 16 == 0
              and getattr(attn.backend, "runs_decode_kernel", False))
@@ -69,7 +70,8 @@ def attention_block(attn: ExLlamaV2Attention) -> AttentionBlock | None:
     if projs is None or out is None:
         return None
     block = kernels.AttnDecodeBlock(attn.pre_norm.weight, attn.model.config.norm_eps, *projs, *out, attn.num_heads,
-                                    attn.num_kv_heads, attn.head_dim, attn.scale)
+                                    attn.num_kv_heads, attn.head_dim, attn.scale,
+                                    *(n and n.weight for n in qk_norms))
     return AttentionBlock(attn, block)
 
 
@@ -110,6 +112,20 @@ def _rope(attn: ExLlamaV2Attention, attn_params) -> tuple[torch.Tensor, torch.Te
     return attn_params.rope(attn.model.rope_tables(attn.device, attn.rope_local))
 
 
+def _pools(attn: ExLlamaV2Attention, cache, attn_params) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's key and value page pools [P, page_size, Hkv, D] of a paged batch."""
+    block_table, seqlens = attn_params.on(attn.device)
+    page = attn_params.page_size
+    kc, vc = cache.get_kv_state(attn.layer_idx, 1, 0, 1, page, seqlens, block_table)
+    shape = (-1, page, attn.num_kv_heads, attn.head_dim)
+    return kc.view(shape), vc.view(shape)
+
+
+def _caches(attn: ExLlamaV2Attention, cache, rows: int, attn_params) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's dense key and value caches [batch, S, Hkv, D]."""
+    return cache.get_kv_state(attn.layer_idx, rows, 0, attn_params.past_len + 1)
+
+
 class AttentionBlock:
     def __init__(self, attn: ExLlamaV2Attention, block) -> None:
         self.attn = attn
@@ -126,13 +142,9 @@ class AttentionBlock:
         if attn.rope_style == RopeStyle.NEOX:
             cos, sin = _rope(attn, attn_params)
         if attn_params.paged:
-            block_table, seqlens = attn_params.on(attn.device)
-            page = attn_params.page_size
-            kc, vc = cache.get_kv_state(attn.layer_idx, 1, 0, 1, page, seqlens, block_table)
-            shape = (-1, page, attn.num_kv_heads, attn.head_dim)
-            return self.block.forward_paged(x, kc.view(shape), vc.view(shape), block_table, seqlens, cos, sin)
-        kc, vc = cache.get_kv_state(attn.layer_idx, x.shape[0], 0, attn_params.past_len + 1)
-        return self.block.forward(x, kc, vc, attn_params.past_len, cos, sin)
+            return self.block.forward_paged(x, *_pools(attn, cache, attn_params), *attn_params.on(attn.device),
+                                            cos, sin)
+        return self.block.forward(x, *_caches(attn, cache, x.shape[0], attn_params), attn_params.past_len, cos, sin)
 
 
 class MlpBlock:
@@ -184,12 +196,8 @@ class DecodeStack:
     def forward(self, x: torch.Tensor, cache, attn_params) -> torch.Tensor:
         cos, sin = _rope(self.attns[0], attn_params) if self.rotates else (None, None)
         if attn_params.paged:
-            block_table, seqlens = attn_params.on(self.attns[0].device)
-            page = attn_params.page_size
-            pools = [cache.get_kv_state(a.layer_idx, 1, 0, 1, page, seqlens, block_table) for a in self.attns]
-            shapes = [(-1, page, a.num_kv_heads, a.head_dim) for a in self.attns]
-            return self.stack.forward_paged(x, [k.view(s) for (k, _), s in zip(pools, shapes)],
-                                            [v.view(s) for (_, v), s in zip(pools, shapes)], block_table, seqlens,
+            keys, values = zip(*(_pools(a, cache, attn_params) for a in self.attns))
+            return self.stack.forward_paged(x, list(keys), list(values), *attn_params.on(self.attns[0].device),
                                             cos, sin)
-        caches = [cache.get_kv_state(a.layer_idx, x.shape[0], 0, attn_params.past_len + 1) for a in self.attns]
-        return self.stack.forward(x, [k for k, _ in caches], [v for _, v in caches], attn_params.past_len, cos, sin)
+        keys, values = zip(*(_caches(a, cache, x.shape[0], attn_params) for a in self.attns))
+        return self.stack.forward(x, list(keys), list(values), attn_params.past_len, cos, sin)

@@ -1,5 +1,5 @@
-// Whole decode blocks in one call each: the attention block (norm, q/k/v, RoPE, cache write, attention, output
-// projection, residual) and the MLP block (norm, gate/up, SiLU, down, residual) for one new token per row. At the
+// Whole decode blocks in one call each: the attention block (norm, q/k/v, their q/k norms, RoPE, cache write,
+// attention, output projection, residual) and the MLP block (norm, gate/up, SiLU, down, residual) for one new token per row. At the
 // sizes where decode is bound by reading the weights, the fifteen-odd Python and dispatcher calls a block makes
 // otherwise cost as much as a fifth of the step. The Python path (model/attention.py, model/mlp.py) is their twin:
 // the same kernels in the same order, so the two agree bit for bit, save where this SiLU's last float32 bits
@@ -166,10 +166,12 @@ torch::Tensor rows_of(const char* name, const torch::Tensor& x, int64_t H) {
     return x.reshape({x.size(0), H}).contiguous();
 }
 
+// RMS norm of contiguous x over each run of w.size(0) features (the hidden size, or a head's: q/k norms)
 torch::Tensor rms(const torch::Tensor& x, const torch::Tensor& w, double eps) {
     auto h = torch::empty_like(x);
-    kernels().rms_norm(x.data_ptr(), is_bf16(x), w.data_ptr<float>(), h.data_ptr(), x.size(1), float(eps), 0,
-                       x.size(0));
+    const int64_t D = w.size(0);
+    kernels().rms_norm(x.data_ptr(), is_bf16(x), w.data_ptr<float>(), h.data_ptr(), D, float(eps), 0,
+                       x.numel() / D);
     return h;
 }
 
@@ -200,11 +202,13 @@ struct AttnBlock {
     Proj q, k, v, o;
     int64_t Hq, Hkv, D;
     double scale;
+    std::optional<torch::Tensor> q_norm, k_norm;     // RMS norms of q and k before RoPE (Qwen3: per head)
 
     AttnBlock(torch::Tensor norm_w_, double eps_, Proj q_, Proj k_, Proj v_, Proj o_, int64_t Hq_, int64_t Hkv_,
-              int64_t D_, double scale_)
+              int64_t D_, double scale_, std::optional<torch::Tensor> q_norm_, std::optional<torch::Tensor> k_norm_)
         : norm_w(std::move(norm_w_)), eps(eps_), q(std::move(q_)), k(std::move(k_)), v(std::move(v_)),
-          o(std::move(o_)), Hq(Hq_), Hkv(Hkv_), D(D_), scale(scale_) {
+          o(std::move(o_)), Hq(Hq_), Hkv(Hkv_), D(D_), scale(scale_), q_norm(std::move(q_norm_)),
+          k_norm(std::move(k_norm_)) {
         const int64_t H = norm_w.size(0);
         check_norm("AttnDecodeBlock", norm_w, H);
         TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && D % kBlock == 0, "AttnDecodeBlock: query heads a multiple of kv "
@@ -213,6 +217,11 @@ struct AttnBlock {
         check_group("AttnDecodeBlock", {&o}, Hq * D);
         TORCH_CHECK(q.N == Hq * D && k.N == Hkv * D && v.N == Hkv * D && o.N == H,
                     "AttnDecodeBlock: projection sizes do not match the heads");
+        TORCH_CHECK(q_norm.has_value() == k_norm.has_value(), "AttnDecodeBlock: q and k norms go together");
+        if (q_norm) {
+            check_norm("AttnDecodeBlock q_norm", *q_norm, q_norm->size(0) == D ? D : Hq * D);
+            check_norm("AttnDecodeBlock k_norm", *k_norm, k_norm->size(0) == D ? D : Hkv * D);
+        }
     }
 
     // the new token of each row at position `past` of the dense cache k_cache, v_cache [batch, S, Hkv, D]
@@ -264,10 +273,15 @@ private:
                 v.stride(1), float(scale), bf};
     }
 
-    // q, k and v of the normed rows, q and k rotated (NeoX) by cos, sin [B, 1, 1, R] where given
+    // q, k and v of the normed rows, q and k normed where the layer does, then rotated (NeoX) by cos, sin
+    // [B, 1, 1, R] where given
     std::vector<torch::Tensor> rotated_qkv(const torch::Tensor& x2, const std::optional<torch::Tensor>& cos,
                                            const std::optional<torch::Tensor>& sin) const {
         auto qkv = project({&q, &k, &v}, rms(x2, norm_w, eps));
+        if (q_norm) {
+            qkv[0] = rms(qkv[0], *q_norm, eps);
+            qkv[1] = rms(qkv[1], *k_norm, eps);
+        }
         TORCH_CHECK(cos.has_value() == sin.has_value(), "AttnDecodeBlock: cos and sin go together");
         if (!cos) return qkv;
         const int64_t B = x2.size(0), R = cos->size(-1);
@@ -378,9 +392,11 @@ void register_decode_blocks(pybind11::module_& m) {
         .def_static("dense", &Proj::dense, "16-bit weights w [N, K] (float16 or bfloat16), bias in the activations' "
                     "dtype", py::arg("w"), py::arg("bias"));
     py::class_<AttnBlock, std::shared_ptr<AttnBlock>>(m, "AttnDecodeBlock", "the attention block of one decode token per row")
-        .def(py::init<torch::Tensor, double, Proj, Proj, Proj, Proj, int64_t, int64_t, int64_t, double>(),
+        .def(py::init<torch::Tensor, double, Proj, Proj, Proj, Proj, int64_t, int64_t, int64_t, double,
+                      std::optional<torch::Tensor>, std::optional<torch::Tensor>>(),
              py::arg("norm_weight"), py::arg("eps"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),
-             py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("scale"))
+             py::arg("heads"), py::arg("kv_heads"), py::arg("head_dim"), py::arg("scale"),
+             py::arg("q_norm") = py::none(), py::arg("k_norm") = py::none())
         .def("forward", &AttnBlock::forward, "x [B, 1, H] + attention of its token at position `past` of the "
              "cache [batch, S, Hkv, D] (written there), NeoX RoPE by cos, sin [B, 1, 1, R] where given",
              py::arg("x"), py::arg("k_cache"), py::arg("v_cache"), py::arg("past"), py::arg("cos"), py::arg("sin"))
