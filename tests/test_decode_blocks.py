@@ -9,6 +9,8 @@ transformers the blocks are held by every decode test of the model suites, which
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -35,25 +37,32 @@ def layers_with_blocks(model: ExLlamaV2) -> list:
     return [m for m in model.modules if getattr(m, "decode_block", None) is not None]
 
 
-def decode_logits(model: ExLlamaV2, path: str, rows: int = 3, steps: int = 6, vocab: int = VOCAB) -> torch.Tensor:
-    """A prefill of 20 tokens per row, then `steps` greedy decode steps through `path`: 'stack' (the whole decoder
-    in one call, as loaded), 'blocks' (one call per layer) or 'layers' (the layers' own path, the twin)."""
+@contextlib.contextmanager
+def through(model: ExLlamaV2, path: str):
+    """Forwards inside run through `path`: 'stack' (the whole decoder in one call, as loaded), 'blocks' (one call
+    per layer) or 'layers' (the layers' own path, the twin)."""
     saved = {m: m.decode_block for m in layers_with_blocks(model)}
     stack = model.decode_stack
     for m in saved:
         m.decode_block = None if path == "layers" else saved[m]
     model.decode_stack = stack if path == "stack" else None
     try:
+        yield
+    finally:
+        for m, b in saved.items():
+            m.decode_block = b
+        model.decode_stack = stack
+
+
+def decode_logits(model: ExLlamaV2, path: str, rows: int = 3, steps: int = 6, vocab: int = VOCAB) -> torch.Tensor:
+    """A prefill of 20 tokens per row, then `steps` greedy decode steps through `path`."""
+    with through(model, path):
         ids = torch.randint(3, vocab, (rows, 20), generator=torch.Generator().manual_seed(rows))
         cache = ExLlamaV2Cache(model, batch_size=rows, max_seq_len=64)
         out = [model.forward(ids, cache, last_id_only=True)]
         for _ in range(steps):
             out.append(model.forward(out[-1][:, -1:].argmax(-1), cache))
         return torch.cat(out, 1)
-    finally:
-        for m, b in saved.items():
-            m.decode_block = b
-        model.decode_stack = stack
 
 
 def assert_paths_agree(model: ExLlamaV2, dtype: str, **kw) -> None:
@@ -113,14 +122,8 @@ def test_blocks_on_each_instruction_set(isa, tiny_model_factory):
 
 
 def _generate(model: ExLlamaV2, tokenizer, path: str) -> list[list[int]]:
-    """Three jobs of different lengths through the dynamic generator's paged batch, greedy, through `path` (as
-    decode_logits)."""
-    saved = {m: m.decode_block for m in layers_with_blocks(model)}
-    stack = model.decode_stack
-    for m in saved:
-        m.decode_block = None if path == "layers" else saved[m]
-    model.decode_stack = stack if path == "stack" else None
-    try:
+    """Three jobs of different lengths through the dynamic generator's paged batch, greedy, through `path`."""
+    with through(model, path):
         generator = ExLlamaV2DynamicGenerator(model=model, cache=ExLlamaV2Cache(model, max_seq_len=512),
                                               tokenizer=tokenizer)
         jobs = []
@@ -135,10 +138,6 @@ def _generate(model: ExLlamaV2, tokenizer, path: str) -> list[list[int]]:
                 if r["stage"] == "streaming" and "token_ids" in r:
                     tokens.setdefault(jobs.index(r["job"]), []).extend(r["token_ids"].flatten().tolist())
         return [tokens[i] for i in range(len(jobs))]
-    finally:
-        for m, b in saved.items():
-            m.decode_block = b
-        model.decode_stack = stack
 
 
 def test_paged_decode_through_the_blocks(monkeypatch):

@@ -299,6 +299,21 @@ void gather_for(QCall& c, const torch::Tensor& x, size_t slot) {
         c.xf = gather_x(c.v, x.data_ptr<float>(), M, K, slot);
 }
 
+std::vector<torch::Tensor> run_calls(const std::vector<QCall>& calls, bool xbf, int64_t M) {
+    std::vector<int64_t> first{0};      // the first block of each layer in the region's numbering
+    for (const auto& c : calls) first.push_back(first.back() + c.v.nblocks);
+    const int64_t grain = calls.empty() ? 1 : block_grain(calls[0].v.kpad);
+    at::parallel_for(0, first.back(), grain, [&](int64_t b0, int64_t b1) {
+        for (size_t i = 0; i < calls.size(); ++i) {
+            const int64_t lo = std::max(b0, first[i]), hi = std::min(b1, first[i + 1]);
+            if (lo < hi) calls[i].run(xbf, M, lo - first[i], hi - first[i]);
+        }
+    });
+    std::vector<torch::Tensor> out;
+    for (const auto& c : calls) out.push_back(c.y);
+    return out;
+}
+
 torch::Tensor check_activations(torch::Tensor x) {
     TORCH_CHECK(x.device().is_cpu() && (x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat32) &&
                 x.dim() == 2, "q_matmul: x must be a float32 or bfloat16 CPU tensor [M, K]");
@@ -335,7 +350,6 @@ std::vector<torch::Tensor> q_matmul_many(torch::Tensor x, const std::vector<py::
         return h.is_none() ? std::optional<torch::Tensor>() : std::optional<torch::Tensor>(h.cast<torch::Tensor>());
     };
     std::vector<QCall> calls;
-    std::vector<int64_t> first{0};      // the first block of each layer in the call's numbering
     for (size_t i = 0; i < layers.size(); ++i) {
         const py::tuple& t = layers[i];
         TORCH_CHECK(t.size() == 9, "q_matmul_many: each layer is (qw, chunks, scales, zeros, src, bias, N, "
@@ -346,18 +360,8 @@ std::vector<torch::Tensor> q_matmul_many(torch::Tensor x, const std::vector<py::
                                opt(t[3]), t[4].cast<torch::Tensor>(), opt(t[5]), t[6].cast<int64_t>(), opt(t[7]),
                                pairs, i));
         gather_for(calls.back(), x, i);
-        first.push_back(first.back() + calls.back().v.nblocks);
     }
-    const int64_t grain = calls.empty() ? 1 : block_grain(calls[0].v.kpad);
-    at::parallel_for(0, first.back(), grain, [&](int64_t b0, int64_t b1) {
-        for (size_t i = 0; i < calls.size(); ++i) {
-            const int64_t lo = std::max(b0, first[i]), hi = std::min(b1, first[i + 1]);
-            if (lo < hi) calls[i].run(xbf, M, lo - first[i], hi - first[i]);
-        }
-    });
-    std::vector<torch::Tensor> out;
-    for (const auto& c : calls) out.push_back(c.y);
-    return out;
+    return run_calls(calls, xbf, M);
 }
 
 torch::Tensor q_dequant(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,

@@ -99,7 +99,6 @@ std::vector<torch::Tensor> project_quantized(const std::vector<const Proj*>& ps,
     const int64_t M = x.size(0);
     const bool xbf = is_bf16(x);
     std::vector<QCall> calls;
-    std::vector<int64_t> first{0};
     for (size_t i = 0; i < ps.size(); ++i) {
         const Proj& p = *ps[i];
         TORCH_CHECK(!p.v.pairs || (xbf && kernels().q_gemv_pairs), "decode block: the pair layout takes bfloat16 "
@@ -108,17 +107,8 @@ std::vector<torch::Tensor> project_quantized(const std::vector<const Proj*>& ps,
         if (p.tables) build_tables(c.v.args, p.scale_values, p.group_bits, i);
         gather_for(c, x, i);
         calls.push_back(std::move(c));
-        first.push_back(first.back() + calls.back().v.nblocks);
     }
-    at::parallel_for(0, first.back(), block_grain(calls[0].v.kpad), [&](int64_t b0, int64_t b1) {
-        for (size_t i = 0; i < calls.size(); ++i) {
-            const int64_t lo = std::max(b0, first[i]), hi = std::min(b1, first[i + 1]);
-            if (lo < hi) calls[i].run(xbf, M, lo - first[i], hi - first[i]);
-        }
-    });
-    std::vector<torch::Tensor> ys;
-    for (const auto& c : calls) ys.push_back(c.y);
-    return ys;
+    return run_calls(calls, xbf, M);
 }
 
 // x [M, K] through 16-bit projections of the same input, in one parallel region (as linear_w16_many)

@@ -65,6 +65,9 @@ struct QCall {
 // x's rows gathered into the layer's padded row order (slot: the calling thread's buffers to use)
 void gather_for(QCall& c, const torch::Tensor& x, size_t slot);
 
+// the gathered layers of one input through their gemv kernels in one parallel region, M rows each; their outputs
+std::vector<torch::Tensor> run_calls(const std::vector<QCall>& calls, bool xbf, int64_t M);
+
 // the decode attention kernel over B * Hkv tasks, q and out [B][Hq][D] contiguous
 void run_attention(AttnArgs& a, const void* q, void* out);
 
