@@ -5,7 +5,8 @@ cost up to a fifth of the step.
 A block is built at load only for a layer whose every part it computes as the layer's own forward does (that
 forward is its twin: the same kernels in the same order), and it runs only for the calls it computes exactly:
 one token per row, few rows, no adapters, the plain cache (dense, or the dynamic generator's pages), no mask,
-offsets, MRoPE positions or image spans. Everything else takes the layer's own path, so a block can only make a supported call faster.
+offsets, MRoPE positions or image spans. Everything else takes the layer's own path, so a block can only make a
+supported call faster. Where every decoder layer has its block, the decode stack runs them all in one call.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..architecture import RopeStyle
+from ..attn.backends.backend import CPU_KEY_BLOCK
 from ..cache.base import ExLlamaV2Cache
 from ..quant.cpu_layout import MAX_GEMV_ROWS
 from .module import Intervention
@@ -33,9 +35,7 @@ _ACTIVATIONS = (torch.float32, torch.bfloat16)
 def _kernels(module):
     """The CPU kernels of the module's device where they build decode blocks, else None."""
     ops = module.ops
-    if ops.cpu is None or ops.dtype not in _ACTIVATIONS or not hasattr(ops.cpu, "AttnDecodeBlock"):
-        return None
-    return ops.cpu
+    return ops.cpu if ops.cpu is not None and ops.dtype in _ACTIVATIONS else None
 
 
 def _projections(linears: tuple[ExLlamaV2Linear, ...], kernels) -> list | None:
@@ -59,8 +59,9 @@ def attention_block(attn: ExLlamaV2Attention) -> AttentionBlock | None:
     kernels = _kernels(attn)
     qk_norms = (attn.q_norm, attn.k_norm)
     plain = (_plain_norm(attn.pre_norm) and attn.post_norm is None
-             and (qk_norms == (None, None) or all(_plain_norm(n) for n in qk_norms)) and attn.clip_qkv is None and attn.rope_style in (RopeStyle.NEOX, RopeStyle.NONE) and not attn.window
-             and not attn.softcap and not attn.chunk and attn.qk_l2_eps is None and attn.temperature is None
+             and (qk_norms == (None, None) or all(_plain_norm(n) for n in qk_norms)) and attn.clip_qkv is None
+             and attn.rope_style in (RopeStyle.NEOX, RopeStyle.NONE) and not attn.window and not attn.softcap
+             and not attn.chunk and attn.qk_l2_eps is None and attn.temperature is None
              and attn.residual_scale == 1 and attn.head_dim % 16 == 0
              and getattr(attn.backend, "runs_decode_kernel", False))
     if kernels is None or not plain:
@@ -98,13 +99,13 @@ def _decode_rows(x: torch.Tensor, dtype: torch.dtype, loras) -> bool:
 
 def _plain_step(x: torch.Tensor, dtype: torch.dtype, cache, p, loras) -> bool:
     """A decode step the attention blocks compute exactly: few rows of one token, the plain cache in the activations'
-    dtype (dense: no mask or offsets; paged: pages of whole key blocks, kKeyBlock in exllamav2_ext/cpu/qkernel.h),
-    no MRoPE or image spans."""
+    dtype (dense: no mask or offsets; paged: pages of whole key blocks of the decode attention), no MRoPE or image
+    spans."""
     if not (_decode_rows(x, dtype, loras) and type(cache) is ExLlamaV2Cache and cache.dtype == dtype
             and p.mrope_positions is None and p.image_spans is None):
         return False
     if p.paged:
-        return p.page_size % 32 == 0
+        return p.page_size % CPU_KEY_BLOCK == 0
     return p.input_mask is None and p.position_offsets is None
 
 

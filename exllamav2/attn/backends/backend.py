@@ -156,7 +156,8 @@ def run_decode_kernel(kernel: Callable | None, q: torch.Tensor, k: torch.Tensor,
 
 
 _DECODE_KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-_KEY_BLOCK = 32         # kKeyBlock (exllamav2_ext/cpu/qkernel.h): the kernel's key blocks must not cross a page
+# kKeyBlock (exllamav2_ext/cpu/qkernel.h): the CPU decode attention's key blocks, which must not cross a page
+CPU_KEY_BLOCK = 32
 
 
 def run_paged_decode_kernel(kernel: Callable | None, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor,
@@ -171,7 +172,7 @@ def run_paged_decode_kernel(kernel: Callable | None, q: torch.Tensor, k_new: tor
         return None
     if q.dtype not in _DECODE_KERNEL_DTYPES or any(t.dtype != q.dtype for t in (k_new, v_new, k_pages, v_pages)):
         return None
-    if k_pages.shape[1] % _KEY_BLOCK or not (k_pages.is_contiguous() and v_pages.is_contiguous()):
+    if k_pages.shape[1] % CPU_KEY_BLOCK or not (k_pages.is_contiguous() and v_pages.is_contiguous()):
         return None
     if block_table.dtype != torch.int32 or cache_seqlens.dtype != torch.int32:
         return None

@@ -1,9 +1,10 @@
 // Whole decode blocks in one call each: the attention block (norm, q/k/v, their q/k norms, RoPE, cache write,
-// attention, output projection, residual) and the MLP block (norm, gate/up, SiLU, down, residual) for one new token per row. At the
-// sizes where decode is bound by reading the weights, the fifteen-odd Python and dispatcher calls a block makes
-// otherwise cost as much as a fifth of the step. The Python path (model/attention.py, model/mlp.py) is their twin:
-// the same kernels in the same order, so the two agree bit for bit, save where this SiLU's last float32 bits
-// differ from torch's and move a bf16 rounding. The projections are checked once, when a block is built.
+// attention, output projection, residual) and the MLP block (norm, gate/up, SiLU, down, residual) for one new token
+// per row, and the decode stack running a decoder's blocks in one call. At the sizes where decode is bound by
+// reading the weights, the fifteen-odd Python and dispatcher calls a block makes otherwise cost as much as a fifth
+// of the step. The Python path (model/attention.py, model/mlp.py) is their twin: the same kernels in the same order,
+// so the two agree bit for bit, save where this SiLU's last float32 bits differ from torch's and move a bf16
+// rounding. The projections are checked once, when a block is built.
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -71,10 +72,6 @@ struct Proj {
             p.bias = *bias;
         }
         return p;
-    }
-
-    static bool float32_or_bf16(const torch::Tensor& t) {
-        return t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16;
     }
 };
 
@@ -149,7 +146,7 @@ void check_group(const char* name, const std::vector<const Proj*>& ps, int64_t K
 
 // x [B, 1, H] (or [B, H]) float32 or bf16 on the CPU as contiguous rows [B, H]
 torch::Tensor rows_of(const char* name, const torch::Tensor& x, int64_t H) {
-    TORCH_CHECK(x.device().is_cpu() && Proj::float32_or_bf16(x) && x.size(-1) == H && x.numel() > 0 &&
+    TORCH_CHECK(x.device().is_cpu() && float32_or_bf16(x) && x.size(-1) == H && x.numel() > 0 &&
                 (x.dim() == 2 || (x.dim() == 3 && x.size(1) == 1)),
                 name, ": x must be a float32 or bfloat16 CPU tensor [B, 1, ", H, "]");
     TORCH_CHECK(x.size(0) <= 8, name, ": at most 8 rows (decode), got ", x.size(0));
@@ -225,10 +222,12 @@ struct AttnBlock {
         const auto qkv = rotated_qkv(x2, cos, sin);
         const size_t row = size_t(Hkv * D) * x2.element_size();
         for (int64_t b = 0; b < B; ++b) {
-            std::memcpy(static_cast<char*>(kc.data_ptr()) + (b * kc.stride(0) + past * kc.stride(1)) * kc.element_size(),
-                        static_cast<const char*>(qkv[1].data_ptr()) + b * row, row);
-            std::memcpy(static_cast<char*>(vc.data_ptr()) + (b * vc.stride(0) + past * vc.stride(1)) * vc.element_size(),
-                        static_cast<const char*>(qkv[2].data_ptr()) + b * row, row);
+            const int64_t at = (b * kc.stride(0) + past * kc.stride(1)) * kc.element_size();
+            const int64_t vat = (b * vc.stride(0) + past * vc.stride(1)) * vc.element_size();
+            std::memcpy(static_cast<char*>(kc.data_ptr()) + at, static_cast<const char*>(qkv[1].data_ptr()) + b * row,
+                        row);
+            std::memcpy(static_cast<char*>(vc.data_ptr()) + vat, static_cast<const char*>(qkv[2].data_ptr()) + b * row,
+                        row);
         }
         AttnArgs a = args(B, kc, vc, is_bf16(x2));
         a.S = past + 1;
@@ -240,7 +239,8 @@ struct AttnBlock {
     // the new token of row b at position seqlens[b] of its pages (block_table) in the pools [P, page_size, Hkv, D]
     torch::Tensor forward_paged(const torch::Tensor& x, const torch::Tensor& k_pages, const torch::Tensor& v_pages,
                                 const torch::Tensor& block_table, const torch::Tensor& seqlens,
-                                const std::optional<torch::Tensor>& cos, const std::optional<torch::Tensor>& sin) const {
+                                const std::optional<torch::Tensor>& cos,
+                                const std::optional<torch::Tensor>& sin) const {
         const torch::Tensor x2 = rows_of("AttnDecodeBlock", x, o.N);
         for (const auto* c : {&k_pages, &v_pages})
             TORCH_CHECK(fits_cache(*c, x2), "AttnDecodeBlock: the pages must be [P, page_size, Hkv, D] in x's dtype");
@@ -289,7 +289,8 @@ private:
     }
 
     // x + o_proj(attention of the rotated queries qr by `a`), shaped as `like`
-    torch::Tensor attend(AttnArgs& a, const torch::Tensor& x2, const torch::Tensor& qr, const torch::Tensor& like) const {
+    torch::Tensor attend(AttnArgs& a, const torch::Tensor& x2, const torch::Tensor& qr,
+                         const torch::Tensor& like) const {
         auto att = torch::empty({x2.size(0), Hq * D}, x2.options());
         run_attention(a, qr.data_ptr(), att.data_ptr());
         return residual(x2, project({&o}, att)[0], like);
@@ -327,7 +328,8 @@ struct DecodeStack {
     std::vector<bool> rope;         // per block: whether its attention rotates q and k (NoPE layers do not)
     size_t attention = 0;           // how many of the blocks are attention blocks
 
-    DecodeStack(std::vector<Block> blocks_, std::vector<bool> rope_) : blocks(std::move(blocks_)), rope(std::move(rope_)) {
+    DecodeStack(std::vector<Block> blocks_, std::vector<bool> rope_)
+        : blocks(std::move(blocks_)), rope(std::move(rope_)) {
         TORCH_CHECK(!blocks.empty() && rope.size() == blocks.size(), "DecodeStack: one rope flag per block");
         for (const auto& b : blocks) attention += std::holds_alternative<std::shared_ptr<AttnBlock>>(b);
     }
@@ -381,7 +383,8 @@ void register_decode_blocks(pybind11::module_& m) {
                     py::arg("bias"), py::arg("N"), py::arg("K"), py::arg("scale_values"), py::arg("pairs"))
         .def_static("dense", &Proj::dense, "16-bit weights w [N, K] (float16 or bfloat16), bias in the activations' "
                     "dtype", py::arg("w"), py::arg("bias"));
-    py::class_<AttnBlock, std::shared_ptr<AttnBlock>>(m, "AttnDecodeBlock", "the attention block of one decode token per row")
+    py::class_<AttnBlock, std::shared_ptr<AttnBlock>>(m, "AttnDecodeBlock",
+                                                      "the attention block of one decode token per row")
         .def(py::init<torch::Tensor, double, Proj, Proj, Proj, Proj, int64_t, int64_t, int64_t, double,
                       std::optional<torch::Tensor>, std::optional<torch::Tensor>>(),
              py::arg("norm_weight"), py::arg("eps"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),

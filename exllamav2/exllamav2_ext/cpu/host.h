@@ -14,6 +14,8 @@ namespace exlcpu::host {
 
 const Kernels& kernels();
 
+bool float32_or_bf16(const torch::Tensor& x);
+
 // the 16-bit weight kernel for weights of `dtype` (float16 or bfloat16)
 F16GemvFn w16_kernel(at::ScalarType dtype);
 
