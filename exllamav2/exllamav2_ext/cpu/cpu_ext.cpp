@@ -178,7 +178,7 @@ QView q_view(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::
         a.sidx = scales.data_ptr<uint8_t>();
         if (pairs)       // the pair kernels pick each column's value per chunk: no tables
             a.svalues = reinterpret_cast<const uint16_t*>(scale_values->data_ptr<at::Half>());
-        else
+        else if (slot != kNoTables)
             build_tables(a, *scale_values, group_bits, slot);
     } else {
         a.scales = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::Half>());
@@ -206,6 +206,16 @@ void check_src(const QView& v, int64_t K) {
     if (lo >= -1 && hi < K) return;
     for (int64_t p = 0; p < v.kpad; ++p)
         TORCH_CHECK(v.src[p] >= -1 && v.src[p] < K, "q kernels: src[", p, "] = ", v.src[p], " outside -1..", K - 1);
+}
+
+const float* check_layer(const char* name, const QView& v, int64_t N, int64_t K,
+                         const std::optional<torch::Tensor>& bias) {
+    TORCH_CHECK(N > 0 && N <= v.nblocks * exlcpu::kBlock, name, ": N = ", N, " outside 1..", v.nblocks * 16);
+    check_src(v, K);
+    if (!bias || !bias->defined()) return nullptr;
+    TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->dim() == 1 && bias->size(0) == N &&
+                bias->is_contiguous(), name, ": a quantized layer's bias must be contiguous float32 [N]");
+    return bias->data_ptr<float>();
 }
 
 // x [M, K] (float32 or bf16) as float32 in padded stored-row order (zeros on padding rows)
@@ -277,15 +287,8 @@ QCall q_call(const torch::Tensor& x, const torch::Tensor& qw, const torch::Tenso
              const std::optional<torch::Tensor>& bias, int64_t N, const std::optional<torch::Tensor>& scale_values,
              bool pairs, size_t slot) {
     QCall c{q_view(qw, chunks, scales, zeros, src, scale_values, pairs, slot), nullptr, N, torch::Tensor()};
-    const int64_t M = x.size(0), K = x.size(1);
-    TORCH_CHECK(N > 0 && N <= c.v.nblocks * exlcpu::kBlock, "q_matmul: N = ", N, " outside 1..", c.v.nblocks * 16);
-    check_src(c.v, K);
-    if (bias && bias->defined()) {
-        TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->dim() == 1 && bias->size(0) == N &&
-                    bias->is_contiguous(), "q_matmul: bias must be contiguous float32 [N]");
-        c.bias = bias->data_ptr<float>();
-    }
-    c.y = torch::empty({M, N}, x.options());
+    c.bias = check_layer("q_matmul", c.v, N, x.size(1), bias);
+    c.y = torch::empty({x.size(0), N}, x.options());
     return c;
 }
 

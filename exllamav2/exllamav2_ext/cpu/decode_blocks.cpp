@@ -37,9 +37,8 @@ struct Proj {
                           const std::optional<torch::Tensor>& bias, int64_t N, int64_t K,
                           const std::optional<torch::Tensor>& scale_values, bool pairs) {
         Proj p;
-        p.v = q_view(qw, chunks, scales, zeros, src, scale_values, pairs);
-        check_src(p.v, K);
-        TORCH_CHECK(N > 0 && N <= p.v.nblocks * kBlock, "DecodeProj: N = ", N, " outside 1..", p.v.nblocks * kBlock);
+        p.v = q_view(qw, chunks, scales, zeros, src, scale_values, pairs, kNoTables);
+        if (check_layer("DecodeProj", p.v, N, K, bias)) p.bias = *bias;
         p.quant = true;
         p.N = N;
         p.K = K;
@@ -49,11 +48,6 @@ struct Proj {
             p.scale_values = *scale_values;
             p.tables = !pairs;
             if (p.tables) check_chunks(chunks, qw.size(1), scales.size(1), p.group_bits);
-        }
-        if (bias && bias->defined()) {
-            TORCH_CHECK(bias->scalar_type() == torch::kFloat32 && bias->dim() == 1 && bias->size(0) == N &&
-                        bias->is_contiguous(), "DecodeProj: a quantized layer's bias must be contiguous float32 [N]");
-            p.bias = *bias;
         }
         return p;
     }

@@ -35,14 +35,20 @@ std::vector<T>& slot_buffer(size_t slot) {
     return bufs[slot];
 }
 
+inline constexpr size_t kNoTables = SIZE_MAX;
+
 // the layout's tensors checked and viewed (EXL2's indexed scales off the pair layout: their tables built into the
-// calling thread's buffers of `slot`, valid until the next call on that slot)
+// calling thread's buffers of `slot`, valid until the next call on that slot; none with kNoTables, for a view
+// kept across calls that builds them per call)
 QView q_view(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
              const std::optional<torch::Tensor>& zeros, const torch::Tensor& src,
              const std::optional<torch::Tensor>& scale_values, bool pairs, size_t slot = 0);
 void check_chunks(const torch::Tensor& chunks, int64_t words, int64_t ngroups, std::vector<int8_t>& group_bits);
 void build_tables(QArgs& a, const torch::Tensor& values, const std::vector<int8_t>& group_bits, size_t slot);
 void check_src(const QView& v, int64_t K);
+// a view's N outputs, K inputs (its src) and float32 bias checked (name: the caller's); the bias's data or nullptr
+const float* check_layer(const char* name, const QView& v, int64_t N, int64_t K,
+                         const std::optional<torch::Tensor>& bias);
 int64_t block_grain(int64_t kpad);
 
 // One quantized layer of a call, checked, with its output and gathered activations (few rows: the gemv kernels)
