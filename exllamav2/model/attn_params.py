@@ -52,8 +52,11 @@ class _PositionsMixin:
         if key not in self._rope and self.mrope_positions is not None:
             self._rope[key] = tables.lookup_mrope(self.mrope_positions)
         elif key not in self._rope:
-            self._rope[key] = tables.lookup(self.positions())
+            self._rope[key] = self._lookup_rope(tables)
         return self._rope[key]
+
+    def _lookup_rope(self, tables) -> tuple[torch.Tensor, torch.Tensor]:
+        return tables.lookup(self.positions())
 
     def positions_on(self, device: torch.device) -> torch.Tensor:
         """Query positions (B, L) on `device`, clamped at 0 (left-padding offsets can go below)."""
@@ -94,6 +97,11 @@ class Params(_PositionsMixin):
         self._rope: dict = {}
         self._positions: dict = {}
         self._meta: dict = {}
+
+    def _lookup_rope(self, tables) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.position_offsets is None:   # one run of positions for every row: slices, no index tensors
+            return tables.lookup_range(self.past_len, self.seq_len, self.batch_size)
+        return tables.lookup(self.positions())
 
     def positions(self) -> torch.Tensor:
         pos = torch.arange(self.past_len, self.past_len + self.seq_len).unsqueeze(0).expand(self.batch_size, -1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .module import ExLlamaV2Module, TensorShapeError
 from ..errors import InputError
@@ -39,19 +40,16 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
 
     def forward(self, input_ids: torch.Tensor, indexed_embeddings: torch.Tensor | None = None, attn_params=None,
                 **kwargs) -> torch.Tensor:
-        vocab = self.weight.shape[0]
         ids = input_ids.to(self.weight.device)
         dtype = self.model.dtype
         extra = ids >= EMBEDDING_INDEX if indexed_embeddings is not None else None
         plain = ids if extra is None else ids.masked_fill(extra, 0)
-        if plain.numel() and (int(plain.min()) < 0 or int(plain.max()) >= vocab):
-            bad = int(plain.min()) if int(plain.min()) < 0 else int(plain.max())
-            raise InputError(
-                f"token id {bad} is outside the vocabulary (size {vocab}); check the tokenizer matches the model"
-            )
-        # Gemma's sqrt(hidden), Granite's embedding_multiplier: rounded to the activation dtype, as the
-        # reference implementations do
-        x = self.weight[plain].to(dtype) * torch.tensor(self.model.config.embed_scale, dtype=dtype)
+        x = self._lookup(plain).to(dtype)
+        scale = self.model.config.embed_scale
+        if scale != 1.0:
+            # Gemma's sqrt(hidden), Granite's embedding_multiplier: rounded to the activation dtype, as the
+            # reference implementations do
+            x = x * torch.tensor(scale, dtype=dtype)
         if extra is not None and bool(extra.any()):
             # supplied embeddings (image features) go in as they are: transformers puts them in place of the
             # scaled token embeddings, unscaled
@@ -63,6 +61,17 @@ class ExLlamaV2Embedding(ExLlamaV2Module):
                                  f"positions of this model (max_position_embeddings)")
             x = x + self.pos_weight[positions].to(x.device, dtype)
         return x
+
+    def _lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        """The ids' rows; an id outside the vocabulary is refused, naming it (the lookup checks the range itself:
+        a decode step pays no separate min/max)."""
+        try:
+            return F.embedding(ids, self.weight)
+        except IndexError:
+            vocab = self.weight.shape[0]
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise InputError(f"token id {bad} is outside the vocabulary (size {vocab}); check the tokenizer matches "
+                             f"the model") from None
 
 
 def _half(w: torch.Tensor, device: torch.device) -> torch.Tensor:

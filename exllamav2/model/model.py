@@ -432,7 +432,9 @@ class ExLlamaV2:
         if last_id_only:
             x = x[:, -1:]
         head = self.modules[-1]
-        logits = head.forward(x.to(head.device), loras).float() * self.config.logit_scale
+        logits = head.forward(x.to(head.device), loras).float()
+        if self.config.logit_scale != 1.0:
+            logits = logits * self.config.logit_scale
         if self.config.final_logit_softcapping:
             cap = float(self.config.final_logit_softcapping)
             logits = torch.tanh(logits / cap) * cap

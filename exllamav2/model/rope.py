@@ -149,7 +149,9 @@ class RopeTables:
 
     def reserve(self, positions: torch.Tensor) -> None:
         """Grow the tables (doubling) so that every position in `positions` has a row."""
-        needed = int(positions.max()) + 1 if positions.numel() else 0
+        self._reserve_rows(int(positions.max()) + 1 if positions.numel() else 0)
+
+    def _reserve_rows(self, needed: int) -> None:
         if self._short_long[1] is not None:
             inv = self._short_long[needed > self.switch_len]
             if inv is not self.inv_freq:
@@ -163,6 +165,15 @@ class RopeTables:
         self.reserve(positions)
         positions = positions.clamp(min=0).to(self.device)
         return self.cos[positions].unsqueeze(2), self.sin[positions].unsqueeze(2)
+
+    def lookup_range(self, start: int, length: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions start .. start + length - 1 (start >= 0) for every row of a batch -> cos, sin (batch, length,
+        1, rotary_dim), as `lookup` gives them: read-only slices of the tables for one row (a decode step's lookup
+        without index tensors), copies for more."""
+        self._reserve_rows(start + length)
+        shape = (batch, length, 1, self.cos.shape[-1])
+        return tuple(t[start:start + length].view(1, length, 1, -1).expand(shape).contiguous()
+                     for t in (self.cos, self.sin))
 
     def lookup_mrope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """MRoPE: positions (3, B, L) (temporal, height, width) -> cos, sin (B, L, 1, rotary_dim), each frequency
