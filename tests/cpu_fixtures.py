@@ -14,15 +14,17 @@ kernels = ext.cpu_kernels()
 
 
 def cpu_isas() -> list[str]:
-    """The kernel paths this CPU runs: AVX2 always, AVX-512 where the CPU has it; none without the kernels."""
+    """The kernel paths this CPU runs: AVX2 always, AVX-512 and AVX512-BF16 where the CPU has them; none without
+    the kernels."""
     if kernels is None:
         return []
     previous, out = kernels.isa(), ["avx2"]
-    try:
-        kernels.set_isa("avx512")
-        out.append("avx512")
-    except RuntimeError:        # an AVX2-only CPU: the AVX-512 path cannot run here
-        pass
+    for name in ("avx512", "avx512bf16"):
+        try:
+            kernels.set_isa(name)
+        except RuntimeError:        # the CPU lacks it: that path cannot run here
+            break
+        out.append(name)
     kernels.set_isa(previous)
     return out
 

@@ -52,12 +52,20 @@ def test_16_bit_weight_kernels_take_and_return_bf16(m, n, k, kernel, dtype, isa,
     torch.testing.assert_close(got.double(), expect, rtol=2**-7, atol=1e-5 * k**0.5)
 
 
-def _attention_reference(q, k, v, scale):
-    """float32 SDPA with the kv heads repeated for their query heads (repeat_kv's order)."""
+def _attention_reference(q, k, v, scale, bf16_probabilities=False):
+    """float32 attention with the kv heads repeated for their query heads (repeat_kv's order); with
+    bf16_probabilities the softmax rounded to bf16 before p @ v, as transformers' bf16 eager attention does and the
+    AVX512-BF16 kernel's dot products (attn_avx512bf16.cpp) take them."""
     groups = q.shape[2] // k.shape[2]
     kr, vr = (t.float().repeat_interleave(groups, 2).transpose(1, 2) for t in (k, v))
-    out = torch.nn.functional.scaled_dot_product_attention(q.float().transpose(1, 2), kr, vr, scale=scale)
-    return out.transpose(1, 2)
+    p = torch.softmax(q.float().transpose(1, 2) @ kr.transpose(-1, -2) * scale, dim=-1)
+    if bf16_probabilities:
+        p = p.bfloat16().float()
+    return (p @ vr).transpose(1, 2)
+
+
+def _rounds_probabilities(dtype, isa) -> bool:
+    return dtype == torch.bfloat16 and isa == "avx512bf16"
 
 
 @needs_kernels
@@ -76,7 +84,8 @@ def test_attn_decode_matches_sdpa(dtype, b, s, hq, hkv, d, isa, threads):
     out = kernels.attn_decode(q, k, v, d**-0.5)
     assert out.dtype == dtype and out.shape == q.shape
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1 / 128, atol=1e-3)
-    torch.testing.assert_close(out.float(), _attention_reference(q, k, v, d**-0.5), **tol)
+    expect = _attention_reference(q, k, v, d**-0.5, _rounds_probabilities(dtype, isa))
+    torch.testing.assert_close(out.float(), expect, **tol)
 
 
 @needs_kernels
@@ -92,7 +101,8 @@ def test_attn_decode_per_row_lengths(dtype, isa, threads):
     tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1 / 128, atol=1e-3)
     for row, n in enumerate(lengths.tolist()):
         expect = (torch.zeros(1, 1, hq, d) if n == 0 else
-                  _attention_reference(q[row : row + 1], k[row : row + 1, :n], v[row : row + 1, :n], 0.125))
+                  _attention_reference(q[row : row + 1], k[row : row + 1, :n], v[row : row + 1, :n], 0.125,
+                                       _rounds_probabilities(dtype, isa)))
         torch.testing.assert_close(out[row : row + 1], expect, **tol)
 
 

@@ -22,6 +22,7 @@ struct S {
     static constexpr int kAccRegs = 8;    // of 16 registers
     static constexpr int kLutBits = 4;    // vpermps reaches 8 entries; 4-bit codes take two and a blend
     static constexpr bool kHalvesTogether = false;   // the order of a chunk's steps (ChunkFma)
+    static constexpr bool kDotBf16 = false;          // bf16 attention by vdpbf16ps (attn_span_dots)
 
     static inline __attribute__((always_inline)) I load_i(const int32_t* p) {
         return {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)),

@@ -101,6 +101,11 @@ struct Kernels {
     QDequantFn q_dequant_pairs = nullptr;
 };
 
+// AttnFn of the avx512bf16 set: a bf16 cache by bf16 dot products (attn_avx512bf16.cpp), float32 as kernels_avx512
+namespace avx512bf16 {
+void attn_decode_dots(const AttnArgs& a, int64_t t0, int64_t t1);
+}
+
 const Kernels& kernels_avx2();
 const Kernels& kernels_avx512();
 const Kernels& kernels_avx512bf16();

@@ -1,6 +1,6 @@
-// The kernels, written once over a SIMD traits type S. Included by kernels_avx2.cpp and kernels_avx512.cpp
-// inside their own namespace and target region, so each instantiation is compiled for its ISA and has its own
-// symbol names.
+// The kernels, written once over a SIMD traits type S. Included by kernels_avx2.cpp, kernels_avx512.cpp (S from
+// simd_avx512.h), kernels_avx512bf16.cpp (its scalar helpers) and attn_avx512bf16.cpp inside their own namespace
+// and target region, so each instantiation is compiled for its ISA and has its own symbol names.
 //
 // Quantized layout (cpu_layout.py): a chunk is 32 rows of one group x 16 columns, B words per lane; lane i
 // holds rows i and 16 + i, its B words an LSB-first bitstream of 32 codes, code p = h * 16 + j being row
@@ -11,7 +11,8 @@
 // S provides: I (16 x int32), F (16 x float), A (a column's accumulator), kAccRegs (accumulators that fit in
 // registers beside the rest), load_i, srl<n>, sll<n>, or_i, decode<B> (codes -> exact fp16 weights, by table
 // lookup where the ISA's permutes reach 2^B entries, else by arithmetic), build_lut, fma_row (acc += w * x[16]),
-// fold8 (A -> 8 partial sums), reduce8, load_h, load_f, fmav, zero, add, hsum4, half_to_float.
+// fold8 (A -> 8 partial sums), reduce8, load_h, load_f, fmav, zero, add, hsum4, half_to_float, kDotBf16 (whether
+// a bf16 cache's attention goes to attn_span_dots).
 
 // (includes <utility> for std::integer_sequence must come before, outside the namespace)
 
@@ -553,9 +554,14 @@ EXL_INLINE const void* key_row(const AttnArgs& a, const void* base, int64_t bs, 
     return offset<BF>(base, (page * a.page_size + s0 % a.page_size) * rs + j0 * a.D);
 }
 
-// kv heads j0 .. j0 + nh - 1 of batch b over its ns >= 1 keys: the scaled queries in q, then the outputs
+// attn_span for a bf16 cache by bf16 dot products, where S::kDotBf16 (kernels_avx512bf16.cpp defines it)
+template <class S>
+void attn_span_dots(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, int64_t ns, float* out, float* sc);
+
+// kv heads j0 .. j0 + nh - 1 of batch b over its ns >= 1 keys in float32 arithmetic: the scaled queries in q,
+// then the outputs
 template <class S, bool BF>
-void attn_span(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, int64_t ns, float* q, float* sc) {
+void attn_span_floats(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, int64_t ns, float* q, float* sc) {
     const int64_t G = a.Hq / a.Hkv, D = a.D, H = nh * G, q0 = b * a.qb + j0 * G * D;
     for (int64_t i = 0; i < H * D; ++i) q[i] = scalar_kv<BF>(a.q, q0 + i) * a.scale;
     for (int64_t s0 = 0; s0 < ns; s0 += kKeyBlock) {
@@ -568,6 +574,13 @@ void attn_span(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, int64_t ns,
         const int64_t n = ns - s0 < kKeyBlock ? ns - s0 : kKeyBlock;
         values_block<S, BF>(sc, key_row<BF>(a, a.v, a.vb, a.vs, b, j0, s0), a.vs, s0, n, nh, G, D, q, ns);
     }
+}
+
+// the outputs of kv heads j0 .. j0 + nh - 1 of batch b over its ns >= 1 keys into q (sc: room for the scores)
+template <class S, bool BF>
+void attn_span(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, int64_t ns, float* q, float* sc) {
+    if constexpr (BF && S::kDotBf16) attn_span_dots<S>(a, b, j0, nh, ns, q, sc);
+    else attn_span_floats<S, BF>(a, b, j0, nh, ns, q, sc);
 }
 
 template <class S, bool BF>
