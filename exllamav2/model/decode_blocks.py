@@ -190,9 +190,9 @@ class DecodeStack:
         self.stack = model.ops(layers[0].device).cpu.DecodeStack([b.block for b in blocks], rope)
 
     def takes(self, x: torch.Tensor, cache, attn_params, loras) -> bool:
-        layers = self.model.modules[1:-2]
-        return (_plain_step(x, self.dtype, cache, attn_params, loras) and len(layers) == len(self.layers)
-                and all(m is s and m.decode_block is b for m, s, b in zip(layers, self.layers, self.blocks)))
+        # list equality tries identity first: two C loops instead of a Python one per layer
+        return (_plain_step(x, self.dtype, cache, attn_params, loras) and self.model.modules[1:-2] == self.layers
+                and [m.decode_block for m in self.layers] == self.blocks)
 
     def forward(self, x: torch.Tensor, cache, attn_params) -> torch.Tensor:
         cos, sin = _rope(self.attns[0], attn_params) if self.rotates else (None, None)
