@@ -251,6 +251,36 @@ def test_the_stack_steps_aside_for_an_intervention(tiny_model_factory):
     assert_twin(got, want, "float32")
 
 
+def test_the_stack_gives_logits_while_the_model_holds_its_head(tiny_model_factory, monkeypatch):
+    """The final norm and head join the stack: a plain decode step's logits come from the stack's one call (the
+    paths agree: test_blocks_match_the_layers_path); asked for the last state, or with the head replaced after load,
+    the stack stops at the decoder and the model's own norm and head run."""
+    model = load(tiny_model_factory("llama")[0], "bfloat16")
+    asked = []
+
+    class Recording:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def forward(self, *args):
+            asked.append(args[-1])
+            return self.inner.forward(*args)
+
+    monkeypatch.setattr(model.decode_stack, "stack", Recording(model.decode_stack.stack))
+    cache = ExLlamaV2Cache(model, max_seq_len=32)
+    model.forward(torch.tensor([[5, 6, 7]]), cache, preprocess_only=True)
+    want = model.forward(torch.tensor([[8]]), cache)
+    cache.current_seq_len = 3
+    logits, state = model.forward(torch.tensor([[8]]), cache, return_last_state=True)
+    head = model.modules[-1]
+    model.modules[-1] = Intervention(head)
+    cache.current_seq_len = 3
+    wrapped = model.forward(torch.tensor([[8]]), cache)
+    assert asked == [True, False, False]
+    assert torch.equal(logits, want) and torch.equal(wrapped, want)
+    assert state.shape == (1, 1, 64) and want.dtype == torch.float32
+
+
 def test_bad_stack_arguments_are_refused(tiny_model_factory):
     model = load(tiny_model_factory("llama")[0], "float32")
     stack = model.decode_stack.stack
@@ -259,3 +289,12 @@ def test_bad_stack_arguments_are_refused(tiny_model_factory):
         stack.forward(torch.randn(1, 1, 64), cache.key_states[:1], cache.value_states[:1], 0, None, None)
     with pytest.raises(RuntimeError, match="one rope flag per block"):
         kernels.DecodeStack([model.modules[1].decode_block.block], [True, False])
+    headless = kernels.DecodeStack([model.modules[2].decode_block.block], [False])
+    with pytest.raises(RuntimeError, match="logits asked of a stack built without a head"):
+        headless.forward(torch.randn(1, 1, 64), [], [], 0, None, None, True)
+    head = kernels.DecodeProj.dense(torch.randn(40, 64).bfloat16(), None)
+    with pytest.raises(RuntimeError, match="DecodeHead: the norm weight must be contiguous float32"):
+        kernels.DecodeHead(torch.ones(64, dtype=torch.float64), 1e-5, head)
+    with pytest.raises(RuntimeError, match="DecodeHead: the projections of one input must all be quantized or all "
+                                           "16-bit, each with 32 inputs"):
+        kernels.DecodeHead(torch.ones(32), 1e-5, head)

@@ -20,12 +20,12 @@ from ..architecture import RopeStyle
 from ..attn.backends.backend import CPU_KEY_BLOCK
 from ..cache.base import ExLlamaV2Cache
 from ..quant.cpu_layout import MAX_GEMV_ROWS
+from .linear import ExLlamaV2Linear
 from .module import Intervention
 from .norm import ExLlamaV2RMSNorm
 
 if TYPE_CHECKING:
     from .attention import ExLlamaV2Attention
-    from .linear import ExLlamaV2Linear
     from .mlp import ExLlamaV2MLP
     from .model import ExLlamaV2
 
@@ -122,9 +122,10 @@ def _pools(attn: ExLlamaV2Attention, cache, attn_params) -> tuple[torch.Tensor, 
     return kc.view(shape), vc.view(shape)
 
 
-def _caches(attn: ExLlamaV2Attention, cache, rows: int, attn_params) -> tuple[torch.Tensor, torch.Tensor]:
-    """The layer's dense key and value caches [batch, S, Hkv, D]."""
-    return cache.get_kv_state(attn.layer_idx, rows, 0, attn_params.past_len + 1)
+def _caches(attn: ExLlamaV2Attention, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's dense key and value caches [batch, S, Hkv, D]: the plain cache's whole tensors (as its
+    get_kv_state gives them, without the call)."""
+    return cache.key_states[attn.layer_idx], cache.value_states[attn.layer_idx]
 
 
 class AttentionBlock:
@@ -145,7 +146,7 @@ class AttentionBlock:
         if attn_params.paged:
             return self.block.forward_paged(x, *_pools(attn, cache, attn_params), *attn_params.on(attn.device),
                                             cos, sin)
-        return self.block.forward(x, *_caches(attn, cache, x.shape[0], attn_params), attn_params.past_len, cos, sin)
+        return self.block.forward(x, *_caches(attn, cache), attn_params.past_len, cos, sin)
 
 
 class MlpBlock:
@@ -160,10 +161,22 @@ class MlpBlock:
         return self.block.forward(x)
 
 
+def head_block(model: ExLlamaV2):
+    """The final norm and the head as one kernel object for the decode stack, where the norm is a plain RMS norm and
+    the head a projection the blocks compute, both on one device; else None."""
+    norm, head = model.modules[-2:]
+    kernels = _kernels(head)
+    if kernels is None or not _plain_norm(norm) or not isinstance(head, ExLlamaV2Linear) or norm.device != head.device:
+        return None
+    proj = _projections((head,), kernels)
+    return None if proj is None else kernels.DecodeHead(norm.weight, model.config.norm_eps, proj[0])
+
+
 def decode_stack(model: ExLlamaV2) -> DecodeStack | None:
     """The decoder layers between the embedding and the final norm as one call per decode step, where every one of
     them is an attention or MLP layer with its block (not wrapped in an Intervention), all on one device, the
-    rotating attention layers sharing one RoPE table; else None."""
+    rotating attention layers sharing one RoPE table; else None. The final norm and head join it where they can
+    (`head_block`) and sit on the layers' device."""
     layers = model.modules[1:-2]
     blocks = [getattr(m, "decode_block", None) for m in layers]
     if not layers or any(isinstance(m, Intervention) for m in layers) or \
@@ -172,33 +185,42 @@ def decode_stack(model: ExLlamaV2) -> DecodeStack | None:
     attns = [b.attn for b in blocks if isinstance(b, AttentionBlock)]
     if not attns or len({m.device for m in layers}) != 1 or len({a.rope_local for a in attns}) != 1:
         return None
-    return DecodeStack(model, layers, blocks)
+    head = head_block(model) if model.modules[-1].device == layers[0].device else None
+    return DecodeStack(model, layers, blocks, head)
 
 
 class DecodeStack:
     """What `decode_stack` builds: the layers' blocks in one kernel object, run while the model still holds those
-    layers with those blocks (a layer replaced, wrapped or given another block after load stops it)."""
+    layers with those blocks (a layer replaced, wrapped or given another block after load stops it), and with the
+    final norm and head where they joined (`head`), logits in the same call while the model holds those two."""
 
-    def __init__(self, model: ExLlamaV2, layers: list, blocks: list) -> None:
+    def __init__(self, model: ExLlamaV2, layers: list, blocks: list, head=None) -> None:
         self.model = model
         self.layers = layers
         self.blocks = blocks
+        self.tail = model.modules[-2:]
+        self.has_head = head is not None
         self.attns = [b.attn for b in blocks if isinstance(b, AttentionBlock)]
         self.dtype = blocks[0].dtype
         rope = [isinstance(b, AttentionBlock) and b.attn.rope_style == RopeStyle.NEOX for b in blocks]
         self.rotates = any(rope)
-        self.stack = model.ops(layers[0].device).cpu.DecodeStack([b.block for b in blocks], rope)
+        self.stack = model.ops(layers[0].device).cpu.DecodeStack([b.block for b in blocks], rope, head)
 
     def takes(self, x: torch.Tensor, cache, attn_params, loras) -> bool:
         # list equality tries identity first: two C loops instead of a Python one per layer
         return (_plain_step(x, self.dtype, cache, attn_params, loras) and self.model.modules[1:-2] == self.layers
                 and [m.decode_block for m in self.layers] == self.blocks)
 
-    def forward(self, x: torch.Tensor, cache, attn_params) -> torch.Tensor:
+    def gives_logits(self) -> bool:
+        """Whether `forward(..., logits=True)` may run: the head joined and the model still holds it and its norm."""
+        return self.has_head and self.model.modules[-2:] == self.tail
+
+    def forward(self, x: torch.Tensor, cache, attn_params, logits: bool = False) -> torch.Tensor:
+        """The decoder's output for x [B, 1, H], or with logits the head's [B, 1, V] (in x's dtype)."""
         cos, sin = _rope(self.attns[0], attn_params) if self.rotates else (None, None)
         if attn_params.paged:
             keys, values = zip(*(_pools(a, cache, attn_params) for a in self.attns))
             return self.stack.forward_paged(x, list(keys), list(values), *attn_params.on(self.attns[0].device),
-                                            cos, sin)
-        keys, values = zip(*(_caches(a, cache, x.shape[0], attn_params) for a in self.attns))
-        return self.stack.forward(x, list(keys), list(values), attn_params.past_len, cos, sin)
+                                            cos, sin, logits)
+        keys, values = zip(*(_caches(a, cache) for a in self.attns))
+        return self.stack.forward(x, list(keys), list(values), attn_params.past_len, cos, sin, logits)

@@ -423,6 +423,8 @@ class ExLlamaV2:
         first = 1
         stack = self.decode_stack
         if stack is not None and not preprocess_only and stack.takes(x, cache, params, loras):
+            if not return_last_state and stack.gives_logits():     # the head in the same call
+                return self._logits(stack.forward(x, cache, params, logits=True), cpu_logits)
             x = stack.forward(x, cache, params)
             first = len(self.modules) - 2       # the final norm
         for idx, m in enumerate(self.modules[first:-1], start=first):
@@ -432,7 +434,12 @@ class ExLlamaV2:
         if last_id_only:
             x = x[:, -1:]
         head = self.modules[-1]
-        logits = head.forward(x.to(head.device), loras).float()
+        logits = self._logits(head.forward(x.to(head.device), loras), cpu_logits)
+        return (logits, x) if return_last_state else logits
+
+    def _logits(self, out: torch.Tensor, cpu_logits: bool) -> torch.Tensor:
+        """The head's output as the forward's float32 logits: scaled, soft-capped, padded to a multiple of 32."""
+        logits = out.float()
         if self.config.logit_scale != 1.0:
             logits = logits * self.config.logit_scale
         if self.config.final_logit_softcapping:
@@ -443,4 +450,4 @@ class ExLlamaV2:
             logits = F.pad(logits, (0, pad), value=_PAD_LOGIT)
         if cpu_logits:
             logits = logits.cpu()
-        return (logits, x) if return_last_state else logits
+        return logits

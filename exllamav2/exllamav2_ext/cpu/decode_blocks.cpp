@@ -314,6 +314,25 @@ struct MlpBlock {
     }
 };
 
+// The final RMS norm and the head of decode rows: logits in x's dtype, shaped [B, 1, V] (or [B, V] as x)
+struct HeadBlock {
+    torch::Tensor norm_w;
+    double eps;
+    Proj head;
+
+    HeadBlock(torch::Tensor norm_w_, double eps_, Proj head_)
+        : norm_w(std::move(norm_w_)), eps(eps_), head(std::move(head_)) {
+        check_norm("DecodeHead", norm_w, norm_w.size(0));
+        check_group("DecodeHead", {&head}, norm_w.size(0));
+    }
+
+    torch::Tensor forward(const torch::Tensor& x) const {
+        const torch::Tensor x2 = rows_of("DecodeHead", x, head.K);
+        const auto y = project({&head}, rms(x2, norm_w, eps))[0];
+        return x.dim() == 3 ? y.view({x2.size(0), 1, head.N}) : y;
+    }
+};
+
 // A decoder's blocks in order, one call per decode step: the per-layer calls from Python cost about 5% of a step at
 // 1 thread, more at 2 (they do not run in parallel)
 struct DecodeStack {
@@ -321,18 +340,19 @@ struct DecodeStack {
     std::vector<Block> blocks;
     std::vector<bool> rope;         // per block: whether its attention rotates q and k (NoPE layers do not)
     size_t attention = 0;           // how many of the blocks are attention blocks
+    std::shared_ptr<HeadBlock> head;    // the final norm and head, for calls that ask for logits (or null)
 
-    DecodeStack(std::vector<Block> blocks_, std::vector<bool> rope_)
-        : blocks(std::move(blocks_)), rope(std::move(rope_)) {
+    DecodeStack(std::vector<Block> blocks_, std::vector<bool> rope_, std::shared_ptr<HeadBlock> head_)
+        : blocks(std::move(blocks_)), rope(std::move(rope_)), head(std::move(head_)) {
         TORCH_CHECK(!blocks.empty() && rope.size() == blocks.size(), "DecodeStack: one rope flag per block");
         for (const auto& b : blocks) attention += std::holds_alternative<std::shared_ptr<AttnBlock>>(b);
     }
 
     torch::Tensor forward(torch::Tensor x, const std::vector<torch::Tensor>& kc, const std::vector<torch::Tensor>& vc,
                           int64_t past, const std::optional<torch::Tensor>& cos,
-                          const std::optional<torch::Tensor>& sin) const {
-        check_caches(kc.size(), vc.size());
-        return run(std::move(x), [&](const AttnBlock& b, const torch::Tensor& h, size_t i, bool r) {
+                          const std::optional<torch::Tensor>& sin, bool logits) const {
+        check_caches(kc.size(), vc.size(), logits);
+        return run(std::move(x), logits, [&](const AttnBlock& b, const torch::Tensor& h, size_t i, bool r) {
             return b.forward(h, kc[i], vc[i], past, r ? cos : std::nullopt, r ? sin : std::nullopt);
         });
     }
@@ -340,22 +360,24 @@ struct DecodeStack {
     torch::Tensor forward_paged(torch::Tensor x, const std::vector<torch::Tensor>& kp,
                                 const std::vector<torch::Tensor>& vp, const torch::Tensor& block_table,
                                 const torch::Tensor& seqlens, const std::optional<torch::Tensor>& cos,
-                                const std::optional<torch::Tensor>& sin) const {
-        check_caches(kp.size(), vp.size());
-        return run(std::move(x), [&](const AttnBlock& b, const torch::Tensor& h, size_t i, bool r) {
+                                const std::optional<torch::Tensor>& sin, bool logits) const {
+        check_caches(kp.size(), vp.size(), logits);
+        return run(std::move(x), logits, [&](const AttnBlock& b, const torch::Tensor& h, size_t i, bool r) {
             return b.forward_paged(h, kp[i], vp[i], block_table, seqlens, r ? cos : std::nullopt,
                                    r ? sin : std::nullopt);
         });
     }
 
 private:
-    void check_caches(size_t k, size_t v) const {
+    void check_caches(size_t k, size_t v, bool logits) const {
         TORCH_CHECK(k == attention && v == attention, "DecodeStack: one key and one value cache per attention block (",
                     attention, ")");
+        TORCH_CHECK(!logits || head, "DecodeStack: logits asked of a stack built without a head");
     }
 
+    // the blocks over x, then the head where logits are asked for
     template <class Attend>
-    torch::Tensor run(torch::Tensor x, const Attend& attend) const {
+    torch::Tensor run(torch::Tensor x, bool logits, const Attend& attend) const {
         size_t a = 0;
         for (size_t i = 0; i < blocks.size(); ++i) {
             if (const auto* ab = std::get_if<std::shared_ptr<AttnBlock>>(&blocks[i]))
@@ -363,7 +385,7 @@ private:
             else
                 x = std::get<std::shared_ptr<MlpBlock>>(blocks[i])->forward(x);
         }
-        return x;
+        return logits ? head->forward(x) : x;
     }
 };
 
@@ -395,16 +417,20 @@ void register_decode_blocks(pybind11::module_& m) {
         .def(py::init<torch::Tensor, double, Proj, Proj, Proj>(), py::arg("norm_weight"), py::arg("eps"),
              py::arg("gate"), py::arg("up"), py::arg("down"))
         .def("forward", &MlpBlock::forward, "x [B, 1, H] + the MLP of its RMS-normed rows", py::arg("x"));
+    py::class_<HeadBlock, std::shared_ptr<HeadBlock>>(m, "DecodeHead", "the final RMS norm and head of decode rows")
+        .def(py::init<torch::Tensor, double, Proj>(), py::arg("norm_weight"), py::arg("eps"), py::arg("head"))
+        .def("forward", &HeadBlock::forward, "x [B, 1, H] -> the head of its RMS-normed rows [B, 1, V]", py::arg("x"));
     py::class_<DecodeStack>(m, "DecodeStack", "a decoder's attention and MLP blocks in order, one call per step")
-        .def(py::init<std::vector<DecodeStack::Block>, std::vector<bool>>(), py::arg("blocks"), py::arg("rope"))
+        .def(py::init<std::vector<DecodeStack::Block>, std::vector<bool>, std::shared_ptr<HeadBlock>>(),
+             py::arg("blocks"), py::arg("rope"), py::arg("head") = py::none())
         .def("forward", &DecodeStack::forward, "the blocks in order over x [B, 1, H]: attention block i with the "
              "dense caches k_caches[i], v_caches[i] (as AttnDecodeBlock.forward), cos and sin for the blocks that "
-             "rotate", py::arg("x"), py::arg("k_caches"), py::arg("v_caches"), py::arg("past"), py::arg("cos"),
-             py::arg("sin"))
+             "rotate; then, with logits, the head", py::arg("x"), py::arg("k_caches"), py::arg("v_caches"),
+             py::arg("past"), py::arg("cos"), py::arg("sin"), py::arg("logits") = false)
         .def("forward_paged", &DecodeStack::forward_paged, "the blocks in order over x [B, 1, H], attention block i "
-             "through the page pools k_pages[i], v_pages[i] (as AttnDecodeBlock.forward_paged)", py::arg("x"),
-             py::arg("k_pages"), py::arg("v_pages"), py::arg("block_table"), py::arg("seqlens"), py::arg("cos"),
-             py::arg("sin"));
+             "through the page pools k_pages[i], v_pages[i] (as AttnDecodeBlock.forward_paged); then, with logits, "
+             "the head", py::arg("x"), py::arg("k_pages"), py::arg("v_pages"), py::arg("block_table"),
+             py::arg("seqlens"), py::arg("cos"), py::arg("sin"), py::arg("logits") = false);
 }
 
 }  // namespace exlcpu::host
