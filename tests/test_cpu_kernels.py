@@ -107,6 +107,30 @@ def test_attn_decode_per_row_lengths(dtype, isa, threads):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b, length, s, hq, hkv, d, lengths", [(2, 7, 7, 6, 2, 64, None), (1, 40, 45, 4, 4, 32, None),
+                                                               (3, 5, 9, 8, 2, 80, [9, 3, 5]), (1, 64, 64, 12, 4, 64, None)])
+def test_attn_decode_takes_a_causal_prefill(dtype, b, length, s, hq, hkv, d, lengths, isa, threads):
+    """Several queries per row, the last `length` positions of the keys each row sees: query i over the first
+    lengths[b] - (length - 1 - i) keys (a prefill, after cached keys or not; a query seeing none outputs zeros), each
+    against the reference over its own prefix; odd lengths (the kernel's query order pairs short and long)."""
+    gen = torch.Generator().manual_seed(b * 100 + length + s)
+    q = torch.randn(b, length, hq, d, generator=gen).to(dtype)
+    k, v = (torch.randn(b, s, hkv, d, generator=gen).to(dtype) for _ in range(2))
+    seen = torch.tensor(lengths) if lengths else None
+    out = kernels.attn_decode(q, k, v, d**-0.5, seen)
+    assert out.dtype == dtype and out.shape == q.shape
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1 / 128, atol=1e-3)
+    for row in range(b):
+        for i in range(length):
+            n = (lengths[row] if lengths else s) - (length - 1 - i)
+            expect = (torch.zeros(1, 1, hq, d) if n <= 0 else
+                      _attention_reference(q[row : row + 1, i : i + 1], k[row : row + 1, :n], v[row : row + 1, :n],
+                                           d**-0.5, _rounds_probabilities(dtype, isa)))
+            torch.testing.assert_close(out[row : row + 1, i : i + 1].float(), expect, **tol)
+
+
+@needs_kernels
 def test_attn_decode_refuses_wrong_input():
     q, k = torch.randn(1, 1, 4, 64), torch.randn(1, 9, 2, 64)
     with pytest.raises(RuntimeError, match="all be float32 or all bfloat16"):
@@ -121,6 +145,10 @@ def test_attn_decode_refuses_wrong_input():
         kernels.attn_decode(q, k, k, 0.125, torch.tensor([10]))
     with pytest.raises(RuntimeError, match="int64"):
         kernels.attn_decode(q, k, k, 0.125, torch.tensor([3], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="one query per row"):
+        kernels.attn_decode_paged(torch.randn(1, 2, 4, 64), k[:, :1], k[:, :1], torch.randn(2, 32, 2, 64),
+                                  torch.randn(2, 32, 2, 64), torch.zeros(1, 1, dtype=torch.int32),
+                                  torch.zeros(1, dtype=torch.int32), 0.125)
 
 
 @needs_kernels
@@ -371,19 +399,20 @@ def _with_and_without_decode_attention(model_dir, dtype: str, calls: list) -> tu
     model = ExLlamaV2(config)
     model.load()
     with_kernel = _contiguous_decode(model, 2), _paged_decode(model, [5, 11, 1])
-    # per layer (2): 6 contiguous steps and the one-token prompt (attn_decode), 4 paged steps (attn_decode_paged),
-    # the last writing positions 8, 14 and 4
-    assert len(calls) == 2 * (6 + 1 + 4) and calls[0] is None and calls[-1].tolist() == [8, 14, 4]
+    # per layer (2): the 8-token prefill, 6 contiguous steps and the one-token prompt (attn_decode), 4 paged steps
+    # (attn_decode_paged), the last writing positions 8, 14 and 4
+    assert len(calls) == 2 * (1 + 6 + 1 + 4) and calls[0] is None and calls[-1].tolist() == [8, 14, 4]
     _without_decode_attention(model)
     without = _contiguous_decode(model, 2), _paged_decode(model, [5, 11, 1])
-    assert len(calls) == 2 * (6 + 1 + 4)
+    assert len(calls) == 2 * (1 + 6 + 1 + 4)
     return with_kernel, without
 
 
 @needs_kernels
 @pytest.mark.parametrize("arch, backend", [("llama", "sdpa"), ("llama", "matmul"), ("llama_mha", "sdpa")])
 def test_decode_attention_kernel_matches_the_backends(tiny_model_factory, monkeypatch, arch, backend, layer_path):
-    """The layers' own path: decode logits with the kernel wired (GQA 4/2 and MHA, head dim 16) equal the backend's own path's in float32;
+    """The layers' own path: decode logits with the kernel wired (GQA 4/2 and MHA, head dim 16; the kernel takes the
+    contiguous prefill too) equal the backend's own path's in float32;
     in bfloat16 (where one attention output rounding the other way moves logits by bf16 ulps) they are as close
     to float32's as the backend's own are."""
     calls = []

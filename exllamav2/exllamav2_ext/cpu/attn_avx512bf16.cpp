@@ -171,9 +171,10 @@ EXL_INLINE void head_groups(int64_t G, F&& f) {
 }
 
 template <class S_>
-void attn_span_dots(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, int64_t ns, float* out, float* sc) {
+void attn_span_dots(const AttnArgs& a, int64_t b, int64_t row, int64_t j0, int64_t nh, int64_t ns, float* out,
+                    float* sc) {
     const int64_t G = a.Hq / a.Hkv, D = a.D, H = nh * G;
-    const uint16_t* q = static_cast<const uint16_t*>(a.q) + b * a.qb + j0 * G * D;
+    const uint16_t* q = static_cast<const uint16_t*>(a.q) + row * a.qb + j0 * G * D;
     for (int64_t s0 = 0; s0 < ns; s0 += kKeyBlock) {
         const int64_t n = ns - s0 < kKeyBlock ? ns - s0 : kKeyBlock;
         const auto* k = static_cast<const uint16_t*>(key_row<true>(a, a.k, a.kb, a.ks, b, j0, s0));

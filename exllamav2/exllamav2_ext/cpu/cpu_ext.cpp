@@ -378,7 +378,7 @@ torch::Tensor q_dequant(const torch::Tensor& qw, const torch::Tensor& chunks, co
     return out;
 }
 
-// q [B, 1, Hq, D] and the keys and values k, v [*, *, Hkv, D] of one call, checked (name: the binding's);
+// q [B, L, Hq, D] and the keys and values k, v [*, *, Hkv, D] of one call, checked (name: the binding's);
 // returns the attention arguments less the cache layout
 exlcpu::AttnArgs attn_args(const char* name, const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v,
                            double scale) {
@@ -386,22 +386,24 @@ exlcpu::AttnArgs attn_args(const char* name, const torch::Tensor& q, const torch
     const auto dt = q.scalar_type();
     TORCH_CHECK((dt == torch::kFloat32 || dt == torch::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
                 name, ": q, k and v must all be float32 or all bfloat16");
-    TORCH_CHECK(q.dim() == 4 && q.size(1) == 1 && k.dim() == 4 && v.sizes() == k.sizes() && k.size(3) == q.size(3),
-                name, ": q [B, 1, Hq, D], k and v [*, *, Hkv, D] alike");
+    TORCH_CHECK(q.dim() == 4 && q.size(1) >= 1 && k.dim() == 4 && v.sizes() == k.sizes() && k.size(3) == q.size(3),
+                name, ": q [B, L, Hq, D], k and v [*, *, Hkv, D] alike");
     const int64_t Hq = q.size(2), D = q.size(3), Hkv = k.size(2);
     TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, name, ": query heads (", Hq, ") not a multiple of kv heads (", Hkv, ")");
     TORCH_CHECK(D % exlcpu::kBlock == 0, name, ": head dim must be a multiple of 16");
     for (const auto* t : {&k, &v})
         TORCH_CHECK(t->stride(3) == 1 && t->stride(2) == D, name, ": k and v need contiguous heads and dims");
-    return {nullptr, k.data_ptr(), v.data_ptr(), nullptr, nullptr, q.size(0), Hq, Hkv, D, 0, Hq * D,
-            k.stride(0), k.stride(1), v.stride(0), v.stride(1), float(scale), dt == torch::kBFloat16};
+    exlcpu::AttnArgs a{nullptr, k.data_ptr(), v.data_ptr(), nullptr, nullptr, q.size(0), Hq, Hkv, D, 0, Hq * D,
+                       k.stride(0), k.stride(1), v.stride(0), v.stride(1), float(scale), dt == torch::kBFloat16};
+    a.L = q.size(1);
+    return a;
 }
 
 void run_attention(AttnArgs& a, const void* q, void* out) {
     a.q = q;
     a.out = out;
     auto fn = kernels().attn_decode;
-    at::parallel_for(0, a.B * a.Hkv, 1, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+    at::parallel_for(0, a.B * a.L * a.Hkv, 1, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
 }
 
 torch::Tensor run_attention(exlcpu::AttnArgs& a, const torch::Tensor& q) {
@@ -411,10 +413,11 @@ torch::Tensor run_attention(exlcpu::AttnArgs& a, const torch::Tensor& q) {
     return out;
 }
 
-// Decode attention: q [B, 1, Hq, D], k and v [B, S, Hkv, D] (views of the cache: any batch and position strides,
-// heads and dims contiguous), all float32 or all bfloat16, D a multiple of 16; the query of row b sees its first
-// lengths[b] keys (int64 [B], 0..S; without lengths all S; a row seeing none outputs zeros), no other mask, window
-// or softcap. Returns [B, 1, Hq, D] in q's dtype, computed in float32.
+// Causal attention of the last positions: q [B, L, Hq, D], k and v [B, S, Hkv, D] (views of the cache: any batch
+// and position strides, heads and dims contiguous), all float32 or all bfloat16, D a multiple of 16; row b's
+// query i sees its first lengths[b] - (L - 1 - i) keys (lengths int64 [B], 0..S; without lengths all S; a query
+// seeing none outputs zeros): a decode step (L = 1) or a prefill whose queries end the keys, no other mask, window
+// or softcap. Returns [B, L, Hq, D] in q's dtype, computed in float32.
 torch::Tensor attn_decode(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, double scale,
                           const std::optional<torch::Tensor>& lengths) {
     exlcpu::AttnArgs a = attn_args("attn_decode", q, k, v, scale);
@@ -481,6 +484,7 @@ torch::Tensor attn_decode_paged(const torch::Tensor& q, const torch::Tensor& k_n
                                 const torch::Tensor& k_pages, const torch::Tensor& v_pages,
                                 const torch::Tensor& block_table, const torch::Tensor& seqlens, double scale) {
     exlcpu::AttnArgs a = attn_args("attn_decode_paged", q, k_pages, v_pages, scale);
+    TORCH_CHECK(a.L == 1, "attn_decode_paged: one query per row, q [B, 1, Hq, D]");
     for (const auto* t : {&k_new, &v_new})
         TORCH_CHECK(t->scalar_type() == q.scalar_type() && t->sizes() == torch::IntArrayRef({a.B, 1, a.Hkv, a.D}),
                     "attn_decode_paged: k_new and v_new must be [B, 1, Hkv, D] in q's dtype");
@@ -568,8 +572,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           py::arg("chunks"), py::arg("scales"), py::arg("zeros"), py::arg("src"), py::arg("K"),
           py::arg("scale_values") = py::none(), py::arg("pairs") = false);
     m.def("attn_decode", &attn_decode,
-          "decode attention: q [B, 1, Hq, D] over the first lengths[b] (default all S) keys of k, v [B, S, Hkv, D] "
-          "(cache views), float32 or bfloat16, computed in float32", py::arg("q"), py::arg("k"), py::arg("v"),
+          "causal attention of the last positions: q [B, L, Hq, D], query i of row b over the first lengths[b] - "
+          "(L - 1 - i) (lengths default all S) keys of k, v [B, S, Hkv, D] (cache views), float32 or bfloat16, "
+          "computed in float32", py::arg("q"), py::arg("k"), py::arg("v"),
           py::arg("scale"), py::arg("lengths") = py::none());
     m.def("attn_decode_paged", &attn_decode_paged,
           "paged decode attention: k_new, v_new [B, 1, Hkv, D] written at position seqlens[b] through block_table "

@@ -50,13 +50,14 @@ using F16GemvFn = void (*)(const void* x, bool xbf, const uint16_t* w, void* y, 
 // groups whose width b = bits[g] the kernels decode by table (returned by lut_bits)
 using QTablesFn = void (*)(const uint16_t* values, const int8_t* bits, int64_t ngroups, float* gscales, float* gluts);
 
-// Attention of one query position (decode) over the first lens[b] (lens null: all S) cached keys of batch b,
-// every query head seeing them all: for query head h (kv head h / G, G = Hq / Hkv), out = softmax(scale * q . k)
-// @ v, in fp32, zeros where no key is seen. q and out are [B][Hq][D] (row stride qb per batch), key s of kv head
-// j at k + b * kb + s * ks + j * D (v likewise); elements bf16 (bf16 true) or fp32. Paged (pages non-null): k and v
-// are pools of pages of page_size positions (a multiple of 32), key s of batch b at row pages[b * pages_stride +
-// s / page_size] * page_size + s % page_size of the pool (kb, vb unused). A task is one (batch, kv head): tasks
-// t0 .. t1 - 1 of B * Hkv.
+// Causal attention of the last L query positions of each batch b over its first lens[b] (lens null: all S) cached
+// keys: query i < L sees the first lens[b] - (L - 1 - i) keys (L = 1: a decode step, seeing them all), every query
+// head the same: for query head h (kv head h / G, G = Hq / Hkv), out = softmax(scale * q . k) @ v, in fp32, zeros
+// where no key is seen. q and out are [B * L][Hq][D] (row stride qb per query), key s of kv head j at k + b * kb +
+// s * ks + j * D (v likewise); elements bf16 (bf16 true) or fp32. Paged (pages non-null, L = 1): k and v are pools
+// of pages of page_size positions (a multiple of 32), key s of batch b at row pages[b * pages_stride + s /
+// page_size] * page_size + s % page_size of the pool (kb, vb unused). A task is one (query, kv head): tasks t0 ..
+// t1 - 1 of B * L * Hkv.
 struct AttnArgs {
     const void* q;
     const void* k;
@@ -68,6 +69,7 @@ struct AttnArgs {
     bool bf16;
     const int32_t* pages = nullptr;
     int64_t page_size = 0, pages_stride = 0;
+    int64_t L = 1;
 };
 using AttnFn = void (*)(const AttnArgs&, int64_t t0, int64_t t1);
 

@@ -554,15 +554,17 @@ EXL_INLINE const void* key_row(const AttnArgs& a, const void* base, int64_t bs, 
     return offset<BF>(base, (page * a.page_size + s0 % a.page_size) * rs + j0 * a.D);
 }
 
-// attn_span for a bf16 cache by bf16 dot products, where S::kDotBf16 (kernels_avx512bf16.cpp defines it)
+// attn_span for a bf16 cache by bf16 dot products, where S::kDotBf16 (attn_avx512bf16.cpp defines it)
 template <class S>
-void attn_span_dots(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, int64_t ns, float* out, float* sc);
+void attn_span_dots(const AttnArgs& a, int64_t b, int64_t row, int64_t j0, int64_t nh, int64_t ns, float* out,
+                    float* sc);
 
-// kv heads j0 .. j0 + nh - 1 of batch b over its ns >= 1 keys in float32 arithmetic: the scaled queries in q,
-// then the outputs
+// kv heads j0 .. j0 + nh - 1 of query row `row` (of batch b) over the batch's first ns >= 1 keys in float32
+// arithmetic: the scaled queries in q, then the outputs
 template <class S, bool BF>
-void attn_span_floats(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, int64_t ns, float* q, float* sc) {
-    const int64_t G = a.Hq / a.Hkv, D = a.D, H = nh * G, q0 = b * a.qb + j0 * G * D;
+void attn_span_floats(const AttnArgs& a, int64_t b, int64_t row, int64_t j0, int64_t nh, int64_t ns, float* q,
+                      float* sc) {
+    const int64_t G = a.Hq / a.Hkv, D = a.D, H = nh * G, q0 = row * a.qb + j0 * G * D;
     for (int64_t i = 0; i < H * D; ++i) q[i] = scalar_kv<BF>(a.q, q0 + i) * a.scale;
     for (int64_t s0 = 0; s0 < ns; s0 += kKeyBlock) {
         const int64_t n = ns - s0 < kKeyBlock ? ns - s0 : kKeyBlock;
@@ -576,38 +578,44 @@ void attn_span_floats(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, int6
     }
 }
 
-// the outputs of kv heads j0 .. j0 + nh - 1 of batch b over its ns >= 1 keys into q (sc: room for the scores)
+// the outputs of kv heads j0 .. j0 + nh - 1 of query row `row` (of batch b) over the batch's first ns >= 1 keys
+// into q (sc: room for the scores)
 template <class S, bool BF>
-void attn_span(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, int64_t ns, float* q, float* sc) {
-    if constexpr (BF && S::kDotBf16) attn_span_dots<S>(a, b, j0, nh, ns, q, sc);
-    else attn_span_floats<S, BF>(a, b, j0, nh, ns, q, sc);
+void attn_span(const AttnArgs& a, int64_t b, int64_t row, int64_t j0, int64_t nh, int64_t ns, float* q, float* sc) {
+    if constexpr (BF && S::kDotBf16) attn_span_dots<S>(a, b, row, j0, nh, ns, q, sc);
+    else attn_span_floats<S, BF>(a, b, row, j0, nh, ns, q, sc);
 }
 
 template <class S, bool BF>
-void attn_task(const AttnArgs& a, int64_t b, int64_t j0, int64_t nh, std::vector<float>& buf) {
-    const int64_t G = a.Hq / a.Hkv, D = a.D, H = nh * G, ns = a.lens ? a.lens[b] : a.S;
+void attn_task(const AttnArgs& a, int64_t b, int64_t row, int64_t ns, int64_t j0, int64_t nh,
+               std::vector<float>& buf) {
+    const int64_t G = a.Hq / a.Hkv, D = a.D, H = nh * G;
     const size_t need = size_t(H * D + H * ns);
     if (buf.size() < need) buf.resize(need);
     float* q = buf.data();               // [H][D]: the scaled queries, then the outputs
     if (ns > 0)
-        attn_span<S, BF>(a, b, j0, nh, ns, q, q + H * D);
+        attn_span<S, BF>(a, b, row, j0, nh, ns, q, q + H * D);
     else                                 // a row that sees no key outputs zeros, as the backends do
         for (int64_t i = 0; i < H * D; ++i) q[i] = 0.f;
-    const int64_t q0 = b * a.qb + j0 * G * D;
+    const int64_t q0 = row * a.qb + j0 * G * D;
     for (int64_t i = 0; i < H * D; i += kBlock) {
         if constexpr (BF) S::store_bf(static_cast<uint16_t*>(a.out) + q0 + i, S::load_f(q + i));
         else S::store(static_cast<float*>(a.out) + q0 + i, S::load_f(q + i));
     }
 }
 
-// tasks t0 .. t1 - 1 of the B * Hkv (batch, kv head) pairs, as runs of heads within each batch row
+// tasks t0 .. t1 - 1 of the B * L * Hkv (query, kv head) pairs, as runs of heads within each query. A batch's L
+// queries go in the order 0, L - 1, 1, L - 2, ...: a causal prefill's short and long prefixes alternate, so the
+// contiguous runs of tasks the threads take hold equal work.
 template <class S>
 void attn_decode(const AttnArgs& a, int64_t t0, int64_t t1) {
     thread_local std::vector<float> buf;
     for (int64_t t = t0; t < t1;) {
-        const int64_t b = t / a.Hkv, j0 = t % a.Hkv, nh = (t1 - t < a.Hkv - j0 ? t1 - t : a.Hkv - j0);
-        if (a.bf16) attn_task<S, true>(a, b, j0, nh, buf);
-        else attn_task<S, false>(a, b, j0, nh, buf);
+        const int64_t r = t / a.Hkv, j0 = t % a.Hkv, nh = (t1 - t < a.Hkv - j0 ? t1 - t : a.Hkv - j0);
+        const int64_t b = r / a.L, u = r % a.L, i = u % 2 ? a.L - 1 - u / 2 : u / 2;
+        const int64_t seen = (a.lens ? a.lens[b] : a.S) - (a.L - 1 - i);
+        if (a.bf16) attn_task<S, true>(a, b, b * a.L + i, seen > 0 ? seen : 0, j0, nh, buf);
+        else attn_task<S, false>(a, b, b * a.L + i, seen > 0 ? seen : 0, j0, nh, buf);
         t += nh;
     }
 }
