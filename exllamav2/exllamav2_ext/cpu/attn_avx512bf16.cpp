@@ -157,16 +157,26 @@ void values_heads_dots(const alias32* p, int64_t ldp, int64_t n, const uint16_t*
     if (d0 < D) values_dots<NG, 1, false>(p, ldp, n, v, vs, d0, out, D);
 }
 
-// f(std::integral_constant<int, NG>{}, g0) for the query heads of one kv head in groups of at most 4
+// f(s0, n, rows, std::integral_constant<int, NG>{}, h) for each block of n <= kKeyBlock positions from s0 of batch
+// b's keys (or values: base, batch stride bs, row stride rs), each kv head j0 + j (rows: its elements at the
+// block's first position) and its query heads h .. h + NG - 1 (groups of at most 4, the count a template argument)
 template <class F>
-EXL_INLINE void head_groups(int64_t G, F&& f) {
-    for (int64_t g0 = 0; g0 < G; g0 += 4) {
-        switch (G - g0 < 4 ? G - g0 : 4) {
-            case 1: f(std::integral_constant<int, 1>{}, g0); break;
-            case 2: f(std::integral_constant<int, 2>{}, g0); break;
-            case 3: f(std::integral_constant<int, 3>{}, g0); break;
-            default: f(std::integral_constant<int, 4>{}, g0); break;
-        }
+EXL_INLINE void key_blocks(const AttnArgs& a, const void* base, int64_t bs, int64_t rs, int64_t b, int64_t j0,
+                           int64_t nh, int64_t ns, F&& f) {
+    const int64_t G = a.Hq / a.Hkv;
+    for (int64_t s0 = 0; s0 < ns; s0 += kKeyBlock) {
+        const int64_t n = ns - s0 < kKeyBlock ? ns - s0 : kKeyBlock;
+        const auto* row = static_cast<const uint16_t*>(key_row<true>(a, base, bs, rs, b, j0, s0));
+        for (int64_t j = 0; j < nh; ++j)
+            for (int64_t g0 = 0; g0 < G; g0 += 4) {
+                const int64_t h = j * G + g0;
+                switch (G - g0 < 4 ? G - g0 : 4) {
+                    case 1: f(s0, n, row + j * a.D, std::integral_constant<int, 1>{}, h); break;
+                    case 2: f(s0, n, row + j * a.D, std::integral_constant<int, 2>{}, h); break;
+                    case 3: f(s0, n, row + j * a.D, std::integral_constant<int, 3>{}, h); break;
+                    default: f(s0, n, row + j * a.D, std::integral_constant<int, 4>{}, h); break;
+                }
+            }
     }
 }
 
@@ -175,30 +185,18 @@ void attn_span_dots(const AttnArgs& a, int64_t b, int64_t row, int64_t j0, int64
                     float* sc) {
     const int64_t G = a.Hq / a.Hkv, D = a.D, H = nh * G;
     const uint16_t* q = static_cast<const uint16_t*>(a.q) + row * a.qb + j0 * G * D;
-    for (int64_t s0 = 0; s0 < ns; s0 += kKeyBlock) {
-        const int64_t n = ns - s0 < kKeyBlock ? ns - s0 : kKeyBlock;
-        const auto* k = static_cast<const uint16_t*>(key_row<true>(a, a.k, a.kb, a.ks, b, j0, s0));
-        for (int64_t j = 0; j < nh; ++j)
-            head_groups(G, [&](auto ng, int64_t g0) {
-                const int64_t h = j * G + g0;
-                scores_dots<decltype(ng)::value>(q + h * D, D, k + j * D, a.ks, n, a.scale, sc + h * ns + s0, ns);
-            });
-    }
+    key_blocks(a, a.k, a.kb, a.ks, b, j0, nh, ns, [&](int64_t s0, int64_t n, const uint16_t* k, auto ng, int64_t h) {
+        scores_dots<decltype(ng)::value>(q + h * D, D, k, a.ks, n, a.scale, sc + h * ns + s0, ns);
+    });
     for (int64_t h = 0; h < H; ++h) {
         softmax_row<S_>(sc + h * ns, ns);
         round_row(sc + h * ns, ns);
     }
     for (int64_t i = 0; i < H * D; ++i) out[i] = 0.f;
     const auto* p = reinterpret_cast<const alias32*>(sc);     // row h's pairs at p + h * ns
-    for (int64_t s0 = 0; s0 < ns; s0 += kKeyBlock) {
-        const int64_t n = ns - s0 < kKeyBlock ? ns - s0 : kKeyBlock;
-        const auto* v = static_cast<const uint16_t*>(key_row<true>(a, a.v, a.vb, a.vs, b, j0, s0));
-        for (int64_t j = 0; j < nh; ++j)
-            head_groups(G, [&](auto ng, int64_t g0) {
-                const int64_t h = j * G + g0;
-                values_heads_dots<decltype(ng)::value>(p + h * ns + s0 / 2, ns, n, v + j * D, a.vs, out + h * D, D);
-            });
-    }
+    key_blocks(a, a.v, a.vb, a.vs, b, j0, nh, ns, [&](int64_t s0, int64_t n, const uint16_t* v, auto ng, int64_t h) {
+        values_heads_dots<decltype(ng)::value>(p + h * ns + s0 / 2, ns, n, v, a.vs, out + h * D, D);
+    });
 }
 
 }  // namespace attn
