@@ -399,13 +399,39 @@ def _with_and_without_decode_attention(model_dir, dtype: str, calls: list) -> tu
     model = ExLlamaV2(config)
     model.load()
     with_kernel = _contiguous_decode(model, 2), _paged_decode(model, [5, 11, 1])
-    # per layer (2): the 8-token prefill, 6 contiguous steps and the one-token prompt (attn_decode), 4 paged steps
-    # (attn_decode_paged), the last writing positions 8, 14 and 4
-    assert len(calls) == 2 * (1 + 6 + 1 + 4) and calls[0] is None and calls[-1].tolist() == [8, 14, 4]
+    # per layer (2): the 8-token prefill, 6 contiguous steps and the three paged prompts over their gathered pages
+    # (attn_decode), 4 paged steps (attn_decode_paged), the last writing positions 8, 14 and 4
+    assert len(calls) == 2 * (1 + 6 + 3 + 4) and calls[0] is None and calls[-1].tolist() == [8, 14, 4]
     _without_decode_attention(model)
     without = _contiguous_decode(model, 2), _paged_decode(model, [5, 11, 1])
-    assert len(calls) == 2 * (1 + 6 + 1 + 4)
+    assert len(calls) == 2 * (1 + 6 + 3 + 4)
     return with_kernel, without
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_paged_prefill_takes_the_kernel_where_its_queries_end_the_keys(dtype, isa):
+    """A paged batch of 4 new tokens per row after 3, 0 and 7 cached ones (the generator's chunked prefill, or a
+    speculative step): the kernel's output through the sdpa backend equals the backend's own path; keys cut short
+    of a row's last query are not a prefix per query, and the backend's own path runs."""
+    from exllamav2.attn.backends.metadata import paged_metadata
+    from exllamav2.attn.backends.sdpa import SdpaBackend
+
+    gen = torch.Generator().manual_seed(3)
+    meta = paged_metadata(torch.tensor([3, 0, 7], dtype=torch.int32), 4)
+    q = torch.randn(3, 4, 8, 32, generator=gen).to(dtype)
+    k, v = (torch.randn(3, meta.k_len, 2, 32, generator=gen).to(dtype) for _ in range(2))
+    calls = []
+    kernel = lambda *a: calls.append(a[4].tolist()) or _attn_decode(*a)      # noqa: E731
+    backend = SdpaBackend("cpu")
+    got = backend.attend(q, k, v, meta, scale=32**-0.5, decode_kernel=kernel)
+    own = backend.attend(q, k, v, meta, scale=32**-0.5)
+    assert calls == [[7, 4, 11]]
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1 / 64, atol=1e-2)
+    torch.testing.assert_close(got.float(), own.float(), **tol)
+    cut = dataclasses.replace(meta, key_lengths=torch.tensor([7, 3, 11]))
+    backend.attend(q, k, v, cut, scale=32**-0.5, decode_kernel=kernel)
+    assert len(calls) == 1
 
 
 @needs_kernels

@@ -13,7 +13,7 @@ every backend batch; flash-attn overrides it with its native block-table kernel.
 table holds exllamav2_ext's paged-attention kernel (`kernel`), the default runs it instead for decode steps
 it fits (q_len <= PAGED_KERNEL_MAX_Q_LEN, float16 pages it can write in place), reading the pages there.
 Likewise `decode_kernel`, the CPU's decode attention from the ops table (causal attention of the keys' last
-positions: decode steps, and uniform prefills): the sdpa and matmul backends run it for the calls it computes
+positions: decode steps, and prefills whose queries end each row's keys): the sdpa and matmul backends run it for the calls it computes
 exactly (`run_decode_kernel`), the GPU backends never get one; and `paged_decode_kernel`,
 its paged form, which `attend_paged` runs for the decode steps it computes exactly (`run_paged_decode_kernel`),
 reading the pages in place instead of gathering them.
@@ -129,28 +129,33 @@ class AttentionBackend:
 
 
 def _decode_lengths(meta: AttnMetadata) -> tuple[bool, torch.Tensor | None]:
-    """Whether the decode kernel computes `meta`'s visibility exactly, and the keys each row sees (None: all).
-    The kernel's queries are the last positions of the keys they see, each query one more than the one before: a
-    uniform causal call (any number of queries ending the keys: a prefill or a decode step), or one query at
-    position past_len[b] that may see every key j <= past_len[b] and j < key_lengths[b], a prefix of its keys; key
-    masks (left padding) and segments are not prefixes."""
+    """Whether the decode kernel computes `meta`'s visibility exactly, and the keys each row's last query sees
+    (None: all). The kernel's queries are the last positions of the keys they see, each query one more than the one
+    before. Query i of row b sits at position past_len[b] + i and may see every key j <= past_len[b] + i and j <
+    key_lengths[b]: with one query a prefix of its keys whatever key_lengths cuts off; with several, only where
+    key_lengths[b] ends at the last query (a uniform prefill, or a paged batch's: as the kernel counts). Key masks
+    (left padding) and segments are not prefixes."""
     if not meta.causal or meta.segments is not None or meta.key_mask is not None:
         return False, None
     if meta.is_uniform:
         return True, None
-    if meta.q_len != 1:
-        return False, None
     past = meta.past_len
-    seen = past.long().cpu() + 1 if isinstance(past, torch.Tensor) else torch.full((meta.batch_size,), past + 1)
+    ends = past.long().cpu() + meta.q_len if isinstance(past, torch.Tensor) else \
+        torch.full((meta.batch_size,), past + meta.q_len)
     if meta.key_lengths is not None:
-        seen = torch.minimum(seen, meta.key_lengths.long().cpu())
-    return True, seen.clamp(0, meta.k_len).contiguous()
+        cut = meta.key_lengths.long().cpu()
+        if meta.q_len > 1 and not torch.equal(cut, ends):
+            return False, None
+        ends = torch.minimum(ends, cut)
+    if meta.q_len > 1 and int(ends.max()) > meta.k_len:
+        return False, None
+    return True, ends.clamp(0, meta.k_len).contiguous()
 
 
 def run_decode_kernel(kernel: Callable | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       meta: AttnMetadata, scale: float, window: int, softcap: float, chunk: int) -> torch.Tensor | None:
     """The CPU decode-attention kernel's output where it computes this call exactly (`_decode_lengths`: one query
-    position seeing a prefix of its keys, or a uniform causal prefill, whose queries it takes in one call, 2-3x
+    position seeing a prefix of its keys, or a causal prefill whose queries end each row's keys, in one call, 2-3x
     faster than torch's CPU flash attention at 512 positions; no window, softcap or chunks, float32 or bfloat16,
     head dim a multiple of 16, keys and values with contiguous heads), else None: the backend's own path runs."""
     if kernel is None or window or softcap or chunk or q.shape[-1] % 16 or q.dtype not in _DECODE_KERNEL_DTYPES:
