@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -239,8 +241,9 @@ def test_longrope_switches_to_long_factors_past_the_original_length(tiny_model_f
 
 
 def test_paged_forward_builds_its_metadata_once(tiny_model_factory, monkeypatch):
-    """A paged forward through the gather fallback: one metadata and one visibility mask for all layers, and
-    the longest sequence taken from the generator's max_cache_seqlen instead of read back per layer."""
+    """A paged forward through the gather fallback (without the CPU attention kernel, which takes this prefill over
+    the gathered pages without a mask): one metadata and one visibility mask for all layers, and the longest
+    sequence taken from the generator's max_cache_seqlen instead of read back per layer."""
     import exllamav2.model.attn_params as params_module
     from exllamav2.attn.backends.metadata import AttnMetadata
     from exllamav2.model.attn_params import PagedParams
@@ -248,6 +251,8 @@ def test_paged_forward_builds_its_metadata_once(tiny_model_factory, monkeypatch)
     monkeypatch.setenv("EXLLAMA_ATTN_BACKEND", "matmul")
     model_dir, hf = tiny_model_factory("llama")
     model = load(model_dir)
+    for key, table in model._ops.items():
+        model._ops[key] = dataclasses.replace(table, decode_attention=None, paged_decode_attention=None)
     built, masks = [], []
     original, visibility = params_module.paged_metadata, AttnMetadata._visibility
     monkeypatch.setattr(params_module, "paged_metadata", lambda *a: built.append(a) or original(*a))
