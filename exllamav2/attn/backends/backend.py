@@ -13,10 +13,10 @@ every backend batch; flash-attn overrides it with its native block-table kernel.
 table holds exllamav2_ext's paged-attention kernel (`kernel`), the default runs it instead for decode steps
 it fits (q_len <= PAGED_KERNEL_MAX_Q_LEN, float16 pages it can write in place), reading the pages there.
 Likewise `decode_kernel`, the CPU's decode attention from the ops table (causal attention of the keys' last
-positions: decode steps, and prefills whose queries end each row's keys): the sdpa and matmul backends run it for the calls it computes
-exactly (`run_decode_kernel`), the GPU backends never get one; and `paged_decode_kernel`,
-its paged form, which `attend_paged` runs for the decode steps it computes exactly (`run_paged_decode_kernel`),
-reading the pages in place instead of gathering them.
+positions: decode steps, and prefills whose queries end each row's keys): the sdpa and matmul backends run it for
+the calls it computes exactly (`run_decode_kernel`), the GPU backends never get one; and `paged_decode_kernel`, its
+paged form, which `attend_paged` runs for the decode steps it computes exactly (`run_paged_decode_kernel`), reading
+the pages in place instead of gathering them.
 """
 
 from __future__ import annotations
