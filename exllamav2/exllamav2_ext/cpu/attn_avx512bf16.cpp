@@ -159,24 +159,14 @@ void values_heads_dots(const alias32* p, int64_t ldp, int64_t n, const uint16_t*
 
 // f(s0, n, rows, std::integral_constant<int, NG>{}, h) for each block of n <= kKeyBlock positions from s0 of batch
 // b's keys (or values: base, batch stride bs, row stride rs), each kv head j0 + j (rows: its elements at the
-// block's first position) and its query heads h .. h + NG - 1 (groups of at most 4, the count a template argument)
+// block's first position) and its query heads h .. h + NG - 1 (query_groups)
 template <class F>
 EXL_INLINE void key_blocks(const AttnArgs& a, const void* base, int64_t bs, int64_t rs, int64_t b, int64_t j0,
                            int64_t nh, int64_t ns, F&& f) {
-    const int64_t G = a.Hq / a.Hkv;
     for (int64_t s0 = 0; s0 < ns; s0 += kKeyBlock) {
         const int64_t n = ns - s0 < kKeyBlock ? ns - s0 : kKeyBlock;
         const auto* row = static_cast<const uint16_t*>(key_row<true>(a, base, bs, rs, b, j0, s0));
-        for (int64_t j = 0; j < nh; ++j)
-            for (int64_t g0 = 0; g0 < G; g0 += 4) {
-                const int64_t h = j * G + g0;
-                switch (G - g0 < 4 ? G - g0 : 4) {
-                    case 1: f(s0, n, row + j * a.D, std::integral_constant<int, 1>{}, h); break;
-                    case 2: f(s0, n, row + j * a.D, std::integral_constant<int, 2>{}, h); break;
-                    case 3: f(s0, n, row + j * a.D, std::integral_constant<int, 3>{}, h); break;
-                    default: f(s0, n, row + j * a.D, std::integral_constant<int, 4>{}, h); break;
-                }
-            }
+        query_groups(nh, a.Hq / a.Hkv, [&](int64_t j, auto ng, int64_t h) { f(s0, n, row + j * a.D, ng, h); });
     }
 }
 

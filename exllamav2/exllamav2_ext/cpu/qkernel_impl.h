@@ -500,23 +500,28 @@ void attn_values(const float* p, int64_t ld, int64_t ns, const void* v, int64_t 
         }
 }
 
-// keys s0 .. s0 + n - 1 of nh kv heads (k: key s0 of the first head, key row stride ks) for their nh * G query
-// heads, up to 4 heads per call with the count a template argument (the accumulators then stay in registers)
+// f(j, std::integral_constant<int, NG>{}, h) for each of nh kv heads j and its G query heads h .. h + NG - 1, in
+// groups of at most 4 with the count a template argument (the kernels' accumulators then stay in registers)
+template <class F>
+EXL_INLINE void query_groups(int64_t nh, int64_t G, F&& f) {
+    for (int64_t j = 0; j < nh; ++j)
+        for (int64_t g0 = 0; g0 < G; g0 += 4) {
+            switch (G - g0 < 4 ? G - g0 : 4) {
+                case 1: f(j, std::integral_constant<int, 1>{}, j * G + g0); break;
+                case 2: f(j, std::integral_constant<int, 2>{}, j * G + g0); break;
+                case 3: f(j, std::integral_constant<int, 3>{}, j * G + g0); break;
+                default: f(j, std::integral_constant<int, 4>{}, j * G + g0); break;
+            }
+        }
+}
+
+// keys s0 .. s0 + n - 1 of nh kv heads (k: key s0 of the first head, key row stride ks) for their nh * G query heads
 template <class S, bool BF>
 void scores_block(const float* q, const void* k, int64_t ks, int64_t s0, int64_t n, int64_t nh, int64_t G,
                   int64_t D, float* sc, int64_t ns) {
-    for (int64_t j = 0; j < nh; ++j)
-        for (int64_t g0 = 0; g0 < G; g0 += 4) {
-            const float* qg = q + (j * G + g0) * D;
-            const void* kj = offset<BF>(k, j * D);
-            float* out = sc + (j * G + g0) * ns + s0;
-            switch (G - g0 < 4 ? G - g0 : 4) {
-                case 1: attn_scores<S, BF, 1>(qg, D, kj, ks, n, out, ns); break;
-                case 2: attn_scores<S, BF, 2>(qg, D, kj, ks, n, out, ns); break;
-                case 3: attn_scores<S, BF, 3>(qg, D, kj, ks, n, out, ns); break;
-                default: attn_scores<S, BF, 4>(qg, D, kj, ks, n, out, ns); break;
-            }
-        }
+    query_groups(nh, G, [&](int64_t j, auto ng, int64_t h) {
+        attn_scores<S, BF, decltype(ng)::value>(q + h * D, D, offset<BF>(k, j * D), ks, n, sc + h * ns + s0, ns);
+    });
 }
 
 // out[g][..] += p @ v of NG query heads over n keys, 64 and then 16 output columns per pass
@@ -530,18 +535,9 @@ void values_heads(const float* p, int64_t ld, int64_t n, const void* v, int64_t 
 template <class S, bool BF>
 void values_block(const float* p, const void* v, int64_t vs, int64_t s0, int64_t n, int64_t nh, int64_t G,
                   int64_t D, float* out, int64_t ns) {
-    for (int64_t j = 0; j < nh; ++j)
-        for (int64_t g0 = 0; g0 < G; g0 += 4) {
-            const float* pj = p + (j * G + g0) * ns + s0;
-            const void* vj = offset<BF>(v, j * D);
-            float* o = out + (j * G + g0) * D;
-            switch (G - g0 < 4 ? G - g0 : 4) {
-                case 1: values_heads<S, BF, 1>(pj, ns, n, vj, vs, o, D); break;
-                case 2: values_heads<S, BF, 2>(pj, ns, n, vj, vs, o, D); break;
-                case 3: values_heads<S, BF, 3>(pj, ns, n, vj, vs, o, D); break;
-                default: values_heads<S, BF, 4>(pj, ns, n, vj, vs, o, D); break;
-            }
-        }
+    query_groups(nh, G, [&](int64_t j, auto ng, int64_t h) {
+        values_heads<S, BF, decltype(ng)::value>(p + h * ns + s0, ns, n, offset<BF>(v, j * D), vs, out + h * D, D);
+    });
 }
 
 // Where key (value) s0 of kv head j0 of batch b starts in `base` (the keys or the values, row stride rs, batch
