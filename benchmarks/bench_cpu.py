@@ -19,9 +19,11 @@ reports its best round (--aggregate median for the median): on a shared machine 
 
 The machine's read bandwidth (a sum over a 1 GiB fp32 tensor, per thread count) is printed, and each row's decode
 share of that roofline: decode tokens/s x (weights read per step / batch + KV cache per sequence at the mean
-decode context) / bandwidth. Ratios against llama.cpp (the GGUF type nearest in size) and transformers' fastest
-configuration per metric follow, then the issue-16 targets, met or missed by how much. The CPU, its flags, the
-load average and every row's library version are printed, and written to --json when given.
+decode context) / bandwidth. Each row's process measures the bandwidth again right after its runs, and a second
+share reads each round against that (median over rounds): on a shared machine the bandwidth swings by half.
+Ratios against llama.cpp (the GGUF type nearest in size) and transformers' fastest configuration per metric
+follow, then the issue-16 targets, met or missed by how much. The CPU, its flags, the load average and every
+row's library version are printed, and written to --json when given.
 
     .venv/bin/python benchmarks/bench_cpu.py --json bench_cpu.json
 """
@@ -197,13 +199,18 @@ def worker(args: argparse.Namespace) -> dict:
         for b in args.batch_sizes:
             batches[str(b)] = timed_batch(runner, prompts[:b], args.decode_len, args.repeats)
             batches[str(b)]["kv_bytes_per_position"] = runner.kv_bytes_per_position
-    return {
+    out = {
         "library": runner.library, "version": runner.version, "dtype": runner.dtype, "attention": runner.attention,
         "threads": torch.get_num_threads() if runner.library != "llama.cpp" else threads,
         "weight_bytes": runner.weight_bytes, "system_info": getattr(runner, "system_info", None),
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "batches": batches,
         "load_average": os.getloadavg()[0],             # how busy the machine was: for reading the figures
     }
+    del runner
+    # the bandwidth right after this row's runs, at its thread count: on a shared machine the bandwidth other jobs
+    # leave swings between minutes, so each round's roofline share is also read against its own measurement
+    out["bandwidth_gb_s"] = read_bandwidth(threads, 2**22 if args.tiny else 2**28)
+    return out
 
 
 def run_child(args: argparse.Namespace, variant: dict, threads: int) -> dict:
@@ -246,7 +253,8 @@ def snapshot_package(root: Path, commit: str | None = None) -> tuple[Path, str]:
     rev = subprocess.run([*git, "rev-parse", "--short", commit or "HEAD"], capture_output=True, text=True).stdout
     dirty = "" if commit else subprocess.run([*git, "status", "--porcelain", "--", "exllamav2"],
                                              capture_output=True, text=True).stdout
-    return dest, f"git {rev.strip() or 'unknown'}{'+uncommitted' if dirty.strip() else ''}, tree {digest.hexdigest()[:10]}"
+    state = "+uncommitted" if dirty.strip() else ""
+    return dest, f"git {rev.strip() or 'unknown'}{state}, tree {digest.hexdigest()[:10]}"
 
 
 # the parent ---------------------------------------------------------------------------------------
@@ -263,6 +271,11 @@ def aggregate(runs: list[dict], how: str) -> dict:
     for b, first in runs[0]["batches"].items():
         out["batches"][b] = dict(first, **{k: pick([r["batches"][b][k] for r in runs])
                                            for k in ("prefill_tokens_per_s", "decode_tokens_per_s")})
+        # decode tok/s per GB/s of the bandwidth measured beside it: the median over rounds, whatever `how` is
+        # (the best of a ratio of two noisy readings would favour a round whose bandwidth reading was low)
+        per_round = [r["batches"][b]["decode_tokens_per_s"] / r["bandwidth_gb_s"]
+                     for r in runs if "bandwidth_gb_s" in r]
+        out["batches"][b]["decode_per_beside_gb_s"] = statistics.median(per_round) if per_round else None
     return out
 
 

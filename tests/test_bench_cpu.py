@@ -65,6 +65,18 @@ def test_roofline_by_hand():
     assert tab.roofline("exllamav2 FP16", 2, 1) is None
 
 
+def test_roofline_beside_each_row_is_the_median_of_the_rounds_shares():
+    # rounds: 30 tok/s beside 2e-3 GB/s, 10 tok/s beside 1e-3 GB/s; their best decode is 30 tok/s, but the
+    # share against the bandwidth measured beside each is the median of 30/2e-3 and 10/1e-3 tok/s per GB/s
+    runs = [dict(_result("exllamav2", 30.0, 300.0), bandwidth_gb_s=2e-3),
+            dict(_result("exllamav2", 10.0, 300.0), bandwidth_gb_s=1e-3)]
+    tab = _table()
+    tab.results[("exllamav2 FP16", 1)] = bench_cpu.aggregate(runs, "best")
+    assert tab.get("exllamav2 FP16", 1, 1, "decode_tokens_per_s") == 30.0
+    assert tab.roofline_beside("exllamav2 FP16", 1, 1) == pytest.approx((15000 + 10000) / 2 * 2100 / 1e9)
+    assert tab.roofline_beside("llama.cpp F16", 1, 1) is None       # rounds without the measurement
+
+
 def test_fastest_counterpart_and_ratios():
     tab = _table()
     assert tab.fastest(1, 1, "decode_tokens_per_s") == (25.0, "transformers bfloat16 sdpa")
@@ -80,7 +92,7 @@ def test_report_names_the_fastest_configuration_and_the_targets():
     tab = _table()
     table = "\n".join(cpu_report.batch_table(tab, 1))
     assert "| transformers, fastest per column | transformers 1 | 25.0 (bf16 sdpa) | 600 (fp32 eager) |" in table
-    assert "| exllamav2 FP16 | exllamav2 1 | 30.0 | 300 | 6% | 0.75 (F16) | 1.20 | 0.50 |" in table
+    assert "| exllamav2 FP16 | exllamav2 1 | 30.0 | 300 | 6% | - | 0.75 (F16) | 1.20 | 0.50 |" in table
     lines = "\n".join(cpu_report.targets(tab))
     assert "exllamav2 FP16 decode ≥ llama.cpp F16: b1 1t 0.75 (missed by 25%)" in lines
     assert "exllamav2 FP16 decode ≥ 1.5× transformers' fastest: b1 1t 1.20 (missed by 20%)" in lines
