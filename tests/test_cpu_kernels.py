@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Config, ExLlamaV2Cache, ext
+from exllamav2.errors import ConfigError
 
 kernels = ext.cpu_kernels()
 _attn_decode = kernels and kernels.attn_decode
@@ -269,8 +270,27 @@ def test_isa_variable_is_read_by_value():
     assert ext._cpu_isa(build_settings({"EXLLAMA_CPU_ISA": "AVX2 "})) == "avx2"
     assert ext._cpu_isa(build_settings({"EXLLAMA_CPU_ISA": ""})) == "auto"
     assert ext._cpu_isa(build_settings({"EXLLAMA_CPU_ISA": "AVX512BF16"})) == "avx512bf16"   # the pair kernels
-    with pytest.raises(ext._Unavailable, match="EXLLAMA_CPU_ISA='neon'"):
+    with pytest.raises(ConfigError, match="EXLLAMA_CPU_ISA='neon' is not one of"):
         ext._cpu_isa(build_settings({"EXLLAMA_CPU_ISA": "neon"}))
+
+
+def test_isa_the_kernels_cannot_take_is_refused_not_replaced(monkeypatch):
+    """A misspelt EXLLAMA_CPU_ISA, or one naming instructions the CPU lacks, fails the first cpu_kernels() call
+    (the model's build) with the variable named, instead of running other kernels than the ones forced."""
+    from exllamav2.environment import build_settings
+
+    class LacksAvx512:
+        def set_isa(self, name):
+            raise RuntimeError("set_isa: this CPU lacks AVX-512F; use 'avx2' or 'auto'")
+
+    monkeypatch.setattr(ext, "_cpu_resolved", False)
+    monkeypatch.setattr(ext, "_cpu_module", None)
+    monkeypatch.setattr(ext, "_build_cpu", lambda settings: LacksAvx512())
+    with pytest.raises(ConfigError, match="EXLLAMA_CPU_ISA='avx5l2' is not one of"):
+        ext.cpu_kernels(build_settings({"EXLLAMA_CPU_ISA": "avx5l2"}))
+    with pytest.raises(ConfigError, match="EXLLAMA_CPU_ISA=avx512: set_isa: this CPU lacks AVX-512F"):
+        ext.cpu_kernels(build_settings({"EXLLAMA_CPU_ISA": "avx512"}))
+    assert not ext._cpu_resolved            # nothing decided: the next call with a right setting may still build
 
 
 @needs_kernels

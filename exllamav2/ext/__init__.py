@@ -8,7 +8,8 @@ A failed import or build is recorded as a reason (`unavailable_reason()`), never
 
 The CPU kernels (`cpu_kernels()`) are built once per key (sources, torch, Python ABI, compiler, flags) into
 cache_root() (EXLLAMA_CACHE_DIR, default ~/.cache/exllamav2), shared by every venv and checkout, under a lock
-that a killed builder cannot keep (see `cached_build`). EXLLAMA_CPU_ISA=avx2 forces the AVX2 kernels.
+that a killed builder cannot keep (see `cached_build`). EXLLAMA_CPU_ISA=avx2 forces the AVX2 kernels; a name
+the CPU cannot run is refused.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from types import ModuleType
 import torch
 
 from ..environment import BUILD_WAIT_VAR, CPU_ISA_VAR, CPU_ISAS, BuildSettings, build_settings, exported
+from ..errors import ConfigError
 from ..exllamav2_ext import build
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,9 @@ COMPLETE_MARKER = "complete"
 def cpu_kernels(settings: BuildSettings | None = None) -> ModuleType | None:
     """The CPU kernels (`linear_f16w`, `q_matmul`, `q_dequant`, `set_isa`), built just in time once per process
     where the CPU has AVX2 + F16C and a C++ compiler and ninja are present; else None, with one log line saying
-    why. Never raises. Lock-free once decided: this is on every decode step's path."""
+    why. A build that fails never raises; an EXLLAMA_CPU_ISA that is not a known name, or that names instructions
+    this CPU lacks, raises ConfigError (the first call comes from the model's build, before any loading).
+    Lock-free once decided: this is on every decode step's path."""
     if _cpu_resolved:
         return _cpu_module
     return _resolve_cpu(settings or build_settings())
@@ -122,26 +126,37 @@ def _resolve_cpu(settings: BuildSettings) -> ModuleType | None:
     global _cpu_resolved, _cpu_module
     with _lock:
         if not _cpu_resolved:
+            isa = _cpu_isa(settings)
             try:
                 module = _build_cpu(settings)
-                isa = module.set_isa(_cpu_isa(settings))
-                _cpu_module = module
-                log.info("%s: CPU kernels loaded (%s; fp16 and quantized weights, fp32 arithmetic)",
-                         build.CPU_EXT_NAME, isa)
             except _Unavailable as exc:
                 log.info("%s not in use, FP16 and quantized weights run through PyTorch on the CPU: %s",
                          build.CPU_EXT_NAME, exc)
+                module = None
             except Exception as exc:  # a broken build must never break exllamav2
                 log.warning("%s failed to build, FP16 and quantized weights run through PyTorch on the CPU: %s: %s",
                             build.CPU_EXT_NAME, type(exc).__name__, exc)
-            _cpu_resolved = True
+                module = None
+            if module is not None:
+                log.info("%s: CPU kernels loaded (%s)", build.CPU_EXT_NAME, _set_isa(module, isa))
+            _cpu_module, _cpu_resolved = module, True
     return _cpu_module
 
 
 def _cpu_isa(settings: BuildSettings) -> str:
     if settings.cpu_isa not in CPU_ISAS:
-        raise _Unavailable(f"{CPU_ISA_VAR}={settings.cpu_isa!r} is not one of {', '.join(CPU_ISAS)}")
+        raise ConfigError(f"{CPU_ISA_VAR}={settings.cpu_isa!r} is not one of {', '.join(CPU_ISAS)}; unset it (or "
+                          f"set auto) to let the CPU's flags choose")
     return settings.cpu_isa
+
+
+def _set_isa(module: ModuleType, isa: str) -> str:
+    """The kernels' instruction set, as forced or chosen; a forced one the CPU cannot run is refused (its
+    instructions would fault), not replaced by another in silence."""
+    try:
+        return module.set_isa(isa)
+    except RuntimeError as exc:
+        raise ConfigError(f"{CPU_ISA_VAR}={isa}: {exc}") from exc
 
 
 def _build_cpu(settings: BuildSettings) -> ModuleType:
