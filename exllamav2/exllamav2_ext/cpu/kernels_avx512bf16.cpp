@@ -233,6 +233,7 @@ const Kernels& kernels_avx512bf16() {
         t.q_gemv_pairs = &avx512bf16::q_gemv_pairs;
         t.q_dequant_pairs = &avx512bf16::q_dequant_pairs;
         t.attn_decode = &avx512bf16::attn_decode_dots;
+        t.bf16_gemv = &avx512bf16::bf16_gemv_dots;
         return t;
     }();
     return k;

@@ -103,9 +103,12 @@ struct Kernels {
     QDequantFn q_dequant_pairs = nullptr;
 };
 
-// AttnFn of the avx512bf16 set: a bf16 cache by bf16 dot products (attn_avx512bf16.cpp), float32 as kernels_avx512
+// The avx512bf16 set's AttnFn and bf16 F16GemvFn: bf16 operands by bf16 dot products (dots_avx512bf16.cpp), float32
+// as kernels_avx512
 namespace avx512bf16 {
 void attn_decode_dots(const AttnArgs& a, int64_t t0, int64_t t1);
+void bf16_gemv_dots(const void* x, bool xbf, const uint16_t* w, void* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                    int64_t n1);
 }
 
 const Kernels& kernels_avx2();

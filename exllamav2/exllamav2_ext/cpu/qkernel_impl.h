@@ -1,5 +1,5 @@
 // The kernels, written once over a SIMD traits type S. Included by kernels_avx2.cpp, kernels_avx512.cpp (S from
-// simd_avx512.h), kernels_avx512bf16.cpp (its scalar helpers) and attn_avx512bf16.cpp inside their own namespace
+// simd_avx512.h), kernels_avx512bf16.cpp (its scalar helpers) and dots_avx512bf16.cpp inside their own namespace
 // and target region, so each instantiation is compiled for its ISA and has its own symbol names.
 //
 // Quantized layout (cpu_layout.py): a chunk is 32 rows of one group x 16 columns, B words per lane; lane i
@@ -12,7 +12,7 @@
 // registers beside the rest), load_i, srl<n>, sll<n>, or_i, decode<B> (codes -> exact fp16 weights, by table
 // lookup where the ISA's permutes reach 2^B entries, else by arithmetic), build_lut, fma_row (acc += w * x[16]),
 // fold8 (A -> 8 partial sums), reduce8, load_h, load_f, fmav, zero, add, hsum4, half_to_float, kDotBf16 (whether
-// a bf16 cache's attention goes to attn_span_dots).
+// a bf16 cache's attention and bf16 weights times bf16 activations go to the dot-product kernels).
 
 // (includes <utility> for std::integer_sequence must come before, outside the namespace)
 
@@ -324,6 +324,18 @@ EXL_INLINE float w16_to_float(uint16_t h) {
     if constexpr (BF16) return bf16_to_float(h); else return S::half_to_float(h);
 }
 
+// y[i * ldy] = the sum of acc[i]'s lanes + tail(i) for MR accumulators, four sums per transposed reduction
+template <class S, bool XBF, int MR, class Tail>
+EXL_INLINE void store_sums(const typename S::F* acc, Elem<XBF>* y, int64_t ldy, Tail&& tail) {
+    for (int m0 = 0; m0 < MR; m0 += 4) {
+        typename S::F t[4];
+        for (int i = 0; i < 4; ++i) t[i] = m0 + i < MR ? acc[m0 + i] : S::zero();
+        float s[4];
+        S::hsum4(t[0], t[1], t[2], t[3], s);
+        for (int i = 0; i < 4 && m0 + i < MR; ++i) y[(m0 + i) * ldy] = float_to_elem<XBF>(s[i] + tail(m0 + i));
+    }
+}
+
 // 16-bit-weight rows, one output row at a time for MR activation rows: the weight is then read as one
 // sequential stream, which the hardware prefetcher follows at full bandwidth (several rows at once are
 // several short streams, and rows of 1-4 KB read that way run at half the speed; software prefetches only
@@ -339,22 +351,22 @@ EXL_INLINE void f16_row(const Elem<XBF>* x, int64_t K, const uint16_t* w, Elem<X
         typename S::F wv = load_w16<S, BF16>(w + k);
         for (int m = 0; m < MR; ++m) acc[m] = S::fmav(wv, load_elems<S, XBF>(x + m * K + k), acc[m]);
     }
-    for (int m0 = 0; m0 < MR; m0 += 4) {
-        typename S::F t[4];
-        for (int i = 0; i < 4; ++i) t[i] = m0 + i < MR ? acc[m0 + i] : S::zero();
-        float s[4];
-        S::hsum4(t[0], t[1], t[2], t[3], s);
-        for (int i = 0; i < 4 && m0 + i < MR; ++i) {
-            for (int64_t kk = k; kk < K; ++kk)
-                s[i] += w16_to_float<S, BF16>(w[kk]) * elem_to_float<XBF>(x[(m0 + i) * K + kk]);
-            y[(m0 + i) * ldy] = float_to_elem<XBF>(s[i]);
-        }
-    }
+    store_sums<S, XBF, MR>(acc, y, ldy, [&](int i) {
+        float s = 0.f;
+        for (int64_t kk = k; kk < K; ++kk) s += w16_to_float<S, BF16>(w[kk]) * elem_to_float<XBF>(x[i * K + kk]);
+        return s;
+    });
 }
+
+// f16_rows of bf16 weights and bf16 activations by bf16 dot products, where S::kDotBf16 (dots_avx512bf16.cpp)
+template <class S>
+void bf16_rows_dots(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                    int64_t n1);
 
 template <class S, bool BF16, bool XBF>
 void f16_rows(const Elem<XBF>* x, const uint16_t* w, Elem<XBF>* y, int64_t M, int64_t K, int64_t N, int64_t n0,
               int64_t n1) {
+    if constexpr (S::kDotBf16 && BF16 && XBF) return bf16_rows_dots<S>(x, w, y, M, K, N, n0, n1);
     for (int64_t n = n0; n < n1; ++n) {
         // later groups of activation rows read the row again from L1
         row_groups(M, [&](auto mr, int64_t m) {
@@ -550,7 +562,7 @@ EXL_INLINE const void* key_row(const AttnArgs& a, const void* base, int64_t bs, 
     return offset<BF>(base, (page * a.page_size + s0 % a.page_size) * rs + j0 * a.D);
 }
 
-// attn_span for a bf16 cache by bf16 dot products, where S::kDotBf16 (attn_avx512bf16.cpp defines it)
+// attn_span for a bf16 cache by bf16 dot products, where S::kDotBf16 (dots_avx512bf16.cpp defines it)
 template <class S>
 void attn_span_dots(const AttnArgs& a, int64_t b, int64_t row, int64_t j0, int64_t nh, int64_t ns, float* out,
                     float* sc);

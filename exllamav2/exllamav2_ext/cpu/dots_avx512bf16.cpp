@@ -1,9 +1,16 @@
-// The decode attention over a bf16 cache for CPUs with AVX512-BF16: q . k and p @ v by vdpbf16ps, 32 products per
-// instruction where the float32 path's FMA does 16 after widening every cached element. q . k takes the bf16 query
-// as the activations gave it and the keys as cached (the scale multiplies the sum); p @ v pairs consecutive
-// positions (one vdpbf16ps: positions s, s + 1 of 16 dims) with the probabilities rounded to bf16, as transformers'
-// bf16 eager attention and torch's CPU flash attention round them. Softmax, prefetching, blocks and the task split
-// are qkernel_impl.h's, on the AVX-512F traits with kDotBf16 set.
+// The kernels of bf16 operands for CPUs with AVX512-BF16, by vdpbf16ps: 32 products per instruction where the
+// float32 path's FMA does 16 after widening every element.
+//
+// Decode attention over a bf16 cache: q . k takes the bf16 query as the activations gave it and the keys as cached
+// (the scale multiplies the sum); p @ v pairs consecutive positions (one vdpbf16ps: positions s, s + 1 of 16 dims)
+// with the probabilities rounded to bf16, as transformers' bf16 eager attention and torch's CPU flash attention
+// round them. Softmax, prefetching, blocks and the task split are qkernel_impl.h's, on the AVX-512F traits with
+// kDotBf16 set.
+//
+// bf16 weights times bf16 activations (the bf16 mode's 16-bit checkpoints at decode): the float path's one FMA
+// chain per row moves 32 bytes of weight per FMA latency (~29 GB/s per core on Zen 4, below what one core reads);
+// a dot product moves 64. The products of two bf16 are exact in float32, so only the order of the float32 sum
+// (and denormal inputs, flushed) differs from the float path.
 
 #include <immintrin.h>
 
@@ -21,7 +28,7 @@
 
 namespace exlcpu {
 namespace avx512bf16 {
-namespace attn {      // this file's instantiations of qkernel_impl.h, apart from kernels_avx512bf16.cpp's
+namespace dots {      // this file's instantiations of qkernel_impl.h, apart from kernels_avx512bf16.cpp's
 
 #include "simd_avx512.h"
 
@@ -189,9 +196,45 @@ void attn_span_dots(const AttnArgs& a, int64_t b, int64_t row, int64_t j0, int64
     });
 }
 
-}  // namespace attn
+// rows n0 .. n1 - 1 of y = x w^T, one output row at a time (one weight stream) for up to four activation rows, the
+// K tail by masked loads (zeros add nothing). One accumulator per activation row: 64 bytes of weight per dot
+// product's latency is about what one core reads from DRAM (Zen 4, 1 thread, 200 MB of layer-shaped weights:
+// 29-30 GB/s by the float path, 33-35 by this one, two chains a row alike within the noise; 2 threads, bound by
+// memory, alike).
+template <int MR>
+EXL_INLINE void bf16_row_dots(const uint16_t* x, int64_t K, const uint16_t* w, uint16_t* y, int64_t ldy) {
+    __m512 acc[MR];
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+        const __m512i wv = _mm512_loadu_si512(w + k);
+        for (int m = 0; m < MR; ++m) acc[m] = dot(acc[m], wv, _mm512_loadu_si512(x + m * K + k));
+    }
+    if (k < K) {
+        const __mmask32 tail = _cvtu32_mask32((1u << (K - k)) - 1);
+        const __m512i wv = _mm512_maskz_loadu_epi16(tail, w + k);
+        for (int m = 0; m < MR; ++m) acc[m] = dot(acc[m], wv, _mm512_maskz_loadu_epi16(tail, x + m * K + k));
+    }
+    store_sums<SD, true, MR>(acc, y, ldy, [](int) { return 0.f; });
+}
 
-void attn_decode_dots(const AttnArgs& a, int64_t t0, int64_t t1) { attn::attn_decode<attn::SD>(a, t0, t1); }
+template <class S_>
+void bf16_rows_dots(const uint16_t* x, const uint16_t* w, uint16_t* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                    int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+        row_groups(M, [&](auto mr, int64_t m) {
+            bf16_row_dots<decltype(mr)::value>(x + m * K, K, w + n * K, y + m * N + n, N);
+        });
+}
+
+}  // namespace dots
+
+void attn_decode_dots(const AttnArgs& a, int64_t t0, int64_t t1) { dots::attn_decode<dots::SD>(a, t0, t1); }
+
+void bf16_gemv_dots(const void* x, bool xbf, const uint16_t* w, void* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                    int64_t n1) {
+    dots::f16_gemv<dots::SD, true>(x, xbf, w, y, M, K, N, n0, n1);
+}
 
 }  // namespace avx512bf16
 }  // namespace exlcpu
