@@ -82,9 +82,13 @@ def make_checkpoint(out: Path, seed: int, shape: dict) -> int:
     return n_params
 
 
+# the linears that read one input: the converter gives them one act-order permutation (one Hessian)
+SHARED_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
 def make_exl2(fp16_dir: Path, out: Path, bpw: float, seed: int) -> None:
     """An EXL2 checkpoint of every linear layer of `fp16_dir` (round to nearest, groups of 128 rows, a random
-    act-order permutation), other tensors copied."""
+    act-order permutation per input, as the converter's), other tensors copied."""
     import torch
     from safetensors.torch import load_file, save_file
 
@@ -94,13 +98,15 @@ def make_exl2(fp16_dir: Path, out: Path, bpw: float, seed: int) -> None:
     if bits is None:
         raise SystemExit(f"--exl2-bpw {bpw}: choose from {', '.join(map(str, EXL2_BITS))}")
     gen = torch.Generator().manual_seed(seed)
-    tensors = {}
+    tensors, perms = {}, {}
     for name, w in load_file(fp16_dir / "model.safetensors").items():
         if not (name.endswith("proj.weight") or name == "lm_head.weight"):
             tensors[name] = w
             continue
         k = w.shape[1]
-        perm = torch.randperm(k, generator=gen)
+        prefix, _, layer = name.removesuffix(".weight").rpartition(".")
+        key = f"{prefix}.{SHARED_INPUT.get(layer, layer)}"
+        perm = perms.setdefault(key, torch.randperm(k, generator=gen))
         stored = w.T.float()[perm]
         layout = exl2.group_layout(k, bits, 128)
         codes, scale_codes, scale_max, row = [], [], [], 0

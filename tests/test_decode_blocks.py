@@ -10,14 +10,17 @@ transformers the blocks are held by every decode test of the model suites, which
 from __future__ import annotations
 
 import contextlib
+import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 
 from exllamav2 import ExLlamaV2, ExLlamaV2Cache, ExLlamaV2Config, ExLlamaV2Tokenizer, ext
 from exllamav2.generator import ExLlamaV2DynamicGenerator, ExLlamaV2DynamicJob, ExLlamaV2Sampler
 from exllamav2.model.module import Intervention
+from exllamav2.quant import group_layout, quantize_rtn
 from tests.test_cpu_exl2 import DEMO_EXL2
 from tests.test_model import VOCAB
 
@@ -114,6 +117,34 @@ def test_quantized_blocks_match_the_layers_path(dtype, threads):
     model = load(DEMO_EXL2, dtype)
     assert len(layers_with_blocks(model)) == 2 * model.config.num_hidden_layers
     assert_paths_agree(model, dtype, vocab=2000)
+
+
+def exl2_with_a_permutation_per_layer(fp16_dir, out):
+    """The tiny model's linears as EXL2 (4 bits, groups of 32 rows), each with its own act-order permutation, q, k
+    and v included: their activations need a gather each (the converter's checkpoints, like the demo model, give the
+    layers of one input one permutation, so one gather serves them)."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = {}
+    for name, w in load_file(fp16_dir / "model.safetensors").items():
+        if not name.endswith("proj.weight"):
+            tensors[name] = w
+            continue
+        k = w.shape[1]
+        packed = quantize_rtn(w.T.float(), group_layout(k, [4], 32), torch.randperm(k, generator=gen))
+        tensors.update({f"{name.removesuffix('.weight')}.{key}": t for key, t in packed.items()})
+    out.mkdir()
+    save_file(tensors, out / "model.safetensors")
+    shutil.copy(fp16_dir / "config.json", out / "config.json")
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_quantized_blocks_with_a_permutation_per_layer(dtype, tiny_model_factory, tmp_path):
+    """q, k, v (and gate, up) gathered apart where their permutations differ; the demo model's test above holds the
+    shared gather of one permutation."""
+    model = load(exl2_with_a_permutation_per_layer(tiny_model_factory("llama")[0], tmp_path / "exl2"), dtype)
+    assert model.decode_stack is not None and model.is_quant()
+    assert_paths_agree(model, dtype)
 
 
 def test_blocks_on_each_instruction_set(isa, tiny_model_factory):

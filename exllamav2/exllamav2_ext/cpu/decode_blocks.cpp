@@ -29,8 +29,14 @@ struct Proj {
     QView v{};
     bool quant = false, tables = false;  // tables: EXL2's indexed scales off the pair layout, built per call
     std::vector<int8_t> group_bits;
-    torch::Tensor scale_values, w, bias;
+    torch::Tensor scale_values, w, bias, src;
     int64_t N = 0, K = 0;
+
+    // whether this layer's activations are gathered in o's order, so that o's gather serves it (q, k and v, or
+    // gate and up, of one act-order permutation: the converter gives the layers of one input one permutation)
+    bool gathers_like(const Proj& o) const {
+        return quant && o.quant && v.pairs == o.v.pairs && v.kpad == o.v.kpad && torch::equal(src, o.src);
+    }
 
     static Proj quantized(const torch::Tensor& qw, const torch::Tensor& chunks, const torch::Tensor& scales,
                           const std::optional<torch::Tensor>& zeros, const torch::Tensor& src,
@@ -43,6 +49,7 @@ struct Proj {
         p.N = N;
         p.K = K;
         p.keep = {qw, chunks, scales, src};
+        p.src = src;
         if (zeros && zeros->defined()) p.keep.push_back(*zeros);
         if (scale_values && scale_values->defined()) {
             p.scale_values = *scale_values;
@@ -85,8 +92,21 @@ void add_bias(torch::Tensor& y, const torch::Tensor& bias) {
         add_rows(y.data_ptr<float>(), bias.data_ptr<float>(), y.size(0), y.size(1));
 }
 
-// x [M, K] through quantized projections of the same input, in one parallel region (as q_matmul_many)
-std::vector<torch::Tensor> project_quantized(const std::vector<const Proj*>& ps, const torch::Tensor& x) {
+// For projections of one input: for each, the first of them whose gather serves it (itself where none before does)
+std::vector<size_t> gather_sources(const std::vector<const Proj*>& ps) {
+    std::vector<size_t> from(ps.size());
+    for (size_t i = 0; i < ps.size(); ++i) {
+        from[i] = i;
+        for (size_t j = 0; j < i && from[i] == i; ++j)
+            if (from[j] == j && ps[i]->gathers_like(*ps[j])) from[i] = j;
+    }
+    return from;
+}
+
+// x [M, K] through quantized projections of the same input, in one parallel region (as q_matmul_many); `from`:
+// gather_sources(ps), or empty for a gather each
+std::vector<torch::Tensor> project_quantized(const std::vector<const Proj*>& ps, const torch::Tensor& x,
+                                             const std::vector<size_t>& from) {
     const int64_t M = x.size(0);
     const bool xbf = is_bf16(x);
     std::vector<QCall> calls;
@@ -96,7 +116,14 @@ std::vector<torch::Tensor> project_quantized(const std::vector<const Proj*>& ps,
                     "activations and the avx512bf16 kernels (isa '", kernels().name, "')");
         QCall c{p.v, p.bias.defined() ? p.bias.data_ptr<float>() : nullptr, p.N, torch::empty({M, p.N}, x.options())};
         if (p.tables) build_tables(c.v.args, p.scale_values, p.group_bits, i);
-        gather_for(c, x, i);
+        const size_t j = from.empty() ? i : from[i];
+        if (j == i) {
+            gather_for(c, x, i);
+        } else {
+            c.xf = calls[j].xf;
+            c.xp = calls[j].xp;
+            c.xs = calls[j].xs;
+        }
         calls.push_back(std::move(c));
     }
     return run_calls(calls, xbf, M);
@@ -127,8 +154,9 @@ std::vector<torch::Tensor> project_dense(const std::vector<const Proj*>& ps, con
     return ys;
 }
 
-std::vector<torch::Tensor> project(const std::vector<const Proj*>& ps, const torch::Tensor& x) {
-    return ps[0]->quant ? project_quantized(ps, x) : project_dense(ps, x);
+std::vector<torch::Tensor> project(const std::vector<const Proj*>& ps, const torch::Tensor& x,
+                                   const std::vector<size_t>& from = {}) {
+    return ps[0]->quant ? project_quantized(ps, x, from) : project_dense(ps, x);
 }
 
 // the projections of one input, checked when a block is built: all of one kind, each taking K inputs
@@ -184,6 +212,7 @@ struct AttnBlock {
     int64_t Hq, Hkv, D;
     double scale;
     std::optional<torch::Tensor> q_norm, k_norm;     // RMS norms of q and k before RoPE (Qwen3: per head)
+    std::vector<size_t> qkv_from;                    // gather_sources of q, k, v
 
     AttnBlock(torch::Tensor norm_w_, double eps_, Proj q_, Proj k_, Proj v_, Proj o_, int64_t Hq_, int64_t Hkv_,
               int64_t D_, double scale_, std::optional<torch::Tensor> q_norm_, std::optional<torch::Tensor> k_norm_)
@@ -195,6 +224,7 @@ struct AttnBlock {
         TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && D % kBlock == 0, "AttnDecodeBlock: query heads a multiple of kv "
                     "heads, head dim a multiple of 16");
         check_group("AttnDecodeBlock", {&q, &k, &v}, H);
+        qkv_from = gather_sources({&q, &k, &v});
         check_group("AttnDecodeBlock", {&o}, Hq * D);
         TORCH_CHECK(q.N == Hq * D && k.N == Hkv * D && v.N == Hkv * D && o.N == H,
                     "AttnDecodeBlock: projection sizes do not match the heads");
@@ -261,7 +291,7 @@ private:
     // [B, 1, 1, R] where given
     std::vector<torch::Tensor> rotated_qkv(const torch::Tensor& x2, const std::optional<torch::Tensor>& cos,
                                            const std::optional<torch::Tensor>& sin) const {
-        auto qkv = project({&q, &k, &v}, rms(x2, norm_w, eps));
+        auto qkv = project({&q, &k, &v}, rms(x2, norm_w, eps), qkv_from);
         if (q_norm) {
             qkv[0] = rms(qkv[0], *q_norm, eps);
             qkv[1] = rms(qkv[1], *k_norm, eps);
@@ -295,19 +325,21 @@ struct MlpBlock {
     torch::Tensor norm_w;
     double eps;
     Proj gate, up, down;
+    std::vector<size_t> gate_up_from;       // gather_sources of gate, up
 
     MlpBlock(torch::Tensor norm_w_, double eps_, Proj gate_, Proj up_, Proj down_)
         : norm_w(std::move(norm_w_)), eps(eps_), gate(std::move(gate_)), up(std::move(up_)), down(std::move(down_)) {
         const int64_t H = norm_w.size(0);
         check_norm("MlpDecodeBlock", norm_w, H);
         check_group("MlpDecodeBlock", {&gate, &up}, H);
+        gate_up_from = gather_sources({&gate, &up});
         check_group("MlpDecodeBlock", {&down}, gate.N);
         TORCH_CHECK(up.N == gate.N && down.N == H, "MlpDecodeBlock: gate and up must have one width, down H outputs");
     }
 
     torch::Tensor forward(const torch::Tensor& x) const {
         const torch::Tensor x2 = rows_of("MlpDecodeBlock", x, down.N);
-        auto gu = project({&gate, &up}, rms(x2, norm_w, eps));
+        auto gu = project({&gate, &up}, rms(x2, norm_w, eps), gate_up_from);
         auto act = torch::empty_like(gu[0]);
         kernels().silu_mul(gu[0].data_ptr(), gu[1].data_ptr(), is_bf16(x2), act.data_ptr(), act.numel());
         return residual(x2, project({&down}, act)[0], x);
