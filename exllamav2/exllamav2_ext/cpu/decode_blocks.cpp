@@ -25,7 +25,7 @@ bool is_bf16(const torch::Tensor& t) { return t.scalar_type() == torch::kBFloat1
 
 // One projection, checked once: the quantized CPU layout (exllamav2/quant/cpu_layout.py) or a 16-bit weight
 struct Proj {
-    std::vector<torch::Tensor> keep;     // the tensors the view points into
+    std::vector<torch::Tensor> keep;     // the tensors the view points into (src apart: layers compare theirs)
     QView v{};
     bool quant = false, tables = false;  // tables: EXL2's indexed scales off the pair layout, built per call
     std::vector<int8_t> group_bits;
@@ -48,7 +48,7 @@ struct Proj {
         p.quant = true;
         p.N = N;
         p.K = K;
-        p.keep = {qw, chunks, scales, src};
+        p.keep = {qw, chunks, scales};
         p.src = src;
         if (zeros && zeros->defined()) p.keep.push_back(*zeros);
         if (scale_values && scale_values->defined()) {
